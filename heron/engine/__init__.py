@@ -1,0 +1,1 @@
+"""The engine core: requests in, one scheduled batch per step, tokens out."""

@@ -1,0 +1,283 @@
+"""Engine: the step loop every front end shares (``LLM`` offline, the HTTP server, the CLI).
+
+``add_request`` validates and queues; each ``step`` schedules one batch, runs the model,
+samples, detokenizes, applies stop conditions and returns the requests that changed."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+import torch
+
+from heron.config import EngineConfig, SamplingParams
+from heron.engine.block_manager import BlockManager
+from heron.engine.runner import ModelRunner
+from heron.engine.sampler import Sampler, top_logprobs
+from heron.engine.scheduler import Scheduler
+from heron.engine.sequence import Request, Sequence, wants_prompt_logprobs
+from heron.errors import InvalidRequestError
+from heron.models.catalog import resolve_model_path
+from heron.models.loader import Checkpoint, build_model
+from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
+from heron.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        t0 = time.perf_counter()
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        path = resolve_model_path(config.model)
+        self.model_path = path
+        ckpt = Checkpoint(path)
+        self.model_config = ckpt.config
+        self.tokenizer = Tokenizer(path)
+        model = build_model(ckpt, self.device, self.dtype)
+        del ckpt
+
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
+                                 cfg.max_position_embeddings)
+        num_blocks = self._num_kv_blocks()
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.runner = ModelRunner(model, cfg, num_blocks, config.block_size, self.device, self.dtype)
+        eos = set(cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._rng = random.Random(config.seed)
+        logger.info(
+            "loaded %s (%s, %d layers) on %s in %s in %.1fs; KV cache: %d blocks of %d tokens",
+            path.name, cfg.architecture, cfg.num_layers, self.device, self.dtype,
+            time.perf_counter() - t0, num_blocks, config.block_size,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _num_kv_blocks(self) -> int:
+        cfg, c = self.model_config, self.config
+        per_block = ModelRunner.bytes_per_block(cfg, c.block_size, self.dtype)
+        budget = c.kv_cache_memory
+        budget = budget if budget > 1 else budget * free_memory_bytes(self.device)
+        num_blocks = int(budget // per_block)
+        # More than every running sequence at full length can never be used.
+        useful = c.max_num_seqs * -(-self.max_model_len // c.block_size)
+        num_blocks = min(num_blocks, useful)
+        needed = -(-self.max_model_len // c.block_size)
+        if num_blocks < needed:
+            if c.max_model_len is not None:
+                raise InvalidRequestError(
+                    f"kv_cache_memory: {int(budget)} bytes hold {num_blocks * c.block_size} "
+                    f"tokens, fewer than max_model_len={self.max_model_len}; raise "
+                    "kv_cache_memory or lower max_model_len",
+                    param="kv_cache_memory",
+                )
+            self.max_model_len = num_blocks * c.block_size
+            if self.max_model_len < c.block_size:
+                raise InvalidRequestError(
+                    f"kv_cache_memory: {int(budget)} bytes do not hold one KV block "
+                    f"({per_block} bytes); raise kv_cache_memory",
+                    param="kv_cache_memory",
+                )
+            logger.warning("KV cache holds %d tokens; max_model_len lowered to that", self.max_model_len)
+        return num_blocks
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt: must not be empty", param="prompt")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt: token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt"
+                )
+        if not ids:
+            raise InvalidRequestError("prompt: must not be empty", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt: {len(ids)} tokens, but the context is {self.max_model_len} tokens "
+                "(max_model_len) and at least one must be left to generate; shorten the prompt",
+                param="prompt",
+            )
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
+        req = Request(request_id, text, ids, params)
+        if params.prompt_logprobs is not None and len(ids) == 1:
+            req.prompt_logprobs = [None]  # nothing precedes the only token
+        seq = self._new_sequence(req, 0, list(ids))
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        return req
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        seed = req.params.seed
+        seed = self._rng.getrandbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        seq = Sequence(next(self._seq_ids), req, index, token_ids, gen)
+        seq.detokenizer = self.tokenizer.detokenizer(req.prompt_token_ids, req.params.skip_special_tokens)
+        req.seqs.append(seq)
+        return seq
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
+        result = self.runner.execute(batch, need_prompt)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        for seq in batch.seqs:
+            if seq.seq_id in result.prompt_logits:
+                first, logits = result.prompt_logits[seq.seq_id]
+                self._add_prompt_logprobs(seq.request, first, logits)
+
+        # Expand each prompt-final row into its request's n samples (copy-on-write siblings).
+        sample_seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, seq in enumerate(result.sample_seqs):
+            req = seq.request
+            sample_seqs.append(seq)
+            rows.append(row)
+            if not req.forked:
+                req.forked = True
+                req.first_token_time = time.monotonic()
+                for i in range(1, req.params.n):
+                    child = self._new_sequence(req, i, list(req.prompt_token_ids))
+                    self.block_manager.fork(seq, child)
+                    child.block_hashes = list(seq.block_hashes)
+                    self.scheduler.add_running(child)
+                    sample_seqs.append(child)
+                    rows.append(row)
+        samples = self.sampler.sample(result.sample_logits[rows], sample_seqs)
+
+        touched: dict[str, Request] = {}
+        for seq, (token, logprobs) in zip(sample_seqs, samples, strict=True):
+            self._append_token(seq, token, logprobs)
+            touched[seq.request.request_id] = seq.request
+        for seq in batch.seqs:  # prefill chunks that sampled nothing still report progress
+            touched.setdefault(seq.request.request_id, seq.request)
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._request_output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
+
+    def _add_prompt_logprobs(self, req: Request, first: int, logits: torch.Tensor) -> None:
+        k = req.params.prompt_logprobs or 0
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        parts = req.prompt_logprobs_parts  # parts[i] is prompt position i + 1
+        for j in range(lsm.shape[0]):
+            if first + j - 1 < len(parts):  # already done before a preemption
+                continue
+            parts.append(self._decoded(top_logprobs(lsm[j], req.prompt_token_ids[first + j], k)))
+        if len(parts) == len(req.prompt_token_ids) - 1:
+            req.prompt_logprobs = [None, *parts]
+
+    def _decoded(self, lp: PositionLogprobs) -> PositionLogprobs:
+        for tid, entry in lp.items():
+            entry.decoded_token = self.tokenizer.id_to_piece(tid)
+        return lp
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: PositionLogprobs | None) -> None:
+        p = seq.request.params
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(self._decoded(logprobs))
+        num_out = len(seq.output_token_ids)
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return self._finish(seq, "stop", None)
+        if token in p.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        new_text = seq.detokenizer.step(token)
+        seq.text += new_text
+        if p.stop_strings and new_text and num_out >= p.min_tokens:
+            start = max(0, len(seq.text) - len(new_text) - max(map(len, p.stop_strings)) + 1)
+            hits = [(i, s) for s in p.stop_strings if (i := seq.text.find(s, start)) >= 0]
+            if hits:
+                idx, stop = min(hits)
+                seq.text = seq.text[:idx]
+                return self._finish(seq, "stop", stop)
+        max_tokens = p.max_tokens or self.max_model_len
+        if num_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _request_output(self, req: Request) -> RequestOutput:
+        holdback = max(map(len, req.params.stop_strings), default=1) - 1
+        outs = []
+        for s in req.seqs:
+            text = s.text
+            if holdback and not s.is_finished:  # may be the start of a stop string
+                text = text[: max(0, len(text) - holdback)]
+            outs.append(CompletionOutput(
+                index=s.index,
+                text=text,
+                token_ids=list(s.output_token_ids),
+                logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+            ))
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=req.finished,
+            prompt_logprobs=req.prompt_logprobs,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+        )

@@ -1,0 +1,153 @@
+"""ModelRunner: owns the model and the paged KV cache; turns a ScheduledBatch into one flat,
+unpadded batch (ids, positions, slot mapping, attention metadata), runs the model and
+returns the logits of the rows that need sampling (and of prompt rows for prompt logprobs)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron.engine.scheduler import ScheduledBatch
+from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.models.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepLogits:
+    """Logits of one step: ``sample_logits[i]`` belongs to ``sample_seqs[i]``."""
+
+    sample_seqs: list
+    sample_logits: torch.Tensor  # [S, V] float32
+    # seq -> (first prompt position predicted, [rows, V] logits) for prompt logprobs
+    prompt_logits: dict[int, tuple[int, torch.Tensor]]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.cfg = model_config
+        self.block_size = block_size
+        self.device = device
+        slots = num_blocks * block_size
+        shape = (model_config.num_layers, 2, slots, model_config.num_kv_heads, model_config.head_dim)
+        # Unwritten slots are never read (masked), so the cache need not be zeroed.
+        self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, needs_prompt_logits: set[int]) -> StepLogits:
+        if batch.copies:
+            self._copy_blocks(batch.copies)
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seqs = []
+        prompt_rows: dict[int, tuple[int, int, int]] = {}
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+
+        # Attention batches single-token steps together, so they go first in the flat batch.
+        items = sorted(
+            zip(batch.seqs, batch.num_new_tokens, strict=True),
+            key=lambda item: not _is_decode(item[0], item[1]),
+        )
+        for seq, n in items:
+            start = seq.num_computed_tokens
+            row = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if start + n == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                sample_seqs.append(seq)
+            if seq.seq_id in needs_prompt_logits and start < seq.num_prompt_tokens - 1:
+                last = min(start + n, seq.num_prompt_tokens - 1)  # rows predicting prompt tokens
+                prompt_rows[seq.seq_id] = (start + 1, row, row + last - start)
+            if _is_decode(seq, n):
+                decode_tables.append(table)
+                decode_lens.append(start + 1)
+            else:
+                prefills.append(self._prefill_span(row, start, n, table))
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decode_lens),
+            prefills=prefills,
+        )
+        if decode_lens:
+            meta.decode_slots, meta.decode_mask = self._decode_gather(decode_tables, decode_lens)
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        sample_logits = self.model.compute_logits(hidden[sample_rows])
+        prompt_logits = {
+            sid: (first, self.model.compute_logits(hidden[a:b]))
+            for sid, (first, a, b) in prompt_rows.items()
+        }
+        return StepLogits(sample_seqs, sample_logits, prompt_logits)
+
+    def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
+        if start == 0:
+            return PrefillSpan(row, row + n, None, None)
+        bs, dev = self.block_size, self.device
+        ctx = start + n
+        pos = torch.arange(ctx, device=dev)
+        blocks = torch.tensor(table, dtype=torch.long, device=dev)
+        context_slots = blocks[pos // bs] * bs + pos % bs
+        q_pos = torch.arange(start, ctx, device=dev)
+        mask = pos[None, :] <= q_pos[:, None]
+        return PrefillSpan(row, row + n, context_slots, mask)
+
+    def _decode_gather(
+        self, tables: list[list[int]], lens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bs, dev = self.block_size, self.device
+        max_len = max(lens)
+        width = -(-max_len // bs)
+        padded = torch.zeros((len(tables), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            padded[i, : len(t[:width])] = torch.tensor(t[:width], dtype=torch.long)
+        padded = padded.to(dev)
+        pos = torch.arange(max_len, device=dev)
+        decode_slots = padded[:, pos // bs] * bs + pos % bs
+        lens_t = torch.tensor(lens, device=dev)
+        mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]
+        return decode_slots, mask
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        bs = self.block_size
+        offs = torch.arange(bs, device=self.device)
+        src = torch.cat([offs + s * bs for s, _ in copies])
+        dst = torch.cat([offs + d * bs for _, d in copies])
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+
+def _is_decode(seq, n: int) -> bool:
+    return n == 1 and seq.num_computed_tokens > 0

@@ -1,0 +1,92 @@
+"""A Sequence is one stream of tokens the engine extends; a Request groups the n sequences that
+answer one prompt (they share the prompt's KV blocks copy-on-write)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from heron.config import SamplingParams
+from heron.outputs import PositionLogprobs
+from heron.tokenizer import Detokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # no KV yet (new, or preempted and to be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request: Request
+    index: int  # which of the request's n samples
+    token_ids: list[int]  # prompt + generated
+    generator: torch.Generator
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    # Prefix-cache hashes of full blocks (derived from token_ids, so kept across preemption)
+    # and how many of this sequence's blocks are registered in the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    text: str = ""  # generated text so far (stop strings cut off at finish)
+    logprobs: list[PositionLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    detokenizer: Detokenizer | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def in_prompt_phase(self) -> bool:
+        """True until the prompt's last token has been computed once."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # set when complete
+    prompt_logprobs_parts: list[PositionLogprobs] = field(default_factory=list)
+    first_token_time: float | None = None
+    # Set once the prompt's last position has been sampled; that is when the n-1 sibling
+    # samples fork from seqs[0].
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.is_finished for s in self.seqs)
+
+
+def wants_prompt_logprobs(req: Request) -> bool:
+    """Prompt logprobs were asked for and are not complete yet."""
+    return req.params.prompt_logprobs is not None and req.prompt_logprobs is None

@@ -1,0 +1,87 @@
+"""Paged attention, portable PyTorch path (CPU, and CUDA through the same code).
+
+The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, Hkv, D]``; a
+sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
+its token ``i``. The runner orders each step's flat batch as decodes first (one query each),
+then prefill chunks, and precomputes the gather indices once per step; every layer reuses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's prefill chunk: rows ``start:end`` of the batch."""
+
+    start: int
+    end: int
+    # Slots of the whole context (cached tokens + this chunk); None when the chunk is the whole
+    # context, so the chunk's own K/V are used directly.
+    context_slots: torch.Tensor | None
+    # [Lq, Lctx] bool (True = attend) when the chunk starts after cached tokens; None = causal.
+    mask: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs about one step's batch, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    num_decodes: int = 0
+    decode_slots: torch.Tensor | None = None  # [B, Lmax] gather indices
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool, True = valid slot
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [slots, Hkv, D]. Returns [T, H, D].
+
+    Writes this step's K/V into the cache, then attends over each sequence's cached slots."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+
+    b = meta.num_decodes
+    if b:
+        # All queries of one KV group see the same keys: fold the group into the query axis
+        # so GQA needs no key expansion.
+        qd = q[:b].view(b, num_kv_heads, group, head_dim)
+        kd = k_cache[meta.decode_slots].permute(0, 2, 1, 3)
+        vd = v_cache[meta.decode_slots].permute(0, 2, 1, 3)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        out[:b] = od.reshape(b, num_heads, head_dim)
+
+    for span in meta.prefills:
+        qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
+        if span.context_slots is None:
+            kp, vp = k[span.start : span.end], v[span.start : span.end]
+        else:
+            kp, vp = k_cache[span.context_slots], v_cache[span.context_slots]
+        kp = kp.transpose(0, 1).unsqueeze(0)
+        vp = vp.transpose(0, 1).unsqueeze(0)
+        op = F.scaled_dot_product_attention(
+            qp,
+            kp,
+            vp,
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
+            enable_gqa=group > 1,
+        )
+        out[span.start : span.end] = op.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,38 @@
+"""Rotary position embedding (the "rotate half" layout used by Hugging Face checkpoints).
+
+Keys are rotated once, when written to the KV cache, so the cache never needs positions."""
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self, device: torch.device | str = "cpu") -> None:
+        """(Re)compute the cos/sin tables; models are built on the meta device, then this."""
+        d = self.head_dim
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+        )
+        t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        emb = torch.outer(t, inv_freq).repeat(1, 2)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, D], k: [T, Hkv, D], positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,137 @@
+"""LLM: the offline Python API, named like vLLM's so users switch in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from heron.config import EngineConfig, SamplingParams
+from heron.engine.engine import Engine
+from heron.errors import InvalidRequestError
+from heron.outputs import RequestOutput
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """``LLM(model=None)`` loads the default model (SmolLM2-135M-Instruct).
+
+    Keyword arguments are EngineConfig fields (block_size, kv_cache_memory, max_num_seqs,
+    max_num_batched_tokens, max_model_len, enable_prefix_caching, seed)."""
+
+    def __init__(
+        self, model: str | None = None, dtype: str = "auto", device: str = "auto", **kwargs: Any
+    ) -> None:
+        try:
+            config = EngineConfig(model=model, dtype=dtype, device=device, **kwargs)
+        except TypeError as e:
+            raise InvalidRequestError(f"LLM(): {e}") from None
+        self.engine = Engine(config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt, batched; outputs come back in input order."""
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompt_list):
+                raise InvalidRequestError(
+                    f"sampling_params: {len(sampling_params)} given for {len(prompt_list)} prompts"
+                )
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        if not messages:
+            raise InvalidRequestError("messages: must not be empty", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [tok.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        # The template already holds the special tokens; do not add a BOS again.
+        ids = [tok.hf.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(ids, sampling_params, use_tqdm)
+        for out, text in zip(outs, prompts, strict=True):
+            out.prompt = text
+        return outs
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the new text of a single request as it is generated."""
+        req = self.engine.add_request(_prompt_value(prompt), sampling_params)
+        sent = 0
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == req.request_id:
+                        text = out.outputs[0].text
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(req.request_id)
+
+    def _run(
+        self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        order: dict[str, int] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                req = engine.add_request(_prompt_value(prompt), p)
+            except Exception:
+                for rid in order:
+                    engine.abort_request(rid)
+                raise
+            order[req.request_id] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        with tqdm(total=len(prompts), desc="generating", disable=not use_tqdm, unit="req") as bar:
+            while any(r is None for r in results):
+                for out in engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        return results  # type: ignore[return-value]
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str | dict):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise InvalidRequestError("prompts: must not be empty", param="prompts")
+    if all(isinstance(t, int) for t in prompts):  # one prompt given as token ids
+        return [prompts]
+    return prompts
+
+
+def _prompt_value(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise InvalidRequestError("prompt dicts need 'prompt' or 'prompt_token_ids'", "prompts")
+    if isinstance(prompt, str | list):
+        return prompt
+    raise InvalidRequestError(
+        f"prompts: expected a string or a list of token ids, got {type(prompt).__name__}",
+        param="prompts",
+    )

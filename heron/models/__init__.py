@@ -1,0 +1,1 @@
+"""Model families (one file each), the architecture registry and the weight loaders."""

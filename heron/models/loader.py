@@ -1,0 +1,232 @@
+"""Read a checkpoint (GGUF file or Hugging Face folder) into a ModelConfig + HF-named tensors,
+then build the registered model family on the requested device and dtype."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from heron.errors import ModelLoadError
+from heron.models.config import ModelConfig
+from heron.models.registry import HF_ARCHITECTURES, get_model_class
+
+logger = logging.getLogger(__name__)
+
+# GGUF tensor names (per block, after "blk.N.") -> Hugging Face names (after "model.layers.N.").
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        hf = _GGUF_BLOCK_NAMES.get(m.group(2))
+        return f"model.layers.{m.group(1)}.{hf}.{m.group(3)}" if hf else None
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if m and m.group(1) in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+class Checkpoint:
+    """A model's config and weights (HF names, float32 CPU tensors) plus its tokenizer source."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.is_dir():
+            self.config, self.weights = _read_hf_folder(path)
+        elif path.suffix == ".gguf" or _has_gguf_magic(path):
+            self.config, self.weights = _read_gguf(path)
+        else:
+            raise ModelLoadError(
+                f"{path} is neither a .gguf file nor a Hugging Face folder with config.json"
+            )
+
+
+def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    cls = get_model_class(ckpt.config.architecture)
+    with torch.device("meta"):
+        model = cls(ckpt.config)
+    model = model.to_empty(device="cpu")
+    # Buffers (rotary tables) are computed, not loaded: rebuild them off the meta device.
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    model.load_weights(ckpt.weights)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises many kinds on bad bytes
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file (corrupt or truncated?): {e}"
+        ) from None
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
+            if key.endswith(("tokens", "merges", "token_type", "scores")):
+                continue  # large arrays; the tokenizer reads them itself
+        try:
+            out[key] = field.contents()
+        except Exception:  # pragma: no cover - exotic field types
+            continue
+    return out
+
+
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    reader = _open_gguf(path)
+    meta = gguf_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
+    cls = get_model_class(arch)
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{name}")
+        return value
+
+    names = {t.name for t in reader.tensors}
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=int(meta.get(f"{arch}.vocab_size") or _gguf_vocab_size(reader)),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(key("attention.key_length", hidden // heads)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(key("context_length")),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=sorted({int(t) for t in (eos, eot) if t is not None}),
+        extra={"gguf_metadata": meta},
+    )
+    fixup = getattr(cls, "gguf_tensor_fixup", None)
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        hf_name = gguf_to_hf_name(t.name)
+        if hf_name is None:
+            logger.debug("skipping GGUF tensor %s", t.name)
+            continue
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except (NotImplementedError, ValueError, KeyError) as e:
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which heron cannot read "
+                f"({e})"
+            ) from None
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+        weights[hf_name] = fixup(hf_name, tensor, cfg) if fixup else tensor
+    return cfg, weights
+
+
+def _gguf_vocab_size(reader) -> int:
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        raise ModelLoadError("GGUF file has neither <arch>.vocab_size nor tokenizer tokens")
+    return len(field.data)
+
+
+# ---------------------------------------------------------------- Hugging Face folder
+
+
+def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from None
+    arch_names = hf.get("architectures") or []
+    arch = next((HF_ARCHITECTURES[a] for a in arch_names if a in HF_ARCHITECTURES), None)
+    arch = arch or hf.get("model_type", "?")
+    get_model_class(arch)  # fail early on an unsupported family
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+        except Exception as e:
+            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from None
+    rope = hf.get("rope_parameters") or {}
+    heads = hf["num_attention_heads"]
+    eos = hf.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    cfg = ModelConfig(
+        architecture=arch,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=[int(e) for e in eos_ids],
+        extra={"hf_config": hf, "attention_bias": hf.get("attention_bias", False)},
+    )
+    return cfg, weights

@@ -1,0 +1,46 @@
+"""Turning checkpoint tensors (Hugging Face names) into a heron module's parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from heron.errors import ModelLoadError
+from heron.models.config import ModelConfig
+
+
+def fuse_projections(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF names -> heron names: strip the ``model.`` prefix and fuse qkv / gate_up."""
+    out = {k.removeprefix("model."): v for k, v in weights.items()}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for kind in ("weight", "bias"):
+            names = [f"{p}self_attn.{n}_proj.{kind}" for n in "qkv"]
+            if all(n in out for n in names):
+                out[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat([out.pop(n) for n in names])
+        gate, up = f"{p}mlp.gate_proj.weight", f"{p}mlp.up_proj.weight"
+        if gate in out and up in out:
+            out[f"{p}mlp.gate_up_proj.weight"] = torch.cat([out.pop(gate), out.pop(up)])
+    return out
+
+
+def load_state_dict_strict(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy tensors into the module; a missing or unexpected tensor is a load error."""
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    # rotary_emb.inv_freq and similar buffers may ride along in HF checkpoints.
+    unexpected = [n for n in unexpected if "rotary" not in n]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights do not match the {module.__class__.__name__} layout: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            w = weights[name]
+            if tuple(w.shape) != tuple(p.shape):
+                raise ModelLoadError(
+                    f"tensor {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(w)

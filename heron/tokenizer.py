@@ -1,0 +1,119 @@
+"""Tokenizer, chat template and incremental detokenizer, from the model's own files.
+
+GGUF files carry their vocabulary and chat template in metadata; transformers converts them to
+a fast tokenizer (slow: ~8 s for a 49k vocab), so the result is cached on disk, keyed by the
+file's path, size and mtime. Hugging Face folders load their tokenizer.json directly."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from tokenizers.decoders import DecodeStream
+
+from heron.errors import InvalidRequestError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HERON_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "heron"
+    )
+    return Path(root)
+
+
+class Tokenizer:
+    """Wraps a transformers fast tokenizer: encode, decode, chat template, special ids."""
+
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer
+
+        try:
+            if path.is_dir():
+                self.hf = AutoTokenizer.from_pretrained(str(path))
+            else:
+                self.hf = _load_gguf_tokenizer(path)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"could not load the tokenizer of {path}: {e}") from None
+        self.backend = self.hf.backend_tokenizer
+        self.vocab_size = len(self.hf)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=True)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_piece(self, token_id: int) -> str:
+        """The text of one token alone (for logprob listings)."""
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.hf.chat_template:
+            raise InvalidRequestError(
+                "this model has no chat template; use generate() with a plain prompt",
+                param="messages",
+            )
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(
+                    f"messages[{i}] must be a dict with 'role' and 'content'", param="messages"
+                )
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
+        return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class Detokenizer:
+    """Turns generated ids into text one token at a time.
+
+    A token may end inside a multi-byte UTF-8 character; DecodeStream holds such bytes back
+    until the character is complete, so no replacement characters leak into streamed text.
+    The prompt's last tokens prime the stream so spacing rules see the right context."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+        self._backend = tokenizer.backend
+        self._stream = DecodeStream(ids=prompt_ids[-4:], skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._backend, token_id) or ""
+
+
+def _load_gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cached = cache_dir() / "tokenizers" / key[:16]
+    if (cached / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(cached))
+    logger.info("converting the GGUF tokenizer of %s (cached afterwards)", path.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not read the tokenizer from {path} (corrupt or unsupported GGUF?): {e}"
+        ) from None
+    try:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached)
+    except OSError as e:  # a read-only home is not fatal
+        logger.warning("could not cache the tokenizer in %s: %s", cached, e)
+    return tok
