@@ -79,9 +79,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        _check(
-            0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}"
-        )
+        _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(

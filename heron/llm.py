@@ -71,7 +71,9 @@ class LLM:
             out.prompt = text
         return outs
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Yield the new text of a single request as it is generated."""
         req = self.engine.add_request(_prompt_value(prompt), sampling_params)
         sent = 0

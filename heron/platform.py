@@ -15,7 +15,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("device: 'cuda' requested but no CUDA GPU is visible; use --device cpu", param="device")
+        raise InvalidRequestError(
+            "device: 'cuda' requested but no CUDA GPU is visible; use --device cpu", param="device"
+        )
     return torch.device(device)
 
 
@@ -36,7 +38,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if dtype == "float16" and device.type == "cpu":
-        raise InvalidRequestError("dtype: float16 is GPU-only here; use bfloat16 or float32 on CPU", param="dtype")
+        raise InvalidRequestError(
+            "dtype: float16 is GPU-only here; use bfloat16 or float32 on CPU", param="dtype"
+        )
     return _DTYPES[dtype]
 
 

@@ -43,12 +43,17 @@ class Engine:
         del ckpt
 
         cfg = self.model_config
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
-                                 cfg.max_position_embeddings)
+        self.max_model_len = min(
+            config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
         num_blocks = self._num_kv_blocks()
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, cfg, num_blocks, config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(
+            model, cfg, num_blocks, config.block_size, self.device, self.dtype
+        )
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -60,8 +65,14 @@ class Engine:
         self._rng = random.Random(config.seed)
         logger.info(
             "loaded %s (%s, %d layers) on %s in %s in %.1fs; KV cache: %d blocks of %d tokens",
-            path.name, cfg.architecture, cfg.num_layers, self.device, self.dtype,
-            time.perf_counter() - t0, num_blocks, config.block_size,
+            path.name,
+            cfg.architecture,
+            cfg.num_layers,
+            self.device,
+            self.dtype,
+            time.perf_counter() - t0,
+            num_blocks,
+            config.block_size,
         )
 
     # ------------------------------------------------------------------ set-up
@@ -90,7 +101,9 @@ class Engine:
                     f"({per_block} bytes); raise kv_cache_memory",
                     param="kv_cache_memory",
                 )
-            logger.warning("KV cache holds %d tokens; max_model_len lowered to that", self.max_model_len)
+            logger.warning(
+                "KV cache holds %d tokens; max_model_len lowered to that", self.max_model_len
+            )
         return num_blocks
 
     # ------------------------------------------------------------------ requests
@@ -162,7 +175,9 @@ class Engine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(seed)
         seq = Sequence(next(self._seq_ids), req, index, token_ids, gen)
-        seq.detokenizer = self.tokenizer.detokenizer(req.prompt_token_ids, req.params.skip_special_tokens)
+        seq.detokenizer = self.tokenizer.detokenizer(
+            req.prompt_token_ids, req.params.skip_special_tokens
+        )
         req.seqs.append(seq)
         return seq
 
@@ -264,14 +279,16 @@ class Engine:
             text = s.text
             if holdback and not s.is_finished:  # may be the start of a stop string
                 text = text[: max(0, len(text) - holdback)]
-            outs.append(CompletionOutput(
-                index=s.index,
-                text=text,
-                token_ids=list(s.output_token_ids),
-                logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            ))
+            outs.append(
+                CompletionOutput(
+                    index=s.index,
+                    text=text,
+                    token_ids=list(s.output_token_ids),
+                    logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                )
+            )
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,

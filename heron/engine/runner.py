@@ -42,7 +42,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         slots = num_blocks * block_size
-        shape = (model_config.num_layers, 2, slots, model_config.num_kv_heads, model_config.head_dim)
+        shape = (
+            model_config.num_layers,
+            2,
+            slots,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+        )
         # Unwritten slots are never read (masked), so the cache need not be zeroed.
         self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]

@@ -56,9 +56,9 @@ def apply_penalties(row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None
         row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     out = seq.output_token_ids
     if out and (p.presence_penalty or p.frequency_penalty):
-        counts = torch.bincount(
-            torch.tensor(out, device=row.device), minlength=row.shape[0]
-        ).to(row.dtype)[: row.shape[0]]
+        counts = torch.bincount(torch.tensor(out, device=row.device), minlength=row.shape[0]).to(
+            row.dtype
+        )[: row.shape[0]]
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
@@ -80,7 +80,9 @@ def filtered_probs(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
         before = sp.cumsum(dim=-1) - sp  # probability mass ranked above each token
         tp = torch.tensor(top_p, device=dev, dtype=sp.dtype)
         drop |= (before >= tp[:, None]) & (ranks > 0)
-        x = torch.full_like(x, float("-inf")).scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+        x = torch.full_like(x, float("-inf")).scatter(
+            -1, order, sorted_x.masked_fill(drop, float("-inf"))
+        )
     probs = x.softmax(dim=-1)
     min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
     if bool((min_p > 0).any()):

@@ -109,9 +109,7 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _make_room(
-        self, seq: Sequence, n: int, scheduled: set[int], batch: ScheduledBatch
-    ) -> bool:
+    def _make_room(self, seq: Sequence, n: int, scheduled: set[int], batch: ScheduledBatch) -> bool:
         """Preempt lower-priority sequences until ``seq`` fits; False if seq itself was."""
         while not self.bm.can_append(seq, n):
             victim = next(
