@@ -1,0 +1,25 @@
+"""The parity prompt set: varied in length (5 to ~500 tokens), plain and chat, code, and
+non-English text. Chat prompts are tuples of messages, rendered with the model's template."""
+
+_STORY = (
+    "The lighthouse keeper of Hollow Point had kept the lamp burning for forty-one years. "
+    "Every evening he climbed the one hundred and twelve steps, trimmed the wick, polished the "
+    "great lens, and wrote a line in the log book: the weather, the ships he had seen, and "
+    "anything strange the sea had brought. Most entries were short. 'Fog. No ships.' 'Clear, "
+    "two trawlers heading north.' But on the night of the storm in late November, he wrote "
+    "three full pages, and the people of the village have argued about those pages ever since. "
+)
+
+PARITY_PROMPTS: list[str | tuple[dict, ...]] = [
+    "The capital of France is",
+    ({"role": "user", "content": "What is the boiling point of water at sea level?"},),
+    'def quicksort(arr):\n    """Sort a list of numbers in ascending order."""\n',
+    "La Révolution française a commencé en 1789 lorsque",
+    "人工智能的未来是",
+    (
+        {"role": "system", "content": "You answer in German."},
+        {"role": "user", "content": "Erkläre kurz, was ein Regenbogen ist."},
+    ),
+    "Q: What is 17 * 23?\nA: Let's think step by step.",
+    _STORY * 4 + "\n\nSummarize the story above in one sentence:",
+]
