@@ -38,7 +38,8 @@ class EngineConfig:
         _check(
             self.kv_cache_memory > 0,
             "kv_cache_memory",
-            f"must be bytes (> 1) or a fraction of free memory in (0, 1], got {self.kv_cache_memory}",
+            f"must be bytes (> 1) or a fraction of free memory in (0, 1], "
+            f"got {self.kv_cache_memory}",
         )
         _check(self.max_num_seqs >= 1, "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _check(
