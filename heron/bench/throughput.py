@@ -1,0 +1,375 @@
+"""Offline throughput: heron's ``LLM.generate`` vs. Hugging Face transformers' ``generate``.
+
+Both engines get the same work: ``num_prompts`` prompts of exactly ``input_len`` token ids
+(drawn from the vocabulary without special tokens by a seeded ``torch.Generator``), and
+``output_len`` new tokens each, greedy, EOS ignored, on the same model file and dtype. heron
+gets every request at once (continuous batching); transformers runs fixed batches of
+``hf_batch_size`` with left padding. Each is timed after a short warm-up; heron's engine is
+freed before transformers loads the model. tok/s = generated tokens / wall time."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heron.errors import InvalidRequestError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+_WARMUP_PROMPTS = 2
+_WARMUP_LEN = 16
+_WARMUP_TOKENS = 4
+
+
+@dataclass
+class ThroughputConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    num_prompts: int = 64
+    input_len: int = 128
+    output_len: int = 128
+    hf_batch_size: int = 64
+    skip_hf: bool = False
+    seed: int = 0
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("num_prompts", "input_len", "output_len", "hf_batch_size"):
+            value = getattr(self, name)
+            if value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise InvalidRequestError(f"{flag}: must be >= 1, got {value}", param=name)
+
+
+@dataclass
+class EngineResult:
+    engine: str
+    requests: int
+    generated_tokens: int
+    seconds: float
+    other_cpu_load: float | None = None  # cores busy with other processes just before timing
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ThroughputResult:
+    config: ThroughputConfig
+    model_path: str
+    dtype: str
+    device: str
+    heron: EngineResult
+    transformers: EngineResult | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.transformers is None or self.transformers.tokens_per_second == 0:
+            return None
+        return self.heron.tokens_per_second / self.transformers.tokens_per_second
+
+
+# ---------------------------------------------------------------------------- prompts
+def make_prompts(tokenizer, num_prompts: int, input_len: int, seed: int) -> list[list[int]]:
+    """``num_prompts`` lists of exactly ``input_len`` token ids, none of them special."""
+    hf = tokenizer.hf
+    special = set(hf.all_special_ids) | set(getattr(hf, "added_tokens_decoder", {}) or {})
+    allowed = torch.tensor([i for i in range(len(hf)) if i not in special], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(allowed), (num_prompts, input_len), generator=gen)
+    return allowed[picks].tolist()
+
+
+# ---------------------------------------------------------------------------- heron
+def run_heron(cfg: ThroughputConfig) -> tuple[EngineResult, Any, list[list[int]], dict]:
+    """Time heron; returns its result, the tokenizer, the prompts and where it ran."""
+    from heron import LLM, SamplingParams
+
+    llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **cfg.engine_kwargs)
+    tok = llm.get_tokenizer()
+    info = {
+        "model_path": llm.engine.model_path,
+        "dtype": str(llm.engine.dtype).removeprefix("torch."),
+        "device": str(llm.engine.device),
+    }
+    if cfg.input_len + cfg.output_len > llm.engine.max_model_len:
+        raise InvalidRequestError(
+            f"--input-len + --output-len = {cfg.input_len + cfg.output_len} exceeds the "
+            f"model's context of {llm.engine.max_model_len} tokens"
+        )
+    prompts = make_prompts(tok, cfg.num_prompts, cfg.input_len, cfg.seed)
+    # Different ids than the timed prompts, so the prefix cache cannot help the timed run.
+    warmup = make_prompts(tok, _WARMUP_PROMPTS, _WARMUP_LEN, cfg.seed + 1)
+
+    logger.info("heron: warm-up")
+    llm.generate(
+        warmup,
+        SamplingParams(temperature=0, max_tokens=_WARMUP_TOKENS, ignore_eos=True),
+        use_tqdm=False,
+    )
+    params = SamplingParams(temperature=0, max_tokens=cfg.output_len, ignore_eos=True)
+    logger.info(
+        "heron: %d prompts x %d tokens in, %d out", cfg.num_prompts, cfg.input_len, cfg.output_len
+    )
+    load = _cpu_busy_elsewhere()
+    _sync(info["device"])
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    _sync(info["device"])
+    secs = time.perf_counter() - t0
+    generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    expected = cfg.num_prompts * cfg.output_len
+    if generated != expected:
+        logger.warning("heron generated %d tokens, expected %d", generated, expected)
+    result = EngineResult("heron", len(outs), generated, secs, load)
+
+    del llm, outs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result, tok, prompts, info
+
+
+# ---------------------------------------------------------------------------- transformers
+def load_hf_model(path: Path, dtype: torch.dtype, device: str):
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise ModelLoadError(f"the transformers baseline needs transformers: {e}") from None
+    try:
+        if path.is_dir():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype
+            )
+    except ImportError as e:
+        raise ModelLoadError(
+            f"transformers could not load {path.name}: {e} (GGUF needs `pip install accelerate "
+            "gguf`); or pass --skip-hf"
+        ) from None
+    return model.to(device).eval()
+
+
+def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _hf_generate(model, batch: list[list[int]], new_tokens: int, pad_id: int, device: str) -> int:
+    from transformers import GenerationConfig
+
+    ids, mask = _left_pad(batch, pad_id)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad_id,
+        eos_token_id=model.generation_config.eos_token_id,
+    )
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+        )
+    return int(out.shape[1] - ids.shape[1]) * len(batch)
+
+
+def run_transformers(
+    cfg: ThroughputConfig, tokenizer, prompts: list[list[int]], info: dict
+) -> EngineResult:
+    from tqdm.auto import tqdm
+
+    dtype = getattr(torch, info["dtype"])
+    device = info["device"]
+    logger.info("transformers: loading %s in %s", Path(info["model_path"]).name, info["dtype"])
+    t0 = time.perf_counter()
+    model = load_hf_model(Path(info["model_path"]), dtype, device)
+    logger.info("transformers: loaded in %.1fs", time.perf_counter() - t0)
+    hf_tok = tokenizer.hf
+    pad_id = hf_tok.pad_token_id
+    if pad_id is None:
+        pad_id = hf_tok.eos_token_id if hf_tok.eos_token_id is not None else 0
+
+    logger.info("transformers: warm-up")
+    warmup = make_prompts(tokenizer, _WARMUP_PROMPTS, _WARMUP_LEN, cfg.seed + 1)
+    _hf_generate(model, warmup, _WARMUP_TOKENS, pad_id, device)
+
+    batches = [
+        prompts[i : i + cfg.hf_batch_size] for i in range(0, len(prompts), cfg.hf_batch_size)
+    ]
+    generated = 0
+    load = _cpu_busy_elsewhere()
+    _sync(device)
+    t0 = time.perf_counter()
+    for batch in tqdm(batches, desc="transformers", unit="batch"):
+        generated += _hf_generate(model, batch, cfg.output_len, pad_id, device)
+    _sync(device)
+    secs = time.perf_counter() - t0
+    del model
+    gc.collect()
+    return EngineResult("transformers", len(prompts), generated, secs, load)
+
+
+# ---------------------------------------------------------------------------- driver
+def run_throughput(cfg: ThroughputConfig) -> ThroughputResult:
+    cfg.validate()
+    heron_result, tok, prompts, info = run_heron(cfg)
+    logger.info(
+        "heron: %d tokens in %.1fs (%.1f tok/s)",
+        heron_result.generated_tokens,
+        heron_result.seconds,
+        heron_result.tokens_per_second,
+    )
+    hf_result = None
+    if not cfg.skip_hf:
+        hf_result = run_transformers(cfg, tok, prompts, info)
+    return ThroughputResult(
+        config=cfg,
+        model_path=str(info["model_path"]),
+        dtype=info["dtype"],
+        device=info["device"],
+        heron=heron_result,
+        transformers=hf_result,
+    )
+
+
+def format_table(result: ThroughputResult) -> str:
+    c = result.config
+    rows = [("engine", "requests", "gen tokens", "seconds", "tok/s")]
+    for r in (result.heron, result.transformers):
+        if r is not None:
+            rows.append(
+                (
+                    r.engine,
+                    str(r.requests),
+                    str(r.generated_tokens),
+                    f"{r.seconds:.2f}",
+                    f"{r.tokens_per_second:.1f}",
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        f"throughput: {Path(result.model_path).name}, {result.dtype} on {result.device}, "
+        f"{c.num_prompts} prompts x {c.input_len} tokens in, {c.output_len} out "
+        f"(greedy, ignore_eos), {torch.get_num_threads()} threads",
+    ]
+    for i, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    if result.ratio is not None:
+        lines.append(f"heron / transformers: {result.ratio:.2f}x")
+    for r in (result.heron, result.transformers):
+        if r is not None and r.other_cpu_load is not None and r.other_cpu_load >= 0.2:
+            lines.append(
+                f"note: other processes kept {r.other_cpu_load:.1f} CPU cores busy when the "
+                f"{r.engine} run started; its timing is unreliable"
+            )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict[str, Any]:
+    import transformers
+
+    import heron
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "heron_version": heron.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def to_dict(result: ThroughputResult) -> dict[str, Any]:
+    def engine(r: EngineResult | None) -> dict[str, Any] | None:
+        if r is None:
+            return None
+        return {**asdict(r), "tokens_per_second": r.tokens_per_second}
+
+    return {
+        "benchmark": "throughput",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": asdict(result.config),
+        "model_path": result.model_path,
+        "dtype": result.dtype,
+        "device": result.device,
+        "heron": engine(result.heron),
+        "transformers": engine(result.transformers),
+        "heron_over_transformers": result.ratio,
+        "machine": machine_info(),
+    }
+
+
+def write_json(result: ThroughputResult, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(to_dict(result), indent=2) + "\n")
+
+
+def _cpu_busy_elsewhere(window: float = 1.0) -> float | None:
+    """CPU cores kept busy by other processes over ``window`` seconds, while this one idles.
+
+    On a small machine another process running torch makes both engines' thread pools fight
+    for cores and slows them many times over, so the number goes into the results."""
+    try:
+        before = _cpu_times()
+        time.sleep(window)
+        after = _cpu_times()
+    except (OSError, ValueError):
+        return None
+    busy = (after[0] - before[0]) / max(after[1] - before[1], 1) * (os.cpu_count() or 1)
+    if busy >= 0.2:
+        logger.warning(
+            "other processes keep %.1f of %d CPU cores busy: the timings will be noisy",
+            busy,
+            os.cpu_count() or 0,
+        )
+    return round(busy, 2)
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

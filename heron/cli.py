@@ -1,0 +1,499 @@
+"""The ``heron`` command line: generate, chat, models, bench.
+
+User errors (``HeronError``: a bad flag value, a missing model, a prompt too long...) print one
+``error: ...`` line on stderr and exit with status 2; Ctrl-C exits with 130. Model-loading logs
+go to stderr, generated text to stdout, so ``heron generate ... > out.txt`` holds only text."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from heron.errors import HeronError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from heron import LLM, SamplingParams
+
+logger = logging.getLogger("heron.cli")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows "(default: X)" where there is a meaningful default; wraps each line of the
+    description on its own so paragraphs and examples keep their shape."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        default = action.default
+        if (
+            "default" in help_text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(
+            textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            if line.strip()
+            else ""
+            for line in text.splitlines()
+        )
+
+
+# ---------------------------------------------------------------------------- parser
+def _common_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="only log warnings and errors on stderr (no model-loading messages)",
+    )
+    return p
+
+
+def _model_parent() -> argparse.ArgumentParser:
+    from heron.config import DEVICES, DTYPES
+    from heron.models.catalog import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a known model name (see `heron models`), a .gguf file, "
+        "or a Hugging Face folder (config.json + *.safetensors)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="weight and activation precision; auto = bfloat16 on GPUs and on CPUs with native "
+        "bf16, float32 otherwise",
+    )
+    g.add_argument(
+        "--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible"
+    )
+    return p
+
+
+def _sampling_parent(max_tokens: int = 128, temperature: float = 0.7) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help="most new tokens per completion"
+    )
+    g.add_argument(
+        "-t",
+        "--temperature",
+        type=float,
+        default=temperature,
+        help="sampling temperature; 0 = greedy (deterministic)",
+    )
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling: keep this probability mass"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than min-p times the top token's probability; 0 = off",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 discourages repeating tokens already in the prompt or output",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="random seed for reproducible sampling (default: a fresh seed per run)",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="stop when this text is generated (not included in the output); may be repeated",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from heron import __version__
+
+    common = _common_parent()
+    model = _model_parent()
+
+    parser = argparse.ArgumentParser(
+        prog="heron",
+        description="heron: an LLM inference engine (paged KV cache, continuous batching).",
+        epilog="Run `heron COMMAND --help` for the flags of each command.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"heron {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # generate
+    gen = sub.add_parser(
+        "generate",
+        parents=[common, model, _sampling_parent()],
+        formatter_class=_HelpFormatter,
+        help="generate a completion for one prompt",
+        description="Generate a completion for PROMPT and print it on stdout.\n\n"
+        "With a chat model the prompt is sent as a user message through the model's chat "
+        "template (--no-chat sends it as raw text).\n\n"
+        'example: heron generate "Write a haiku about herons" --max-tokens 64',
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument(
+        "-n", "--n", type=int, default=1, help="number of completions to sample for the prompt"
+    )
+    gen.add_argument(
+        "--system",
+        default=None,
+        help="system message to put before the prompt (chat mode only)",
+    )
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the model's chat template to the prompt (default: on when the model has a "
+        "chat template)",
+    )
+    gen.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print tokens as they are generated (default: on when --n is 1)",
+    )
+    gen.set_defaults(func=cmd_generate)
+
+    # chat
+    chat = sub.add_parser(
+        "chat",
+        parents=[common, model, _sampling_parent()],
+        formatter_class=_HelpFormatter,
+        help="interactive chat in the terminal",
+        description="Chat with a model: type a message and press Enter; the reply streams in.\n"
+        "The conversation history is kept and sent through the model's chat template.\n\n"
+        "commands: /reset clears the history, /exit (or Ctrl-D) quits.\n"
+        "Ctrl-C stops the reply being generated; at the prompt it quits.",
+    )
+    chat.add_argument("--system", default=None, help="system message that starts the conversation")
+    chat.set_defaults(func=cmd_chat)
+
+    # models
+    models = sub.add_parser(
+        "models",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="list the known models and whether they are installed",
+        description="List the models heron knows by name, whether each is installed, its file, "
+        "and the command that installs a missing one. '*' marks the default model.",
+    )
+    models.set_defaults(func=cmd_models)
+
+    # bench
+    bench = sub.add_parser(
+        "bench",
+        formatter_class=_HelpFormatter,
+        help="benchmarks",
+        description="Benchmarks. `heron bench throughput --help` for details.",
+    )
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    tp = bench_sub.add_parser(
+        "throughput",
+        parents=[common, model],
+        formatter_class=_HelpFormatter,
+        help="offline batch throughput of heron vs. Hugging Face transformers",
+        description="Offline throughput: NUM_PROMPTS prompts of exactly INPUT_LEN random token "
+        "ids (fixed seed), OUTPUT_LEN new tokens each (greedy, EOS ignored), all submitted to "
+        "heron's LLM.generate at once; then the same work through transformers' generate() on "
+        "the same model and dtype, in batches of HF_BATCH_SIZE with left padding. Both are "
+        "timed after a short warm-up. tok/s = generated tokens / wall time.",
+    )
+    tp.add_argument("--num-prompts", type=int, default=64, help="number of requests")
+    tp.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
+    tp.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    tp.add_argument(
+        "--hf-batch-size", type=int, default=64, help="batch size of the transformers baseline"
+    )
+    tp.add_argument(
+        "--skip-hf", action="store_true", help="run heron only, not the transformers baseline"
+    )
+    tp.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="heron: most sequences in one batch (default: the engine's)",
+    )
+    tp.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="heron: most tokens in one step (default: the engine's)",
+    )
+    tp.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    tp.add_argument(
+        "--json", default=None, metavar="PATH", help="also write the results and machine info here"
+    )
+    tp.set_defaults(func=cmd_bench_throughput)
+    return parser
+
+
+# ---------------------------------------------------------------------------- helpers
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("heron")
+    if not any(getattr(h, "_heron_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler._heron_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    if quiet:  # transformers' own progress bars and notices
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
+    from heron import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
+
+
+def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
+    from heron import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, **kwargs)
+
+
+def _has_chat_template(llm: LLM) -> bool:
+    return bool(getattr(llm.get_tokenizer().hf, "chat_template", None))
+
+
+def _chat_ids(llm: LLM, messages: list[dict]) -> list[int]:
+    """The chat template applied to ``messages``, ready to generate the assistant's turn."""
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template(messages)
+    # The template already holds the special tokens; do not add a BOS again.
+    return tok.hf.encode(text, add_special_tokens=False)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise InvalidRequestError("prompt: must not be empty", param="prompt")
+    params = _sampling_params(args, n=args.n)  # bad values fail before the model loads
+    stream = args.stream if args.stream is not None else args.n == 1
+    if stream and args.n > 1:
+        raise InvalidRequestError("--stream prints one completion; use --no-stream with --n > 1")
+    llm = _load_llm(args)
+    chat = args.chat if args.chat is not None else _has_chat_template(llm)
+    if args.system is not None and not chat:
+        raise InvalidRequestError("--system needs the chat template (drop --no-chat)")
+    messages = []
+    if args.system is not None:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+
+    t0 = time.perf_counter()
+    if stream:
+        prompt = _chat_ids(llm, messages) if chat else args.prompt
+        last = ""
+        for piece in llm.stream(prompt, params):
+            _write(piece)
+            last = piece or last
+        if not last.endswith("\n"):
+            _write("\n")
+        logger.info("done in %.1fs", time.perf_counter() - t0)
+        return 0
+
+    if chat:
+        out = llm.chat(messages, params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    for comp in out.outputs:
+        if len(out.outputs) > 1:
+            _write(f"=== completion {comp.index + 1}/{len(out.outputs)} ===\n")
+        _write(comp.text if comp.text.endswith("\n") else comp.text + "\n")
+    num_tokens = sum(len(c.token_ids) for c in out.outputs)
+    secs = time.perf_counter() - t0
+    logger.info(
+        "%d tokens in %.1fs (%.1f tok/s); finish: %s",
+        num_tokens,
+        secs,
+        num_tokens / secs if secs > 0 else 0.0,
+        ", ".join(str(c.finish_reason) for c in out.outputs),
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    llm = _load_llm(args)
+    if not _has_chat_template(llm):
+        raise InvalidRequestError(
+            f"model {args.model!r} has no chat template; use `heron generate --no-chat` instead"
+        )
+    interactive = sys.stdin.isatty()
+    base = [{"role": "system", "content": args.system}] if args.system is not None else []
+    history = list(base)
+    if interactive:
+        print("Type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            if interactive:
+                _write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = list(base)
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/") and " " not in text:
+            print(f"unknown command {text}; commands: /reset, /exit", file=sys.stderr)
+            continue
+
+        history.append({"role": "user", "content": text})
+        reply: list[str] = []
+        try:
+            for piece in llm.stream(_chat_ids(llm, history), params):
+                reply.append(piece)
+                _write(piece)
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            _write("\n")
+            print("(interrupted)", file=sys.stderr)
+            history.pop()
+            continue
+        except HeronError as e:  # e.g. the conversation outgrew the context
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        answer = "".join(reply)
+        _write("\n" if not answer.endswith("\n") else "")
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
+
+    rows = [("", "NAME", "INSTALLED", "PATH / INSTALL COMMAND")]
+    for name, m in KNOWN_MODELS.items():
+        path = m.locate()
+        rows.append(
+            (
+                "*" if name == DEFAULT_MODEL else "",
+                name,
+                "yes" if path else "no",
+                str(path) if path else m.install_hint,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}} {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
+    print()
+    print("* = default model (used when --model is not given)")
+    for name, m in KNOWN_MODELS.items():
+        print(f"  {name}: {m.description}")
+    print("Any .gguf file or Hugging Face folder also works: --model PATH")
+    return 0
+
+
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from heron.bench.throughput import ThroughputConfig, format_table, run_throughput, write_json
+
+    engine_kwargs = {}
+    if args.max_num_seqs is not None:
+        engine_kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.max_num_batched_tokens is not None:
+        engine_kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    cfg = ThroughputConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        hf_batch_size=args.hf_batch_size,
+        skip_hf=args.skip_hf,
+        seed=args.seed,
+        engine_kwargs=engine_kwargs,
+    )
+    result = run_throughput(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    return 0
+
+
+# ---------------------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except HeronError as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `heron generate ... | head`: the reader went away
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The ``heron`` command line, run as a real subprocess (``python -m heron.cli``).
+
+Commands that load the model take ~5-15 s each on CPU, so only a handful do; the error paths
+fail before the model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+TIMEOUT = 300
+FAST = ["--max-tokens", "5", "--temperature", "0", "--dtype", "float32", "--device", "cpu"]
+
+
+def heron(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "heron.cli", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "error:" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ([], ["generate", "chat", "models", "bench"]),
+        (
+            ["generate"],
+            ["--model", "--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p",
+             "--seed", "--stop", "--n", "--dtype", "--device", "--chat", "--no-chat",
+             "--stream", "--no-stream", "--quiet", "default: 128"],
+        ),
+        (["chat"], ["--model", "--system", "--max-tokens", "--temperature", "/reset", "/exit"]),
+        (["models"], ["installed"]),
+        (["bench"], ["throughput"]),
+        (
+            ["bench", "throughput"],
+            ["--num-prompts", "--input-len", "--output-len", "--dtype", "--hf-batch-size",
+             "--skip-hf", "--json", "default: 64"],
+        ),
+    ],
+    ids=["heron", "generate", "chat", "models", "bench", "bench-throughput"],
+)  # fmt: skip
+def test_help(command, flags):
+    proc = heron(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in flags:
+        assert flag in proc.stdout, flag
+
+
+def test_no_command_is_a_usage_error():
+    proc = heron()
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr
+
+
+def test_models_lists_the_default_as_installed():
+    proc = heron("models")
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if "smollm2-135m-instruct" in ln)
+    assert line.startswith("*")  # the default
+    assert "yes" in line.split()
+    assert ".gguf" in line
+
+
+def test_generate_prints_text():
+    proc = heron("generate", "Hello", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "loaded" in proc.stderr  # model-loading logs go to stderr, not stdout
+    assert "loaded" not in proc.stdout
+
+
+def test_generate_empty_prompt_is_a_user_error():
+    assert_user_error(heron("generate", "", *FAST), "prompt")
+
+
+def test_generate_bad_sampling_value_is_a_user_error():
+    assert_user_error(heron("generate", "Hi", "--temperature", "-1"), "temperature")
+
+
+def test_generate_missing_model_is_a_user_error():
+    assert_user_error(heron("generate", "Hi", "--model", "/nonexistent", *FAST), "/nonexistent")
+
+
+def test_chat_reads_stdin_until_exit():
+    proc = heron("chat", *FAST, "-q", stdin="Hi\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert ">>>" not in proc.stdout  # no prompt when stdin is not a terminal
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_throughput_heron_only(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = heron(
+        "bench", "throughput", "--num-prompts", "2", "--input-len", "16", "--output-len", "4",
+        "--skip-hf", "--dtype", "float32", "--device", "cpu", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "tok/s" in proc.stdout
+    assert "heron" in proc.stdout and "transformers" not in proc.stdout.split("tok/s", 1)[1]
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["heron"]["generated_tokens"] == 2 * 4
+    assert data["transformers"] is None
+    assert data["machine"]["torch_version"]
