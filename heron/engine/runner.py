@@ -49,8 +49,9 @@ class ModelRunner:
             model_config.num_kv_heads,
             model_config.head_dim,
         )
-        # Unwritten slots are never read (masked), so the cache need not be zeroed.
-        self.kv_cache = torch.empty(shape, dtype=dtype, device=device)
+        # Attention reads whole blocks and masks the slots past a sequence's end; masked slots
+        # get weight 0, and 0 * NaN from uninitialised memory would still be NaN: start zeroed.
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
 
     @staticmethod
@@ -101,11 +102,12 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_size=bs,
             num_decodes=len(decode_lens),
             prefills=prefills,
         )
         if decode_lens:
-            meta.decode_slots, meta.decode_mask = self._decode_gather(decode_tables, decode_lens)
+            meta.decode_blocks, meta.decode_mask = self._decode_tables(decode_tables, decode_lens)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -123,15 +125,14 @@ class ModelRunner:
         if start == 0:
             return PrefillSpan(row, row + n, None, None)
         bs, dev = self.block_size, self.device
-        ctx = start + n
-        pos = torch.arange(ctx, device=dev)
-        blocks = torch.tensor(table, dtype=torch.long, device=dev)
-        context_slots = blocks[pos // bs] * bs + pos % bs
-        q_pos = torch.arange(start, ctx, device=dev)
-        mask = pos[None, :] <= q_pos[:, None]
-        return PrefillSpan(row, row + n, context_slots, mask)
+        width = -(-(start + n) // bs)
+        blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
+        pos = torch.arange(width * bs, device=dev)
+        q_pos = torch.arange(start, start + n, device=dev)
+        mask = pos[None, :] <= q_pos[:, None]  # also hides the slots past the context
+        return PrefillSpan(row, row + n, blocks, mask)
 
-    def _decode_gather(
+    def _decode_tables(
         self, tables: list[list[int]], lens: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         bs, dev = self.block_size, self.device
@@ -140,12 +141,10 @@ class ModelRunner:
         padded = torch.zeros((len(tables), width), dtype=torch.long)
         for i, t in enumerate(tables):
             padded[i, : len(t[:width])] = torch.tensor(t[:width], dtype=torch.long)
-        padded = padded.to(dev)
-        pos = torch.arange(max_len, device=dev)
-        decode_slots = padded[:, pos // bs] * bs + pos % bs
+        pos = torch.arange(width * bs, device=dev)
         lens_t = torch.tensor(lens, device=dev)
         mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]
-        return decode_slots, mask
+        return padded.to(dev), mask
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size

@@ -3,7 +3,9 @@
 The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, Hkv, D]``; a
 sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
 its token ``i``. The runner orders each step's flat batch as decodes first (one query each),
-then prefill chunks, and precomputes the gather indices once per step; every layer reuses them.
+then prefill chunks, and builds the block tables once per step; every layer reuses them.
+Reads gather whole blocks with ``index_select`` (several times faster on CPU than per-slot
+advanced indexing); the slots past a sequence's length are masked out.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ class PrefillSpan:
 
     start: int
     end: int
-    # Slots of the whole context (cached tokens + this chunk); None when the chunk is the whole
-    # context, so the chunk's own K/V are used directly.
-    context_slots: torch.Tensor | None
-    # [Lq, Lctx] bool (True = attend) when the chunk starts after cached tokens; None = causal.
+    # Blocks holding the whole context (cached tokens + this chunk); None when the chunk is the
+    # whole context, so the chunk's own K/V are used directly.
+    context_blocks: torch.Tensor | None
+    # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens;
+    # None = causal.
     mask: torch.Tensor | None
 
 
@@ -32,9 +35,10 @@ class AttentionMetadata:
     """Everything attention needs about one step's batch, shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    block_size: int
     num_decodes: int = 0
-    decode_slots: torch.Tensor | None = None  # [B, Lmax] gather indices
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, Lmax] bool, True = valid slot
+    decode_blocks: torch.Tensor | None = None  # [B, W] block tables, padded with block 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * bs] bool, True = valid slot
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -61,17 +65,18 @@ def paged_attention(
         # All queries of one KV group see the same keys: fold the group into the query axis
         # so GQA needs no key expansion.
         qd = q[:b].view(b, num_kv_heads, group, head_dim)
-        kd = k_cache[meta.decode_slots].permute(0, 2, 1, 3)
-        vd = v_cache[meta.decode_slots].permute(0, 2, 1, 3)
+        kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
+        vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         out[:b] = od.reshape(b, num_heads, head_dim)
 
     for span in meta.prefills:
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
-        if span.context_slots is None:
+        if span.context_blocks is None:
             kp, vp = k[span.start : span.end], v[span.start : span.end]
         else:
-            kp, vp = k_cache[span.context_slots], v_cache[span.context_slots]
+            kp = gather_blocks(k_cache, span.context_blocks, meta.block_size)
+            vp = gather_blocks(v_cache, span.context_blocks, meta.block_size)
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(
@@ -85,3 +90,10 @@ def paged_attention(
         )
         out[span.start : span.end] = op.squeeze(0).transpose(0, 1)
     return out
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slots of ``blocks`` (any shape ``[..., W]``) as ``[..., W * block_size, Hkv, D]``."""
+    per_block = cache.view(-1, block_size, *cache.shape[1:])
+    out = per_block.index_select(0, blocks.reshape(-1))
+    return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
