@@ -137,6 +137,38 @@ def _sampling_parent(max_tokens: int = 128, temperature: float = 0.7) -> argpars
     return p
 
 
+def _engine_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=0.25,
+        help="KV-cache size: bytes (> 1) or a fraction of the free memory (<= 1)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one batch")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="most tokens in one step (long prompts are prefilled in chunks of this)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length (default: the model's, or what the KV cache holds)",
+    )
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="do not reuse the KV blocks of earlier prompts with the same prefix",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from heron import __version__
 
@@ -211,6 +243,52 @@ def build_parser() -> argparse.ArgumentParser:
         "and the command that installs a missing one. '*' marks the default model.",
     )
     models.set_defaults(func=cmd_models)
+
+    # serve
+    serve = sub.add_parser(
+        "serve",
+        parents=[common, model, _engine_parent()],
+        formatter_class=_HelpFormatter,
+        help="OpenAI-compatible HTTP server",
+        description="Serve the model over an OpenAI-compatible HTTP API: /v1/completions, "
+        "/v1/chat/completions, /v1/models, plus /health, /metrics (Prometheus), /tokenize, "
+        "/detokenize and interactive docs at /docs. All requests share one engine "
+        "(continuous batching).\n\n"
+        "example: heron serve --port 8000, then point any OpenAI client at "
+        "http://127.0.0.1:8000/v1",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes "
+        "(default: $HERON_API_KEY, else no key)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send and /v1/models lists (default: the --model value)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=256,
+        help="requests allowed to wait for a batch slot; beyond it new ones get HTTP 429",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="log level (debug also logs each HTTP access)",
+    )
+    serve.set_defaults(func=cmd_serve)
 
     # bench
     bench = sub.add_parser(
@@ -308,10 +386,7 @@ def _has_chat_template(llm: LLM) -> bool:
 
 def _chat_ids(llm: LLM, messages: list[dict]) -> list[int]:
     """The chat template applied to ``messages``, ready to generate the assistant's turn."""
-    tok = llm.get_tokenizer()
-    text = tok.apply_chat_template(messages)
-    # The template already holds the special tokens; do not add a BOS again.
-    return tok.hf.encode(text, add_special_tokens=False)
+    return llm.get_tokenizer().encode_chat(messages)[1]
 
 
 def _write(text: str) -> None:
@@ -418,6 +493,44 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer = "".join(reply)
         _write("\n" if not answer.endswith("\n") else "")
         history.append({"role": "assistant", "content": answer})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from heron.config import EngineConfig
+    from heron.engine.engine import Engine
+    from heron.server import ServerConfig, run_server
+
+    if not 0 < args.port < 65536:
+        raise InvalidRequestError(f"--port: must be in 1..65535, got {args.port}")
+    if args.max_waiting < 1:
+        raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
+    logging.getLogger("heron").setLevel(args.log_level.upper())
+    engine = Engine(
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            kv_cache_memory=args.kv_cache_memory,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            enable_prefix_caching=args.enable_prefix_caching,
+        )
+    )
+    name = args.served_model_name or args.model
+    aliases = (args.model, Path(args.model).name, Path(str(engine.model_path)).name)
+    config = ServerConfig(
+        served_model_name=name,
+        model_aliases=tuple(a for a in aliases if a != name),
+        api_key=args.api_key or os.environ.get("HERON_API_KEY") or None,
+        max_waiting=args.max_waiting,
+    )
+    run_server(engine, config, args.host, args.port, args.log_level, args.shutdown_timeout)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -63,11 +63,9 @@ class LLM:
             raise InvalidRequestError("messages: must not be empty", param="messages")
         conversations = [messages] if isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = [tok.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        # The template already holds the special tokens; do not add a BOS again.
-        ids = [tok.hf.encode(p, add_special_tokens=False) for p in prompts]
-        outs = self.generate(ids, sampling_params, use_tqdm)
-        for out, text in zip(outs, prompts, strict=True):
+        encoded = [tok.encode_chat(c, add_generation_prompt) for c in conversations]
+        outs = self.generate([ids for _, ids in encoded], sampling_params, use_tqdm)
+        for out, (text, _) in zip(outs, encoded, strict=True):
             out.prompt = text
         return outs
 

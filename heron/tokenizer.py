@@ -76,6 +76,14 @@ class Tokenizer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def encode_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """The chat template applied to ``messages``, as text and token ids."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        # The template already holds the special tokens; do not add a BOS again.
+        return text, self.hf.encode(text, add_special_tokens=False)
+
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)
 

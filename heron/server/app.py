@@ -1,0 +1,250 @@
+"""The FastAPI application: routes, API-key check, and OpenAI-style errors for every failure.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
+validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
+model 404, a bad API key 401, a full waiting queue 429, shutdown 503, a bug 500 (logged with
+its traceback; the other requests carry on)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from heron import __version__
+from heron.engine.engine import Engine
+from heron.errors import InvalidRequestError
+from heron.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from heron.server.metrics import CONTENT_TYPE, ServerMetrics
+from heron.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    conversation,
+)
+from heron.server.serving import ClientDisconnected, OpenAIServing, error_body
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    model_aliases: tuple[str, ...] = ()
+    api_key: str | None = None
+    max_waiting: int = 256
+
+
+class _ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    async_engine = AsyncEngine(engine, max_waiting=config.max_waiting)
+    metrics = ServerMetrics(lambda: async_engine.last_stats, config.served_model_name)
+    serving = OpenAIServing(
+        async_engine,
+        engine.tokenizer,
+        config.served_model_name,
+        metrics,
+        engine.max_model_len,
+        engine.config.max_num_seqs,
+    )
+    names = {config.served_model_name, *config.model_aliases}
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            async_engine.stop()
+
+    app = FastAPI(title="heron", version=__version__, lifespan=lifespan)
+    app.state.async_engine = async_engine
+
+    # -------------------------------------------------------------- auth and model checks
+    async def check_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != config.api_key:
+            raise _ApiError(
+                401,
+                "missing or wrong API key: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    def check_model(model: str | None) -> None:
+        if model and model not in names:
+            raise _ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves "
+                f"{config.served_model_name!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    # -------------------------------------------------------------- errors
+    def error(status: int, exc: BaseException | str, param=None, code=None) -> JSONResponse:
+        return JSONResponse(error_body(exc, status, param, code), status_code=status)
+
+    @app.exception_handler(_ApiError)
+    async def _api_error(request: Request, exc: _ApiError) -> JSONResponse:
+        return error(exc.status, exc, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            msg = f"the body is not valid JSON: {first.get('msg')}"
+            return error(400, msg, code="json_invalid")
+        # The top-level field names the culprit; the full location (union members and list
+        # indices included) goes into the message.
+        param = loc[0] if loc else None
+        msg = "field required" if first.get("type") == "missing" else first.get("msg", "invalid")
+        return error(400, f"{'.'.join(loc)}: {msg}" if loc else msg, param)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return error(400, exc)
+
+    @app.exception_handler(QueueFullError)
+    async def _full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return error(429, exc, code="queue_full")
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+        return error(503, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+        logger.info("%s: client disconnected; request aborted", exc)
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    # -------------------------------------------------------------- routes
+    auth = [Depends(check_api_key)]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.alive:
+            return error(503, "the engine loop is not running")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.served_model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "heron",
+                    "max_model_len": engine.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        result = await serving.completions(body, request.is_disconnected)
+        return _to_response(result)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        result = await serving.chat(body, request.is_disconnected)
+        return _to_response(result)
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        tok = engine.tokenizer
+        if (body.prompt is None) == (body.messages is None):
+            raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
+        elif body.add_special_tokens:
+            ids = tok.encode(body.prompt)
+        else:
+            ids = tok.hf.encode(body.prompt, add_special_tokens=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        vocab = engine.model_config.vocab_size
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"tokens: ids must be < {vocab}; got {bad[:5]}", "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    return app
+
+
+class _CountRequests:
+    """Counts finished requests by route and status (a plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware would get between a stream and the client's disconnect)."""
+
+    def __init__(self, app, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "other")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def _to_response(result) -> Response:
+    if isinstance(result, dict):
+        return JSONResponse(result)
+    return StreamingResponse(
+        result,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,189 @@
+"""OpenAI request bodies as pydantic models, with heron's extras (vLLM's names) beside them.
+
+Field types and ranges are checked here, so a bad value is a 400 naming the field before any
+work starts; the sampling values are then checked again, once, by ``SamplingParams``. Fields
+OpenAI defines but heron does not implement (tools, logit_bias, ...) are refused with a clear
+message when set, rather than silently ignored; unknown extra fields are ignored, as vLLM and
+OpenAI's own server do for forward compatibility."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from heron.config import SamplingParams
+from heron.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
+
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    """What completions and chat completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    n: Annotated[StrictInt, Field(ge=1)] = 1
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    user: StrictStr | None = None
+    logit_bias: dict[str, float] | None = None
+    # heron / vLLM extras (the openai client sends them through `extra_body`)
+    top_k: StrictInt | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    stop_token_ids: TokenIds | None = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True
+
+    def _refuse_unsupported(self) -> None:
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported by heron", param="logit_bias")
+
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
+        self._refuse_unsupported()
+        return SamplingParams(
+            n=self.n,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=self.skip_special_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            items: list[str | list[int]] = [p]
+        elif not p:
+            raise InvalidRequestError("prompt: must not be empty", param="prompt")
+        elif isinstance(p[0], int):
+            items = [p]  # type: ignore[list-item]
+        else:
+            items = list(p)  # type: ignore[arg-type]
+        for item in items:
+            if len(item) == 0:
+                raise InvalidRequestError("prompt: must not be empty", param="prompt")
+        return items
+
+    def sampling_params(self) -> SamplingParams:
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported by heron", param="suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError(
+                "best_of other than n is not supported; use n", param="best_of"
+            )
+        # echo with logprobs also lists the prompt's tokens, as OpenAI's legacy API does.
+        prompt_lp = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_lp)
+
+
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+    # heron / vLLM extras
+    add_generation_prompt: StrictBool = True
+
+    def conversation(self) -> list[dict[str, str]]:
+        return conversation(self.messages)
+
+    def sampling_params(self) -> SamplingParams:
+        if self.tools:
+            raise InvalidRequestError("tools are not supported by heron yet", param="tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise InvalidRequestError(
+                "response_format: only {'type': 'text'} is supported", param="response_format"
+            )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        return self._sampling_params(max_tokens, logprobs)
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template expects them; "developer" is OpenAI's new name for the
+    system role."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
+
+
+class TokenizeRequest(BaseModel):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: StrictStr | None = None
+    tokens: TokenIds

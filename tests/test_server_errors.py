@@ -1,0 +1,150 @@
+"""Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
+after each one a normal request still succeeds. API keys, a full waiting queue and SIGTERM
+run against their own server processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+MODEL = "smollm2-135m-instruct"
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MSG = [{"role": "user", "content": "hi"}]
+LONG_PROMPT = "hello " * 9000  # more tokens than the model's context (8192)
+
+# (name, path, JSON body or raw bytes, expected status, expected param or None)
+CASES = [
+    ("missing prompt", COMPLETIONS, {"model": MODEL}, 400, "prompt"),
+    ("missing messages", CHAT, {"model": MODEL}, 400, "messages"),
+    ("empty messages", CHAT, {"messages": []}, 400, "messages"),
+    ("empty prompt", COMPLETIONS, {"prompt": ""}, 400, "prompt"),
+    ("empty prompt list", COMPLETIONS, {"prompt": []}, 400, "prompt"),
+    ("prompt wrong type", COMPLETIONS, {"prompt": 12}, 400, "prompt"),
+    ("token id negative", COMPLETIONS, {"prompt": [1, -5]}, 400, "prompt"),
+    ("token id out of vocab", COMPLETIONS, {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("max_tokens negative", COMPLETIONS, {"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ("max_tokens zero", CHAT, {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens string", COMPLETIONS, {"prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("temperature negative", CHAT, {"messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("temperature too high", CHAT, {"messages": MSG, "temperature": 7}, 400, "temperature"),
+    ("top_p zero", COMPLETIONS, {"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("top_p above one", COMPLETIONS, {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
+    ("n zero", COMPLETIONS, {"prompt": "a", "n": 0}, 400, "n"),
+    ("n huge", COMPLETIONS, {"prompt": "a", "n": 100000}, 400, "n"),
+    ("presence_penalty", CHAT, {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
+    (
+        "top_logprobs too many",
+        CHAT,
+        {"messages": MSG, "logprobs": True, "top_logprobs": 50},
+        400,
+        "top_logprobs",
+    ),  # fmt: skip
+    (
+        "top_logprobs without logprobs",
+        CHAT,
+        {"messages": MSG, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),  # fmt: skip
+    ("logprobs too many", COMPLETIONS, {"prompt": "a", "logprobs": 99}, 400, "logprobs"),
+    ("bad role", CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
+    ("stop wrong type", COMPLETIONS, {"prompt": "a", "stop": 5}, 400, "stop"),
+    ("stop empty string", COMPLETIONS, {"prompt": "a", "stop": [""]}, 400, "stop"),
+    (
+        "min_tokens above max",
+        COMPLETIONS,
+        {"prompt": "a", "max_tokens": 2, "min_tokens": 5},
+        400,
+        "min_tokens",
+    ),  # fmt: skip
+    ("top_k negative", COMPLETIONS, {"prompt": "a", "top_k": -7}, 400, "top_k"),
+    ("stream not bool", COMPLETIONS, {"prompt": "a", "stream": "yes"}, 400, "stream"),
+    ("tools unsupported", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("unknown model", COMPLETIONS, {"model": "gpt-9", "prompt": "a"}, 404, "model"),
+    ("prompt too long", COMPLETIONS, {"prompt": LONG_PROMPT, "max_tokens": 4}, 400, "prompt"),
+    (
+        "prompt + max_tokens too long",
+        COMPLETIONS,
+        {"prompt": "a", "max_tokens": 10**6},
+        400,
+        "max_tokens",
+    ),  # fmt: skip
+    ("malformed JSON", COMPLETIONS, b'{"prompt": "a",', 400, None),
+    ("not an object", COMPLETIONS, b"[1, 2, 3]", 400, None),
+    ("non-UTF-8 bytes", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, None),
+    ("unknown route", "/v1/embeddings", {"input": "a"}, 404, None),
+]
+
+
+def _post(server, path: str, body, **kw) -> httpx.Response:
+    if isinstance(body, bytes):
+        headers = {"content-type": "application/json", **kw.pop("headers", {})}
+        return httpx.post(server.url + path, content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(server.url + path, json=body, timeout=60, **kw)
+
+
+def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def _ok(server) -> None:
+    r = _post(server, COMPLETIONS, {"prompt": "The sky is", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "body", "status", "param"), CASES, ids=[c[0] for c in CASES]
+)
+def test_bad_request(server, name, path, body, status, param):
+    _assert_error(_post(server, path, body), status, param)
+    _ok(server)
+
+
+def test_bad_stream_request_fails_before_streaming(server):
+    r = _post(server, COMPLETIONS, {"prompt": LONG_PROMPT, "stream": True})
+    _assert_error(r, 400, "prompt")
+
+
+def test_api_key_and_queue_limit_and_sigterm():
+    proc = ServerProcess("--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting", "1")
+    try:
+        body = {"prompt": "The sky is", "max_tokens": 2}
+        _assert_error(_post(proc, COMPLETIONS, body), 401)
+        _assert_error(_post(proc, COMPLETIONS, body, headers={"Authorization": "Bearer no"}), 401)
+        assert httpx.get(proc.url + "/health").status_code == 200  # open without a key
+        auth = {"Authorization": "Bearer sekret"}
+        assert _post(proc, COMPLETIONS, body, headers=auth).status_code == 200
+
+        # One running sequence and one waiting are all it takes: the rest get 429.
+        slow = {"prompt": "Tell me a story.", "max_tokens": 40, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_post, proc, COMPLETIONS, slow, headers=auth) for _ in range(8)]
+            codes = sorted(f.result().status_code for f in futures)
+        assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+        for f in futures:
+            if f.result().status_code == 429:
+                _assert_error(f.result(), 429)
+
+        # SIGTERM with a request in flight: it finishes, then the process exits 0.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            inflight = pool.submit(_post, proc, COMPLETIONS, slow, headers=auth)
+            time.sleep(1.0)
+            proc.proc.send_signal(signal.SIGTERM)
+            r = inflight.result()
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+        assert proc.proc.wait(timeout=60) == 0, proc.output()
+    finally:
+        proc.stop()
