@@ -7,6 +7,7 @@ end with an error event) and the process exits 0."""
 from __future__ import annotations
 
 import logging
+import signal
 
 from heron.engine.engine import Engine
 from heron.server.app import ServerConfig, build_app
@@ -39,4 +40,11 @@ def run_server(
         timeout_graceful_shutdown=shutdown_timeout,
         access_log=log_level == "debug",
     )
-    uvicorn.Server(uv_config).run()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler that
+    # was installed before it ran; a no-op handler there makes that a clean exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(uv_config).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    logger.info("server stopped")
