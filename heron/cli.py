@@ -335,6 +335,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", default=None, metavar="PATH", help="also write the results and machine info here"
     )
     tp.set_defaults(func=cmd_bench_throughput)
+
+    sv = bench_sub.add_parser(
+        "serve",
+        parents=[common],
+        formatter_class=_HelpFormatter,
+        help="online serving latency and throughput at several concurrency levels",
+        description="Streaming /v1/completions load at each concurrency level: time to first "
+        "token and time per output token (p50/p99) and generated tokens/s. Without --url a "
+        "heron server is started for the run. With --compare-url the same load also runs "
+        "against another OpenAI-compatible server (e.g. llama.cpp's llama-server) and the "
+        "tok/s ratio is printed.",
+    )
+    sv.add_argument("--url", default=None, help="a running server (default: start heron)")
+    sv.add_argument(
+        "-m", "--model", default=None, help="model to start heron with, and the request's model"
+    )
+    sv.add_argument(
+        "--concurrency", default="1,8,32,64", help="comma-separated numbers of parallel clients"
+    )
+    sv.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        help="requests per level (default: 2 x concurrency, at least 8)",
+    )
+    sv.add_argument("--input-len", type=int, default=128, help="prompt length in words")
+    sv.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
+    sv.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    sv.add_argument("--compare-url", default=None, help="another server to run the same load on")
+    sv.add_argument("--compare-name", default="other", help="its name in the table")
+    sv.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    sv.set_defaults(func=cmd_bench_serve)
     return parser
 
 
@@ -579,6 +611,34 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         engine_kwargs=engine_kwargs,
     )
     result = run_throughput(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from heron.bench.serve import ServeBenchConfig, format_table, run_serve_bench, write_json
+
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(","))
+    except ValueError:
+        raise InvalidRequestError(
+            f"--concurrency: comma-separated integers, got {args.concurrency!r}"
+        ) from None
+    cfg = ServeBenchConfig(
+        url=args.url,
+        model=args.model,
+        concurrency=levels,
+        num_prompts=args.num_prompts,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        seed=args.seed,
+        compare_url=args.compare_url,
+        compare_name=args.compare_name,
+    )
+    result = run_serve_bench(cfg)
     print(format_table(result))
     if args.json:
         write_json(result, args.json)

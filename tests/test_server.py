@@ -243,3 +243,21 @@ def test_concurrent_streaming_clients(client, server):
     for prompt, text, finish in results:
         assert finish == "length"
         assert text == expected[prompt]
+
+
+def test_bench_serve_against_running_server(server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, "-m", "heron.cli", "bench", "serve", "--url", server.url, "-q"]
+    cmd += ["--concurrency", "1,2", "--num-prompts", "2", "--input-len", "8", "--output-len", "4"]
+    r = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "TTFT p50" in r.stdout
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]
+    for lv in levels:
+        assert lv["errors"] == 0 and lv["generated_tokens"] == 2 * 4
+        assert 0 < lv["ttft_p50"] <= lv["ttft_p99"]

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import start_server
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -119,7 +119,7 @@ def test_bad_stream_request_fails_before_streaming(server):
 
 
 def test_api_key_and_queue_limit_and_sigterm():
-    proc = ServerProcess("--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting", "1")
+    proc = start_server("--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting", "1")
     try:
         body = {"prompt": "The sky is", "max_tokens": 2}
         _assert_error(_post(proc, COMPLETIONS, body), 401)
