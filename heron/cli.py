@@ -215,7 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="print tokens as they are generated (default: on when --n is 1)",
+        help="print tokens as they are generated (default: on when --n is 1 and no --strategy)",
+    )
+    gen.add_argument(
+        "--strategy",
+        default=None,
+        metavar="NAME",
+        help="draw --n samples and print the one this decoding strategy picks: best_of_n "
+        "(highest mean token logprob), majority (most frequent final answer), "
+        "best_of_majority (best-scored among popular answers), adaptive (samples in rounds "
+        "of 4, 8, ... up to --n, stops once the answers agree); a report goes to stderr",
+    )
+    gen.add_argument(
+        "--strategy-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a strategy option, may be repeated: answer=auto|boxed|number, answer_regex=RE, "
+        "scorer=mean_logprob|sum_logprob|min_logprob, threshold=0.3 (best_of_majority), "
+        "initial=4 and agreement=0.75 (adaptive)",
     )
     gen.set_defaults(func=cmd_generate)
 
@@ -336,6 +354,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.set_defaults(func=cmd_bench_throughput)
 
+    sc = bench_sub.add_parser(
+        "scaling",
+        parents=[common, _model_parent()],  # its own copy: the default model differs
+        formatter_class=_HelpFormatter,
+        help="accuracy of greedy, majority, best-of-n, best-of-majority and adaptive sampling",
+        description="Inference-time scaling on arithmetic word problems generated with a "
+        "fixed seed (PER_LEVEL per difficulty level): accuracy of greedy decoding and of "
+        "majority@k, best-of-n@k, best-of-majority@k for each k in --ks, pass@k as the "
+        "ceiling, and adaptive sampling's accuracy and mean samples; tok/s; KV blocks held "
+        "for n = KV_N vs n = 1. The largest k is sampled once per problem and smaller k are "
+        "scored on disjoint slices of those samples. Without --model: "
+        "qwen2.5-coder-0.5b-instruct when installed, else the default model.",
+    )
+    sc.set_defaults(model=None)
+    sc.add_argument("--per-level", type=int, default=8, help="problems per difficulty level")
+    sc.add_argument("--levels", default="1,2,3", help="comma-separated difficulty levels")
+    sc.add_argument("--ks", default="1,4,8,16", help="comma-separated samples per problem")
+    sc.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    sc.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    sc.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    sc.add_argument(
+        "--threshold", type=float, default=0.3, help="best_of_majority's vote-share threshold"
+    )
+    sc.add_argument(
+        "--agreements", default="0.5,0.75,1.0", help="adaptive's stopping agreements to try"
+    )
+    sc.add_argument("--kv-n", type=int, default=8, help="samples for the KV-block measurement")
+    sc.add_argument("--seed", type=int, default=0, help="seed of the problems and samples")
+    sc.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    sc.add_argument(
+        "--plots",
+        default=None,
+        metavar="PREFIX",
+        help="write PREFIX_accuracy_vs_k.png and PREFIX_accuracy_vs_compute.png (matplotlib: "
+        "pip install 'heron[bench]')",
+    )
+    sc.set_defaults(func=cmd_bench_scaling)
+
     sv = bench_sub.add_parser(
         "serve",
         parents=[common],
@@ -430,8 +486,19 @@ def _write(text: str) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InvalidRequestError("prompt: must not be empty", param="prompt")
+    from heron.strategies import make_strategy, parse_options
+
     params = _sampling_params(args, n=args.n)  # bad values fail before the model loads
-    stream = args.stream if args.stream is not None else args.n == 1
+    strategy = None
+    if args.strategy is not None:
+        strategy = make_strategy(args.strategy, args.n, parse_options(args.strategy_option))
+    elif args.strategy_option:
+        raise InvalidRequestError("--strategy-option needs --strategy")
+    stream = args.stream if args.stream is not None else args.n == 1 and strategy is None
+    if stream and strategy is not None:
+        raise InvalidRequestError(
+            "--stream: a strategy picks its completion after drawing all samples; drop --stream"
+        )
     if stream and args.n > 1:
         raise InvalidRequestError("--stream prints one completion; use --no-stream with --n > 1")
     llm = _load_llm(args)
@@ -456,14 +523,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
 
     if chat:
-        out = llm.chat(messages, params, use_tqdm=False)[0]
+        out = llm.chat(messages, params, use_tqdm=False, strategy=strategy)[0]
     else:
-        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+        out = llm.generate(args.prompt, params, use_tqdm=False, strategy=strategy)[0]
     for comp in out.outputs:
         if len(out.outputs) > 1:
             _write(f"=== completion {comp.index + 1}/{len(out.outputs)} ===\n")
         _write(comp.text if comp.text.endswith("\n") else comp.text + "\n")
     num_tokens = sum(len(c.token_ids) for c in out.outputs)
+    if out.strategy is not None:
+        r = out.strategy
+        num_tokens = r.num_tokens
+        share = f"{r.vote_share:.0%} of votes" if r.vote_share is not None else "no vote"
+        print(
+            f"{r.strategy}: sample {r.chosen + 1}/{r.num_samples}, answer {r.answer} ({share}), "
+            f"score {r.score}; {r.num_tokens} tokens, {r.model_calls} engine steps in "
+            f"{r.rounds} round(s)",
+            file=sys.stderr,
+        )
     secs = time.perf_counter() - t0
     logger.info(
         "%d tokens in %.1fs (%.1f tok/s); finish: %s",
@@ -615,6 +692,47 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
         logger.info("results written to %s", args.json)
+    return 0
+
+
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from heron.bench.scaling import (
+        ScalingConfig,
+        format_table,
+        run_scaling,
+        write_json,
+        write_plots,
+    )
+
+    def numbers(flag: str, text: str, kind: type) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(","))
+        except ValueError:
+            raise InvalidRequestError(f"--{flag}: comma-separated numbers, got {text!r}") from None
+
+    cfg = ScalingConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        per_level=args.per_level,
+        levels=numbers("levels", args.levels, int),
+        ks=numbers("ks", args.ks, int),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        threshold=args.threshold,
+        agreements=numbers("agreements", args.agreements, float),
+        kv_n=args.kv_n,
+        seed=args.seed,
+    )
+    result = run_scaling(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    if args.plots:
+        for path in write_plots(result, args.plots):
+            logger.info("chart written to %s", path)
     return 0
 
 

@@ -11,6 +11,7 @@ from heron.config import EngineConfig, SamplingParams
 from heron.engine.engine import Engine
 from heron.errors import InvalidRequestError
 from heron.outputs import RequestOutput
+from heron.strategies import Strategy, StrategyRun, make_strategy
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -38,8 +39,13 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        strategy: str | Strategy | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt, batched; outputs come back in input order."""
+        """Generate for every prompt, batched; outputs come back in input order.
+
+        ``strategy`` (a name from ``heron.strategies.STRATEGIES`` with ``n`` from the sampling
+        params, or an instance) draws samples and returns only the one it chose, with its
+        report (answer, votes, samples, tokens, engine steps) in ``RequestOutput.strategy``."""
         prompt_list = _as_prompt_list(prompts)
         if isinstance(sampling_params, Sequence):
             if len(sampling_params) != len(prompt_list):
@@ -49,6 +55,8 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        if strategy is not None:
+            return self._run_strategy(prompt_list, params_list, strategy, use_tqdm)
         return self._run(prompt_list, params_list, use_tqdm)
 
     def chat(
@@ -57,6 +65,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        strategy: str | Strategy | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them."""
         if not messages:
@@ -64,7 +73,7 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         encoded = [tok.encode_chat(c, add_generation_prompt) for c in conversations]
-        outs = self.generate([ids for _, ids in encoded], sampling_params, use_tqdm)
+        outs = self.generate([ids for _, ids in encoded], sampling_params, use_tqdm, strategy)
         for out, (text, _) in zip(outs, encoded, strict=True):
             out.prompt = text
         return outs
@@ -102,13 +111,41 @@ class LLM:
                 raise
             order[req.request_id] = i
         results: list[RequestOutput | None] = [None] * len(prompts)
+        steps = dict.fromkeys(order, 0)  # engine steps each request took part in
         with tqdm(total=len(prompts), desc="generating", disable=not use_tqdm, unit="req") as bar:
             while any(r is None for r in results):
                 for out in engine.step():
-                    if out.finished and out.request_id in order:
+                    if out.request_id not in order:
+                        continue
+                    steps[out.request_id] += 1
+                    if out.finished:
+                        out.metrics["engine_steps"] = steps[out.request_id]
                         results[order[out.request_id]] = out
                         bar.update(1)
         return results  # type: ignore[return-value]
+
+    def _run_strategy(
+        self,
+        prompts: list[Prompt],
+        params: list[SamplingParams],
+        strategy: str | Strategy,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        """Each round draws what every unfinished prompt's strategy still wants, all prompts
+        in one batched engine run; a prompt's later rounds hit its prompt in the prefix
+        cache."""
+        runs = [StrategyRun(make_strategy(strategy, p.n)) for p in params]
+        last: list[RequestOutput | None] = [None] * len(prompts)
+        while todo := [i for i, run in enumerate(runs) if run.wanted()]:
+            outs = self._run(
+                [prompts[i] for i in todo],
+                [runs[i].round_params(params[i]) for i in todo],
+                use_tqdm,
+            )
+            for i, out in zip(todo, outs, strict=True):
+                runs[i].add(out.outputs, int(out.metrics["engine_steps"]))
+                last[i] = out
+        return [run.result(out) for run, out in zip(runs, last, strict=True)]  # type: ignore[arg-type]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -31,6 +32,31 @@ class CompletionOutput:
 
 
 @dataclass
+class StrategyReport:
+    """What a decoding strategy (``generate(..., strategy=...)``) chose and what it spent."""
+
+    strategy: str
+    chosen: int  # position of the returned sample in ``samples``
+    answer: str | None  # the extracted answer, for strategies that vote
+    vote_share: float | None
+    votes: dict[str, int]  # answer -> samples that gave it
+    score: float | None  # the returned sample's score, for strategies that score
+    num_samples: int  # samples drawn
+    num_tokens: int  # tokens generated over all samples
+    model_calls: int  # engine steps (forward passes) the request's samples took part in
+    rounds: int  # engine requests drawn one after another (> 1 only for adaptive)
+    samples: list[CompletionOutput]
+
+    def summary(self) -> dict:
+        """Everything but the samples themselves, JSON-safe (what the server returns): the
+        score of an empty completion (-inf) becomes None."""
+        out = {k: v for k, v in vars(self).items() if k != "samples"}
+        if out["score"] is not None and not math.isfinite(out["score"]):
+            out["score"] = None
+        return out
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -40,3 +66,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    strategy: StrategyReport | None = None  # set when a decoding strategy chose the output

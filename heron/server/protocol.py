@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
+from heron.strategies import Strategy, make_strategy
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
 
@@ -49,6 +50,18 @@ class _Sampling(BaseModel):
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
+    # heron: a decoding strategy over the n samples (heron.strategies), e.g. "majority"
+    strategy: StrictStr | None = None
+    strategy_options: dict[str, Any] | None = None
+
+    def decoding_strategy(self) -> Strategy | None:
+        if self.strategy is None:
+            if self.strategy_options:
+                raise InvalidRequestError(
+                    "strategy_options: set strategy too", param="strategy_options"
+                )
+            return None
+        return make_strategy(self.strategy, self.n, self.strategy_options)
 
     def _refuse_unsupported(self) -> None:
         if self.logit_bias:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
@@ -22,6 +22,7 @@ from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.server.async_engine import AsyncEngine, RequestStream
 from heron.server.metrics import ServerMetrics
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
+from heron.strategies import Strategy, StrategyRun
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _Job:
     logprobs: int | None = None
     start: float = field(default_factory=time.monotonic)
     first_token: list[float | None] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # engine steps per prompt
 
     @property
     def n(self) -> int:
@@ -82,22 +84,34 @@ class OpenAIServing:
     # ------------------------------------------------------------------ entry points
     async def completions(self, body: CompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
+        strategy = body.decoding_strategy()
         prompts = []
         for p in body.prompts():
             if isinstance(p, str):
                 prompts.append(_Prompt(self.tokenizer.encode(p), p))
             else:
                 prompts.append(_Prompt(list(p), self.tokenizer.decode(p, False)))
-        job = await self._submit("completion", f"cmpl-{uuid.uuid4().hex}", params, prompts)
+        job_id = f"cmpl-{uuid.uuid4().hex}"
+        if strategy is not None:
+            shown = self._job("completion", job_id, params, prompts, body.echo, body.logprobs)
+            return await self._respond_strategy(
+                shown, strategy, body.stream, body.include_usage, is_disconnected
+            )
+        job = await self._submit("completion", job_id, params, prompts)
         job.echo, job.logprobs = body.echo, body.logprobs
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     async def chat(self, body: ChatCompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
+        strategy = body.decoding_strategy()
         text, ids = self.tokenizer.encode_chat(body.conversation(), body.add_generation_prompt)
-        job = await self._submit(
-            "chat", f"chatcmpl-{uuid.uuid4().hex}", params, [_Prompt(ids, text)]
-        )
+        job_id, prompts = f"chatcmpl-{uuid.uuid4().hex}", [_Prompt(ids, text)]
+        if strategy is not None:
+            shown = self._job("chat", job_id, params, prompts, logprobs=params.logprobs)
+            return await self._respond_strategy(
+                shown, strategy, body.stream, body.include_usage, is_disconnected
+            )
+        job = await self._submit("chat", job_id, params, prompts)
         job.logprobs = params.logprobs
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
@@ -120,7 +134,7 @@ class OpenAIServing:
                     "shorten the prompt or lower max_tokens",
                     param="max_tokens",
                 )
-        job = _Job(kind, job_id, int(time.time()), self.model_name, params, prompts, [])
+        job = self._job(kind, job_id, params, prompts)
         try:
             for i, p in enumerate(prompts):
                 rid = job_id if len(prompts) == 1 else f"{job_id}-{i}"
@@ -130,7 +144,21 @@ class OpenAIServing:
                 s.abort()
             raise
         job.first_token = [None] * len(prompts)
+        job.steps = [0] * len(prompts)
         return job
+
+    def _job(
+        self,
+        kind: str,
+        job_id: str,
+        params: SamplingParams,
+        prompts: list[_Prompt],
+        echo: bool = False,
+        logprobs: int | None = None,
+    ) -> _Job:
+        return _Job(
+            kind, job_id, int(time.time()), self.model_name, params, prompts, [], echo, logprobs
+        )
 
     async def _respond(
         self, job: _Job, stream: bool, include_usage: bool, is_disconnected: Disconnected
@@ -139,6 +167,65 @@ class OpenAIServing:
             return self._stream(job, include_usage)
         finals = await self._collect(job, is_disconnected)
         return self._response(job, finals)
+
+    # ------------------------------------------------------------------ strategies
+    async def _respond_strategy(
+        self,
+        shown: _Job,
+        strategy: Strategy,
+        stream: bool,
+        include_usage: bool,
+        is_disconnected: Disconnected,
+    ):
+        """A decoding strategy per prompt: rounds of engine requests with n = k samples
+        until the strategy decides. The response has one choice per prompt, the chosen
+        sample, with the strategy's report in ``choice["strategy"]``; streaming sends each
+        choice whole once decided (the pick needs every sample). Every prompt's first round
+        is submitted before responding, so bad input is still a 400."""
+        runs = [StrategyRun(strategy) for _ in shown.prompts]
+        first: list[_Job] = []
+        try:
+            for i, (run, p) in enumerate(zip(runs, shown.prompts, strict=True)):
+                first.append(await self._round(shown, i, run, p))
+        except BaseException:
+            for job in first:
+                for s in job.streams:
+                    s.abort()
+            raise
+        # A stream's disconnect ends the generator below (aborting the rounds); polling
+        # the connection while the response streams is Starlette's job.
+        watch = _never_disconnected if stream else is_disconnected
+
+        async def decide(i: int) -> tuple[int, RequestOutput]:
+            job, run = first[i], runs[i]
+            while True:
+                out = (await self._collect(job, watch))[0]
+                run.add(out.outputs, job.steps[0])
+                if not run.wanted():
+                    return i, run.result(out)
+                job = await self._round(shown, i, run, shown.prompts[i])
+
+        async def decided() -> AsyncIterator[tuple[int, RequestOutput]]:
+            tasks = [asyncio.create_task(decide(i)) for i in range(len(first))]
+            try:
+                for next_done in asyncio.as_completed(tasks):
+                    yield await next_done
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+        view = replace(shown, params=replace(shown.params, n=1))  # one choice per prompt
+        if stream:
+            return self._stream(view, include_usage, decided())
+        finals: list[RequestOutput | None] = [None] * len(first)
+        async for i, out in decided():
+            finals[i] = out
+        return self._response(view, finals)  # type: ignore[arg-type]
+
+    async def _round(self, shown: _Job, i: int, run: StrategyRun, prompt: _Prompt) -> _Job:
+        params = run.round_params(shown.params)
+        return await self._submit(shown.kind, f"{shown.id}-{i}-{run.rounds}", params, [prompt])
 
     # ------------------------------------------------------------------ outputs
     async def _outputs(self, job: _Job) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -175,6 +262,7 @@ class OpenAIServing:
 
     def _track(self, job: _Job, i: int, out: RequestOutput) -> None:
         now = time.monotonic()
+        job.steps[i] += 1
         if job.first_token[i] is None and any(c.token_ids for c in out.outputs):
             job.first_token[i] = now
         if out.finished:
@@ -220,7 +308,10 @@ class OpenAIServing:
         choices = []
         for i, out in enumerate(finals):
             for c in out.outputs:
-                choices.append(self._choice(job, i, out, c))
+                choice = self._choice(job, i, out, c)
+                if out.strategy is not None:
+                    choice["strategy"] = out.strategy.summary()
+                choices.append(choice)
         return {
             "id": job.id,
             "object": "chat.completion" if job.kind == "chat" else "text_completion",
@@ -258,10 +349,16 @@ class OpenAIServing:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     # ------------------------------------------------------------------ streaming
-    async def _stream(self, job: _Job, include_usage: bool) -> AsyncIterator[str]:
-        """Server-Sent Events: one chunk per choice that moved in an engine step, then the
-        usage chunk (when asked for) and ``[DONE]``. An error after the headers went out is
-        sent as an ``error`` event, since the status code can no longer change."""
+    async def _stream(
+        self,
+        job: _Job,
+        include_usage: bool,
+        outputs: AsyncIterator[tuple[int, RequestOutput]] | None = None,
+    ) -> AsyncIterator[str]:
+        """Server-Sent Events: one chunk per choice that moved in an engine step (or in
+        ``outputs``, e.g. a strategy's decisions), then the usage chunk (when asked for) and
+        ``[DONE]``. An error after the headers went out is sent as an ``error`` event, since
+        the status code can no longer change."""
         n = job.n
         sent_text = [[0] * n for _ in job.prompts]
         sent_tokens = [[0] * n for _ in job.prompts]
@@ -294,7 +391,7 @@ class OpenAIServing:
                     for j in range(n)
                 ]
                 yield event(first)
-            async for i, out in self._outputs(job):
+            async for i, out in self._outputs(job) if outputs is None else outputs:
                 finals[i] = out
                 choices = []
                 for c in out.outputs:
@@ -309,6 +406,8 @@ class OpenAIServing:
                     if not (new_text or new_ids or prefix or c.finished):
                         continue
                     chunk = self._chunk(job, i, j, prefix + new_text, new_ids, new_lps, c)
+                    if c.finished and out.strategy is not None:
+                        chunk["strategy"] = out.strategy.summary()
                     if chunk.get("logprobs") and job.kind == "completion":
                         lp = chunk["logprobs"]
                         lp["text_offset"] = [text_offset[i][j] + o for o in lp["text_offset"]]
@@ -357,12 +456,20 @@ def _finish_reason(c: CompletionOutput) -> str | None:
 
 def _usage(job: _Job, finals: list[RequestOutput]) -> dict:
     prompt = sum(len(p.ids) for p in job.prompts)
-    completion = sum(len(c.token_ids) for out in finals if out for c in out.outputs)
+    completion = sum(
+        out.strategy.num_tokens if out.strategy else sum(len(c.token_ids) for c in out.outputs)
+        for out in finals
+        if out
+    )
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+async def _never_disconnected() -> bool:
+    return False
 
 
 def _top(pos: PositionLogprobs, k: int) -> list[tuple[int, float, str]]:

@@ -1,0 +1,25 @@
+"""Decoding strategies over one request's group of samples (inference-time scaling):
+best-of-n, majority vote, best-of-majority, adaptive sampling. See ``base`` and ``run``."""
+
+from heron.strategies.adaptive import Adaptive
+from heron.strategies.answers import AnswerExtractor
+from heron.strategies.base import Selection, Strategy
+from heron.strategies.best_of_majority import BestOfMajority
+from heron.strategies.best_of_n import BestOfN
+from heron.strategies.majority import Majority
+from heron.strategies.registry import STRATEGIES, make_strategy, parse_options
+from heron.strategies.run import StrategyRun
+
+__all__ = [
+    "STRATEGIES",
+    "Adaptive",
+    "AnswerExtractor",
+    "BestOfMajority",
+    "BestOfN",
+    "Majority",
+    "Selection",
+    "Strategy",
+    "StrategyRun",
+    "make_strategy",
+    "parse_options",
+]

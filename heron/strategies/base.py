@@ -1,0 +1,59 @@
+"""The strategy interface: what to draw next for one prompt, and which sample to return.
+
+A strategy works on one request's group of samples and never touches the engine: the caller
+(``LLM``, the server, the benchmark) draws the samples it asks for, as one engine request
+with ``n = k`` whose samples share the prompt's KV blocks copy-on-write, and hands them back.
+Strategies hold only their options, so one instance serves any number of prompts."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from heron.errors import InvalidRequestError
+from heron.outputs import CompletionOutput
+
+
+@dataclass
+class Selection:
+    """A strategy's decision over the samples it was given."""
+
+    index: int  # the chosen sample's position in the list
+    answer: str | None = None  # its extracted answer, for strategies that vote
+    vote_share: float | None = None  # the answer's votes / all samples
+    votes: dict[str, int] = field(default_factory=dict)  # answer -> samples that gave it
+    score: float | None = None  # the chosen sample's score, for strategies that score
+
+
+def check_option(ok: bool, option: str, message: str) -> None:
+    """Strategy options arrive from Python, the CLI and JSON: one error shape for all."""
+    if not ok:
+        param = "n" if option == "n" else "strategy_options"
+        name = option if option == "n" else f"strategy_options.{option}"
+        raise InvalidRequestError(f"{name}: {message}", param=param)
+
+
+@dataclass
+class Strategy(ABC):
+    """``n``: samples to draw (the most, for strategies that may stop early)."""
+
+    name: ClassVar[str]
+    n: int = 8
+
+    def __post_init__(self) -> None:
+        check_option(
+            isinstance(self.n, int) and not isinstance(self.n, bool) and self.n >= 1,
+            "n",
+            f"samples to draw, an integer >= 1; got {self.n!r}",
+        )
+
+    def samples_to_draw(self, samples: Sequence[CompletionOutput]) -> int:
+        """How many more samples to draw given those so far; 0 = decide now.
+        Default: all ``n`` in one round."""
+        return max(0, self.n - len(samples))
+
+    @abstractmethod
+    def select(self, samples: Sequence[CompletionOutput]) -> Selection:
+        """Pick one of ``samples`` (at least one)."""
