@@ -1,15 +1,21 @@
 """Decoding strategies: answer extraction, the choices of each strategy on hand-made samples,
-adaptive's early stop (with a replayed sampler), and end to end on the real engine: the
-samples really share the prompt's KV blocks, and the server takes ``strategy`` in the body."""
+adaptive's early stop (with a replayed sampler), the scaling benchmark's problems and scoring,
+and end to end on the real engine: the samples really share the prompt's KV blocks, the CLI
+and the server take a strategy."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import httpx
 import pytest
 
 from heron import SamplingParams
+from heron.bench.scaling import replay_adaptive, score_at_k
+from heron.bench.word_problems import make_problems
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput, Logprob
 from heron.strategies import (
@@ -206,6 +212,59 @@ def test_registry_and_option_errors():
     }
 
 
+# ---------------------------------------------------------------- the scaling benchmark
+def _solve(question: str) -> int:
+    """Reads a word problem the way a careful student would, sentence by sentence."""
+    value = 0
+    for sentence in question.split(". "):
+        if m := re.search(r"buys (\d+) bags with (\d+)", sentence):
+            value += int(m.group(1)) * int(m.group(2))
+        elif m := re.search(r" has (\d+) \w+$", sentence):
+            value = int(m.group(1))
+        elif m := re.search(r"gives (\d+)", sentence):
+            value -= int(m.group(1))
+        elif m := re.search(r"(\d+) more", sentence):
+            value += int(m.group(1))
+        elif "half" in sentence:
+            value //= 2
+        elif "doubles" in sentence:
+            value *= 2
+    return value
+
+
+def test_word_problems_are_seeded_and_their_answers_follow_from_the_text():
+    problems = make_problems(20, (1, 2, 3, 4), seed=3)
+    assert problems == make_problems(20, (1, 2, 3, 4), seed=3)
+    assert problems != make_problems(20, (1, 2, 3, 4), seed=4)
+    for p in problems:
+        assert p.question.count(".") == p.level + 1  # the start, then one sentence per step
+        assert p.answer > 0 and _solve(p.question) == p.answer, p.question
+    assert any("bags" in p.question for p in problems if p.level == 2)
+    assert any("half" in p.question or "doubles" in p.question for p in problems)
+
+
+def test_scaling_scores_slices_and_replays_adaptive():
+    problems = make_problems(1, (1, 2), seed=0)
+    truth = [str(p.answer) for p in problems]
+    right, wrong = truth[0], "999"
+    pools = [
+        # problem 1: a confident wrong outlier first, then the right answer three times
+        [sample(wrong, [-0.1]), sample(right, [-1.0]), sample(right, [-0.9]), sample(right)],
+        # problem 2: never right
+        [sample(wrong), sample("1"), sample(wrong), sample("2")],
+    ]
+    at = lambda m, k: score_at_k(m, k, pools, truth, problems, AnswerExtractor(), 0.3)  # noqa: E731
+    assert at("majority", 4)["accuracy"] == 0.5  # right on problem 1 only
+    assert at("majority", 2)["accuracy_by_level"] == {"1": 0.5, "2": 0.0}  # slices: 1:1 tie, 2:0
+    assert at("majority", 1)["accuracy"] == pytest.approx(0.75 / 2)  # 3 of 4 singles, 0 of 4
+    assert at("best_of_n", 4)["accuracy"] == 0.0  # the outlier wins on score
+    assert at("pass", 1)["accuracy"] == pytest.approx(0.75 / 2)
+    assert at("pass", 4)["mean_tokens"] == 4
+    adaptive = replay_adaptive(pools, truth, problems, agreement=0.75, initial=2)
+    # problem 1: 2 samples split -> 4 drawn; problem 2: split too -> 4 drawn
+    assert adaptive["mean_samples"] == 4 and adaptive["accuracy"] == 0.5
+
+
 # ---------------------------------------------------------------- the real engine
 def test_strategy_end_to_end_on_the_engine(llm):
     params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8)
@@ -276,6 +335,18 @@ def test_samples_share_the_prompt_kv_blocks(llm):
     assert all(r[:5] == [4] * 5 for r in refs), refs  # the full prompt blocks: shared by 4
     assert all(r[5] == 1 for r in refs), refs  # the partial block: copied on first write
     assert held_1 == 6 and held_4 == 5 + 4  # vs 24 without sharing
+
+
+def test_cli_generate_with_a_strategy():
+    proc = subprocess.run(
+        [sys.executable, "-m", "heron.cli", "generate", "Two plus two is", "--no-chat", "-q",
+         "--strategy", "best_of_majority", "--n", "3", "--strategy-option", "threshold=0.5",
+         "--max-tokens", "4", "--seed", "1", "--dtype", "float32", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "===" not in proc.stdout and proc.stdout.strip()  # one completion, the chosen one
+    assert re.search(r"best_of_majority: sample [123]/3, .* tokens, \d+ engine steps", proc.stderr)
 
 
 # ---------------------------------------------------------------- the server

@@ -168,12 +168,12 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     }
     for k in cfg.ks:
         for method in METHODS:
-            result["methods"][method][str(k)] = _score_at_k(
+            result["methods"][method][str(k)] = score_at_k(
                 method, k, samples, truth, problems, extract, cfg.threshold
             )
     for agreement in cfg.agreements:
         result["adaptive"].append(
-            _adaptive(samples, truth, problems, agreement, cfg.adaptive_initial)
+            replay_adaptive(samples, truth, problems, agreement, cfg.adaptive_initial)
         )
     result["kv_blocks"] = measure_kv_blocks(llm, prompts[0], cfg.kv_n, _KV_TOKENS)
     result["machine"] = machine_info()
@@ -181,7 +181,7 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- scoring
-def _score_at_k(
+def score_at_k(
     method: str,
     k: int,
     samples: list[list[CompletionOutput]],
@@ -190,6 +190,8 @@ def _score_at_k(
     extract: AnswerExtractor,
     threshold: float,
 ) -> dict[str, Any]:
+    """``method``'s accuracy at k: per problem, the mean over the disjoint k-sample slices of
+    its samples (method "pass": some sample in the slice is right)."""
     pick = {
         "majority": Majority(n=k),
         "best_of_n": BestOfN(n=k),
@@ -209,13 +211,15 @@ def _score_at_k(
     return {**_accuracy(per_problem, problems), "mean_tokens": sum(tokens) / len(tokens)}
 
 
-def _adaptive(
+def replay_adaptive(
     samples: list[list[CompletionOutput]],
     truth: list[str],
     problems: list[Problem],
     agreement: float,
     initial: int,
 ) -> dict[str, Any]:
+    """Adaptive sampling replayed on each problem's samples in order: its accuracy and the
+    samples and tokens it spent."""
     strategy = Adaptive(n=len(samples[0]), initial=initial, agreement=agreement)
     ok, drawn, tokens = [], [], []
     for pool, t in zip(samples, truth, strict=True):
