@@ -252,9 +252,9 @@ def _accuracy(scores: list[float] | list[bool], problems: list[Problem]) -> dict
 # ---------------------------------------------------------------------------- KV memory
 def measure_kv_blocks(llm, prompt: str | list[int], n: int, max_tokens: int) -> dict[str, Any]:
     """Blocks held by one request while it runs alone, n = 1 vs n, ``max_tokens`` tokens per
-    sample: those covering the
-    prompt's positions right after the samples fork and write their first token (full prompt
-    blocks are shared; the partial last block is copied per sample), and the peak."""
+    sample: those covering the prompt's positions once every sample has written its first
+    token, how many of them all samples share (the full prompt blocks; a partial last block
+    is copied on each sample's first write), and the peak."""
     engine = llm.engine
     bm = engine.block_manager
     result: dict[str, Any] = {"block_size": bm.block_size}
@@ -263,7 +263,7 @@ def measure_kv_blocks(llm, prompt: str | list[int], n: int, max_tokens: int) -> 
         req = engine.add_request(prompt, params)
         num_prompt = len(req.prompt_token_ids)
         prompt_slots = -(-num_prompt // bm.block_size)
-        prompt_blocks, peak = None, 0
+        prompt_blocks, shared, peak = None, None, 0
         while not req.finished:
             engine.step()
             peak = max(peak, bm.num_blocks - bm.num_free_blocks)
@@ -273,10 +273,13 @@ def measure_kv_blocks(llm, prompt: str | list[int], n: int, max_tokens: int) -> 
                 and req.forked
                 and all(s.num_tokens > num_prompt + 1 for s in running)
             ):
-                prompt_blocks = len({b for s in running for b in s.block_table[:prompt_slots]})
+                blocks = {b for s in running for b in s.block_table[:prompt_slots]}
+                prompt_blocks = len(blocks)
+                shared = sum(bm.blocks[b].ref_count == len(running) for b in blocks)
         result[f"n{count}"] = {
             "prompt_tokens": num_prompt,
             "prompt_blocks": prompt_blocks,
+            "shared_prompt_blocks": shared,
             "peak_blocks": peak,
         }
     one, many = result["n1"], result[f"n{n}"]
@@ -332,7 +335,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"KV blocks ({kv['block_size']} tokens), prompt of {one['prompt_tokens']} tokens: "
         f"covering the prompt n=1 {one['prompt_blocks']}, {n_key.replace('n', 'n=')} "
-        f"{many['prompt_blocks']} ({kv.get('prompt_blocks_ratio', float('nan')):.2f}x); "
+        f"{many['prompt_blocks']} ({kv.get('prompt_blocks_ratio', float('nan')):.2f}x, "
+        f"{many.get('shared_prompt_blocks')} of them shared by all samples); "
         f"peak n=1 {one['peak_blocks']}, {n_key.replace('n', 'n=')} {many['peak_blocks']} "
         f"({kv['peak_blocks_ratio']:.2f}x; {kv['peak_blocks_without_sharing']} without sharing)"
     )
