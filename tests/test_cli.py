@@ -69,10 +69,20 @@ def test_no_command_is_a_usage_error():
 def test_models_lists_the_default_as_installed():
     proc = heron("models")
     assert proc.returncode == 0, proc.stderr
+    header = proc.stdout.splitlines()[0].split()
+    for column in ("NAME", "FAMILY", "PARAMS", "QUANT", "LICENSE", "INSTALLED"):
+        assert column in header
     line = next(ln for ln in proc.stdout.splitlines() if "smollm2-135m-instruct" in ln)
     assert line.startswith("*")  # the default
     assert "yes" in line.split()
     assert ".gguf" in line
+    for name, family in (("qwen2.5-coder-0.5b-instruct", "qwen2"), ("gemma-3-270m", "gemma3")):
+        row = next(ln for ln in proc.stdout.splitlines() if ln.split()[:1] == [name])
+        assert family in row.split()
+
+
+def test_models_install_unknown_name_is_a_user_error():
+    assert_user_error(heron("models", "--install", "no-such-model"), "no-such-model")
 
 
 def test_generate_prints_text():

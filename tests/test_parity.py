@@ -22,24 +22,22 @@ NEAR_TIE = 1e-2  # logits; float32 round-off differences are ~1e-4
 LOGPROB_ATOL = 2e-3
 
 
-@pytest.fixture(scope="module")
-def prompt_ids(llm) -> list[list[int]]:
-    tok = llm.get_tokenizer()
+def encode_prompts(tok, prompts) -> list[list[int]]:
+    """Plain prompts through the tokenizer, chat prompts through the chat template."""
     out = []
-    for p in PARITY_PROMPTS:
+    for p in prompts:
         if isinstance(p, tuple):
-            text = tok.apply_chat_template(list(p))
-            out.append(tok.hf.encode(text, add_special_tokens=False))
+            out.append(tok.encode_chat(list(p))[1])
         else:
             out.append(tok.encode(p))
-    lengths = [len(ids) for ids in out]
-    assert min(lengths) <= 8 and max(lengths) >= 450, lengths
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(model_path, prompt_ids):
-    """transformers' greedy tokens, per-step top-2 gaps, and prompt logprobs."""
+def transformers_reference(
+    model_path, prompt_ids: list[list[int]], max_new: int, eos_token_ids: list[int]
+) -> list[dict]:
+    """transformers' greedy tokens (stopping on heron's EOS set), per-step top-2 gaps, and
+    prompt logprobs, from the same GGUF dequantized to float32."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -52,8 +50,9 @@ def reference(model_path, prompt_ids):
             gen = model.generate(
                 x,
                 attention_mask=torch.ones_like(x),
-                max_new_tokens=MAX_NEW,
+                max_new_tokens=max_new,
                 do_sample=False,
+                eos_token_id=eos_token_ids,
                 output_logits=True,
                 return_dict_in_generate=True,
             )
@@ -65,6 +64,19 @@ def reference(model_path, prompt_ids):
             refs.append({"tokens": tokens, "gaps": gaps, "prompt_logprobs": prompt_lp})
     del model
     return refs
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm) -> list[list[int]]:
+    out = encode_prompts(llm.get_tokenizer(), PARITY_PROMPTS)
+    lengths = [len(ids) for ids in out]
+    assert min(lengths) <= 8 and max(lengths) >= 450, lengths
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, prompt_ids, llm):
+    return transformers_reference(model_path, prompt_ids, MAX_NEW, llm.engine.eos_token_ids)
 
 
 def assert_matches(heron_tokens: list[int], ref: dict, label: str) -> None:
@@ -108,6 +120,10 @@ def test_small_prefill_chunks(prompt_ids, reference):
 
 
 def test_prompt_logprobs_close(llm, prompt_ids, reference):
+    assert_prompt_logprobs_close(llm, prompt_ids, reference)
+
+
+def assert_prompt_logprobs_close(llm, prompt_ids, reference) -> None:
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     outs = llm.generate(prompt_ids, params, use_tqdm=False)
     for i, (out, ids) in enumerate(zip(outs, prompt_ids, strict=True)):

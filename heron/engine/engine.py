@@ -41,6 +41,10 @@ class Engine:
         self.tokenizer = Tokenizer(path)
         model = build_model(ckpt, self.device, self.dtype)
         del ckpt
+        family = type(model)
+        if not self.tokenizer.hf.chat_template and family.default_chat_template:
+            # e.g. a GGUF of a Gemma 3 base model: the family's format still applies.
+            self.tokenizer.hf.chat_template = family.default_chat_template
 
         cfg = self.model_config
         self.max_model_len = min(
@@ -57,6 +61,11 @@ class Engine:
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        # Turn ends (<end_of_turn>, <|im_end|>) that GGUF metadata does not list as EOS.
+        for text in family.end_of_generation_tokens:
+            token_id = self.tokenizer.backend.token_to_id(text)
+            if token_id is not None:
+                eos.add(token_id)
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(self.eos_token_ids)
         self.requests: dict[str, Request] = {}

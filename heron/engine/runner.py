@@ -41,6 +41,8 @@ class ModelRunner:
         self.cfg = model_config
         self.block_size = block_size
         self.device = device
+        # Tokens a sliding-window layer sees (itself included); None: the model has none.
+        self.sliding_window: int | None = model.sliding_window
         slots = num_blocks * block_size
         shape = (
             model_config.num_layers,
@@ -107,7 +109,9 @@ class ModelRunner:
             prefills=prefills,
         )
         if decode_lens:
-            meta.decode_blocks, meta.decode_mask = self._decode_tables(decode_tables, decode_lens)
+            meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
+                decode_tables, decode_lens
+            )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -122,20 +126,30 @@ class ModelRunner:
         return StepLogits(sample_seqs, sample_logits, prompt_logits)
 
     def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
+        dev, window = self.device, self.sliding_window
+        q_pos = torch.arange(start, start + n, device=dev)
         if start == 0:
-            return PrefillSpan(row, row + n, None, None)
-        bs, dev = self.block_size, self.device
+            # Causal over the chunk itself; sliding layers need a mask only past the window.
+            window_mask = None
+            if window is not None and n > window:
+                causal = q_pos[None, :] <= q_pos[:, None]
+                window_mask = causal & _in_window(q_pos, q_pos, window)
+            return PrefillSpan(row, row + n, None, None, window_mask)
+        bs = self.block_size
         width = -(-(start + n) // bs)
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
         pos = torch.arange(width * bs, device=dev)
-        q_pos = torch.arange(start, start + n, device=dev)
         mask = pos[None, :] <= q_pos[:, None]  # also hides the slots past the context
-        return PrefillSpan(row, row + n, blocks, mask)
+        window_mask = None
+        if window is not None and start + n > window:
+            window_mask = mask & _in_window(q_pos, pos, window)
+        return PrefillSpan(row, row + n, blocks, mask, window_mask)
 
     def _decode_tables(
         self, tables: list[list[int]], lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        bs, dev = self.block_size, self.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Padded block tables, the valid-slot mask and the sliding-window mask (or None)."""
+        bs, dev, window = self.block_size, self.device, self.sliding_window
         max_len = max(lens)
         width = -(-max_len // bs)
         padded = torch.zeros((len(tables), width), dtype=torch.long)
@@ -143,8 +157,11 @@ class ModelRunner:
             padded[i, : len(t[:width])] = torch.tensor(t[:width], dtype=torch.long)
         pos = torch.arange(width * bs, device=dev)
         lens_t = torch.tensor(lens, device=dev)
-        mask = (pos[None, :] < lens_t[:, None])[:, None, None, :]
-        return padded.to(dev), mask
+        mask = pos[None, :] < lens_t[:, None]
+        window_mask = None
+        if window is not None and max_len > window:
+            window_mask = (mask & _in_window(lens_t - 1, pos, window))[:, None, None, :]
+        return padded.to(dev), mask[:, None, None, :], window_mask
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
@@ -156,3 +173,9 @@ class ModelRunner:
 
 def _is_decode(seq, n: int) -> bool:
     return n == 1 and seq.num_computed_tokens > 0
+
+
+def _in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """[Q, K] bool: key position is one of the ``window`` latest positions up to the query's
+    (the causal upper bound is the caller's mask)."""
+    return k_pos[None, :] > q_pos[:, None] - window

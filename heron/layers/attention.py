@@ -6,6 +6,10 @@ its token ``i``. The runner orders each step's flat batch as decodes first (one 
 then prefill chunks, and builds the block tables once per step; every layer reuses them.
 Reads gather whole blocks with ``index_select`` (several times faster on CPU than per-slot
 advanced indexing); the slots past a sequence's length are masked out.
+
+Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
+also hides keys older than the window: query ``p`` sees keys ``p - window + 1 .. p``. The
+runner builds it once per step, only where the window hides something.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class PrefillSpan:
     # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens;
     # None = causal.
     mask: torch.Tensor | None
+    # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
+    # no key, so those layers use ``mask``.
+    window_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -39,6 +46,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [B, W] block tables, padded with block 0
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * bs] bool, True = valid slot
+    decode_window_mask: torch.Tensor | None = None  # same for sliding-window layers, or None
     prefills: list[PrefillSpan] = field(default_factory=list)
 
 
@@ -50,10 +58,12 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding: bool = False,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [slots, Hkv, D]. Returns [T, H, D].
 
-    Writes this step's K/V into the cache, then attends over each sequence's cached slots."""
+    Writes this step's K/V into the cache, then attends over each sequence's cached slots
+    (only those inside the sliding window when ``sliding``)."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
@@ -67,7 +77,10 @@ def paged_attention(
         qd = q[:b].view(b, num_kv_heads, group, head_dim)
         kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
+        mask = meta.decode_mask
+        if sliding and meta.decode_window_mask is not None:
+            mask = meta.decode_window_mask
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:b] = od.reshape(b, num_heads, head_dim)
 
     for span in meta.prefills:
@@ -79,12 +92,13 @@ def paged_attention(
             vp = gather_blocks(v_cache, span.context_blocks, meta.block_size)
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
+        mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         op = F.scaled_dot_product_attention(
             qp,
             kp,
             vp,
-            attn_mask=span.mask,
-            is_causal=span.mask is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=scale,
             enable_gqa=group > 1,
         )

@@ -7,9 +7,14 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+    def __init__(
+        self, head_dim: int, max_positions: int, theta: float, linear_scaling: float = 1.0
+    ) -> None:
+        """``linear_scaling``: positions are divided by it (Hugging Face's "linear" rope type,
+        used by Gemma3's global layers in the 4B+ models)."""
         super().__init__()
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.linear_scaling = linear_scaling
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_buffers()
@@ -20,6 +25,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
         )
+        if self.linear_scaling != 1.0:
+            inv_freq = inv_freq / self.linear_scaling
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         emb = torch.outer(t, inv_freq).repeat(1, 2)
         self.cos, self.sin = emb.cos(), emb.sin()

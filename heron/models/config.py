@@ -20,6 +20,7 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    attention_bias: bool = False  # Q/K/V projections have biases (Qwen2); read off the weights
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # Family-specific settings (e.g. sliding windows) that only that family's file reads.

@@ -1,6 +1,7 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style GQA), one plain module.
 
-Q/K/V and gate/up projections are fused into single matmuls at load time."""
+Q/K/V and gate/up projections are fused into single matmuls at load time. Qwen2 is this
+network with Q/K/V biases (``qwen2.py``)."""
 
 from __future__ import annotations
 
@@ -8,63 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.layers.attention import AttentionMetadata, paged_attention
+from heron.layers.attention import AttentionMetadata
+from heron.layers.mlp import GatedMLP
 from heron.layers.norm import RMSNorm
-from heron.layers.rotary import RotaryEmbedding, apply_rotary
+from heron.layers.rotary import RotaryEmbedding
+from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
-from heron.models.weights import fuse_projections, load_state_dict_strict
-
-
-class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        bias = bool(cfg.extra.get("attention_bias", False))
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.scale = cfg.head_dim**-0.5
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+from heron.models.weights import load_fused_weights
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = SelfAttention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            scale=cfg.head_dim**-0.5,
+            qkv_bias=cfg.attention_bias,
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, F.silu)
 
     def forward(self, x, cos_sin, kv_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
@@ -73,6 +40,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Takes a flat batch of tokens (no padding) and the step's attention metadata."""
+
+    # What the engine and the loader ask of every family (Gemma3 sets them all):
+    sliding_window: int | None = None  # every layer attends to the whole context
+    end_of_generation_tokens: tuple[str, ...] = ()  # stop tokens beyond the checkpoint's EOS
+    default_chat_template: str | None = None  # for checkpoints that carry none
+    gguf_block_names: dict[str, str] = {}  # GGUF per-block tensor names that differ by family
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -112,12 +85,7 @@ class LlamaForCausalLM(nn.Module):
         return tensor
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named tensors, fusing Q/K/V and gate/up."""
-        fused = fuse_projections(weights, self.config)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight  # moving off "meta" untied them
-            fused.pop("lm_head.weight", None)
-        load_state_dict_strict(self, fused)
+        load_fused_weights(self, weights, self.config)
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 
 from heron.errors import ModelLoadError
 from heron.models.config import ModelConfig
+from heron.models.gguf_file import GGUFFile
 from heron.models.registry import HF_ARCHITECTURES, get_model_class
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,13 @@ _GGUF_TOP_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+def gguf_to_hf_name(name: str, block_names: dict[str, str] | None = None) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown.
+
+    ``block_names`` overrides the per-block table for one family (Gemma3's ``ffn_norm``)."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m:
-        hf = _GGUF_BLOCK_NAMES.get(m.group(2))
+        hf = (block_names or {}).get(m.group(2)) or _GGUF_BLOCK_NAMES.get(m.group(2))
         return f"model.layers.{m.group(1)}.{hf}.{m.group(3)}" if hf else None
     m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
     if m and m.group(1) in _GGUF_TOP_NAMES:
@@ -93,35 +96,20 @@ def _has_gguf_magic(path: Path) -> bool:
         return False
 
 
-def _open_gguf(path: Path):
-    from gguf import GGUFReader
-
+def _open_gguf(path: Path) -> GGUFFile:
     try:
-        return GGUFReader(str(path))
-    except Exception as e:  # the reader raises many kinds on bad bytes
+        return GGUFFile(path)
+    except Exception as e:  # bad bytes raise many kinds
         raise ModelLoadError(
             f"{path} is not a readable GGUF file (corrupt or truncated?): {e}"
         ) from None
 
 
-def gguf_metadata(reader) -> dict[str, Any]:
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
-            if key.endswith(("tokens", "merges", "token_type", "scores")):
-                continue  # large arrays; the tokenizer reads them itself
-        try:
-            out[key] = field.contents()
-        except Exception:  # pragma: no cover - exotic field types
-            continue
-    return out
-
-
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    reader = _open_gguf(path)
-    meta = gguf_metadata(reader)
+    gguf = _open_gguf(path)
+    meta = gguf.metadata
     arch = meta.get("general.architecture")
     if arch is None:
         raise ModelLoadError(f"{path}: GGUF metadata has no general.architecture")
@@ -133,14 +121,14 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{name}")
         return value
 
-    names = {t.name for t in reader.tensors}
+    shapes = {t.name: t.shape for t in gguf.tensors}
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     cfg = ModelConfig(
         architecture=arch,
-        vocab_size=int(meta.get(f"{arch}.vocab_size") or _gguf_vocab_size(reader)),
+        vocab_size=int(meta.get(f"{arch}.vocab_size") or _gguf_vocab_size(path, shapes)),
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
         num_layers=int(key("block_count")),
@@ -150,36 +138,34 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(key("context_length")),
-        tie_word_embeddings="output.weight" not in names,
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias=any(n.endswith("attn_q.bias") for n in shapes),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=sorted({int(t) for t in (eos, eot) if t is not None}),
         extra={"gguf_metadata": meta},
     )
-    fixup = getattr(cls, "gguf_tensor_fixup", None)
     weights: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        hf_name = gguf_to_hf_name(t.name)
+    for t in gguf.tensors:
+        hf_name = gguf_to_hf_name(t.name, cls.gguf_block_names)
         if hf_name is None:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(gguf.raw(t), t.qtype)
         except (NotImplementedError, ValueError, KeyError) as e:
             raise ModelLoadError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which heron cannot read "
-                f"({e})"
+                f"{path}: tensor {t.name} has type {t.qtype.name}, which heron cannot read ({e})"
             ) from None
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
-        weights[hf_name] = fixup(hf_name, tensor, cfg) if fixup else tensor
+        tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(t.shape))
+        weights[hf_name] = cls.gguf_tensor_fixup(hf_name, tensor, cfg)
     return cfg, weights
 
 
-def _gguf_vocab_size(reader) -> int:
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        raise ModelLoadError("GGUF file has neither <arch>.vocab_size nor tokenizer tokens")
-    return len(field.data)
+def _gguf_vocab_size(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """From the embedding's row count, where the metadata has no <arch>.vocab_size."""
+    if "token_embd.weight" not in shapes:
+        raise ModelLoadError(f"{path}: GGUF has neither <arch>.vocab_size nor token_embd.weight")
+    return shapes["token_embd.weight"][0]
 
 
 # ---------------------------------------------------------------- Hugging Face folder
@@ -225,8 +211,9 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=any(k.endswith("self_attn.q_proj.bias") for k in weights),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=[int(e) for e in eos_ids],
-        extra={"hf_config": hf, "attention_bias": hf.get("attention_bias", False)},
+        extra={"hf_config": hf},
     )
     return cfg, weights

@@ -8,16 +8,22 @@ from __future__ import annotations
 from torch import nn
 
 from heron.errors import ModelLoadError
+from heron.models.gemma3 import Gemma3ForCausalLM
 from heron.models.llama import LlamaForCausalLM
+from heron.models.qwen2 import Qwen2ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
 }
 
 # Hugging Face class names that are the same network as a registered family.
 HF_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 

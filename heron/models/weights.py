@@ -44,3 +44,15 @@ def load_state_dict_strict(module: nn.Module, weights: dict[str, torch.Tensor]) 
                     f"tensor {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
                 )
             p.copy_(w)
+
+
+def load_fused_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], cfg: ModelConfig
+) -> None:
+    """Load Hugging Face-named tensors into a decoder with fused qkv / gate_up projections and
+    an ``lm_head`` that may be tied to ``embed_tokens``."""
+    fused = fuse_projections(weights, cfg)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # moving off "meta" untied them
+        fused.pop("lm_head.weight", None)
+    load_state_dict_strict(model, fused)

@@ -1,0 +1,25 @@
+"""Gated feed-forward block (SwiGLU for Llama/Qwen2, GeGLU-tanh for Gemma3).
+
+Gate and up projections are fused into one matmul at load time (``gate_up_proj``)."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class GatedMLP(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        act: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
