@@ -166,6 +166,23 @@ def _engine_parent() -> argparse.ArgumentParser:
         action="store_false",
         help="do not reuse the KV blocks of earlier prompts with the same prefix",
     )
+    from heron.spec.registry import PROPOSERS
+
+    g.add_argument(
+        "--speculative-method",
+        default=None,
+        choices=sorted(PROPOSERS),
+        help="speculative decoding proposer (lossless; off by default)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens", type=int, default=4, help="most drafted tokens per step"
+    )
+    g.add_argument(
+        "--draft-num-layers",
+        type=int,
+        default=None,
+        help="layer_skip: layers the draft keeps (default: 5/6 of them)",
+    )
     return p
 
 
@@ -638,6 +655,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             enable_prefix_caching=args.enable_prefix_caching,
+            speculative_method=args.speculative_method,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_num_layers=args.draft_num_layers,
         )
     )
     name = args.served_model_name or args.model

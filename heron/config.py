@@ -30,6 +30,13 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Speculative decoding (heron.spec): None = off, or a proposer name ("ngram", ...).
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4  # the most drafts per step (adaptive k shrinks it)
+    draft_model: str | None = None  # for speculative_method="draft"
+    draft_num_layers: int | None = None  # "draft"/"layer_skip": keep this many first layers
+    ngram_max: int = 3  # "ngram": longest suffix matched
+    ngram_min: int = 1  # "ngram": shortest suffix matched
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -52,6 +59,29 @@ class EngineConfig:
             "max_model_len",
             f"must be >= 1, got {self.max_model_len}",
         )
+        if self.speculative_method is not None:
+            from heron.spec.registry import PROPOSERS
+
+            _check(
+                self.speculative_method in PROPOSERS,
+                "speculative_method",
+                f"must be one of {sorted(PROPOSERS)} or None, got {self.speculative_method!r}",
+            )
+            _check(
+                self.num_speculative_tokens >= 1,
+                "num_speculative_tokens",
+                f"must be >= 1, got {self.num_speculative_tokens}",
+            )
+            _check(
+                1 <= self.ngram_min <= self.ngram_max,
+                "ngram_min",
+                f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}",
+            )
+            _check(
+                self.draft_num_layers is None or self.draft_num_layers >= 1,
+                "draft_num_layers",
+                f"must be >= 1, got {self.draft_num_layers}",
+            )
 
 
 @dataclass

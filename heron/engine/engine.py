@@ -23,6 +23,7 @@ from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
+from heron.spec.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Engine:
                 eos.add(token_id)
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(self.eos_token_ids)
+        self.speculator = build_speculator(config, self) if config.speculative_method else None
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -168,7 +170,7 @@ class Engine:
 
     def stats(self) -> dict[str, float]:
         bm = self.block_manager
-        return {
+        stats = {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_blocks_total": bm.num_blocks,
@@ -177,6 +179,9 @@ class Engine:
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+        if self.speculator is not None:
+            stats.update(self.speculator.stats())
+        return stats
 
     def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         seed = req.params.seed
@@ -192,14 +197,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.prepare(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
         result = self.runner.execute(batch, need_prompt)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
+            if seq.seq_id not in result.spec_logits:  # settled after verification below
+                seq.num_computed_tokens += n
+                self.block_manager.register_full_blocks(seq)
         for seq in batch.seqs:
             if seq.seq_id in result.prompt_logits:
                 first, logits = result.prompt_logits[seq.seq_id]
@@ -228,6 +236,9 @@ class Engine:
         for seq, (token, logprobs) in zip(sample_seqs, samples, strict=True):
             self._append_token(seq, token, logprobs)
             touched[seq.request.request_id] = seq.request
+        for seq in batch.seqs:
+            if seq.seq_id in result.spec_logits:
+                self._settle_drafts(seq, result.spec_logits[seq.seq_id])
         for seq in batch.seqs:  # prefill chunks that sampled nothing still report progress
             touched.setdefault(seq.request.request_id, seq.request)
         outputs = []
@@ -236,6 +247,18 @@ class Engine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _settle_drafts(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Keep the verified drafts: their K/V are already in the cache; the rejected ones'
+        blocks go back, and their stale slots are overwritten by later steps."""
+        tokens = self.speculator.settle(seq, logits)
+        seq.num_computed_tokens += len(tokens)  # the last real token and the accepted drafts
+        self.block_manager.truncate(seq, seq.num_computed_tokens)
+        for token, logprobs in tokens:
+            self._append_token(seq, token, logprobs)
+            if seq.is_finished:
+                return
+        self.block_manager.register_full_blocks(seq)
 
     def _add_prompt_logprobs(self, req: Request, first: int, logits: torch.Tensor) -> None:
         k = req.params.prompt_logprobs or 0
@@ -306,4 +329,16 @@ class Engine:
             finished=req.finished,
             prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            metrics=self._request_metrics(req),
         )
+
+    def _request_metrics(self, req: Request) -> dict[str, float]:
+        if self.speculator is None:
+            return {}
+        drafted = sum(s.num_draft_tokens for s in req.seqs)
+        accepted = sum(s.num_accepted_tokens for s in req.seqs)
+        return {
+            "spec_draft_tokens": drafted,
+            "spec_accepted_tokens": accepted,
+            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+        }

@@ -19,10 +19,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class StepLogits:
-    """Logits of one step: ``sample_logits[i]`` belongs to ``sample_seqs[i]``."""
+    """Logits of one step: ``sample_logits[i]`` belongs to ``sample_seqs[i]``; a sequence
+    verifying drafts has all its rows (``1 + drafts``) in ``spec_logits`` instead."""
 
     sample_seqs: list
     sample_logits: torch.Tensor  # [S, V] float32
+    spec_logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V]
     # seq -> (first prompt position predicted, [rows, V] logits) for prompt logprobs
     prompt_logits: dict[int, tuple[int, torch.Tensor]]
 
@@ -64,13 +66,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, needs_prompt_logits: set[int]) -> StepLogits:
         if batch.copies:
-            self._copy_blocks(batch.copies)
+            self.copy_blocks(batch.copies)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
         sample_seqs = []
+        spec_rows: dict[int, tuple[int, int]] = {}
         prompt_rows: dict[int, tuple[int, int, int]] = {}
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
@@ -84,12 +87,14 @@ class ModelRunner:
         for seq, n in items:
             start = seq.num_computed_tokens
             row = len(ids)
-            ids.extend(seq.token_ids[start : start + n])
+            ids.extend((seq.token_ids + seq.draft_token_ids)[start : start + n])
             pos = range(start, start + n)
             positions.extend(pos)
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if start + n == seq.num_tokens:
+            if seq.draft_token_ids:  # verify: every row predicts the token after it
+                spec_rows[seq.seq_id] = (row, row + n)
+            elif start + n == seq.num_tokens:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
             if seq.seq_id in needs_prompt_logits and start < seq.num_prompt_tokens - 1:
@@ -119,11 +124,45 @@ class ModelRunner:
             meta,
         )
         sample_logits = self.model.compute_logits(hidden[sample_rows])
+        spec_logits = {
+            sid: self.model.compute_logits(hidden[a:b]) for sid, (a, b) in spec_rows.items()
+        }
         prompt_logits = {
             sid: (first, self.model.compute_logits(hidden[a:b]))
             for sid, (first, a, b) in prompt_rows.items()
         }
-        return StepLogits(sample_seqs, sample_logits, prompt_logits)
+        return StepLogits(sample_seqs, sample_logits, spec_logits, prompt_logits)
+
+    @torch.inference_mode()
+    def decode_logits(
+        self,
+        seqs: list,
+        token_ids: list[int],
+        positions: list[int],
+        layers: list[int] | None = None,
+    ) -> torch.Tensor:
+        """One token per sequence at the given positions (blocks already allocated), through
+        ``layers`` only; the K/V of those layers are written at those positions. Returns
+        [B, V] logits. Model proposers draft with it outside the scheduled step."""
+        bs, dev = self.block_size, self.device
+        tables = [seq.block_table for seq in seqs]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_size=bs,
+            num_decodes=len(seqs),
+        )
+        meta.decode_blocks, meta.decode_mask = self._decode_tables(
+            tables, [p + 1 for p in positions]
+        )
+        hidden = self.model(
+            torch.tensor(token_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            self.kv_caches,
+            meta,
+            layers,
+        )
+        return self.model.compute_logits(hidden)
 
     def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
         dev, window = self.device, self.sliding_window
@@ -163,7 +202,7 @@ class ModelRunner:
             window_mask = (mask & _in_window(lens_t - 1, pos, window))[:, None, None, :]
         return padded.to(dev), mask[:, None, None, :], window_mask
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
         offs = torch.arange(bs, device=self.device)
         src = torch.cat([offs + s * bs for s, _ in copies])

@@ -1,10 +1,11 @@
 """Continuous batching under a per-step token budget (chunked prefill, SARATHI style).
 
-Each step: running decodes first (one token each), then running prefills continue their next
-chunk, then waiting sequences are admitted while budget, ``max_num_seqs`` and KV blocks allow.
-When a running sequence cannot get a block, the most recently arrived running sequence is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
-(prefix caching usually makes that cheap). Nothing is ever dropped."""
+Each step: running decodes first (one token each, plus its drafted tokens under speculative
+decoding), then running prefills continue their next chunk, then waiting sequences are
+admitted while budget, ``max_num_seqs`` and KV blocks allow. When a running sequence cannot
+get a block, the most recently arrived running sequence is preempted: its blocks are freed
+and it goes back to the front of the queue, to be recomputed (prefix caching usually makes
+that cheap). Nothing is ever dropped."""
 
 from __future__ import annotations
 
@@ -75,7 +76,10 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed + len(seq.draft_token_ids), budget)
+            if seq.draft_token_ids and not self.bm.can_append(seq, n):
+                n = 1  # drafts are optional: never preempt anyone for them
+            seq.draft_token_ids = seq.draft_token_ids[: n - 1] if seq.draft_token_ids else []
             if not self._make_room(seq, n, scheduled, batch):
                 continue
             batch.copies += self.bm.append_slots(seq, n)
@@ -124,6 +128,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
+        seq.draft_token_ids = []
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.running.remove(seq)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from heron.config import SamplingParams
 from heron.outputs import PositionLogprobs
 from heron.tokenizer import Detokenizer
+
+if TYPE_CHECKING:
+    from heron.spec.speculator import AdaptiveK
 
 
 class Status(enum.Enum):
@@ -40,6 +44,14 @@ class Sequence:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
+    # Speculative decoding: this step's drafted tokens (scheduled after the last real one),
+    # the draft distributions they came from (None: a deterministic proposer), the
+    # sequence's adaptive-k state, and its acceptance counts.
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: torch.Tensor | None = None
+    spec: AdaptiveK | None = None
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -5,6 +5,8 @@ network with Q/K/V biases (``qwen2.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,12 +66,14 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Returns the final hidden states [T, hidden] (normed), one row per input token."""
+        """Returns the final hidden states [T, hidden] (normed), one row per input token.
+        ``layers``: run only these layers (a self-speculative draft); None runs all."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv_cache, meta)
+        for i in range(len(self.layers)) if layers is None else layers:
+            x = self.layers[i](x, cos_sin, kv_caches[i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

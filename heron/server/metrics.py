@@ -56,6 +56,10 @@ class _EngineStats(Collector):
             s["prefix_cache_hits"] / queries if queries else 0.0,
         )
         yield counter("num_preemptions", "Sequences preempted for KV blocks", s["num_preemptions"])
+        if "spec_draft_tokens" in s:  # speculative decoding is on
+            yield counter("spec_draft_tokens", "Tokens drafted", s["spec_draft_tokens"])
+            yield counter("spec_accepted_tokens", "Drafts accepted", s["spec_accepted_tokens"])
+            yield counter("spec_verify_steps", "Verify passes", s["spec_verify_steps"])
 
 
 class ServerMetrics:

@@ -1,0 +1,36 @@
+"""Proposers by name, as ``EngineConfig.speculative_method`` and the CLI/server flags name
+them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from heron.errors import InvalidRequestError
+from heron.spec.layer_skip import LayerSkipProposer
+from heron.spec.ngram import NgramProposer
+from heron.spec.proposer import Proposer
+from heron.spec.speculator import Speculator
+
+if TYPE_CHECKING:
+    from heron.config import EngineConfig
+    from heron.engine.engine import Engine
+
+PROPOSERS: dict[str, type[Proposer]] = {
+    "ngram": NgramProposer,
+    "layer_skip": LayerSkipProposer,
+}
+
+
+def build_proposer(config: EngineConfig, engine: Engine) -> Proposer:
+    method = config.speculative_method
+    if method == "ngram":
+        return NgramProposer(config.ngram_min, config.ngram_max)
+    if method == "layer_skip":
+        num_layers = engine.model_config.num_layers
+        keep = config.draft_num_layers or max(1, num_layers * 5 // 6)
+        return LayerSkipProposer(engine.runner, engine.block_manager, keep)
+    raise InvalidRequestError(f"speculative_method: unknown {method!r}", "speculative_method")
+
+
+def build_speculator(config: EngineConfig, engine: Engine) -> Speculator:
+    return Speculator(config, build_proposer(config, engine), engine.max_model_len)

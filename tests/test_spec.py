@@ -1,0 +1,212 @@
+"""Speculative decoding is lossless: greedy outputs are identical with and without each
+proposer, sampled tokens follow the target's distribution, and the paged cache after
+rejected drafts holds exactly what a plain run computes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from heron import SamplingParams
+from heron.config import EngineConfig
+from heron.errors import InvalidRequestError
+from heron.spec.layer_skip import spread_layers
+from heron.spec.ngram import lookup
+from heron.spec.speculator import AdaptiveK
+from heron.spec.verify import accept_greedy, accept_sampled
+from tests.conftest import make_llm
+
+PROMPTS = [
+    # Copy-heavy: lookup drafts are mostly accepted.
+    "Repeat this list exactly: apple, banana, cherry, date, elderberry, fig, grape. "
+    "Repeat: apple, banana,",
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):",
+    # Open-ended: drafts are mostly rejected.
+    "Write a short poem about the sea.",
+    "Quelle est la capitale de l'Italie ?",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=40)
+
+
+# ---------------------------------------------------------------------------- units
+def test_ngram_lookup_takes_latest_longest_match():
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 2, 3]
+    # Suffix [2, 3] last occurred at index 6 (followed by 7, 8, 5).
+    assert lookup(tokens, 3, 1, 3) == [7, 8, 5]
+    assert lookup(tokens, 1, 1, 3) == [7]
+    assert lookup([4, 5, 6], 3, 1, 3) == []  # no earlier occurrence
+    assert lookup([5, 5], 4, 1, 3) == [5]  # overlapping match is fine
+
+
+def test_spread_layers():
+    assert spread_layers(30, 30) == list(range(30))
+    kept = spread_layers(30, 15)
+    assert len(kept) == 15 and kept[0] == 0 and kept[-1] == 29
+    with pytest.raises(InvalidRequestError):
+        spread_layers(30, 31)
+
+
+def test_accept_greedy():
+    logits = torch.full((4, 10), -1.0)
+    for row, best in enumerate([3, 5, 7, 2]):
+        logits[row, best] = 1.0
+    assert accept_greedy(logits, [3, 5, 7]) == [3, 5, 7, 2]  # all kept + bonus
+    assert accept_greedy(logits, [3, 4, 7]) == [3, 5]  # first mismatch replaced
+    assert accept_greedy(logits, [0, 5, 7]) == [3]
+
+
+@pytest.mark.parametrize("draft", ["one-hot", "distribution"])
+def test_accept_sampled_is_the_target_distribution(draft):
+    """The first emitted token of many verify steps is distributed as the target's p, for a
+    deliberately poor draft. Chi-square over 8 categories, 20k trials: the 0.999 quantile of
+    chi2(7) is 24.3, so a correct rule fails with probability 1e-3; taking the draft's token
+    whenever it is proposed would give a statistic in the thousands."""
+    torch.manual_seed(0)
+    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
+    q = torch.tensor([0.02, 0.05, 0.08, 0.10, 0.10, 0.15, 0.20, 0.30])  # poor on purpose
+    gen = torch.Generator().manual_seed(1)
+    trials = 20_000
+    counts = torch.zeros(8)
+    for _ in range(trials):
+        d = int(torch.multinomial(q, 1, generator=gen))
+        probs = q[None] if draft == "distribution" else None
+        if draft == "one-hot":
+            d = 7  # always propose the least likely token
+        out = accept_sampled(torch.stack([p, p]), [d], probs, gen)
+        counts[out[0]] += 1
+    expected = p * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, (chi2, counts.tolist())
+
+
+def test_adaptive_k_shrinks_pauses_and_grows():
+    a = AdaptiveK(k_max=8, k=8)
+    for _ in range(10):
+        a.update(a.k, 0)  # everything rejected
+        if a.paused:
+            break
+    assert a.paused and a.k == 1
+    assert [a.next() for _ in range(a.paused)][-1] == 0 and a.next() == 1  # resumes at k=1
+    for _ in range(10):
+        a.update(a.k, a.k)  # everything accepted
+    assert a.k == 8
+
+
+def test_bad_settings():
+    with pytest.raises(InvalidRequestError, match="speculative_method"):
+        EngineConfig(speculative_method="telepathy")
+    with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
+        EngineConfig(speculative_method="ngram", num_speculative_tokens=0)
+    with pytest.raises(InvalidRequestError, match="ngram_min"):
+        EngineConfig(speculative_method="ngram", ngram_min=3, ngram_max=2)
+
+
+# ---------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def reference(llm):
+    alone = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in PROMPTS]
+    return [o.outputs[0].token_ids for o in alone]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"speculative_method": "ngram", "num_speculative_tokens": 5},
+        {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 26},
+    ],
+    ids=["ngram", "layer_skip"],
+)
+def test_greedy_identical_alone_and_batched(reference, spec):
+    llm = make_llm(**spec)
+    for i, p in enumerate(PROMPTS):
+        out = llm.generate([p], GREEDY, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == reference[i], f"prompt {i} alone"
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for i, out in enumerate(outs):
+        assert out.outputs[0].token_ids == reference[i], f"prompt {i} batched"
+    stats = llm.engine.stats()
+    assert stats["spec_draft_tokens"] > 0 and stats["spec_verify_steps"] > 0
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # some of each
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]  # nothing leaked
+    if spec["speculative_method"] == "ngram":
+        copy = outs[0].metrics
+        assert copy["spec_acceptance_rate"] > 0.3, copy  # the copy prompt is easy to draft
+
+
+def test_cache_after_rejections_equals_plain_run(llm):
+    """Positions computed so far hold the same K/V with a poor draft as without one."""
+    spec = make_llm(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=2)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    caches = []
+    for engine in (llm.engine, spec.engine):
+        req = engine.add_request(PROMPTS[2], params)
+        seq = req.seqs[0]
+        while len(seq.output_token_ids) < 30:
+            assert not seq.is_finished, "finished before 30 tokens"
+            engine.step()
+        n, bs = seq.num_computed_tokens, engine.block_manager.block_size
+        slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(n)])
+        caches.append((seq.token_ids[:n], engine.runner.kv_cache[:, :, slots].clone()))
+        engine.abort_request(req.request_id)
+    (tok_a, kv_a), (tok_b, kv_b) = caches
+    m = min(len(tok_a), len(tok_b))
+    assert m > 30 and tok_a[:m] == tok_b[:m]
+    stats = spec.engine.stats()
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # rejections happened
+    torch.testing.assert_close(kv_a[:, :, :m], kv_b[:, :, :m], atol=1e-4, rtol=1e-4)
+
+
+PROMPT = "My favourite colour is"
+TOP_K = 4
+SAMPLES = 1200
+CHI2_CRITICAL = 37.7  # chi-square, 15 degrees of freedom, p = 0.001
+
+
+def exact_two_token_distribution(llm) -> dict[tuple[int, int], float]:
+    """The target's p(t1, t2) under temperature 1 and top-k 4, from its raw logprobs."""
+
+    def top(prompt_ids: list[int]) -> dict[int, float]:
+        params = SamplingParams(temperature=0, max_tokens=1, logprobs=TOP_K)
+        pos = llm.generate([prompt_ids], params, use_tqdm=False)[0].outputs[0].logprobs[0]
+        probs = {t: float(torch.tensor(lp.logprob).exp()) for t, lp in pos.items()}
+        best = sorted(probs, key=probs.get, reverse=True)[:TOP_K]
+        total = sum(probs[t] for t in best)
+        return {t: probs[t] / total for t in best}
+
+    ids = llm.get_tokenizer().encode(PROMPT)
+    return {(t1, t2): p1 * p2 for t1, p1 in top(ids).items() for t2, p2 in top(ids + [t1]).items()}
+
+
+def chi_square_of_spec_samples(exact: dict, **spec) -> tuple[float, dict]:
+    """Chi-square of the (t1, t2) pairs sampled with speculation against ``exact``; t2 always
+    comes out of draft-and-verify (t1 is sampled after the prefill)."""
+    llm = make_llm(**spec)
+    counts: Counter = Counter()
+    for r in range(SAMPLES // 100):
+        params = SamplingParams(n=100, temperature=1.0, top_k=TOP_K, max_tokens=3, seed=r)
+        out = llm.generate([PROMPT], params, use_tqdm=False)[0]
+        counts.update(tuple(o.token_ids[:2]) for o in out.outputs)
+    assert set(counts) <= set(exact), "a pair the target cannot produce"
+    chi2 = sum((counts[k] - SAMPLES * p) ** 2 / (SAMPLES * p) for k, p in exact.items())
+    return chi2, llm.engine.stats()
+
+
+def test_sampling_distribution_unchanged(llm, monkeypatch):
+    """With a poor layer-skip draft (2 of 30 layers, so many rejections) the sampled pairs
+    follow the target's exact distribution; the same test catches a verifier that keeps
+    every draft."""
+    exact = exact_two_token_distribution(llm)
+    assert len(exact) == TOP_K * TOP_K and abs(sum(exact.values()) - 1) < 1e-5
+    spec = {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 2}
+    chi2, stats = chi_square_of_spec_samples(exact, **spec)
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert chi2 < CHI2_CRITICAL, chi2
+
+    def keep_every_draft(target_probs, drafts, draft_probs, generator):
+        return [*drafts, int(torch.multinomial(target_probs[-1], 1, generator=generator))]
+
+    monkeypatch.setattr("heron.spec.speculator.accept_sampled", keep_every_draft)
+    broken, _ = chi_square_of_spec_samples(exact, **spec)
+    assert broken > CHI2_CRITICAL, broken
