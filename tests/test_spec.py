@@ -136,8 +136,9 @@ def test_greedy_identical_alone_and_batched(reference, spec):
 
 
 def test_cache_after_rejections_equals_plain_run(llm):
-    """Positions computed so far hold the same K/V with a poor draft as without one."""
-    spec = make_llm(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=2)
+    """Positions computed so far hold the same K/V with a speculative run (drafts partly
+    accepted, partly rolled back) as without one."""
+    spec = make_llm(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=26)
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     caches = []
     for engine in (llm.engine, spec.engine):
@@ -180,26 +181,28 @@ def exact_two_token_distribution(llm) -> dict[tuple[int, int], float]:
 
 
 def chi_square_of_spec_samples(exact: dict, **spec) -> tuple[float, dict]:
-    """Chi-square of the (t1, t2) pairs sampled with speculation against ``exact``; t2 always
-    comes out of draft-and-verify (t1 is sampled after the prefill)."""
+    """Chi-square of the (t1, t2) pairs sampled with speculation against ``exact`` (infinite
+    if a pair the target cannot produce shows up); t2 always comes out of draft-and-verify
+    (t1 is sampled after the prefill)."""
     llm = make_llm(**spec)
     counts: Counter = Counter()
     for r in range(SAMPLES // 100):
         params = SamplingParams(n=100, temperature=1.0, top_k=TOP_K, max_tokens=3, seed=r)
         out = llm.generate([PROMPT], params, use_tqdm=False)[0]
         counts.update(tuple(o.token_ids[:2]) for o in out.outputs)
-    assert set(counts) <= set(exact), "a pair the target cannot produce"
+    if not set(counts) <= set(exact):
+        return float("inf"), llm.engine.stats()
     chi2 = sum((counts[k] - SAMPLES * p) ** 2 / (SAMPLES * p) for k, p in exact.items())
     return chi2, llm.engine.stats()
 
 
 def test_sampling_distribution_unchanged(llm, monkeypatch):
-    """With a poor layer-skip draft (2 of 30 layers, so many rejections) the sampled pairs
+    """With a poor layer-skip draft (20 of 30 layers: drafts often rejected) the sampled pairs
     follow the target's exact distribution; the same test catches a verifier that keeps
     every draft."""
     exact = exact_two_token_distribution(llm)
     assert len(exact) == TOP_K * TOP_K and abs(sum(exact.values()) - 1) < 1e-5
-    spec = {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 2}
+    spec = {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 20}
     chi2, stats = chi_square_of_spec_samples(exact, **spec)
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     assert chi2 < CHI2_CRITICAL, chi2

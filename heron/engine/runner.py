@@ -152,7 +152,7 @@ class ModelRunner:
             block_size=bs,
             num_decodes=len(seqs),
         )
-        meta.decode_blocks, meta.decode_mask = self._decode_tables(
+        meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
             tables, [p + 1 for p in positions]
         )
         hidden = self.model(

@@ -15,6 +15,7 @@ Gemma3 ignores it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,15 +210,18 @@ class Gemma3ForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        layers: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Returns the final hidden states [T, hidden] (normed), one row per input token."""
+        """Returns the final hidden states [T, hidden] (normed), one row per input token.
+        ``layers``: run only these layers (a self-speculative draft); None runs all."""
         x = self.embed_tokens(input_ids)
         # The scale is rounded to float32 and then to the model's dtype, as in transformers.
         x = x * torch.tensor(self.embed_scale).to(x.dtype)
         local = self.rotary_local(positions, x.dtype)
         glob = self.rotary_global(positions, x.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, local if layer.sliding else glob, kv_cache, meta)
+        for i in range(len(self.layers)) if layers is None else layers:
+            layer = self.layers[i]
+            x = layer(x, local if layer.sliding else glob, kv_caches[i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
