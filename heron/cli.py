@@ -178,12 +178,38 @@ def _engine_parent() -> argparse.ArgumentParser:
         "--num-speculative-tokens", type=int, default=4, help="most drafted tokens per step"
     )
     g.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="MODEL",
+        help="draft: the draft model (path or known name; same tokenizer as --model)",
+    )
+    g.add_argument(
         "--draft-num-layers",
         type=int,
         default=None,
-        help="layer_skip: layers the draft keeps (default: 5/6 of them)",
+        help="layer_skip: layers the draft keeps, spread over depth (default: 5/6 of them); "
+        "draft: keep only the draft model's first this many layers",
     )
     return p
+
+
+# The EngineConfig fields the engine flags above set (argparse dest == field name).
+_ENGINE_FLAGS = (
+    "kv_cache_memory",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "enable_prefix_caching",
+    "speculative_method",
+    "num_speculative_tokens",
+    "draft_model",
+    "draft_num_layers",
+)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _ENGINE_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     # generate
     gen = sub.add_parser(
         "generate",
-        parents=[common, model, _sampling_parent()],
+        parents=[common, model, _sampling_parent(), _engine_parent()],
         formatter_class=_HelpFormatter,
         help="generate a completion for one prompt",
         description="Generate a completion for PROMPT and print it on stdout.\n\n"
@@ -257,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     # chat
     chat = sub.add_parser(
         "chat",
-        parents=[common, model, _sampling_parent()],
+        parents=[common, model, _sampling_parent(), _engine_parent()],
         formatter_class=_HelpFormatter,
         help="interactive chat in the terminal",
         description="Chat with a model: type a message and press Enter; the reply streams in.\n"
@@ -492,7 +518,7 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
 def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
     from heron import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, **kwargs)
+    return LLM(args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args), **kwargs)
 
 
 def _has_chat_template(llm: LLM) -> bool:
@@ -645,20 +671,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
     logging.getLogger("heron").setLevel(args.log_level.upper())
     engine = Engine(
-        EngineConfig(
-            model=args.model,
-            dtype=args.dtype,
-            device=args.device,
-            kv_cache_memory=args.kv_cache_memory,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            enable_prefix_caching=args.enable_prefix_caching,
-            speculative_method=args.speculative_method,
-            num_speculative_tokens=args.num_speculative_tokens,
-            draft_num_layers=args.draft_num_layers,
-        )
+        EngineConfig(model=args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args))
     )
     name = args.served_model_name or args.model
     aliases = (args.model, Path(args.model).name, Path(str(engine.model_path)).name)

@@ -34,7 +34,9 @@ class EngineConfig:
     speculative_method: str | None = None
     num_speculative_tokens: int = 4  # the most drafts per step (adaptive k shrinks it)
     draft_model: str | None = None  # for speculative_method="draft"
-    draft_num_layers: int | None = None  # "draft"/"layer_skip": keep this many first layers
+    # "layer_skip": keep this many layers (spread over depth); "draft": keep the draft model's
+    # first this many layers (a draft cut from a bigger model)
+    draft_num_layers: int | None = None
     ngram_max: int = 3  # "ngram": longest suffix matched
     ngram_min: int = 1  # "ngram": shortest suffix matched
 
@@ -76,6 +78,11 @@ class EngineConfig:
                 1 <= self.ngram_min <= self.ngram_max,
                 "ngram_min",
                 f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}",
+            )
+            _check(
+                self.speculative_method != "draft" or self.draft_model is not None,
+                "draft_model",
+                "is required with speculative_method='draft' (a path or known model name)",
             )
             _check(
                 self.draft_num_layers is None or self.draft_num_layers >= 1,

@@ -101,6 +101,18 @@ def test_bad_settings():
         EngineConfig(speculative_method="ngram", num_speculative_tokens=0)
     with pytest.raises(InvalidRequestError, match="ngram_min"):
         EngineConfig(speculative_method="ngram", ngram_min=3, ngram_max=2)
+    with pytest.raises(InvalidRequestError, match="draft_model: is required"):
+        EngineConfig(speculative_method="draft")
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="a").save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequestError, match="another tokenizer"):
+        make_llm(speculative_method="draft", draft_model=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------- engine
@@ -115,8 +127,15 @@ def reference(llm):
     [
         {"speculative_method": "ngram", "num_speculative_tokens": 5},
         {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 26},
+        # The default model's first 20 layers as a second model with its own cache.
+        {
+            "speculative_method": "draft",
+            "draft_model": "smollm2-135m-instruct",
+            "draft_num_layers": 20,
+            "num_speculative_tokens": 3,
+        },
     ],
-    ids=["ngram", "layer_skip"],
+    ids=["ngram", "layer_skip", "draft"],
 )
 def test_greedy_identical_alone_and_batched(reference, spec):
     llm = make_llm(**spec)
@@ -130,6 +149,9 @@ def test_greedy_identical_alone_and_batched(reference, spec):
     assert stats["spec_draft_tokens"] > 0 and stats["spec_verify_steps"] > 0
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # some of each
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]  # nothing leaked
+    if spec["speculative_method"] == "draft":  # its own cache is given back too
+        draft_blocks = llm.engine.speculator.proposer.block_manager
+        assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
     if spec["speculative_method"] == "ngram":
         copy = outs[0].metrics
         assert copy["spec_acceptance_rate"] > 0.3, copy  # the copy prompt is easy to draft

@@ -163,7 +163,7 @@ class Engine:
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -302,7 +302,12 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if self.speculator is not None:
+            self.speculator.proposer.release(seq.seq_id)
 
     def _request_output(self, req: Request) -> RequestOutput:
         holdback = max(map(len, req.params.stop_strings), default=1) - 1

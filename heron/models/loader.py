@@ -71,6 +71,20 @@ class Checkpoint:
                 f"{path} is neither a .gguf file nor a Hugging Face folder with config.json"
             )
 
+    def keep_first_layers(self, num_layers: int) -> None:
+        """Drop the decoder layers from ``num_layers`` on, keeping the embeddings, final norm
+        and head: a model's first layers as a cheap draft with the same tokenizer."""
+        if not 1 <= num_layers <= self.config.num_layers:
+            raise ModelLoadError(
+                f"{self.path}: cannot keep {num_layers} of {self.config.num_layers} layers"
+            )
+        self.config.num_layers = num_layers
+        self.weights = {
+            name: w
+            for name, w in self.weights.items()
+            if not (m := re.match(r"model\.layers\.(\d+)\.", name)) or int(m.group(1)) < num_layers
+        }
+
 
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
     cls = get_model_class(ckpt.config.architecture)

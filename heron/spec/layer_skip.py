@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from heron.engine.block_manager import BlockManager
 from heron.engine.runner import ModelRunner
-from heron.engine.sampler import draw, filtered_probs
 from heron.engine.sequence import Sequence
 from heron.errors import InvalidRequestError
-from heron.spec.proposer import Draft, Proposer
+from heron.spec.proposer import Draft, Proposer, draw_draft_token, stack_probs
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +68,9 @@ class LayerSkipProposer(Proposer):
                 self.layers,
             )
             for row, seq in enumerate(batch):
-                p = seq.request.params
-                if p.greedy:
-                    token, probs = int(logits[row].argmax()), None
-                else:
-                    probs = filtered_probs(logits[row : row + 1], [p])[0]
-                    token = int(draw(probs, seq.generator))
+                token, probs = draw_draft_token(logits[row], seq)
                 tokens, dists = drafts[seq.seq_id]
                 tokens.append(token)
                 dists.append(probs)
                 last[seq.seq_id] = token
-        out = []
-        for seq in seqs:
-            tokens, dists = drafts[seq.seq_id]
-            probs = torch.stack(dists) if dists and dists[0] is not None else None
-            out.append(Draft(tokens, probs))
-        return out
+        return [Draft(t, stack_probs(d)) for t, d in (drafts[s.seq_id] for s in seqs)]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from heron.engine.sampler import draw, filtered_probs
 from heron.engine.sequence import Sequence
 
 
@@ -31,3 +32,27 @@ class Proposer(ABC):
     def propose_batch(self, seqs: list[Sequence], ks: list[int]) -> list[Draft]:
         """Drafts for several sequences; model proposers override this to batch their work."""
         return [self.propose(s, k) for s, k in zip(seqs, ks, strict=True)]
+
+    # Proposers with per-sequence state (a draft model's cache) free it in these two.
+    def release(self, seq_id: int) -> None:
+        """The sequence finished or was aborted."""
+        return None
+
+    def retain(self, seq_ids: set[int]) -> None:
+        """Called each step with the running sequences (the others may have been preempted)."""
+        return None
+
+
+def draw_draft_token(logits: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
+    """A model proposer's next draft token from its logits row [V]: the argmax for greedy
+    requests (q one-hot, no probabilities), else a draw from the request's filtered
+    distribution, which is returned as q for the verifier."""
+    params = seq.request.params
+    if params.greedy:
+        return int(logits.argmax()), None
+    probs = filtered_probs(logits[None], [params])[0]
+    return int(draw(probs, seq.generator)), probs
+
+
+def stack_probs(dists: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return torch.stack(dists) if dists and dists[0] is not None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from heron.errors import InvalidRequestError
+from heron.spec.draft_model import DraftModelProposer
 from heron.spec.layer_skip import LayerSkipProposer
 from heron.spec.ngram import NgramProposer
 from heron.spec.proposer import Proposer
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 PROPOSERS: dict[str, type[Proposer]] = {
     "ngram": NgramProposer,
     "layer_skip": LayerSkipProposer,
+    "draft": DraftModelProposer,
 }
 
 
@@ -29,6 +31,16 @@ def build_proposer(config: EngineConfig, engine: Engine) -> Proposer:
         num_layers = engine.model_config.num_layers
         keep = config.draft_num_layers or max(1, num_layers * 5 // 6)
         return LayerSkipProposer(engine.runner, engine.block_manager, keep)
+    if method == "draft":
+        return DraftModelProposer(
+            config.draft_model,
+            config.draft_num_layers,
+            engine.tokenizer,
+            engine.block_manager.num_blocks,
+            config.block_size,
+            engine.device,
+            engine.dtype,
+        )
     raise InvalidRequestError(f"speculative_method: unknown {method!r}", "speculative_method")
 
 

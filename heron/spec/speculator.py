@@ -76,6 +76,7 @@ class Speculator:
 
     def prepare(self, running: list[Sequence]) -> None:
         """Set ``draft_token_ids`` (and ``draft_probs``) of the sequences that speculate."""
+        self.proposer.retain({seq.seq_id for seq in running})
         seqs, ks = [], []
         for seq in running:
             seq.draft_token_ids, seq.draft_probs = [], None
