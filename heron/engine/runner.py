@@ -38,8 +38,11 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        sparse=None,
     ) -> None:
         self.model = model
+        # heron.sparse.SparsePrefill, or None: every prefill is dense.
+        self.sparse = sparse
         self.cfg = model_config
         self.block_size = block_size
         self.device = device
@@ -104,7 +107,15 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                prefills.append(self._prefill_span(row, start, n, table))
+                span = self._prefill_span(row, start, n, table)
+                if (
+                    self.sparse is not None
+                    and not seq.draft_token_ids
+                    and start < seq.num_prompt_tokens
+                    and self.sparse.applies(seq.num_prompt_tokens)
+                ):
+                    span.sparse, span.q_start = self.sparse, start
+                prefills.append(span)
 
         dev = self.device
         meta = AttentionMetadata(

@@ -35,6 +35,9 @@ class PrefillSpan:
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
     window_mask: torch.Tensor | None = None
+    # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
+    sparse: object | None = None
+    q_start: int = 0  # position of the chunk's first token (set with ``sparse``)
 
 
 @dataclass
@@ -90,6 +93,12 @@ def paged_attention(
         else:
             kp = gather_blocks(k_cache, span.context_blocks, meta.block_size)
             vp = gather_blocks(v_cache, span.context_blocks, meta.block_size)
+        if span.sparse is not None and not sliding:
+            ctx = span.q_start + span.end - span.start
+            out[span.start : span.end] = span.sparse.attend(
+                q[span.start : span.end], kp[:ctx], vp[:ctx], span.q_start, scale
+            )
+            continue
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask

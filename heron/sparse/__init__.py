@@ -1,0 +1,81 @@
+"""Sparse prefill attention: a pattern picks (query block, key block) pairs per head and a
+block-sparse attention computes only those. Used for the prompt chunks of sequences whose
+prompt has at least ``sparse_min_tokens`` tokens; decode and short prompts stay dense.
+
+``SparsePrefill`` is what the model runner holds: it runs the pattern, counts the blocks kept
+(``density``) and calls :func:`block_sparse_attention`."""
+
+from __future__ import annotations
+
+import torch
+
+from heron.sparse.attention import (
+    Workspace,
+    block_sparse_attention,
+    causal_block_mask,
+    enforce_always_kept,
+)
+from heron.sparse.patterns import PATTERNS, PatternParams, get_pattern, register
+
+__all__ = [
+    "PATTERNS",
+    "PatternParams",
+    "SparsePrefill",
+    "block_sparse_attention",
+    "build_sparse_prefill",
+    "causal_block_mask",
+    "enforce_always_kept",
+    "get_pattern",
+    "register",
+]
+
+
+class SparsePrefill:
+    def __init__(
+        self,
+        pattern: str,
+        threshold: float = 0.9,
+        min_tokens: int = 2048,
+        block: int = 128,
+        stride: int = 8,
+    ) -> None:
+        self.name = pattern
+        self.pattern = get_pattern(pattern)
+        self.min_tokens = min_tokens
+        self.params = PatternParams(threshold=threshold, block=block, stride=stride)
+        self.kept_blocks = 0
+        self.causal_blocks = 0
+        self.workspace = Workspace()
+
+    def applies(self, num_prompt_tokens: int) -> bool:
+        return num_prompt_tokens >= self.min_tokens
+
+    @property
+    def density(self) -> float | None:
+        """Kept / causal (query block, key block, head) triples since the last reset."""
+        return self.kept_blocks / self.causal_blocks if self.causal_blocks else None
+
+    def reset_stats(self) -> None:
+        self.kept_blocks = self.causal_blocks = 0
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float
+    ) -> torch.Tensor:
+        """q: [Lq, H, D] at positions ``q_start ..``; k, v: [Lk, Hkv, D] for positions
+        ``0 .. Lk-1`` (Lk = q_start + Lq). Returns [Lq, H, D]."""
+        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        p = self.params
+        p.scale = scale
+        mask = self.pattern(qh, kh, q_start, p)
+        causal = causal_block_mask(q_start, q.shape[0], k.shape[0], p.block)
+        self.kept_blocks += int(mask.sum())
+        self.causal_blocks += int(causal.sum()) * q.shape[1]
+        out = block_sparse_attention(qh, kh, vh, mask, q_start, p.block, scale, self.workspace)
+        return out.transpose(0, 1)
+
+
+def build_sparse_prefill(config) -> SparsePrefill | None:
+    """The engine's SparsePrefill from an EngineConfig, or None when sparse prefill is off."""
+    if config.sparse_prefill is None:
+        return None
+    return SparsePrefill(config.sparse_prefill, config.sparse_threshold, config.sparse_min_tokens)

@@ -1,0 +1,138 @@
+"""Block-sparse attention on the portable PyTorch path: only the kept (query block, key block)
+pairs are computed. For each tile of query blocks the kept key blocks of every (head, query
+block) are gathered (padded to the tile's largest count) and one batched SDPA call runs over
+them with a causal/padding mask; no [Lq, Lk] score matrix is ever built.
+
+Blocks are aligned on absolute positions (block ``b`` holds positions ``b*B .. b*B+B-1``), so
+a prefill chunk that starts after cached tokens uses the same blocks as an unchunked prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Elements of the gathered keys of one SDPA call; bounds memory.
+_TILE_BUDGET = 1 << 25
+
+
+def causal_block_mask(q_start: int, q_len: int, k_len: int, block: int) -> torch.Tensor:
+    """[nQB, nKB] bool: key block ``kb`` is at or before query block ``qb`` (absolute blocks
+    ``q_start // block ..``)."""
+    qb0 = q_start // block
+    nqb = (q_start + q_len - 1) // block - qb0 + 1
+    nkb = -(-k_len // block)
+    qb = torch.arange(qb0, qb0 + nqb)
+    return torch.arange(nkb)[None, :] <= qb[:, None]
+
+
+def enforce_always_kept(mask: torch.Tensor, q_start: int, block: int) -> torch.Tensor:
+    """Causal-clip ``mask`` [H, nQB, nKB] and keep the first key block and the diagonal."""
+    nqb, nkb = mask.shape[-2:]
+    qb = torch.arange(q_start // block, q_start // block + nqb)
+    kb = torch.arange(nkb)
+    causal = kb[None, :] <= qb[:, None]
+    always = (kb[None, :] == 0) | (kb[None, :] == qb[:, None])
+    return (mask | always) & causal
+
+
+class Workspace:
+    """Buffers reused across calls. Fresh large CPU allocations are page-faulted on first
+    touch, which costs as much as the gathers themselves; reusing them avoids that."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        buf = self._bufs.get(name)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    q_start: int,
+    block: int,
+    scale: float,
+    workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """Causal attention of ``q`` [H, Lq, D] (positions ``q_start ..``) over ``k``/``v``
+    [Hkv, Lk, D] (positions ``0 .. Lk-1``, ``Lk = q_start + Lq``), computing only the key
+    blocks ``mask`` [H, nQB, nKB] keeps; the diagonal block is always computed (causal).
+    Returns [H, Lq, D].
+
+    The (head, query block) rows are grouped by their number ``c`` of kept off-diagonal
+    blocks; each group is one SDPA call over its rows' gathered blocks with the diagonal block
+    last, so one [B, (c+1)*B] mask (causal on the last block), broadcast over the rows, serves
+    the whole group: no padding, no per-row mask, no dense score matrix."""
+    num_heads, q_len, head_dim = q.shape
+    group = num_heads // k.shape[0]
+    qb0 = q_start // block
+    nqb, nkb = mask.shape[1], mask.shape[2]
+    rows = num_heads * nqb
+    lead = q_start - qb0 * block  # rows of the first query block before the chunk
+    ws = workspace or Workspace()
+    q_pad = _pad(ws, "q", q, nqb * block, lead)
+    q_rows = q_pad.view(rows, block, head_dim)
+    k_blocks = _pad(ws, "k", k, nkb * block, 0).view(-1, block, head_dim)
+    v_blocks = _pad(ws, "v", v, nkb * block, 0).view(-1, block, head_dim)
+    head_base = (torch.arange(num_heads) // group).repeat_interleave(nqb) * nkb  # [R]
+    qb_abs = torch.arange(qb0, qb0 + nqb).repeat(num_heads)  # [R]
+    off = mask.reshape(rows, nkb).clone()
+    off[torch.arange(rows), qb_abs] = False
+    counts = off.sum(-1)
+    out = ws.get("out", q_rows.shape, q)
+    # Mask of a row with c off-diagonal blocks: the last (c+1)*B columns of one [B, nKB*B]
+    # buffer (zeros, then the causal diagonal block), taken as a strided view.
+    bias_all = ws.get("bias", (block, nkb * block), q)
+    bias_all.zero_()
+    hide = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
+    bias_all[:, -block:].masked_fill_(hide, float("-inf"))
+    budget = max(_TILE_BUDGET, nkb * block * head_dim)
+    kbuf, vbuf = ws.get("kg", (budget,), q), ws.get("vg", (budget,), q)
+    for c in torch.unique(counts).tolist():
+        sel_all = (counts == c).nonzero().squeeze(1)
+        bias = bias_all[:, (nkb - c - 1) * block :]
+        per_call = max(1, budget // ((c + 1) * block * head_dim))
+        for sel in sel_all.split(per_call):
+            n = sel.shape[0]
+            idx = off.index_select(0, sel).nonzero()[:, 1].view(n, c)  # kept blocks, in order
+            idx = torch.cat([idx, qb_abs.index_select(0, sel)[:, None]], 1)  # diagonal last
+            flat = (head_base.index_select(0, sel)[:, None] + idx).reshape(-1)
+            size = flat.shape[0] * block * head_dim
+            shape = (flat.shape[0], block, head_dim)
+            kg = torch.index_select(k_blocks, 0, flat, out=kbuf[:size].view(shape))
+            vg = torch.index_select(v_blocks, 0, flat, out=vbuf[:size].view(shape))
+            kg = kg.view(1, n, (c + 1) * block, head_dim)
+            vg = vg.view(1, n, (c + 1) * block, head_dim)
+            qg = q_rows
+            if n != rows:
+                qg = torch.index_select(q_rows, 0, sel, out=ws.get("qg", (n, block, head_dim), q))
+            o = F.scaled_dot_product_attention(
+                qg[None], kg, vg, attn_mask=bias[None, None], scale=scale
+            )
+            out.index_copy_(0, sel, o[0])
+    return out.view(num_heads, nqb * block, head_dim)[:, lead : lead + q_len]
+
+
+def _pad(ws: Workspace, name: str, x: torch.Tensor, length: int, lead: int) -> torch.Tensor:
+    """``x`` [H, L, D] placed at rows ``lead ..`` of a zeroed [H, length, D] buffer."""
+    out = ws.get(name, (x.shape[0], length, x.shape[2]), x)
+    if lead:
+        out[:, :lead].zero_()
+    out[:, lead : lead + x.shape[1]] = x
+    out[:, lead + x.shape[1] :].zero_()
+    return out
