@@ -137,6 +137,26 @@ def _sampling_parent(max_tokens: int = 128, temperature: float = 0.7) -> argpars
     return p
 
 
+def _kv_parent() -> argparse.ArgumentParser:
+    from heron.kv.registry import POLICIES
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("KV-cache compression")
+    g.add_argument(
+        "--kv-policy",
+        default=None,
+        choices=sorted(POLICIES),
+        help="compress each sequence's KV cache with this policy (off by default)",
+    )
+    g.add_argument(
+        "--kv-budget",
+        type=float,
+        default=0.2,
+        help="tokens kept per layer and head: a fraction of the prompt (<= 1) or a count (> 1)",
+    )
+    return p
+
+
 def _engine_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
@@ -228,6 +248,8 @@ _ENGINE_FLAGS = (
     "sparse_prefill",
     "sparse_threshold",
     "sparse_min_tokens",
+    "kv_policy",
+    "kv_budget",
 )
 
 
@@ -253,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     # generate
     gen = sub.add_parser(
         "generate",
-        parents=[common, model, _sampling_parent(), _engine_parent()],
+        parents=[common, model, _sampling_parent(), _engine_parent(), _kv_parent()],
         formatter_class=_HelpFormatter,
         help="generate a completion for one prompt",
         description="Generate a completion for PROMPT and print it on stdout.\n\n"
@@ -306,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     # chat
     chat = sub.add_parser(
         "chat",
-        parents=[common, model, _sampling_parent(), _engine_parent()],
+        parents=[common, model, _sampling_parent(), _engine_parent(), _kv_parent()],
         formatter_class=_HelpFormatter,
         help="interactive chat in the terminal",
         description="Chat with a model: type a message and press Enter; the reply streams in.\n"
@@ -341,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     # serve
     serve = sub.add_parser(
         "serve",
-        parents=[common, model, _engine_parent()],
+        parents=[common, model, _engine_parent(), _kv_parent()],
         formatter_class=_HelpFormatter,
         help="OpenAI-compatible HTTP server",
         description="Serve the model over an OpenAI-compatible HTTP API: /v1/completions, "
@@ -556,6 +578,33 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     pf.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
     pf.set_defaults(func=cmd_bench_prefill)
+
+    kvb = bench_sub.add_parser(
+        "kv",
+        parents=[common, model],
+        formatter_class=_HelpFormatter,
+        help="KV-cache compression: passkey accuracy, KV memory held, decode tok/s",
+        description="Passkey retrieval (a 5-digit number hidden in filler at each depth) at "
+        "each prompt length; the full cache and every policy at every budget in the same "
+        "run, query-aware (the question ends the compressed prompt). Reports accuracy, KV "
+        "bytes held per sequence while decoding (measured from the block manager) and decode "
+        "tok/s.",
+    )
+    kvb.add_argument("--lengths", default="1000,2000", help="comma-separated prompt lengths")
+    kvb.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated passkey depths")
+    kvb.add_argument(
+        "--policies",
+        default="streaming_llm,snapkv,h2o,pyramidkv,defensivekv",
+        help="comma-separated policies",
+    )
+    kvb.add_argument("--budgets", default="0.1,0.2,0.5", help="comma-separated budgets")
+    kvb.add_argument("--max-tokens", type=int, default=8, help="tokens generated per case")
+    kvb.add_argument(
+        "--kv-cache-memory", type=float, default=0.25, help="bytes (> 1) or fraction of free"
+    )
+    kvb.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
+    kvb.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    kvb.set_defaults(func=cmd_bench_kv)
     return parser
 
 
@@ -968,6 +1017,33 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    return 0
+
+
+def cmd_bench_kv(args: argparse.Namespace) -> int:
+    from heron.bench.kv import KVBenchConfig, header, run_kv_bench, write_json
+    from heron.kv.registry import POLICIES
+
+    try:
+        cfg = KVBenchConfig(
+            lengths=tuple(int(x) for x in args.lengths.split(",")),
+            depths=tuple(float(x) for x in args.depths.split(",")),
+            policies=tuple(args.policies.split(",")),
+            budgets=tuple(float(x) for x in args.budgets.split(",")),
+            max_tokens=args.max_tokens,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise InvalidRequestError(f"bench kv: {e}") from None
+    unknown = [p for p in cfg.policies if p not in POLICIES]
+    if unknown:
+        raise InvalidRequestError(f"--policies: unknown {unknown}; one of {sorted(POLICIES)}")
+    llm = _load_llm(args, kv_cache_memory=args.kv_cache_memory)
+    print(header(), flush=True)
+    results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True))
+    if args.json:
+        write_json(results, cfg, args.json)
         logger.info("results written to %s", args.json)
     return 0
 

@@ -44,6 +44,10 @@ class EngineConfig:
     sparse_prefill: str | None = None
     sparse_threshold: float = 0.9  # cumulative attention mass kept; 1.0 = every block
     sparse_min_tokens: int = 2048
+    # KV-cache compression (heron.kv): None = off (the full cache), or a policy name
+    # ("snapkv", "streaming_llm", ...) applied to every request that does not choose its own.
+    kv_policy: str | None = None
+    kv_budget: float = 0.2  # tokens kept: a fraction (0, 1] of the prompt, or a count (> 1)
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -84,6 +88,13 @@ class EngineConfig:
             "sparse_min_tokens",
             f"must be >= 1, got {self.sparse_min_tokens}",
         )
+        _check_kv(self.kv_policy, self.kv_budget)
+        _check(
+            self.kv_policy is None or self.speculative_method is None,
+            "kv_policy",
+            "KV compression cannot be combined with speculative decoding "
+            "(drafts would be verified against an evicted cache); choose one",
+        )
         if self.speculative_method is not None:
             from heron.spec.registry import PROPOSERS
 
@@ -114,6 +125,19 @@ class EngineConfig:
             )
 
 
+def _check_kv(policy: str | None, budget: float | None, allow_none: bool = False) -> None:
+    if policy is not None and not (allow_none and policy == "none"):
+        from heron.kv.registry import POLICIES
+
+        names = sorted(POLICIES) + (["none"] if allow_none else [])
+        _check(policy in POLICIES, "kv_policy", f"must be one of {names}, got {policy!r}")
+    _check(
+        budget is None or budget > 0,
+        "kv_budget",
+        f"must be a fraction of the prompt in (0, 1] or a token count > 1, got {budget}",
+    )
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings, with the same names and meanings as vLLM's."""
@@ -135,6 +159,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # heron extra: KV compression for this request (overrides EngineConfig.kv_policy/budget;
+    # "none" = the full cache even when the engine compresses by default).
+    kv_policy: str | None = None
+    kv_budget: float | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -179,6 +207,7 @@ class SamplingParams:
             "prompt_logprobs",
             f"must be >= 0, got {self.prompt_logprobs}",
         )
+        _check_kv(self.kv_policy, self.kv_budget, allow_none=True)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
         self.stop_strings = stops

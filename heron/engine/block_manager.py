@@ -46,7 +46,7 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add so the sequence can hold ``num_new_tokens`` more, counting the copy a
         shared partial block needs before it is written."""
-        total = seq.num_computed_tokens + num_new_tokens
+        total = seq.num_kv_slots + num_new_tokens
         need = max(0, -(-total // self.block_size) - len(seq.block_table))
         return need + int(self._write_needs_copy(seq))
 
@@ -104,13 +104,13 @@ class BlockManager:
         """Make room for ``num_new_tokens``; returns (src, dst) block copies to perform first."""
         copies = []
         if self._write_needs_copy(seq):
-            idx = seq.num_computed_tokens // self.block_size
+            idx = seq.num_kv_slots // self.block_size
             src = seq.block_table[idx]
             dst = self._allocate()
             self._release(src)
             seq.block_table[idx] = dst
             copies.append((src, dst))
-        total = seq.num_computed_tokens + num_new_tokens
+        total = seq.num_kv_slots + num_new_tokens
         while len(seq.block_table) * self.block_size < total:
             seq.block_table.append(self._allocate())
         return copies
@@ -121,6 +121,7 @@ class BlockManager:
             self._acquire(block_id)
         child.block_table = list(parent.block_table)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_evicted = parent.num_evicted
         child.num_registered_blocks = parent.num_registered_blocks
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
@@ -128,6 +129,25 @@ class BlockManager:
         keep = -(-num_tokens // self.block_size)
         while len(seq.block_table) > keep:
             self._release(seq.block_table.pop())
+
+    def compact(self, seq: Sequence, num_slots: int) -> bool:
+        """Shrink the sequence to ``num_slots`` slots that it owns alone, about to be rewritten
+        by KV compaction: trailing blocks go back, leading blocks shared with a sibling
+        (``n > 1``) are swapped for fresh ones (their content is rewritten, so nothing is
+        copied). False, changing nothing, when the fresh blocks are not there."""
+        keep = -(-num_slots // self.block_size)
+        trailing = seq.block_table[keep:]
+        freed = sum(self.blocks[b].ref_count == 1 for b in trailing)
+        shared = [i for i, b in enumerate(seq.block_table[:keep]) if self.blocks[b].ref_count > 1]
+        if len(shared) > self.num_free_blocks + freed:
+            return False
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+        for i in shared:
+            old = seq.block_table[i]
+            seq.block_table[i] = self._allocate()
+            self._release(old)
+        return True
 
     def free(self, seq: Sequence) -> None:
         for block_id in reversed(seq.block_table):
@@ -137,9 +157,9 @@ class BlockManager:
 
     # ------------------------------------------------------------------ internals
     def _write_needs_copy(self, seq: Sequence) -> bool:
-        idx = seq.num_computed_tokens // self.block_size
+        idx = seq.num_kv_slots // self.block_size
         return (
-            seq.num_computed_tokens % self.block_size != 0
+            seq.num_kv_slots % self.block_size != 0
             and idx < len(seq.block_table)
             and self.blocks[seq.block_table[idx]].ref_count > 1
         )

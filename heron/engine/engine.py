@@ -19,6 +19,8 @@ from heron.engine.sampler import Sampler, top_logprobs
 from heron.engine.scheduler import Scheduler
 from heron.engine.sequence import Request, Sequence, wants_prompt_logprobs
 from heron.errors import InvalidRequestError
+from heron.kv.compressor import KVCompressor, KVState
+from heron.kv.registry import make_policy
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -77,6 +79,9 @@ class Engine:
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(self.eos_token_ids)
         self.speculator = build_speculator(config, self) if config.speculative_method else None
+        self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
+        if config.kv_policy is not None:
+            self._check_kv(config.kv_policy, config.kv_budget)
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
@@ -156,12 +161,43 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
         req = Request(request_id, text, ids, params)
+        kv_state = self._kv_state(params)
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
         seq = self._new_sequence(req, 0, list(ids))
+        seq.kv = kv_state
         self.requests[request_id] = req
         self.scheduler.add(seq)
         return req
+
+    def _kv_state(self, params: SamplingParams) -> KVState | None:
+        """The request's KV-compression state: its own policy, else the engine's (or none)."""
+        name = params.kv_policy or self.config.kv_policy
+        if name is None or name == "none":
+            return None
+        budget = params.kv_budget or self.config.kv_budget
+        self._check_kv(name, budget)
+        return KVState(make_policy(name), budget)
+
+    def _check_kv(self, name: str, budget: float) -> None:
+        if self.speculator is not None:
+            raise InvalidRequestError(
+                "kv_policy: KV compression cannot be combined with speculative decoding",
+                param="kv_policy",
+            )
+        if self.runner.sliding_window is not None:
+            raise InvalidRequestError(
+                f"kv_policy: {self.model_path.name} has sliding-window layers, which KV "
+                "compression does not support yet",
+                param="kv_policy",
+            )
+        if budget > self.max_model_len:
+            raise InvalidRequestError(
+                f"kv_budget: {budget} tokens is more than the context ({self.max_model_len} "
+                "tokens, max_model_len)",
+                param="kv_budget",
+            )
+        make_policy(name)  # unknown names raise here
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -185,6 +221,9 @@ class Engine:
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
+            "kv_tokens_evicted": self.kv.num_evicted,
+            "kv_compressions": self.kv.num_compressions,
         }
         if self.speculator is not None:
             stats.update(self.speculator.stats())
@@ -214,7 +253,9 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
-                self.block_manager.register_full_blocks(seq)
+                if seq.kv is None:  # compressed blocks are not what their hashes name
+                    self.block_manager.register_full_blocks(seq)
+        self.kv.after_step(batch.seqs, result.kv_queries)
         for seq in batch.seqs:
             if seq.seq_id in result.prompt_logits:
                 first, logits = result.prompt_logits[seq.seq_id]
@@ -233,6 +274,7 @@ class Engine:
                 for i in range(1, req.params.n):
                     child = self._new_sequence(req, i, list(req.prompt_token_ids))
                     self.block_manager.fork(seq, child)
+                    child.kv = seq.kv.fork() if seq.kv is not None else None
                     child.block_hashes = list(seq.block_hashes)
                     self.scheduler.add_running(child)
                     sample_seqs.append(child)
@@ -303,7 +345,10 @@ class Engine:
                 seq.text = seq.text[:idx]
                 return self._finish(seq, "stop", stop)
         max_tokens = p.max_tokens or self.max_model_len
-        if num_out >= max_tokens or seq.num_tokens >= self.max_model_len:
+        context = seq.num_tokens
+        if seq.kv is not None and seq.kv.policy.evict_during_decode:
+            context -= seq.num_evicted  # a bounded cache: what it holds is the limit
+        if num_out >= max_tokens or context >= self.max_model_len:
             return self._finish(seq, "length", None)
         return None
 

@@ -12,6 +12,8 @@ from torch import nn
 
 from heron.engine.scheduler import ScheduledBatch
 from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.layers.rotary import RotaryEmbedding
+from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ class StepLogits:
     spec_logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V]
     # seq -> (first prompt position predicted, [rows, V] logits) for prompt logprobs
     prompt_logits: dict[int, tuple[int, torch.Tensor]]
+    # KV compression: seq_id -> (captured queries [L, n, H, D], the slots they were at)
+    kv_queries: dict[int, tuple[torch.Tensor, list[int]]] | None = None
 
 
 class ModelRunner:
@@ -60,6 +64,10 @@ class ModelRunner:
         # get weight 0, and 0 * NaN from uninitialised memory would still be NaN: start zeroed.
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
+        for i, attn in enumerate(attns):
+            attn.layer_idx = i
+        self.rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -81,6 +89,10 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
+        capture: list[int] = []  # KV compression: rows whose queries the policies need
+        capture_of: dict[int, tuple[int, int, list[int]]] = {}
+        holes: list[tuple[int, torch.Tensor, int]] = []  # (decode row, layer lens, hole end)
+        any_kv = False
 
         # Attention batches single-token steps together, so they go first in the flat batch.
         items = sorted(
@@ -94,7 +106,17 @@ class ModelRunner:
             pos = range(start, start + n)
             positions.extend(pos)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            ev = seq.num_evicted  # slot = position - evicted tokens (0 without compression)
+            slots.extend(table[(p - ev) // bs] * bs + (p - ev) % bs for p in pos)
+            if seq.kv is not None:
+                any_kv = True
+                offsets = seq.kv.capture_offsets(seq, start, n)
+                if offsets:
+                    a = len(capture)
+                    capture.extend(row + o for o in offsets)
+                    capture_of[seq.seq_id] = (a, len(capture), [start - ev + o for o in offsets])
+                if seq.kv.layer_lens is not None and _is_decode(seq, n):
+                    holes.append((len(decode_lens), seq.kv.layer_lens, seq.kv.hole_end))
             if seq.draft_token_ids:  # verify: every row predicts the token after it
                 spec_rows[seq.seq_id] = (row, row + n)
             elif start + n == seq.num_tokens:
@@ -105,11 +127,12 @@ class ModelRunner:
                 prompt_rows[seq.seq_id] = (start + 1, row, row + last - start)
             if _is_decode(seq, n):
                 decode_tables.append(table)
-                decode_lens.append(start + 1)
+                decode_lens.append(start - ev + 1)
             else:
-                span = self._prefill_span(row, start, n, table)
+                span = self._prefill_span(row, start - ev, n, table)
                 if (
                     self.sparse is not None
+                    and not ev  # block-sparse masks assume slot == position
                     and not seq.draft_token_ids
                     and start < seq.num_prompt_tokens
                     and self.sparse.applies(seq.num_prompt_tokens)
@@ -128,6 +151,16 @@ class ModelRunner:
             meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
                 decode_tables, decode_lens
             )
+            if holes:
+                meta.decode_layer_masks = _hole_masks(meta.decode_mask, holes)
+        if capture:
+            meta.capture_rows = torch.tensor(capture, dtype=torch.long, device=dev)
+        if any_kv:
+            top = max(positions)
+            for rotary in self.rotaries:  # a bounded cache may outlive the trained positions
+                if top >= rotary.cos.shape[0]:
+                    rotary.max_positions = 2 * top
+                    rotary.reset_buffers(rotary.cos.device)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
@@ -142,7 +175,11 @@ class ModelRunner:
             sid: (first, self.model.compute_logits(hidden[a:b]))
             for sid, (first, a, b) in prompt_rows.items()
         }
-        return StepLogits(sample_seqs, sample_logits, spec_logits, prompt_logits)
+        kv_queries = None
+        if capture:
+            queries = torch.stack(meta.captured)  # [L, R, H, D]
+            kv_queries = {sid: (queries[:, a:b], qs) for sid, (a, b, qs) in capture_of.items()}
+        return StepLogits(sample_seqs, sample_logits, spec_logits, prompt_logits, kv_queries)
 
     @torch.inference_mode()
     def decode_logits(
@@ -219,6 +256,18 @@ class ModelRunner:
         src = torch.cat([offs + s * bs for s, _ in copies])
         dst = torch.cat([offs + d * bs for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+
+def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:
+    """Per-layer decode masks: row ``r``'s layer ``l`` does not see slots ``lens[l] ..
+    end`` (a layer that kept fewer tokens than the sequence holds slots for)."""
+    num_layers = holes[0][1].shape[0]
+    masks = mask.unsqueeze(0).repeat(num_layers, 1, 1, 1, 1)  # [L, B, 1, 1, W * bs]
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    for row, lens, end in holes:
+        hole = (pos[None, :] >= lens.to(mask.device)[:, None]) & (pos[None, :] < end)
+        masks[:, row, 0, 0] &= ~hole
+    return masks
 
 
 def _is_decode(seq, n: int) -> bool:

@@ -96,7 +96,8 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             # Prompt logprobs need logits at every prompt position: no prefix may be skipped.
-            use_cache = not wants_prompt_logprobs(seq.request)
+            # A compressed sequence rewrites its blocks: it neither reads nor feeds the cache.
+            use_cache = not wants_prompt_logprobs(seq.request) and seq.kv is None
             cached = self.bm.allocate_cached_prefix(seq) if use_cache else 0
             seq.num_computed_tokens = cached
             seq.num_cached_tokens = max(seq.num_cached_tokens, min(cached, seq.num_prompt_tokens))
@@ -130,6 +131,9 @@ class Scheduler:
         self.bm.free(seq)
         seq.draft_token_ids = []
         seq.num_computed_tokens = 0
+        seq.num_evicted = 0
+        if seq.kv is not None:
+            seq.kv.reset()
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

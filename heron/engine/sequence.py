@@ -15,6 +15,7 @@ from heron.outputs import PositionLogprobs
 from heron.tokenizer import Detokenizer
 
 if TYPE_CHECKING:
+    from heron.kv.compressor import KVState
     from heron.spec.speculator import AdaptiveK
 
 
@@ -52,6 +53,11 @@ class Sequence:
     spec: AdaptiveK | None = None
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # KV compression (heron.kv): the policy's state, and how many of the computed tokens
+    # were evicted from the cache. Token i's position stays i (RoPE was applied at write
+    # time); the sequence holds ``num_kv_slots`` slots, its latest tokens at the end.
+    kv: KVState | None = None
+    num_evicted: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -64,6 +70,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_slots(self) -> int:
+        """Cache slots the sequence holds (its computed tokens less the evicted ones)."""
+        return self.num_computed_tokens - self.num_evicted
 
     @property
     def num_uncomputed(self) -> int:

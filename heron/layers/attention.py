@@ -51,6 +51,12 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * bs] bool, True = valid slot
     decode_window_mask: torch.Tensor | None = None  # same for sliding-window layers, or None
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # KV compression: per-layer decode masks where a sequence's layers hold different numbers
+    # of tokens ([L, B, 1, 1, W * bs], PyramidKV), else None; and the rows whose (rotated)
+    # queries each layer appends to ``captured`` for the policies' statistics.
+    decode_layer_masks: torch.Tensor | None = None
+    capture_rows: torch.Tensor | None = None
+    captured: list[torch.Tensor] = field(default_factory=list)
 
 
 def paged_attention(
@@ -62,6 +68,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding: bool = False,
+    layer: int = 0,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, Hkv, D]; caches: [slots, Hkv, D]. Returns [T, H, D].
 
@@ -69,6 +76,8 @@ def paged_attention(
     (only those inside the sliding window when ``sliding``)."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.capture_rows is not None:
+        meta.captured.append(q.index_select(0, meta.capture_rows))
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
@@ -81,6 +90,8 @@ def paged_attention(
         kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         mask = meta.decode_mask
+        if meta.decode_layer_masks is not None:
+            mask = meta.decode_layer_masks[layer]
         if sliding and meta.decode_window_mask is not None:
             mask = meta.decode_window_mask
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)

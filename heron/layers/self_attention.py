@@ -35,6 +35,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, hidden_size, bias=False)
         self.scale = scale
         self.sliding = sliding
+        self.layer_idx = 0  # set by the runner; selects per-layer KV-compression masks
         self.q_norm = self.k_norm = None
         if qk_norm is not None:
             eps, offset = qk_norm
@@ -57,6 +58,14 @@ class SelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, cos_sin)
         o = paged_attention(
-            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, sliding=self.sliding
+            q,
+            k,
+            v,
+            kv_cache[0],
+            kv_cache[1],
+            meta,
+            self.scale,
+            sliding=self.sliding,
+            layer=self.layer_idx,
         )
         return self.o_proj(o.reshape(t, self.q_size))

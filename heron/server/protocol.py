@@ -53,6 +53,9 @@ class _Sampling(BaseModel):
     # heron: a decoding strategy over the n samples (heron.strategies), e.g. "majority"
     strategy: StrictStr | None = None
     strategy_options: dict[str, Any] | None = None
+    # heron: KV-cache compression for this request (heron.kv), e.g. "snapkv" with 0.2
+    kv_policy: StrictStr | None = None
+    kv_budget: float | None = None
 
     def decoding_strategy(self) -> Strategy | None:
         if self.strategy is None:
@@ -89,6 +92,8 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            kv_policy=self.kv_policy,
+            kv_budget=self.kv_budget,
         )
 
     @property

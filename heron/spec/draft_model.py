@@ -37,11 +37,18 @@ class DraftSequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    draft_token_ids: list[int] = field(default_factory=list)  # never set: the runner reads it
+    # Read by the runner; a draft never speculates or compresses its own cache.
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_evicted: int = 0
+    kv = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_kv_slots(self) -> int:
+        return self.num_computed_tokens
 
 
 class DraftModelProposer(Proposer):

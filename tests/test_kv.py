@@ -1,0 +1,334 @@
+"""KV-cache compression (heron.kv): each policy's choice on hand-built tensors run through the
+real compaction machinery, then the engine: lossless at a budget above the prompt, blocks
+really freed, compressed and full-cache requests batched together, StreamingLLM past the
+context window, and the errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from heron import SamplingParams
+from heron.config import EngineConfig
+from heron.engine.block_manager import BlockManager
+from heron.engine.sequence import Request, Sequence
+from heron.errors import InvalidRequestError
+from heron.kv.compressor import KVCompressor, KVState
+from heron.kv.registry import POLICIES, make_policy
+from tests.conftest import make_llm
+
+BS = 4  # block size of the hand-built caches
+D = 8  # head dim
+
+
+# ---------------------------------------------------------------------------- unit level
+def _compress(policy, keys, queries=None, budget=8, layers=1, decode_queries=None):
+    """Run the real machinery on a hand-built cache of one sequence.
+
+    keys: [S, Hkv, D]; queries: [n, H, D] at the prompt's last n positions. Each token's
+    value vector is filled with its index, so the compacted cache tells which tokens each
+    head kept. Returns (kept token ids per layer and head, the sequence, the block manager)."""
+    held, num_kv_heads, _ = keys.shape
+    num_blocks = 64
+    cache = torch.zeros(layers, 2, num_blocks * BS, num_kv_heads, D)
+    bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
+    req = Request("r", None, list(range(held)), SamplingParams())
+    seq = Sequence(0, req, 0, list(range(held)), torch.Generator())
+    seq.kv = KVState(policy, budget)
+    bm.append_slots(seq, held)
+    seq.num_computed_tokens = held
+    slots = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(held)])
+    values = torch.arange(held, dtype=torch.float32)[:, None, None].expand(held, num_kv_heads, D)
+    for layer in range(layers):
+        cache[layer, 0, slots] = keys
+        cache[layer, 1, slots] = values
+    kv_queries = None
+    if queries is not None:
+        q = queries.unsqueeze(0).expand(layers, *queries.shape)
+        kv_queries = {0: (q, list(range(held - queries.shape[0], held)))}
+    comp = KVCompressor(SimpleNamespace(kv_cache=cache), bm, D**-0.5)
+    comp.after_step([seq], kv_queries)
+    if decode_queries is not None:  # one more held token per decode query
+        for q in decode_queries:
+            comp.after_step([seq], {0: (q[None, None].expand(layers, 1, *q.shape), [0])})
+    kept = []
+    n = seq.num_kv_slots
+    dst = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(n)])
+    for layer in range(layers):
+        vals = cache[layer, 1, dst, :, 0]  # [n, Hkv]
+        lens = seq.kv.layer_lens
+        width = n if lens is None else int(lens[layer])
+        kept.append([set(vals[:width, h].long().tolist()) for h in range(num_kv_heads)])
+    return kept, seq, bm
+
+
+def _focus_query(key_dirs: torch.Tensor, strength: float = 30.0) -> torch.Tensor:
+    """A query that attends (almost) only to keys along ``key_dirs`` [D]."""
+    return strength * key_dirs
+
+
+def _keys(held: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(held, num_kv_heads, D, generator=g)
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window():
+    kept, seq, bm = _compress(make_policy("streaming_llm"), _keys(40, 2), budget=12)
+    for head in kept[0]:
+        assert head == {0, 1, 2, 3, *range(32, 40)}
+    assert seq.num_kv_slots == 12 and seq.num_evicted == 28
+    assert len(seq.block_table) == 3  # 40 tokens held 10 blocks; 7 went back
+    assert bm.num_free_blocks == 64 - 3
+
+
+def test_snapkv_keeps_each_heads_pooled_window_winners():
+    held, window = 48, 4
+    keys = _keys(held, 2)
+    keys[10, 0] = torch.eye(D)[0]  # head 0's needle
+    keys[25, 1] = torch.eye(D)[1]  # head 1's needle
+    q = torch.zeros(window, 2, D)  # 2 query heads, 2 KV heads (group 1)
+    q[:, 0] = _focus_query(torch.eye(D)[0])
+    q[:, 1] = _focus_query(torch.eye(D)[1])
+    policy = make_policy("snapkv", window=window, kernel=3)
+    kept, seq, _ = _compress(policy, keys, q, budget=window + 3)
+    window_ids = set(range(held - window, held))
+    assert kept[0][0] == window_ids | {9, 10, 11}  # the winner and its pooled neighbours
+    assert kept[0][1] == window_ids | {24, 25, 26}
+    assert seq.num_kv_slots == window + 3
+
+
+def test_snapkv_gqa_reduction_mean_vs_max():
+    """Two query heads share one KV head; only one of them looks at the needle."""
+    held, window = 48, 4
+    keys = _keys(held, 1)
+    keys[10, 0] = torch.eye(D)[0]
+    q = 0.1 * torch.randn(window, 2, D, generator=torch.Generator().manual_seed(1))
+    q[:, 0] = _focus_query(torch.eye(D)[0])
+    for gqa in ("mean", "max"):
+        policy = make_policy("snapkv", window=window, kernel=1, gqa=gqa)
+        kept, _, _ = _compress(policy, keys, q, budget=window + 1)
+        assert 10 in kept[0][0]  # a strong single-head vote survives both reductions
+
+
+def test_defensivekv_keeps_the_max_aggregated_token():
+    """Token 7 gets all of one query's attention; token 15 gets a little of every query's:
+    the mean (SnapKV) prefers 15, the max (DefensiveKV) keeps 7."""
+    held, window = 40, 8
+    keys = torch.zeros(held, 1, D)
+    keys[7, 0] = torch.eye(D)[0]
+    keys[15, 0] = torch.eye(D)[1]
+    q = torch.zeros(window, 1, D)
+    q[0, 0] = _focus_query(torch.eye(D)[0], 40.0)
+    q[1:, 0] = _focus_query(torch.eye(D)[1], 9.0)
+    snap, _, _ = _compress(make_policy("snapkv", window=window, kernel=1), keys, q, window + 1)
+    defensive, _, _ = _compress(
+        make_policy("defensivekv", window=window, kernel=1), keys, q, window + 1
+    )
+    assert 15 in snap[0][0] and 7 not in snap[0][0]
+    assert 7 in defensive[0][0] and 15 not in defensive[0][0]
+
+
+def test_h2o_scores_by_attention_summed_over_queries():
+    policy = make_policy("h2o")
+    held = 20
+    acc = policy.accumulate(None, torch.full((1, 1, 3, held), 1 / held))
+    attn = torch.zeros(1, 1, 2, held)
+    attn[..., 5] = 1.0
+    acc = policy.accumulate(acc, attn)
+    assert int(policy.score(0, None, torch.zeros(1, held, D), None, acc).argmax()) == 5
+
+
+def test_h2o_evicts_while_decoding_and_keeps_the_decode_heavy_hitter():
+    held, window = 36, 4
+    keys = _keys(held + 3 * BS, 1)
+    keys[5, 0] = torch.eye(D)[0]
+    q = torch.zeros(window, 1, D)  # the prompt's window looks nowhere in particular
+    heavy = _focus_query(torch.eye(D)[0])[None]  # every decode query wants token 5
+    policy = make_policy("h2o", window=window, recent_ratio=0.25)
+    kept, seq, _ = _decode_run(policy, keys, q, held, heavy, steps=3 * BS, target=8)
+    assert 5 in kept
+    assert seq.num_kv_slots < 8 + BS and seq.kv.num_compressions >= 2
+    # Without the decode queries' votes token 5 is gone: the statistics did the keeping.
+    kept, _, _ = _decode_run(policy, keys, q, held, torch.zeros(1, D), steps=3 * BS, target=8)
+    assert 5 not in kept
+
+
+def _decode_run(policy, keys, q, held, heavy, steps, target):
+    """Prefill ``held`` tokens (nothing evicted), then decode ``steps`` tokens whose queries
+    are ``heavy`` with a budget of ``target`` tokens."""
+    total = keys.shape[0]
+    cache = torch.zeros(1, 2, 64 * BS, 1, D)
+    bm = BlockManager(64, BS, enable_prefix_caching=False)
+    req = Request("r", None, list(range(held)), SamplingParams())
+    seq = Sequence(0, req, 0, list(range(held)), torch.Generator())
+    seq.kv = KVState(policy, held)
+    comp = KVCompressor(SimpleNamespace(kv_cache=cache), bm, D**-0.5)
+
+    def write(token):
+        slot = seq.num_kv_slots
+        bm.append_slots(seq, 1)
+        s = seq.block_table[slot // BS] * BS + slot % BS
+        cache[0, 0, s] = keys[token]
+        cache[0, 1, s] = float(token)
+        seq.num_computed_tokens += 1
+        return slot
+
+    for t in range(held):
+        write(t)
+    comp.after_step([seq], {0: (q[None], list(range(held - q.shape[0], held)))})
+    assert seq.num_evicted == 0 and seq.kv.acc is not None  # statistics kept, none evicted
+    seq.kv.target = target
+    for t in range(held, min(total, held + steps)):
+        seq.token_ids.append(t)
+        slot = write(t)
+        comp.after_step([seq], {0: (heavy[None, None], [slot])})
+    n = seq.num_kv_slots
+    dst = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(n)])
+    return set(cache[0, 1, dst, 0, 0].long().tolist()), seq, bm
+
+
+def test_scissorhands_counts_above_uniform_attention():
+    policy = make_policy("scissorhands")
+    attn = torch.full((1, 1, 4, 10), 0.05)
+    attn[..., 3] = 0.55  # above 1/10 for every query
+    acc = policy.accumulate(None, attn)
+    assert acc[0, 3] == 4 and acc[0, 0] == 0
+    assert int(policy.score(0, None, torch.zeros(1, 10, D), None, acc).argmax()) == 3
+
+
+def test_pyramidkv_layer_budgets_shrink_and_mask_their_unused_slots():
+    policy = make_policy("pyramidkv", window=4, kernel=1)
+    budgets = policy.layer_budgets(20, 4)
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 20 > budgets[-1]
+    assert abs(sum(budgets) - 80) <= 4
+    keys = _keys(60, 1)
+    q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(2))
+    kept, seq, _ = _compress(policy, keys, q, budget=20, layers=4)
+    sizes = [len(k[0]) for k in kept]
+    assert sizes == [min(b, 60) for b in budgets]
+    assert seq.num_kv_slots == max(sizes)  # slots for the largest layer budget
+    assert seq.kv.layer_lens.tolist() == sizes
+
+
+def test_registry_and_budget_errors():
+    assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv"} <= set(POLICIES)
+    with pytest.raises(InvalidRequestError, match="kv_policy"):
+        make_policy("nope")
+    with pytest.raises(InvalidRequestError, match="kv_policy"):
+        EngineConfig(kv_policy="nope")
+    with pytest.raises(InvalidRequestError, match="kv_budget"):
+        EngineConfig(kv_policy="snapkv", kv_budget=0)
+    with pytest.raises(InvalidRequestError, match="kv_budget"):
+        SamplingParams(kv_policy="snapkv", kv_budget=-1)
+    with pytest.raises(InvalidRequestError, match="speculative"):
+        EngineConfig(kv_policy="snapkv", speculative_method="ngram")
+    SamplingParams(kv_policy="none")  # the full cache for one request
+
+
+# ---------------------------------------------------------------------------- engine level
+def _passkey_prompt(llm, reps: int = 14) -> list[int]:
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go again. "
+    text = (
+        filler * reps
+        + "The pass key is 68142. Remember it. "
+        + filler * reps
+        + "What is the pass key? The pass key is"
+    )
+    return llm.engine.tokenizer.encode(text)
+
+
+def _greedy(n=12, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_budget_above_prompt_is_the_full_cache(llm):
+    ids = _passkey_prompt(llm)
+    full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv"):
+        before = llm.engine.kv.num_evicted
+        out = llm.generate([ids], _greedy(kv_policy=name, kv_budget=len(ids) + 64), use_tqdm=False)
+        assert out[0].outputs[0].token_ids == full, name
+        assert llm.engine.kv.num_evicted == before, name
+
+
+def test_compressed_sequence_holds_only_its_budget_of_blocks(llm):
+    eng = llm.engine
+    ids = _passkey_prompt(llm)
+    bs = eng.block_manager.block_size
+    for name in ("snapkv", "streaming_llm", "h2o"):
+        req = eng.add_request(ids, _greedy(n=3 * bs, kv_policy=name, kv_budget=0.2))
+        seq = req.seqs[0]
+        target = math.ceil(0.2 * len(ids))
+        held_after_prefill = None
+        while not req.finished:
+            eng.step()
+            if held_after_prefill is None and seq.num_computed_tokens >= len(ids):
+                held_after_prefill = len(seq.block_table)
+                used = eng.block_manager.num_blocks - eng.block_manager.num_free_blocks
+                assert used == held_after_prefill  # what the block manager really holds
+            if not seq.is_finished and name != "snapkv":  # bounded while decoding
+                assert len(seq.block_table) <= -(-(target + bs) // bs) + 1, name
+        assert held_after_prefill <= -(-target // bs) + 1, name
+        assert held_after_prefill < -(-len(ids) // bs) // 2, name
+        assert seq.num_evicted >= len(ids) - target - bs, name
+
+
+def test_compressed_and_full_requests_batched_equal_alone(llm):
+    ids = _passkey_prompt(llm)
+    other = llm.engine.tokenizer.encode("Write a short poem about the sea and the wind.")
+    reqs = [
+        (ids, _greedy(kv_policy="snapkv", kv_budget=0.3)),
+        (other, _greedy()),
+        (ids, _greedy(kv_policy="streaming_llm", kv_budget=96)),
+        (ids, _greedy()),
+    ]
+    alone = [llm.generate([p], s, use_tqdm=False)[0].outputs[0].token_ids for p, s in reqs]
+    together = llm.generate([p for p, _ in reqs], [s for _, s in reqs], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in together] == alone
+    assert alone[0] != alone[3] or alone[2] != alone[3]  # compression changed something
+
+
+def test_n_samples_share_the_compressed_prompt(llm):
+    ids = _passkey_prompt(llm, reps=8)
+    one = llm.generate([ids], _greedy(kv_policy="snapkv", kv_budget=0.25), use_tqdm=False)
+    two = llm.generate([ids], _greedy(n=12, kv_policy="snapkv", kv_budget=0.25), use_tqdm=False)
+    two_params = _greedy(kv_policy="h2o", kv_budget=0.25)
+    two_params.n = 2
+    h2o_two = llm.generate([ids], two_params, use_tqdm=False)[0]
+    h2o_one = llm.generate([ids], _greedy(kv_policy="h2o", kv_budget=0.25), use_tqdm=False)[0]
+    assert two[0].outputs[0].token_ids == one[0].outputs[0].token_ids
+    assert [o.token_ids for o in h2o_two.outputs] == [h2o_one.outputs[0].token_ids] * 2
+
+
+def test_streaming_llm_generates_past_the_context_window():
+    llm = make_llm(max_model_len=96, kv_cache_memory=32 * 2**20)
+    prompt = llm.engine.tokenizer.encode("Count from one to one thousand: one, two, three,")
+    full = llm.generate([prompt], _greedy(n=200), use_tqdm=False)[0].outputs[0]
+    assert len(full.token_ids) == 96 - len(prompt)  # the window stops the full cache
+    out = llm.generate(
+        [prompt], _greedy(n=200, kv_policy="streaming_llm", kv_budget=48), use_tqdm=False
+    )[0].outputs[0]
+    assert len(out.token_ids) == 200 and out.finish_reason == "length"
+    assert llm.engine.kv.num_evicted > 100
+
+
+def test_engine_refuses_unsupported_combinations(llm):
+    with pytest.raises(InvalidRequestError, match="kv_budget"):
+        llm.generate(["hi"], _greedy(kv_policy="snapkv", kv_budget=10**6), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="kv_policy"):
+        llm.generate(["hi"], _greedy(kv_policy="bogus"), use_tqdm=False)
+
+
+def test_preempted_compressed_sequence_recomputes_and_compresses_again():
+    # 16 blocks of 16 tokens; chunks of 64 let a second prompt in before the first is done.
+    per_block = 2 * 30 * 16 * 3 * 64 * 4
+    llm = make_llm(kv_cache_memory=16 * per_block, max_num_batched_tokens=64, max_model_len=256)
+    ids = _passkey_prompt(llm, reps=4)
+    params = _greedy(n=24, kv_policy="snapkv", kv_budget=0.5)
+    alone = llm.generate([ids], params, use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate([ids] * 4, params, use_tqdm=False)
+    assert all(o.outputs[0].token_ids == alone for o in outs)
+    assert llm.engine.scheduler.num_preemptions > 0
