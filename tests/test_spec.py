@@ -183,7 +183,7 @@ def test_cache_after_rejections_equals_plain_run(llm):
 
 PROMPT = "My favourite colour is"
 TOP_K = 4
-SAMPLES = 1200
+SAMPLES = 800
 CHI2_CRITICAL = 37.7  # chi-square, 15 degrees of freedom, p = 0.001
 
 
