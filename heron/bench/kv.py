@@ -11,17 +11,13 @@ All cases of one configuration run batched through the engine."""
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from heron.bench.passkey import is_correct, make_passkey
 from heron.config import SamplingParams
 from heron.engine.runner import ModelRunner
-
-_FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
 
 
 @dataclass
@@ -50,23 +46,7 @@ class KVResult:
         return self.correct / self.cases if self.cases else 0.0
 
 
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> list[int]:
-    """About ``length`` tokens: filler with the pass key at ``depth`` (0 = start), then the
-    question."""
-    per = len(tokenizer.encode(_FILLER))
-    reps = max(1, (length - 40) // per)
-    before = int(reps * depth)
-    text = (
-        "There is a pass key hidden in this text. Find it and remember it. "
-        + _FILLER * before
-        + f"The pass key is {key}. Remember it. {key} is the pass key. "
-        + _FILLER * (reps - before)
-        + "What is the pass key? The pass key is"
-    )
-    return tokenizer.encode(text)
-
-
-def _run_config(engine, prompts, keys, policy, budget, max_tokens) -> tuple:
+def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
     params = SamplingParams(
         temperature=0,
         max_tokens=max_tokens,
@@ -74,7 +54,7 @@ def _run_config(engine, prompts, keys, policy, budget, max_tokens) -> tuple:
         kv_policy=policy or "none",
         kv_budget=budget,
     )
-    reqs = [engine.add_request(p, params) for p in prompts]
+    reqs = [engine.add_request(c.prompt, params) for c in cases]
     bm = engine.block_manager
     per_block = ModelRunner.bytes_per_block(engine.model_config, bm.block_size, engine.dtype)
     held: list[float] = []
@@ -93,27 +73,25 @@ def _run_config(engine, prompts, keys, policy, budget, max_tokens) -> tuple:
             decode_time += time.perf_counter() - t0
             decode_tokens += n
     answers = [r.seqs[0].text for r in reqs]
-    correct = sum(k in a for k, a in zip(keys, answers, strict=True))
+    correct = sum(is_correct(c, a) for c, a in zip(cases, answers, strict=True))
     tok_s = decode_tokens / decode_time if decode_time else 0.0
     return correct, max(held, default=0.0), tok_s, answers
 
 
 def run_kv_bench(engine, cfg: KVBenchConfig, log=print) -> list[KVResult]:
-    rng = random.Random(cfg.seed)
     results = []
     for length in cfg.lengths:
-        keys = [str(rng.randint(10000, 99999)) for _ in cfg.depths]
-        prompts = [
-            passkey_prompt(engine.tokenizer, length, d, k)
-            for d, k in zip(cfg.depths, keys, strict=True)
+        cases = [
+            make_passkey(engine.tokenizer, length, d, cfg.seed * 1000 + length + i)
+            for i, d in enumerate(cfg.depths)
         ]
         configs = [(None, None)] + [(p, b) for p in cfg.policies for b in cfg.budgets]
         for policy, budget in configs:
             correct, held, tok_s, answers = _run_config(
-                engine, prompts, keys, policy, budget, cfg.max_tokens
+                engine, cases, policy, budget, cfg.max_tokens
             )
             r = KVResult(
-                policy or "full", budget, length, correct, len(prompts), held, tok_s, answers
+                policy or "full", budget, length, correct, len(cases), held, tok_s, answers
             )
             results.append(r)
             log(_row(r))
