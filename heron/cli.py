@@ -254,7 +254,8 @@ _ENGINE_FLAGS = (
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in _ENGINE_FLAGS}
+    """The engine settings among this command's flags (the others keep EngineConfig's)."""
+    return {name: getattr(args, name) for name in _ENGINE_FLAGS if hasattr(args, name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -581,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     kvb = bench_sub.add_parser(
         "kv",
-        parents=[common, model],
+        parents=[common, model, _engine_parent()],
         formatter_class=_HelpFormatter,
         help="KV-cache compression: passkey accuracy, KV memory held, decode tok/s",
         description="Passkey retrieval (a 5-digit number hidden in filler at each depth) at "
@@ -599,9 +600,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kvb.add_argument("--budgets", default="0.1,0.2,0.5", help="comma-separated budgets")
     kvb.add_argument("--max-tokens", type=int, default=8, help="tokens generated per case")
-    kvb.add_argument(
-        "--kv-cache-memory", type=float, default=0.25, help="bytes (> 1) or fraction of free"
-    )
     kvb.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     kvb.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     kvb.set_defaults(func=cmd_bench_kv)
@@ -644,10 +642,10 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
     )
 
 
-def _load_llm(args: argparse.Namespace, **kwargs) -> LLM:
+def _load_llm(args: argparse.Namespace) -> LLM:
     from heron import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args), **kwargs)
+    return LLM(args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args))
 
 
 def _has_chat_template(llm: LLM) -> bool:
@@ -1039,7 +1037,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     unknown = [p for p in cfg.policies if p not in POLICIES]
     if unknown:
         raise InvalidRequestError(f"--policies: unknown {unknown}; one of {sorted(POLICIES)}")
-    llm = _load_llm(args, kv_cache_memory=args.kv_cache_memory)
+    llm = _load_llm(args)
     print(header(), flush=True)
     results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True))
     if args.json:

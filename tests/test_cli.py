@@ -128,3 +128,23 @@ def test_bench_throughput_heron_only(tmp_path):
     assert data["heron"]["generated_tokens"] == 2 * 4
     assert data["transformers"] is None
     assert data["machine"]["torch_version"]
+
+
+def test_bench_kv_and_spec_cli(tmp_path):
+    """The KV and speculative benchmarks run from the command line (tiny settings)."""
+    out = tmp_path / "kv.json"
+    proc = heron(
+        "bench", "kv", "--lengths", "300", "--depths", "0.5", "--policies", "snapkv",
+        "--budgets", "0.5", "--max-tokens", "4", "--kv-cache-memory", str(64 * 2**20),
+        "--dtype", "float32", "--device", "cpu", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "snapkv" in proc.stdout and out.stat().st_size > 0
+    proc = heron(
+        "bench", "spec", "--methods", "ngram", "--tasks", "chat", "--batch-size", "1",
+        "--batch1-prompts", "1", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "speed-up" in proc.stdout and "ngram" in proc.stdout
+    proc = heron("bench", "spec", "--methods", "draft")
+    assert proc.returncode != 0 and "--draft-model" in proc.stderr
