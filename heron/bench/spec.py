@@ -188,7 +188,8 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
     chats = {t: _PROMPTS[t](cfg.batch_size) for t in cfg.tasks}
     params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
     runs: list[Run] = []
-    baseline: dict[tuple[str, int], list[list[int]]] = {}
+    # (task, batch) -> plain decoding's outputs and run, which the proposers are held to
+    baseline: dict[tuple[str, int], tuple[list[list[int]], Run]] = {}
     info: dict[str, Any] = {}
     for method in ("none", *cfg.methods):
         kwargs = dict(cfg.engine_kwargs)
@@ -221,13 +222,10 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
                     spec.get("spec_verify_steps", 0),
                 )
                 if method == "none":
-                    baseline[(task, batch)] = tokens
+                    baseline[(task, batch)] = tokens, run
                 else:
-                    ref = baseline[(task, batch)]
+                    ref, base = baseline[(task, batch)]
                     run.identical = sum(a == b for a, b in zip(tokens, ref, strict=True))
-                    base = next(
-                        r for r in runs if r.method == "none" and (r.task, r.batch) == (task, batch)
-                    )
                     run.speedup = run.tokens_per_second / base.tokens_per_second
                 runs.append(run)
         del llm
