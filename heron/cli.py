@@ -158,8 +158,17 @@ def _kv_parent() -> argparse.ArgumentParser:
 
 
 def _engine_parent() -> argparse.ArgumentParser:
+    from heron.layers.quantized_linear import QUANTIZATIONS
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
+    g.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="weight-only quantization of the linear layers, kept packed: int8 (per channel) "
+        "or int4 (groups of 32; the LM head stays int8); speeds up small-batch decode on CPU",
+    )
     g.add_argument(
         "--kv-cache-memory",
         type=float,
@@ -235,6 +244,7 @@ def _engine_parent() -> argparse.ArgumentParser:
 
 # The EngineConfig fields the engine flags above set (argparse dest == field name).
 _ENGINE_FLAGS = (
+    "quantization",
     "kv_cache_memory",
     "block_size",
     "max_num_seqs",
@@ -419,12 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
         "throughput",
         parents=[common, model],
         formatter_class=_HelpFormatter,
-        help="offline batch throughput of heron vs. Hugging Face transformers",
+        help="offline batch throughput of heron vs. transformers and llama.cpp",
         description="Offline throughput: NUM_PROMPTS prompts of exactly INPUT_LEN random token "
         "ids (fixed seed), OUTPUT_LEN new tokens each (greedy, EOS ignored), all submitted to "
         "heron's LLM.generate at once; then the same work through transformers' generate() on "
-        "the same model and dtype, in batches of HF_BATCH_SIZE with left padding. Both are "
-        "timed after a short warm-up. tok/s = generated tokens / wall time.",
+        "the same model and dtype, in batches of HF_BATCH_SIZE with left padding; then "
+        "llama.cpp's llama-batched-bench on the same GGUF (all prompts in one batch, its own "
+        "weight format), when `make bench-deps` built it. Each is timed after a short "
+        "warm-up. tok/s = generated tokens / wall time (prefill included).",
     )
     tp.add_argument("--num-prompts", type=int, default=64, help="number of requests")
     tp.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
@@ -435,6 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--skip-hf", action="store_true", help="run heron only, not the transformers baseline"
     )
+    tp.add_argument(
+        "--skip-llama-cpp",
+        action="store_true",
+        help="no llama.cpp baseline (llama-batched-bench, when `make bench-deps` built it)",
+    )
+    tp.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "int8", "int4"),
+        help="heron's weight format (the baselines run the model file as it is)",
+    )
+    tp.add_argument("--png", default=None, metavar="PATH", help="bar chart (needs matplotlib)")
     tp.add_argument(
         "--max-num-seqs",
         type=int,
@@ -557,15 +581,24 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill",
         parents=[common, model],
         formatter_class=_HelpFormatter,
-        help="prefill time, density and passkey accuracy of sparse prefill vs dense",
+        help="prefill speed vs transformers and llama.cpp; sparse prefill vs dense",
         description="Prefill time of a random-token prompt at each length (fastest of "
-        "REPEATS), the fraction of key blocks computed, and passkey accuracy, for dense "
-        "attention and each sparse prefill pattern, in one run.",
+        "REPEATS) for heron (dense attention), transformers (one forward, same dtype) and "
+        "llama.cpp's llama-bench on the same GGUF (when `make bench-deps` built it); with "
+        "--sparse, also each sparse prefill pattern's time, fraction of key blocks computed "
+        "and passkey accuracy against dense; in one run.",
     )
     pf.add_argument(
         "--sparse", action="store_true", help="compare the sparse prefill patterns to dense"
     )
-    pf.add_argument("--lengths", default="2048,4096,8192", help="comma-separated prompt lengths")
+    pf.add_argument(
+        "--lengths",
+        default=None,
+        help="comma-separated prompt lengths (default: 512,2048,8000; 2048,4096,8000 with "
+        "--sparse)",
+    )
+    pf.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
+    pf.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp baseline")
     pf.add_argument(
         "--patterns",
         default="xattention,vertical_slash,flexprefill",
@@ -579,6 +612,35 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     pf.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
     pf.set_defaults(func=cmd_bench_prefill)
+
+    lat = bench_sub.add_parser(
+        "latency",
+        parents=[common, model],
+        formatter_class=_HelpFormatter,
+        help="batch-1 time to first token and decode tok/s vs transformers and llama.cpp",
+        description="One request at a time: time to first token and decode tok/s of heron "
+        "in each weight format (with its perplexity on The Tempest), of transformers in the "
+        "same dtype, and of llama.cpp's llama-bench on the same GGUF (when `make bench-deps` "
+        "built it), in one run; a table with ratios, optional JSON and PNG.",
+    )
+    lat.add_argument(
+        "--quantizations", default="none,int8,int4", help="comma-separated heron weight formats"
+    )
+    lat.add_argument("--input-len", type=int, default=128, help="prompt length in tokens")
+    lat.add_argument("--output-len", type=int, default=128, help="new tokens")
+    lat.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    lat.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        default=1024,
+        help="tokens of The Tempest scored for perplexity; 0 = skip",
+    )
+    lat.add_argument("--skip-hf", action="store_true", help="no transformers baseline")
+    lat.add_argument("--skip-llama-cpp", action="store_true", help="no llama.cpp baseline")
+    lat.add_argument("--seed", type=int, default=0, help="seed of the random prompt")
+    lat.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    lat.add_argument("--png", default=None, metavar="PATH", help="bar chart (needs matplotlib)")
+    lat.set_defaults(func=cmd_bench_latency)
 
     kvb = bench_sub.add_parser(
         "kv",
@@ -640,6 +702,17 @@ def _sampling_params(args: argparse.Namespace, n: int = 1) -> SamplingParams:
         max_tokens=args.max_tokens,
         stop=args.stop,
     )
+
+
+def _csv(flag: str, text: str, kind: type = str) -> list:
+    """A comma-separated flag value as a list (empty items skipped); a clear error if an item
+    is not a ``kind``."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidRequestError(
+            f"--{flag}: comma-separated {kind.__name__} values, got {text!r}"
+        ) from None
 
 
 def _load_llm(args: argparse.Namespace) -> LLM:
@@ -860,15 +933,11 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     )
     from heron.config import EngineConfig
 
-    patterns = [p for p in args.patterns.split(",") if p] if args.sparse else []
+    patterns = _csv("patterns", args.patterns) if args.sparse else []
     for p in patterns:  # bad names/thresholds fail before any model loads
         EngineConfig(sparse_prefill=p, sparse_threshold=args.threshold)
-    try:
-        lengths = [int(x) for x in args.lengths.split(",") if x]
-    except ValueError:
-        raise InvalidRequestError(
-            f"--lengths: comma-separated integers, got {args.lengths!r}"
-        ) from None
+    default_lengths = "2048,4096,8000" if args.sparse else "512,2048,8000"
+    lengths = _csv("lengths", args.lengths or default_lengths, int)
     cfg = PrefillBenchConfig(
         model=args.model,
         dtype=args.dtype,
@@ -879,6 +948,8 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
         min_tokens=args.min_tokens,
         repeats=args.repeats,
         num_passkey=args.num_passkey,
+        skip_hf=args.skip_hf,
+        skip_llama_cpp=args.skip_llama_cpp,
         seed=args.seed,
     )
     rows = run_prefill_bench(cfg)
@@ -891,9 +962,15 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
-    from heron.bench.throughput import ThroughputConfig, format_table, run_throughput, write_json
+    from heron.bench.throughput import (
+        ThroughputConfig,
+        format_table,
+        run_throughput,
+        write_json,
+        write_png,
+    )
 
-    engine_kwargs = {}
+    engine_kwargs = {"quantization": args.quantization}
     if args.max_num_seqs is not None:
         engine_kwargs["max_num_seqs"] = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
@@ -907,6 +984,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         output_len=args.output_len,
         hf_batch_size=args.hf_batch_size,
         skip_hf=args.skip_hf,
+        skip_llama_cpp=args.skip_llama_cpp,
         seed=args.seed,
         engine_kwargs=engine_kwargs,
     )
@@ -915,6 +993,11 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
         logger.info("results written to %s", args.json)
+    if args.png:
+        if write_png(result, args.png):
+            logger.info("chart written to %s", args.png)
+        else:
+            logger.warning("matplotlib is not installed: no PNG written")
     return 0
 
 
@@ -927,24 +1010,18 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
         write_plots,
     )
 
-    def numbers(flag: str, text: str, kind: type) -> tuple:
-        try:
-            return tuple(kind(x) for x in text.split(","))
-        except ValueError:
-            raise InvalidRequestError(f"--{flag}: comma-separated numbers, got {text!r}") from None
-
     cfg = ScalingConfig(
         model=args.model,
         dtype=args.dtype,
         device=args.device,
         per_level=args.per_level,
-        levels=numbers("levels", args.levels, int),
-        ks=numbers("ks", args.ks, int),
+        levels=tuple(_csv("levels", args.levels, int)),
+        ks=tuple(_csv("ks", args.ks, int)),
         temperature=args.temperature,
         top_p=args.top_p,
         max_tokens=args.max_tokens,
         threshold=args.threshold,
-        agreements=numbers("agreements", args.agreements, float),
+        agreements=tuple(_csv("agreements", args.agreements, float)),
         kv_n=args.kv_n,
         seed=args.seed,
     )
@@ -972,11 +1049,11 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
-        methods=tuple(m for m in args.methods.split(",") if m),
+        methods=tuple(_csv("methods", args.methods)),
         num_speculative_tokens=args.num_speculative_tokens,
         draft_model=args.draft_model,
         draft_num_layers=args.draft_num_layers,
-        tasks=tuple(t for t in args.tasks.split(",") if t),
+        tasks=tuple(_csv("tasks", args.tasks)),
         batch_size=args.batch_size,
         batch1_prompts=args.batch1_prompts,
         max_tokens=args.max_tokens,
@@ -994,12 +1071,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from heron.bench.serve import ServeBenchConfig, format_table, run_serve_bench, write_json
 
-    try:
-        levels = tuple(int(x) for x in args.concurrency.split(","))
-    except ValueError:
-        raise InvalidRequestError(
-            f"--concurrency: comma-separated integers, got {args.concurrency!r}"
-        ) from None
+    levels = tuple(_csv("concurrency", args.concurrency, int))
     cfg = ServeBenchConfig(
         url=args.url,
         model=args.model,
@@ -1019,21 +1091,57 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from heron.bench.latency import (
+        LatencyBenchConfig,
+        format_table,
+        run_latency_bench,
+        write_json,
+        write_png,
+    )
+    from heron.config import EngineConfig
+
+    quantizations = _csv("quantizations", args.quantizations)
+    for q in quantizations:  # a bad name fails before any model loads
+        EngineConfig(quantization=q)
+    cfg = LatencyBenchConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        quantizations=quantizations,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        repeats=args.repeats,
+        perplexity_tokens=args.perplexity_tokens,
+        skip_hf=args.skip_hf,
+        skip_llama_cpp=args.skip_llama_cpp,
+        seed=args.seed,
+    )
+    result = run_latency_bench(cfg)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        logger.info("results written to %s", args.json)
+    if args.png:
+        if write_png(result, args.png):
+            logger.info("chart written to %s", args.png)
+        else:
+            logger.warning("matplotlib is not installed: no PNG written")
+    return 0
+
+
 def cmd_bench_kv(args: argparse.Namespace) -> int:
     from heron.bench.kv import KVBenchConfig, header, run_kv_bench, write_json
     from heron.kv.registry import POLICIES
 
-    try:
-        cfg = KVBenchConfig(
-            lengths=tuple(int(x) for x in args.lengths.split(",")),
-            depths=tuple(float(x) for x in args.depths.split(",")),
-            policies=tuple(args.policies.split(",")),
-            budgets=tuple(float(x) for x in args.budgets.split(",")),
-            max_tokens=args.max_tokens,
-            seed=args.seed,
-        )
-    except ValueError as e:
-        raise InvalidRequestError(f"bench kv: {e}") from None
+    cfg = KVBenchConfig(
+        lengths=tuple(_csv("lengths", args.lengths, int)),
+        depths=tuple(_csv("depths", args.depths, float)),
+        policies=tuple(_csv("policies", args.policies)),
+        budgets=tuple(_csv("budgets", args.budgets, float)),
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     unknown = [p for p in cfg.policies if p not in POLICIES]
     if unknown:
         raise InvalidRequestError(f"--policies: unknown {unknown}; one of {sorted(POLICIES)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from heron.errors import InvalidRequestError
+from heron.layers.quantized_linear import QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -22,6 +23,9 @@ class EngineConfig:
     model: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    # Weight-only quantization of every linear layer: "none", "int8" or "int4" (heron.layers.
+    # quantized_linear); the embedding, norms and KV cache keep ``dtype``.
+    quantization: str = "none"
     block_size: int = 16
     # Bytes (int > 1) or a fraction of the free memory (0 < x <= 1).
     kv_cache_memory: float = 0.25
@@ -52,6 +56,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         _check(self.device in DEVICES, "device", f"must be one of {DEVICES}, got {self.device!r}")
+        _check(
+            self.quantization in QUANTIZATIONS,
+            "quantization",
+            f"must be one of {QUANTIZATIONS}, got {self.quantization!r}",
+        )
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
         _check(
             self.kv_cache_memory > 0,

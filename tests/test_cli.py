@@ -48,10 +48,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         (
             ["bench", "throughput"],
             ["--num-prompts", "--input-len", "--output-len", "--dtype", "--hf-batch-size",
-             "--skip-hf", "--json", "default: 64"],
+             "--skip-hf", "--skip-llama-cpp", "--quantization", "--json", "default: 64"],
+        ),
+        (
+            ["bench", "latency"],
+            ["--quantizations", "--input-len", "--output-len", "--repeats",
+             "--perplexity-tokens", "--skip-hf", "--skip-llama-cpp", "--json", "--png"],
         ),
     ],
-    ids=["heron", "generate", "chat", "models", "bench", "bench-throughput"],
+    ids=["heron", "generate", "chat", "models", "bench", "bench-throughput", "bench-latency"],
 )  # fmt: skip
 def test_help(command, flags):
     proc = heron(*command, "--help")
@@ -117,7 +122,8 @@ def test_bench_throughput_heron_only(tmp_path):
     out = tmp_path / "bench.json"
     proc = heron(
         "bench", "throughput", "--num-prompts", "2", "--input-len", "16", "--output-len", "4",
-        "--skip-hf", "--dtype", "float32", "--device", "cpu", "--json", str(out),
+        "--skip-hf", "--skip-llama-cpp", "--dtype", "float32", "--device", "cpu",
+        "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stdout
@@ -148,3 +154,28 @@ def test_bench_kv_and_spec_cli(tmp_path):
     assert "speed-up" in proc.stdout and "ngram" in proc.stdout
     proc = heron("bench", "spec", "--methods", "draft")
     assert proc.returncode != 0 and "--draft-model" in proc.stderr
+
+
+def test_bench_latency_and_prefill_cli(tmp_path):
+    """Latency per weight format with perplexity; prefill against transformers (tiny)."""
+    import json
+
+    out = tmp_path / "latency.json"
+    proc = heron(
+        "bench", "latency", "--quantizations", "none,int8", "--input-len", "16",
+        "--output-len", "4", "--repeats", "1", "--perplexity-tokens", "64", "--skip-hf",
+        "--skip-llama-cpp", "--dtype", "float32", "--device", "cpu", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["engine"], r["weights"]) for r in rows] == [("heron", "none"), ("heron", "int8")]
+    assert all(r["decode_tokens_per_second"] > 0 and r["perplexity"] > 1 for r in rows)
+    assert rows[1]["weight_mib"] < rows[0]["weight_mib"]  # packed int8 weights
+    proc = heron(
+        "bench", "prefill", "--lengths", "64", "--num-passkey", "0", "--skip-llama-cpp",
+        "--dtype", "float32", "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "dense" in proc.stdout and "transformers" in proc.stdout
+    proc = heron("bench", "latency", "--quantizations", "int3")
+    assert_user_error(proc, "quantization")

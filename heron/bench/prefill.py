@@ -1,5 +1,7 @@
-"""``heron bench prefill --sparse``: prefill time, attention density and passkey accuracy of
-each sparse prefill pattern against dense attention, at several prompt lengths, in one run.
+"""``heron bench prefill``: prefill time of heron's dense attention against transformers
+(one forward, same dtype) and llama.cpp (``llama-bench -p``, when built) at several prompt
+lengths; with ``--sparse``, also the time, attention density and passkey accuracy of each
+sparse prefill pattern against dense attention; all in one run.
 
 Per method (dense first) one engine is built; per length, a prompt of random token ids is
 prefilled (``max_tokens=1``, no prefix caching) ``repeats`` times and the fastest time is
@@ -39,6 +41,8 @@ class PrefillBenchConfig:
     num_passkey: int = 3
     kv_cache_memory: float = float(2**30)
     max_num_batched_tokens: int = 2048
+    skip_hf: bool = False  # the transformers baseline (one forward over the prompt)
+    skip_llama_cpp: bool = False  # llama-bench -p LENGTHS, when built
     seed: int = 0
 
 
@@ -58,10 +62,16 @@ class Row:
         return self.passkey_correct / self.passkey_total if self.passkey_total else 0.0
 
 
+def _prompt(cfg: PrefillBenchConfig, length: int, vocab: int) -> list[int]:
+    g = torch.Generator().manual_seed(cfg.seed + length)
+    return torch.randint(100, min(vocab, 40000), (length,), generator=g).tolist()
+
+
 def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
     from heron import LLM, SamplingParams
 
     rows: list[Row] = []
+    model_path, dtype, device, vocab = "", "", "", 0
     for method in ["dense", *cfg.patterns]:
         kwargs: dict[str, Any] = {}
         if method != "dense":
@@ -82,10 +92,10 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
         sparse = llm.engine.runner.sparse
         tok = llm.get_tokenizer()
         vocab = llm.engine.model_config.vocab_size
+        model_path, dtype, device = llm.engine.model_path, llm.engine.dtype, llm.engine.device
         one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
         for length in cfg.lengths:
-            g = torch.Generator().manual_seed(cfg.seed + length)
-            ids = torch.randint(100, min(vocab, 40000), (length,), generator=g).tolist()
+            ids = _prompt(cfg, length, vocab)
             if sparse is not None:
                 sparse.reset_stats()
             best = float("inf")
@@ -115,25 +125,76 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
             rows.append(row)
         del llm
         gc.collect()
+    if not cfg.skip_hf:
+        rows += _transformers_rows(cfg, Path(model_path), dtype, device, vocab)
+    if not cfg.skip_llama_cpp:
+        rows += _llama_cpp_rows(cfg, Path(model_path))
     dense = {r.length: r for r in rows if r.method == "dense"}
     for r in rows:
         d = dense.get(r.length)
         if d is not None and r.method != "dense":
+            # for a baseline: how much faster heron's dense prefill is than it
             r.speedup = d.prefill_s / r.prefill_s
-            r.accuracy_delta_points = 100 * (r.accuracy - d.accuracy)
+            if r.passkey_total:
+                r.accuracy_delta_points = 100 * (r.accuracy - d.accuracy)
     return rows
 
 
+BASELINES = ("transformers", "llama.cpp")
+
+
+def _transformers_rows(
+    cfg: PrefillBenchConfig, path: Path, dtype: torch.dtype, device: torch.device, vocab: int
+) -> list[Row]:
+    """One forward over each prompt (what a prefill is), fastest of ``repeats``."""
+    from heron.bench.throughput import load_hf_model
+
+    model = load_hf_model(path, dtype, str(device))
+    rows = []
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]], device=device))  # warm-up
+        for length in cfg.lengths:
+            ids = torch.tensor([_prompt(cfg, length, vocab)], device=device)
+            best = float("inf")
+            for _ in range(cfg.repeats):
+                t0 = time.perf_counter()
+                model(ids, logits_to_keep=1)
+                best = min(best, time.perf_counter() - t0)
+            logger.info("transformers @ %d: %.2fs", length, best)
+            rows.append(Row("transformers", length, best, None, 0, 0))
+    del model
+    gc.collect()
+    return rows
+
+
+def _llama_cpp_rows(cfg: PrefillBenchConfig, path: Path) -> list[Row]:
+    from heron.bench import llama_cpp
+
+    if path.suffix != ".gguf":
+        logger.warning("llama.cpp baseline skipped: %s is not a GGUF file", path.name)
+        return []
+    results = llama_cpp.llama_bench(path, list(cfg.lengths), 0) or []
+    return [
+        Row("llama.cpp", r.prompt_tokens, r.prompt_tokens / r.tokens_per_second, None, 0, 0)
+        for r in results
+        if r.prompt_tokens
+    ]
+
+
 def format_table(rows: list[Row]) -> str:
+    """Speed-up: a sparse pattern's over dense heron; for a baseline row, dense heron's over
+    that baseline (> 1: heron is faster)."""
     lines = [
-        f"{'method':<16}{'len':>6}{'prefill s':>11}{'speed-up':>10}{'density':>9}{'passkey':>9}"
+        f"{'method':<16}{'len':>6}{'prefill s':>11}{'tok/s':>9}{'speed-up':>10}{'density':>9}"
+        f"{'passkey':>9}"
     ]
     for r in rows:
         sp = f"{r.speedup:.2f}x" if r.speedup else "-"
         de = f"{r.density:.3f}" if r.density is not None else "-"
+        pk = f"{r.passkey_correct}/{r.passkey_total}" if r.passkey_total else "-"
         lines.append(
-            f"{r.method:<16}{r.length:>6}{r.prefill_s:>11.2f}{sp:>10}{de:>9}"
-            f"{f'{r.passkey_correct}/{r.passkey_total}':>9}"
+            f"{r.method:<16}{r.length:>6}{r.prefill_s:>11.2f}{r.length / r.prefill_s:>9.0f}"
+            f"{sp:>10}{de:>9}{pk:>9}"
         )
     return "\n".join(lines)
 
@@ -144,7 +205,7 @@ def write_json(rows: list[Row], cfg: PrefillBenchConfig, path: str) -> None:
 
 
 def write_png(rows: list[Row], path: str) -> bool:
-    """Speed-up and passkey accuracy vs length; False when matplotlib is not installed."""
+    """Prefill tok/s and passkey accuracy vs length; False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -155,10 +216,11 @@ def write_png(rows: list[Row], path: str) -> bool:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r.method for r in rows):
         rs = [r for r in rows if r.method == method]
-        if method != "dense":
-            a.plot([r.length for r in rs], [r.speedup for r in rs], marker="o", label=method)
-        b.plot([r.length for r in rs], [r.accuracy for r in rs], marker="o", label=method)
-    a.set(xlabel="prompt tokens", ylabel="prefill speed-up vs dense")
+        speed = [r.length / r.prefill_s for r in rs]
+        a.plot([r.length for r in rs], speed, marker="o", label=method)
+        if method not in BASELINES:
+            b.plot([r.length for r in rs], [r.accuracy for r in rs], marker="o", label=method)
+    a.set(xlabel="prompt tokens", ylabel="prefill tok/s")
     b.set(xlabel="prompt tokens", ylabel="passkey accuracy")
     a.legend()
     b.legend()

@@ -1,4 +1,5 @@
-"""Offline throughput: heron's ``LLM.generate`` vs. Hugging Face transformers' ``generate``.
+"""Offline throughput: heron's ``LLM.generate`` vs. Hugging Face transformers' ``generate``
+and llama.cpp's ``llama-batched-bench`` (when built; see ``heron.bench.llama_cpp``).
 
 Both engines get the same work: ``num_prompts`` prompts of exactly ``input_len`` token ids
 (drawn from the vocabulary without special tokens by a seeded ``torch.Generator``), and
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from heron.bench import llama_cpp
 from heron.errors import InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class ThroughputConfig:
     output_len: int = 128
     hf_batch_size: int = 64
     skip_hf: bool = False
+    skip_llama_cpp: bool = False
     seed: int = 0
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -72,12 +75,22 @@ class ThroughputResult:
     device: str
     heron: EngineResult
     transformers: EngineResult | None = None
+    llama_cpp: EngineResult | None = None
 
     @property
     def ratio(self) -> float | None:
-        if self.transformers is None or self.transformers.tokens_per_second == 0:
-            return None
-        return self.heron.tokens_per_second / self.transformers.tokens_per_second
+        """heron over transformers."""
+        return _ratio(self.heron, self.transformers)
+
+    @property
+    def llama_cpp_ratio(self) -> float | None:
+        return _ratio(self.heron, self.llama_cpp)
+
+
+def _ratio(a: EngineResult, b: EngineResult | None) -> float | None:
+    if b is None or b.tokens_per_second == 0:
+        return None
+    return a.tokens_per_second / b.tokens_per_second
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -246,13 +259,26 @@ def run_throughput(cfg: ThroughputConfig) -> ThroughputResult:
         device=info["device"],
         heron=heron_result,
         transformers=hf_result,
+        llama_cpp=None if cfg.skip_llama_cpp else run_llama_cpp(cfg, Path(info["model_path"])),
     )
+
+
+def run_llama_cpp(cfg: ThroughputConfig, path: Path) -> EngineResult | None:
+    if path.suffix != ".gguf":
+        logger.warning("llama.cpp baseline skipped: %s is not a GGUF file", path.name)
+        return None
+    logger.info("llama.cpp: %d prompts in one batch", cfg.num_prompts)
+    load = _cpu_busy_elsewhere()
+    r = llama_cpp.batched_bench(path, cfg.num_prompts, cfg.input_len, cfg.output_len)
+    if r is None:
+        return None
+    return EngineResult("llama.cpp", r.prompts, r.prompts * r.gen_len, r.seconds, load)
 
 
 def format_table(result: ThroughputResult) -> str:
     c = result.config
     rows = [("engine", "requests", "gen tokens", "seconds", "tok/s")]
-    for r in (result.heron, result.transformers):
+    for r in (result.heron, result.transformers, result.llama_cpp):
         if r is not None:
             rows.append(
                 (
@@ -266,6 +292,7 @@ def format_table(result: ThroughputResult) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"throughput: {Path(result.model_path).name}, {result.dtype} on {result.device}, "
+        f"heron weights: {c.engine_kwargs.get('quantization', 'none')}, "
         f"{c.num_prompts} prompts x {c.input_len} tokens in, {c.output_len} out "
         f"(greedy, ignore_eos), {torch.get_num_threads()} threads",
     ]
@@ -278,7 +305,12 @@ def format_table(result: ThroughputResult) -> str:
             lines.append("  ".join("-" * w for w in widths))
     if result.ratio is not None:
         lines.append(f"heron / transformers: {result.ratio:.2f}x")
-    for r in (result.heron, result.transformers):
+    if result.llama_cpp_ratio is not None:
+        lines.append(
+            f"heron / llama.cpp: {result.llama_cpp_ratio:.2f}x (llama.cpp runs the GGUF's own "
+            "weight format)"
+        )
+    for r in (result.heron, result.transformers, result.llama_cpp):
         if r is not None and r.other_cpu_load is not None and r.other_cpu_load >= 0.2:
             lines.append(
                 f"note: other processes kept {r.other_cpu_load:.1f} CPU cores busy when the "
@@ -331,13 +363,37 @@ def to_dict(result: ThroughputResult) -> dict[str, Any]:
         "device": result.device,
         "heron": engine(result.heron),
         "transformers": engine(result.transformers),
+        "llama_cpp": engine(result.llama_cpp),
         "heron_over_transformers": result.ratio,
+        "heron_over_llama_cpp": result.llama_cpp_ratio,
         "machine": machine_info(),
     }
 
 
 def write_json(result: ThroughputResult, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(to_dict(result), indent=2) + "\n")
+
+
+def write_png(result: ThroughputResult, path: str | os.PathLike) -> bool:
+    """tok/s per engine; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    engines = [r for r in (result.heron, result.transformers, result.llama_cpp) if r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([r.engine for r in engines], [r.tokens_per_second for r in engines])
+    c = result.config
+    ax.set(
+        ylabel="generated tok/s",
+        title=f"{c.num_prompts} x {c.input_len} in, {c.output_len} out",
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def _cpu_busy_elsewhere(window: float = 1.0) -> float | None:

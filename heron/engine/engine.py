@@ -43,7 +43,7 @@ class Engine:
         ckpt = Checkpoint(path)
         self.model_config = ckpt.config
         self.tokenizer = Tokenizer(path)
-        model = build_model(ckpt, self.device, self.dtype)
+        model = build_model(ckpt, self.device, self.dtype, config.quantization)
         del ckpt
         family = type(model)
         if not self.tokenizer.hf.chat_template and family.default_chat_template:
@@ -87,12 +87,13 @@ class Engine:
         self._request_ids = itertools.count()
         self._rng = random.Random(config.seed)
         logger.info(
-            "loaded %s (%s, %d layers) on %s in %s in %.1fs; KV cache: %d blocks of %d tokens",
+            "loaded %s (%s, %d layers) on %s in %s%s in %.1fs; KV cache: %d blocks of %d tokens",
             path.name,
             cfg.architecture,
             cfg.num_layers,
             self.device,
             self.dtype,
+            "" if config.quantization == "none" else f", {config.quantization} weights",
             time.perf_counter() - t0,
             num_blocks,
             config.block_size,

@@ -29,26 +29,23 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / self.linear_scaling
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         emb = torch.outer(t, inv_freq).repeat(1, 2)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        # rotate_half(x) = roll(x, D/2) with its first half negated: the sign lives in the
+        # table, so applying rotary is one roll and three arithmetic ops.
+        sign = torch.ones(d, device=device)
+        sign[: d // 2] = -1
+        self.cos, self.sin = emb.cos(), emb.sin() * sign
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the step's positions [T], shaped [T, 1, D]; computed once per step
-        and shared by every layer."""
+        """cos and (signed) sin for the step's positions [T], shaped [T, 1, D]; computed once
+        per step and shared by every layer."""
         cos = self.cos[positions].unsqueeze(1).to(dtype)
         sin = self.sin[positions].unsqueeze(1).to(dtype)
         return cos, sin
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, H, D], k: [T, Hkv, D]."""
-    cos, sin = cos_sin
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, heads, D] (queries, keys, or both side by side)."""
+    cos, signed_sin = cos_sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from heron.errors import ModelLoadError
+from heron.layers.quantized_linear import quantize_linears
 from heron.models.config import ModelConfig
 from heron.models.gguf_file import GGUFFile
 from heron.models.registry import HF_ARCHITECTURES, get_model_class
@@ -86,7 +87,9 @@ class Checkpoint:
         }
 
 
-def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, quantization: str = "none"
+) -> nn.Module:
     cls = get_model_class(ckpt.config.architecture)
     with torch.device("meta"):
         model = cls(ckpt.config)
@@ -96,7 +99,9 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> n
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
     model.load_weights(ckpt.weights)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    quantize_linears(model, quantization)
+    return model
 
 
 # ---------------------------------------------------------------- GGUF

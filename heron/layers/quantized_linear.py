@@ -1,0 +1,176 @@
+"""Weight-only quantized linears (``quantization="int8"`` / ``"int4"``), kept packed in memory.
+
+Decode is memory-bound: a step reads every weight once for a handful of rows, so reading 1 or
+0.5 byte per weight instead of 4 is the speed-up. Those few-row products run through
+PyTorch's packed CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``), which
+take bf16 activations. Many-row products (prefill chunks, big decode batches) are
+compute-bound and those kernels are slow there, so above ``GEMV_MAX_ROWS`` rows the weight
+is dequantized to the activations' dtype for the call and the dense GEMM does the work.
+
+- int8: symmetric, one scale per output channel (``w = q * scale``).
+- int4: asymmetric, one scale and zero per ``group_size`` inputs of each output channel
+  (``w = (q - 8) * scale + zero``, q in 0..15): the layout of GGUF's Q4_0/Q4_1 blocks and of
+  PyTorch's int4 kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.errors import InvalidRequestError
+
+QUANTIZATIONS = ("none", "int8", "int4")
+# Rows up to which the packed kernels beat dequantize + dense GEMM (measured on a 2-core
+# AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32).
+GEMV_MAX_ROWS = 16
+INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
+_KERNEL_DTYPE = torch.bfloat16  # the packed CPU kernels take bf16 activations and scales
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)  # float32, for the dequantized path
+        self.register_buffer("kernel_scale", scale.to(_KERNEL_DTYPE))
+        self.bias = _bias(linear)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > GEMV_MAX_ROWS or rows.device.type != "cpu":
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        y = torch._weight_int8pack_mm(rows.to(_KERNEL_DTYPE), self.qweight, self.kernel_scale)
+        return _finish(y, x, self.bias, self.out_features)
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.group_size = group_size
+        q, scale, zero = quantize_int4(linear.weight.detach().float(), group_size)
+        # [in / group, out, 2]: the kernel's scales-and-zeros layout
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        self.register_buffer("scale_zero", scale_zero.to(_KERNEL_DTYPE))
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.bias = _bias(linear)
+        block_n = _int4_block_n()
+        self.dequantizable = block_n is not None and self.out_features % block_n == 0
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        out_f, in_f = self.out_features, self.in_features
+        w = unpack_int4(self.packed, out_f, in_f, dtype).view(out_f, -1, self.group_size)
+        scale, zero = self.scale_zero.to(dtype).permute(2, 1, 0)[..., None]  # [out, groups, 1]
+        return w.sub_(8).mul_(scale).add_(zero).view(out_f, in_f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > GEMV_MAX_ROWS and self.dequantizable:
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        y = torch._weight_int4pack_mm_for_cpu(
+            rows.to(_KERNEL_DTYPE), self.packed, self.group_size, self.scale_zero
+        )
+        return _finish(y, x, self.bias, self.out_features)
+
+
+def quantize_int4(
+    w: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (q int32 in 0..15, scale [out, in / group], zero [out, in / group])
+    with ``w ~= (q - 8) * scale + zero``: each group's range mapped onto 16 levels."""
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    zero = lo + 8 * scale
+    return q.to(torch.int32).reshape(out_f, in_f), scale, zero
+
+
+def unpack_int4(
+    packed: torch.Tensor, out_features: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The [out, in] levels (0..15, as ``dtype``) held in the CPU kernel's packed layout:
+    blocks of ``block_n`` output rows; byte ``[block, k, j]`` holds row ``j`` (low nibble) and
+    row ``j + block_n / 2`` (high nibble) of input ``k``."""
+    block_n = _int4_block_n()
+    half = block_n // 2
+    p = packed.view(out_features // block_n, in_features, half).transpose(1, 2)
+    out = torch.empty(out_features // block_n, block_n, in_features, dtype=dtype)
+    out[:, :half] = p & 15
+    out[:, half:] = p >> 4
+    return out.view(out_features, in_features)
+
+
+@functools.cache
+def _int4_block_n() -> int | None:
+    """The row-block width of this PyTorch build's int4 packing (it depends on the CPU's
+    vector width), found by packing a probe and checking the unpacking reproduces it exactly;
+    None when no known layout fits, and then the packed kernel serves every call."""
+    out_f, in_f = 256, 64
+    probe = torch.randint(0, 16, (out_f, in_f), generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+    for block_n in (32, 64, 16, 128):
+        p = packed.view(out_f // block_n, in_f, block_n // 2)
+        rows = torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(out_f, in_f)
+        if torch.equal(rows.to(probe.dtype), probe):
+            return block_n
+    return None
+
+
+def quantize_linears(model: nn.Module, quantization: str) -> None:
+    """Replace every ``nn.Linear`` of ``model`` with its packed form. The LM head (``lm_head``;
+    tied to the embedding, it gets its own packed copy and the embedding stays as it is) is
+    int8 under int4 too: as in llama.cpp's Q4 mixes, 4-bit logits cost far more accuracy
+    than the head's share of the time."""
+    if quantization == "none":
+        return
+    if quantization not in QUANTIZATIONS:
+        raise InvalidRequestError(
+            f"quantization: must be one of {QUANTIZATIONS}, got {quantization!r}",
+            param="quantization",
+        )
+    if quantization == "int4" and next(model.parameters()).device.type != "cpu":
+        raise InvalidRequestError(
+            "quantization: int4 uses PyTorch's CPU int4 kernel; on a GPU use int8 or none",
+            param="quantization",
+        )
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                kind = "int8" if name == "lm_head" else quantization
+                setattr(parent, name, _quantize(child, kind))
+
+
+def _quantize(linear: nn.Linear, quantization: str) -> nn.Module:
+    if quantization == "int8":
+        return Int8Linear(linear)
+    for group_size in INT4_GROUP_SIZES:
+        if linear.in_features % group_size == 0:
+            return Int4Linear(linear, group_size)
+    raise InvalidRequestError(
+        f"quantization: int4 needs in_features divisible by 32; a layer has "
+        f"{linear.in_features}; use int8",
+        param="quantization",
+    )
+
+
+def _bias(linear: nn.Linear) -> nn.Parameter | None:
+    return None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
+
+
+def _finish(
+    y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    y = y.to(x.dtype).view(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
