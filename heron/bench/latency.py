@@ -6,8 +6,8 @@ heron: one engine per weight format (prefix caching off), a prompt of ``input_le
 token ids, ``output_len`` new tokens, greedy, EOS ignored; TTFT = add_request to the first
 token, decode tok/s = the other ``output_len - 1`` tokens over their time; best of
 ``repeats``. transformers: TTFT = one forward over the prompt; decode = ``generate`` time
-minus that. llama.cpp: ``llama-bench -p input_len -n output_len`` (TTFT = prompt / its
-prefill speed)."""
+minus that. llama.cpp: ``llama-bench -p input_len -n output_len -r repeats`` (TTFT = prompt
+/ its mean prefill speed)."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def run_llama_cpp(cfg: LatencyBenchConfig, info: dict) -> LatencyRow | None:
     if path.suffix != ".gguf":
         logger.warning("llama.cpp baseline skipped: %s is not a GGUF file", path.name)
         return None
-    results = llama_cpp.llama_bench(path, [cfg.input_len], cfg.output_len)
+    results = llama_cpp.llama_bench(path, [cfg.input_len], cfg.output_len, cfg.repeats)
     if not results:
         return None
     prefill = next(r for r in results if r.prompt_tokens)

@@ -43,16 +43,22 @@ class LlamaBenchResult:
 
 
 def llama_bench(
-    model: Path, prompt_lens: list[int], gen_len: int, threads: int | None = None
+    model: Path,
+    prompt_lens: list[int],
+    gen_len: int,
+    repetitions: int = 1,
+    threads: int | None = None,
 ) -> list[LlamaBenchResult] | None:
     """Prefill speed for each prompt length (``-p``) and batch-1 decode speed over ``gen_len``
-    tokens (``-n``); None when llama-bench is not installed or fails (logged)."""
+    tokens (``-n``), averaged over ``repetitions`` runs of each; None when llama-bench is not
+    installed or fails (logged)."""
     tool = find_tool("llama-bench")
     if tool is None:
         logger.warning("llama.cpp baseline skipped: llama-bench not found; %s", INSTALL_HINT)
         return None
     cmd = [str(tool), "-m", str(model), "-t", str(threads or torch.get_num_threads())]
-    cmd += ["-p", ",".join(map(str, prompt_lens)) or "0", "-n", str(gen_len), "-o", "json"]
+    cmd += ["-p", ",".join(map(str, prompt_lens)) or "0", "-n", str(gen_len)]
+    cmd += ["-r", str(repetitions), "-o", "json"]
     rows = _run_json(cmd)
     if rows is None:
         return None

@@ -173,7 +173,7 @@ def _llama_cpp_rows(cfg: PrefillBenchConfig, path: Path) -> list[Row]:
     if path.suffix != ".gguf":
         logger.warning("llama.cpp baseline skipped: %s is not a GGUF file", path.name)
         return []
-    results = llama_cpp.llama_bench(path, list(cfg.lengths), 0) or []
+    results = llama_cpp.llama_bench(path, list(cfg.lengths), 0, cfg.repeats) or []
     return [
         Row("llama.cpp", r.prompt_tokens, r.prompt_tokens / r.tokens_per_second, None, 0, 0)
         for r in results
