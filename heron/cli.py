@@ -83,8 +83,8 @@ def _model_parent() -> argparse.ArgumentParser:
         "--dtype",
         default="auto",
         choices=DTYPES,
-        help="weight and activation precision; auto = bfloat16 on GPUs and on CPUs with native "
-        "bf16, float32 otherwise",
+        help="weight and activation precision; auto = bfloat16 on GPUs, on CPUs with native "
+        "bf16 and with --quantization, float32 otherwise",
     )
     g.add_argument(
         "--device", default="auto", choices=DEVICES, help="auto = cuda when a GPU is visible"

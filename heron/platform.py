@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -21,6 +22,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AVX-512 BF16 or AMX); without it oneDNN
     emulates bf16 and float32 is several times faster."""
@@ -32,9 +34,12 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, quantized: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on GPUs, on CPUs with native bf16, and with quantized weights (the
+    packed CPU kernels take bf16 activations, and their many-rows path falls back to float32
+    GEMMs where bf16 is emulated); float32 otherwise."""
     if dtype == "auto":
-        if device.type == "cuda":
+        if device.type == "cuda" or quantized:
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if dtype == "float16" and device.type == "cpu":

@@ -11,6 +11,7 @@ from heron import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.layers import quantized_linear as ql
 from heron.layers.quantized_linear import Int4Linear, Int8Linear, quantize_linears
+from heron.platform import resolve_dtype
 
 PROMPT = "The heron stood in the shallow river, waiting for a fish. It had been there since"
 
@@ -26,22 +27,29 @@ def _linear(in_f: int, out_f: int, bias: bool) -> nn.Linear:
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 5, ql.GEMV_MAX_ROWS + 7])  # packed kernel, then dense
 @pytest.mark.parametrize("bias", [False, True])
-def test_quantized_linear_matches_dequantized_reference(kind, rows, bias):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_matches_dequantized_reference(kind, rows, bias, dtype):
     lin = _linear(192, 320, bias)
     q = Int8Linear(lin) if kind == "int8" else Int4Linear(lin, 32)
     w = q.dequantize(torch.float32)
     # The weight really is quantized: close to the original, not equal to it.
     rel = ((w - lin.weight).norm() / lin.weight.norm()).item()
     assert 0 < rel < (0.01 if kind == "int8" else 0.1), rel
-    x = torch.randn(rows, 192)
-    ref = nn.functional.linear(x, w, lin.bias)
+    x = torch.randn(rows, 192).to(dtype)
+    ref = nn.functional.linear(x.float(), w, lin.bias)
     y = q(x)
-    assert y.shape == (rows, 320) and y.dtype == x.dtype
-    # The packed kernels take bf16 activations: ~0.4% relative error per product.
-    err = ((y - ref).norm() / ref.norm()).item()
+    assert y.shape == (rows, 320) and y.dtype == dtype
+    # bf16 activations (the packed kernels', or the caller's): ~0.4% relative error.
+    err = ((y.float() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
     y3 = q(x.view(1, rows, 192))  # any leading shape
     assert torch.allclose(y3.view(rows, 320), y)
+
+
+def test_auto_dtype_is_bf16_with_quantized_weights():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, quantized=True) == torch.bfloat16
+    assert resolve_dtype("float32", cpu, quantized=True) == torch.float32
 
 
 def test_int4_levels_round_trip_through_the_packed_layout():

@@ -1,6 +1,7 @@
 """``heron bench latency``: one request at a time — time to first token and decode speed —
-for heron in each weight format, against transformers (same dtype) and llama.cpp (its own
-format of the same GGUF), in one run; with each heron format's perplexity on a fixed text.
+for heron in each weight format, against transformers (in unquantized heron's dtype) and
+llama.cpp (its own format of the same GGUF), in one run; with each heron format's perplexity
+on a fixed text.
 
 heron: one engine per weight format (prefix caching off), a prompt of ``input_len`` random
 token ids, ``output_len`` new tokens, greedy, EOS ignored; TTFT = add_request to the first
@@ -25,6 +26,7 @@ from heron.bench import llama_cpp
 from heron.bench.perplexity import perplexity, perplexity_tokens
 from heron.bench.throughput import load_hf_model, machine_info, make_prompts
 from heron.errors import InvalidRequestError
+from heron.platform import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class LatencyRow:
     decode_tokens_per_second: float
     perplexity: float | None = None
     weight_mib: float | None = None  # parameters + buffers held by the model
+    activations: str = ""  # dtype of activations and KV cache (heron, transformers)
 
 
 def _model_mib(model: torch.nn.Module) -> float:
@@ -97,12 +100,12 @@ def run_heron(cfg: LatencyBenchConfig, quantization: str) -> tuple[LatencyRow, d
         best_decode = max(best_decode, (cfg.output_len - 1) / (end - first))
     ppl_ids = perplexity_tokens(tok, cfg.perplexity_tokens) if cfg.perplexity_tokens else []
     ppl = perplexity(llm, ppl_ids) if ppl_ids else None
-    row = LatencyRow(
-        "heron", quantization, best_ttft * 1e3, best_decode, ppl, _model_mib(engine.runner.model)
-    )
+    dtype = str(engine.dtype).removeprefix("torch.")
+    mib = _model_mib(engine.runner.model)
+    row = LatencyRow("heron", quantization, best_ttft * 1e3, best_decode, ppl, mib, dtype)
     info = {
         "model_path": str(engine.model_path),
-        "dtype": str(engine.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "device": str(engine.device),
         "prompt": prompt,
         "perplexity_ids": ppl_ids,
@@ -113,9 +116,11 @@ def run_heron(cfg: LatencyBenchConfig, quantization: str) -> tuple[LatencyRow, d
 
 
 def run_transformers(cfg: LatencyBenchConfig, info: dict) -> LatencyRow:
+    """In the dtype unquantized heron runs in (``auto`` may pick bf16 for quantized rows)."""
     from transformers import GenerationConfig
 
-    model = load_hf_model(Path(info["model_path"]), getattr(torch, info["dtype"]), info["device"])
+    dtype = resolve_dtype(cfg.dtype, torch.device(info["device"]))
+    model = load_hf_model(Path(info["model_path"]), dtype, info["device"])
     ids = torch.tensor([info["prompt"]], device=info["device"])
     gen = GenerationConfig(
         max_new_tokens=cfg.output_len,
@@ -138,13 +143,15 @@ def run_transformers(cfg: LatencyBenchConfig, info: dict) -> LatencyRow:
             x = torch.tensor([info["perplexity_ids"]], device=info["device"])
             loss = model(x, labels=x).loss.item()
             ppl = float(torch.tensor(loss).exp())
+    name = str(dtype).removeprefix("torch.")
     row = LatencyRow(
         "transformers",
-        info["dtype"],
+        name,
         best_ttft * 1e3,
         (cfg.output_len - 1) / (best_total - best_ttft),
         ppl,
         _model_mib(model),
+        name,
     )
     del model
     gc.collect()
@@ -201,13 +208,15 @@ def run_latency_bench(cfg: LatencyBenchConfig) -> LatencyResult:
 def format_table(result: LatencyResult) -> str:
     c = result.config
     hf, lc = result.baseline("transformers"), result.baseline("llama.cpp")
-    head = ["engine", "weights", "MiB", "TTFT ms", "decode tok/s", "x HF", "x llama.cpp", "ppl"]
+    head = ["engine", "weights", "act", "MiB", "TTFT ms", "decode tok/s", "x HF", "x llama.cpp"]
+    head.append("ppl")
     table = [head]
     for r in result.rows:
         table.append(
             [
                 r.engine,
                 r.weights,
+                r.activations,
                 "" if r.weight_mib is None else f"{r.weight_mib:.0f}",
                 f"{r.ttft_ms:.1f}",
                 f"{r.decode_tokens_per_second:.1f}",
@@ -218,15 +227,15 @@ def format_table(result: LatencyResult) -> str:
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = [
-        f"latency: {Path(result.model_path).name}, {result.dtype} activations on "
-        f"{result.device}, batch 1, {c.input_len} tokens in, {c.output_len} out (greedy), "
+        f"latency: {Path(result.model_path).name} on {result.device}, batch 1, "
+        f"{c.input_len} tokens in, {c.output_len} out (greedy), "
         f"best of {c.repeats}, {torch.get_num_threads()} threads; ppl over "
         f"{c.perplexity_tokens} tokens of The Tempest"
     ]
     for i, row in enumerate(table):
         lines.append(
             "  ".join(
-                v.ljust(w) if j < 2 else v.rjust(w)
+                v.ljust(w) if j < 3 else v.rjust(w)
                 for j, (v, w) in enumerate(zip(row, widths, strict=True))
             )
         )

@@ -37,7 +37,7 @@ class Engine:
         self.config = config
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, config.quantization != "none")
         path = resolve_model_path(config.model)
         self.model_path = path
         ckpt = Checkpoint(path)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.errors import InvalidRequestError
+from heron.platform import cpu_has_fast_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
 # Rows up to which the packed kernels beat dequantize + dense GEMM (measured on a 2-core
@@ -48,7 +49,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > GEMV_MAX_ROWS or rows.device.type != "cpu":
-            return F.linear(x, self.dequantize(x.dtype), self.bias)
+            return _dense(self, x)
         y = torch._weight_int8pack_mm(rows.to(_KERNEL_DTYPE), self.qweight, self.kernel_scale)
         return _finish(y, x, self.bias, self.out_features)
 
@@ -76,7 +77,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > GEMV_MAX_ROWS and self.dequantizable:
-            return F.linear(x, self.dequantize(x.dtype), self.bias)
+            return _dense(self, x)
         y = torch._weight_int4pack_mm_for_cpu(
             rows.to(_KERNEL_DTYPE), self.packed, self.group_size, self.scale_zero
         )
@@ -165,6 +166,16 @@ def _quantize(linear: nn.Linear, quantization: str) -> nn.Module:
     )
 
 
+def _dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    """The many-rows path: dequantize and run the dense GEMM, in float32 when ``x`` is bf16 on
+    a CPU that only emulates bf16 matmul (several times slower there), else in ``x``'s dtype."""
+    dtype = x.dtype
+    if dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16():
+        dtype = torch.float32
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), layer.dequantize(dtype), bias).to(x.dtype)
+
+
 def _bias(linear: nn.Linear) -> nn.Parameter | None:
     return None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 
@@ -173,4 +184,4 @@ def _finish(
     y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
     y = y.to(x.dtype).view(*x.shape[:-1], out_features)
-    return y if bias is None else y + bias
+    return y if bias is None else y.add_(bias)  # in place: keeps the activations' dtype
