@@ -452,10 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no llama.cpp baseline (llama-batched-bench, when `make bench-deps` built it)",
     )
+    from heron.layers.quantized_linear import QUANTIZATIONS
+
     tp.add_argument(
         "--quantization",
         default="none",
-        choices=("none", "int8", "int4"),
+        choices=QUANTIZATIONS,
         help="heron's weight format (the baselines run the model file as it is)",
     )
     tp.add_argument("--png", default=None, metavar="PATH", help="bar chart (needs matplotlib)")
@@ -619,9 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
         help="batch-1 time to first token and decode tok/s vs transformers and llama.cpp",
         description="One request at a time: time to first token and decode tok/s of heron "
-        "in each weight format (with its perplexity on The Tempest), of transformers in the "
-        "same dtype, and of llama.cpp's llama-bench on the same GGUF (when `make bench-deps` "
-        "built it), in one run; a table with ratios, optional JSON and PNG.",
+        "in each weight format (with its perplexity on The Tempest), of transformers in "
+        "unquantized heron's dtype, and of llama.cpp's llama-bench on the same GGUF (when "
+        "`make bench-deps` built it), in one run; a table with ratios, optional JSON and PNG.",
     )
     lat.add_argument(
         "--quantizations", default="none,int8,int4", help="comma-separated heron weight formats"

@@ -24,6 +24,7 @@ import torch
 
 from heron.bench import llama_cpp
 from heron.bench.perplexity import perplexity, perplexity_tokens
+from heron.bench.plot import pyplot
 from heron.bench.throughput import load_hf_model, machine_info, make_prompts
 from heron.errors import InvalidRequestError
 from heron.platform import resolve_dtype
@@ -269,12 +270,8 @@ def write_json(result: LatencyResult, path: str) -> None:
 
 def write_png(result: LatencyResult, path: str) -> bool:
     """Decode tok/s per engine and format; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     labels = [f"{r.engine}\n{r.weights}" for r in result.rows]
     fig, ax = plt.subplots(figsize=(1.6 * len(labels) + 2, 4))

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from heron.bench.passkey import is_correct, make_passkey
+from heron.bench.plot import pyplot
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,8 @@ def write_json(rows: list[Row], cfg: PrefillBenchConfig, path: str) -> None:
 
 def write_png(rows: list[Row], path: str) -> bool:
     """Prefill tok/s and passkey accuracy vs length; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for method in dict.fromkeys(r.method for r in rows):

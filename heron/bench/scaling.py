@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from heron.bench.plot import pyplot
 from heron.bench.throughput import machine_info
 from heron.bench.word_problems import Problem, make_problems
 from heron.config import SamplingParams
@@ -350,12 +351,8 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 def write_plots(result: dict[str, Any], prefix: str | os.PathLike) -> list[Path]:
     """accuracy vs k and accuracy vs tokens per problem, as PNGs (needs the ``bench`` extra:
     matplotlib); returns the files written, none without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         logger.warning("matplotlib is not installed (pip install 'heron[bench]'): no PNGs")
         return []
     written = []

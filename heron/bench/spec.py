@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from heron.bench.plot import pyplot
 from heron.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -277,12 +278,8 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 
 def write_plot(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
     """Speed-up per task and proposer, one panel per batch size (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         logger.warning("matplotlib is not installed (pip install 'heron[bench]'): no PNG")
         return None
     runs = [r for r in result["runs"] if r["speedup"] is not None]

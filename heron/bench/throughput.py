@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from heron.bench import llama_cpp
+from heron.bench.plot import pyplot
 from heron.errors import InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -376,12 +377,8 @@ def write_json(result: ThroughputResult, path: str | os.PathLike) -> None:
 
 def write_png(result: ThroughputResult, path: str | os.PathLike) -> bool:
     """tok/s per engine; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     engines = [r for r in (result.heron, result.transformers, result.llama_cpp) if r]
     fig, ax = plt.subplots(figsize=(6, 4))
