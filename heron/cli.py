@@ -11,7 +11,8 @@ import logging
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from heron.errors import HeronError, InvalidRequestError
@@ -717,6 +718,20 @@ def _csv(flag: str, text: str, kind: type = str) -> list:
         ) from None
 
 
+def _save_results(
+    args: argparse.Namespace,
+    write_json: Callable[[str], object],
+    write_png: Callable[[str], object] | None = None,
+) -> None:
+    """Write the --json results and the --png chart where the user asked for them (a missing
+    matplotlib is reported by the chart writer, which then returns a false value)."""
+    if args.json:
+        write_json(args.json)
+        logger.info("results written to %s", args.json)
+    if write_png is not None and args.png and write_png(args.png):
+        logger.info("chart written to %s", args.png)
+
+
 def _load_llm(args: argparse.Namespace) -> LLM:
     from heron import LLM
 
@@ -956,10 +971,9 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
     )
     rows = run_prefill_bench(cfg)
     print(format_table(rows))
-    if args.json:
-        write_json(rows, cfg, args.json)
-    if args.png and not write_png(rows, args.png):
-        logger.warning("matplotlib is not installed: no PNG written")
+    _save_results(
+        args, lambda path: write_json(rows, cfg, path), lambda path: write_png(rows, path)
+    )
     return 0
 
 
@@ -992,14 +1006,7 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     )
     result = run_throughput(cfg)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        logger.info("results written to %s", args.json)
-    if args.png:
-        if write_png(result, args.png):
-            logger.info("chart written to %s", args.png)
-        else:
-            logger.warning("matplotlib is not installed: no PNG written")
+    _save_results(args, partial(write_json, result), partial(write_png, result))
     return 0
 
 
@@ -1029,9 +1036,7 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     )
     result = run_scaling(cfg)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        logger.info("results written to %s", args.json)
+    _save_results(args, partial(write_json, result))
     if args.plots:
         for path in write_plots(result, args.plots):
             logger.info("chart written to %s", path)
@@ -1062,11 +1067,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
     )
     result = run_spec_bench(cfg)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        logger.info("results written to %s", args.json)
-    if args.png and write_plot(result, args.png):
-        logger.info("chart written to %s", args.png)
+    _save_results(args, partial(write_json, result), partial(write_plot, result))
     return 0
 
 
@@ -1087,9 +1088,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     )
     result = run_serve_bench(cfg)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        logger.info("results written to %s", args.json)
+    _save_results(args, partial(write_json, result))
     return 0
 
 
@@ -1121,14 +1120,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     )
     result = run_latency_bench(cfg)
     print(format_table(result))
-    if args.json:
-        write_json(result, args.json)
-        logger.info("results written to %s", args.json)
-    if args.png:
-        if write_png(result, args.png):
-            logger.info("chart written to %s", args.png)
-        else:
-            logger.warning("matplotlib is not installed: no PNG written")
+    _save_results(args, partial(write_json, result), partial(write_png, result))
     return 0
 
 
@@ -1150,9 +1142,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     llm = _load_llm(args)
     print(header(), flush=True)
     results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True))
-    if args.json:
-        write_json(results, cfg, args.json)
-        logger.info("results written to %s", args.json)
+    _save_results(args, lambda path: write_json(results, cfg, path))
     return 0
 
 

@@ -353,7 +353,6 @@ def write_plots(result: dict[str, Any], prefix: str | os.PathLike) -> list[Path]
     matplotlib); returns the files written, none without matplotlib."""
     plt = pyplot()
     if plt is None:
-        logger.warning("matplotlib is not installed (pip install 'heron[bench]'): no PNGs")
         return []
     written = []
     for x_key, x_label, name in (

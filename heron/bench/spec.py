@@ -280,7 +280,6 @@ def write_plot(result: dict[str, Any], path: str | os.PathLike) -> Path | None:
     """Speed-up per task and proposer, one panel per batch size (needs matplotlib)."""
     plt = pyplot()
     if plt is None:
-        logger.warning("matplotlib is not installed (pip install 'heron[bench]'): no PNG")
         return None
     runs = [r for r in result["runs"] if r["speedup"] is not None]
     batches = sorted({r["batch"] for r in runs})
