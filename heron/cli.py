@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw --n samples and print the one this decoding strategy picks: best_of_n "
         "(highest mean token logprob), majority (most frequent final answer), "
         "best_of_majority (best-scored among popular answers), adaptive (samples in rounds "
-        "of 4, 8, ... up to --n, stops once the answers agree); a report goes to stderr",
+        "of 4, 8, ... up to --n, stops once the answers agree); or decode one sample token by "
+        "token with cad (context-aware decoding; needs context=TEXT) or entropy_adaptive "
+        "(layer-skipped model while the entropy is low); a report goes to stderr",
     )
     gen.add_argument(
         "--strategy-option",
@@ -333,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a strategy option, may be repeated: answer=auto|boxed|number, answer_regex=RE, "
         "scorer=mean_logprob|sum_logprob|min_logprob, threshold=0.3 (best_of_majority), "
-        "initial=4 and agreement=0.75 (adaptive)",
+        "initial=4 and agreement=0.75 (adaptive), context=TEXT and alpha=0.5 (cad), "
+        "threshold=1.0 (nats), window=4, min_span=8, cheap_layers=N (entropy_adaptive)",
     )
     gen.set_defaults(func=cmd_generate)
 
@@ -764,8 +767,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         strategy = make_strategy(args.strategy, args.n, parse_options(args.strategy_option))
     elif args.strategy_option:
         raise InvalidRequestError("--strategy-option needs --strategy")
-    stream = args.stream if args.stream is not None else args.n == 1 and strategy is None
-    if stream and strategy is not None:
+    # A per-token strategy (cad, entropy_adaptive) streams like a plain request.
+    picks = strategy is not None and not strategy.per_token
+    stream = args.stream if args.stream is not None else args.n == 1 and not picks
+    if stream and picks:
         raise InvalidRequestError(
             "--stream: a strategy picks its completion after drawing all samples; drop --stream"
         )
@@ -784,6 +789,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if stream:
         prompt = _chat_ids(llm, messages) if chat else args.prompt
         last = ""
+        if strategy is not None:
+            params = strategy.request_params(params)
         for piece in llm.stream(prompt, params):
             _write(piece)
             last = piece or last
@@ -801,7 +808,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             _write(f"=== completion {comp.index + 1}/{len(out.outputs)} ===\n")
         _write(comp.text if comp.text.endswith("\n") else comp.text + "\n")
     num_tokens = sum(len(c.token_ids) for c in out.outputs)
-    if out.strategy is not None:
+    if out.strategy is not None and not picks:
+        r = out.strategy
+        spent = ", ".join(f"{k} {v:g}" for k, v in r.metrics.items())
+        print(f"{r.strategy}: {r.num_tokens} tokens; {spent}", file=sys.stderr)
+    elif out.strategy is not None:
         r = out.strategy
         num_tokens = r.num_tokens
         share = f"{r.vote_share:.0%} of votes" if r.vote_share is not None else "no vote"

@@ -172,6 +172,20 @@ class SamplingParams:
     # "none" = the full cache even when the engine compresses by default).
     kv_policy: str | None = None
     kv_budget: float | None = None
+    # heron extra: context-aware decoding (heron.engine.context_aware). The prompt is also run
+    # without the text ``cad_context``, in lockstep, and tokens are drawn from
+    # (1 + cad_alpha) * logits(prompt) - cad_alpha * logits(prompt without the context).
+    cad_context: str | None = None
+    cad_alpha: float = 0.5
+    # heron extra: entropy-adaptive decoding (heron.engine.model_switch). While the rolling
+    # mean of the next-token entropy (nats, over ``entropy_window`` tokens) is below
+    # ``entropy_threshold``, a cheap model (this one with ``cheap_layers`` of its layers)
+    # generates; above it the full model does. Each model keeps at least ``entropy_min_span``
+    # tokens before a switch away from it.
+    entropy_threshold: float | None = None
+    entropy_window: int = 4
+    entropy_min_span: int = 8
+    cheap_layers: int | None = None  # None: 5/6 of the layers, spread over depth
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -217,12 +231,51 @@ class SamplingParams:
             f"must be >= 0, got {self.prompt_logprobs}",
         )
         _check_kv(self.kv_policy, self.kv_budget, allow_none=True)
+        self._check_token_strategies()
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
         self.stop_strings = stops
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+
+    def _check_token_strategies(self) -> None:
+        cad = self.cad_context is not None
+        ead = self.entropy_threshold is not None
+        _check(
+            not cad or (isinstance(self.cad_context, str) and self.cad_context != ""),
+            "cad_context",
+            "must be the non-empty text of the prompt's context",
+        )
+        _check(self.cad_alpha >= 0, "cad_alpha", f"must be >= 0, got {self.cad_alpha}")
+        _check(
+            not ead or self.entropy_threshold >= 0,
+            "entropy_threshold",
+            f"must be >= 0 (nats), got {self.entropy_threshold}",
+        )
+        _check(
+            self.entropy_window >= 1, "entropy_window", f"must be >= 1, got {self.entropy_window}"
+        )
+        _check(
+            self.entropy_min_span >= 1,
+            "entropy_min_span",
+            f"must be >= 1, got {self.entropy_min_span}",
+        )
+        _check(
+            self.cheap_layers is None or self.cheap_layers >= 1,
+            "cheap_layers",
+            f"must be >= 1, got {self.cheap_layers}",
+        )
+        _check(
+            not (cad and ead),
+            "cad_context",
+            "context-aware and entropy-adaptive decoding cannot be combined; choose one",
+        )
+        _check(
+            not (cad or ead) or self.n == 1,
+            "n",
+            f"context-aware and entropy-adaptive decoding draw one sample; got n={self.n}",
+        )
 
     @property
     def greedy(self) -> bool:

@@ -46,6 +46,9 @@ class StrategyReport:
     model_calls: int  # engine steps (forward passes) the request's samples took part in
     rounds: int  # engine requests drawn one after another (> 1 only for adaptive)
     samples: list[CompletionOutput]
+    # The engine's accounting of the last round, e.g. entropy-adaptive decoding's cheap and
+    # full tokens or context-aware decoding's context-free prompt tokens.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """Everything but the samples themselves, JSON-safe (what the server returns): the

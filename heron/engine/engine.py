@@ -13,7 +13,9 @@ import time
 import torch
 
 from heron.config import EngineConfig, SamplingParams
+from heron.engine import context_aware
 from heron.engine.block_manager import BlockManager
+from heron.engine.model_switch import ModelSwitch, entropy
 from heron.engine.runner import ModelRunner
 from heron.engine.sampler import Sampler, top_logprobs
 from heron.engine.scheduler import Scheduler
@@ -26,6 +28,7 @@ from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
+from heron.spec.layer_skip import spread_layers
 from heron.spec.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
@@ -165,11 +168,57 @@ class Engine:
         kv_state = self._kv_state(params)
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
+        companion = self._cad_companion(req) if params.cad_context is not None else None
+        switch = self._model_switch(params) if params.entropy_threshold is not None else None
         seq = self._new_sequence(req, 0, list(ids))
         seq.kv = kv_state
+        seq.switch = switch
         self.requests[request_id] = req
         self.scheduler.add(seq)
+        if companion is not None:
+            seq.contrast, companion.contrast_of = companion, seq
+            self.scheduler.add(companion)
         return req
+
+    def _cad_companion(self, req: Request) -> Sequence:
+        """Context-aware decoding: the request's prompt without its context, as a sequence of
+        an internal request (never reported) that follows the request's tokens."""
+        self._check_token_strategy("cad_context", "context-aware decoding")
+        ids = context_aware.context_free_prompt(
+            self.tokenizer, req.prompt_token_ids, req.params.cad_context
+        )
+        inner = Request(f"{req.request_id}#without-context", None, ids, SamplingParams())
+        return self._new_sequence(inner, 0, list(ids))
+
+    def _model_switch(self, params: SamplingParams) -> ModelSwitch:
+        self._check_token_strategy("entropy_threshold", "entropy-adaptive decoding")
+        if params.kv_policy not in (None, "none") or self.config.kv_policy is not None:
+            raise InvalidRequestError(
+                "entropy_threshold: entropy-adaptive decoding cannot be combined with KV "
+                "compression (the full model recomputes the cheap model's positions)",
+                param="entropy_threshold",
+            )
+        num_layers = self.model_config.num_layers
+        keep = params.cheap_layers or max(1, num_layers * 5 // 6)
+        if keep > num_layers:
+            raise InvalidRequestError(
+                f"cheap_layers: the model has {num_layers} layers, got {keep}",
+                param="cheap_layers",
+            )
+        return ModelSwitch(
+            spread_layers(num_layers, keep),
+            params.entropy_threshold,
+            params.entropy_window,
+            params.entropy_min_span,
+        )
+
+    def _check_token_strategy(self, param: str, what: str) -> None:
+        if self.speculator is not None:
+            raise InvalidRequestError(
+                f"{param}: {what} cannot be combined with speculative decoding (this server "
+                "runs with --speculative-method)",
+                param=param,
+            )
 
     def _kv_state(self, params: SamplingParams) -> KVState | None:
         """The request's KV-compression state: its own policy, else the engine's (or none)."""
@@ -254,7 +303,9 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
-                if seq.kv is None:  # compressed blocks are not what their hashes name
+                # Compressed blocks, and blocks the cheap model of entropy-adaptive decoding
+                # wrote, are not what their hashes name.
+                if seq.kv is None and (seq.switch is None or seq.switch.cheap_start is None):
                     self.block_manager.register_full_blocks(seq)
         self.kv.after_step(batch.seqs, result.kv_queries)
         for seq in batch.seqs:
@@ -280,11 +331,16 @@ class Engine:
                     self.scheduler.add_running(child)
                     sample_seqs.append(child)
                     rows.append(row)
-        samples = self.sampler.sample(result.sample_logits[rows], sample_seqs)
+        logits = result.sample_logits[rows]
+        sample_seqs, logits = context_aware.pair_rows(sample_seqs, logits)
+        samples = self.sampler.sample(logits, sample_seqs)
 
         touched: dict[str, Request] = {}
-        for seq, (token, logprobs) in zip(sample_seqs, samples, strict=True):
+        for row, (seq, (token, logprobs)) in enumerate(zip(sample_seqs, samples, strict=True)):
             self._append_token(seq, token, logprobs)
+            context_aware.follow(seq, token)
+            if seq.switch is not None:
+                self._observe_entropy(seq, logits[row])
             touched[seq.request.request_id] = seq.request
         for seq in batch.seqs:
             if seq.seq_id in result.spec_logits:
@@ -297,6 +353,17 @@ class Engine:
             if req.finished:
                 self.requests.pop(req.request_id, None)
         return outputs
+
+    def _observe_entropy(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Entropy-adaptive decoding: on a switch back to the full model, rewind the sequence
+        to the first position the cheap model wrote, so the full model recomputes them."""
+        sw = seq.switch
+        if not sw.observe(entropy(logits)) or seq.is_finished or sw.cheap:
+            return
+        if sw.cheap_start is not None:
+            sw.num_recomputed_tokens += seq.num_computed_tokens - sw.cheap_start
+            seq.num_computed_tokens = sw.cheap_start
+            sw.cheap_start = None
 
     def _settle_drafts(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Keep the verified drafts: their K/V are already in the cache; the rejected ones'
@@ -359,6 +426,8 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if seq.contrast is not None and not seq.contrast.is_finished:
+            self.scheduler.finish(seq.contrast)
         if self.speculator is not None:
             self.speculator.proposer.release(seq.seq_id)
 
@@ -391,6 +460,11 @@ class Engine:
         )
 
     def _request_metrics(self, req: Request) -> dict[str, float]:
+        seq = req.seqs[0]
+        if seq.switch is not None:
+            return seq.switch.metrics()
+        if seq.contrast is not None:
+            return {"cad_context_free_prompt_tokens": seq.contrast.num_prompt_tokens}
         if self.speculator is None:
             return {}
         drafted = sum(s.num_draft_tokens for s in req.seqs)

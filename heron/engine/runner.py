@@ -94,10 +94,13 @@ class ModelRunner:
         holes: list[tuple[int, torch.Tensor, int]] = []  # (decode row, layer lens, hole end)
         any_kv = False
 
+        # Entropy-adaptive decoding's cheap steps run through fewer layers, apart.
+        work = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
+        cheap = [seq for seq, n in work if _is_cheap(seq, n)]
         # Attention batches single-token steps together, so they go first in the flat batch.
         items = sorted(
-            zip(batch.seqs, batch.num_new_tokens, strict=True),
-            key=lambda item: not _is_decode(item[0], item[1]),
+            (item for item in work if not _is_cheap(*item)),
+            key=lambda item: not _is_decode(*item),
         )
         for seq, n in items:
             start = seq.num_computed_tokens
@@ -161,13 +164,21 @@ class ModelRunner:
                 if top >= rotary.cos.shape[0]:
                     rotary.max_positions = 2 * top
                     rotary.reset_buffers(rotary.cos.device)
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            self.kv_caches,
-            meta,
-        )
-        sample_logits = self.model.compute_logits(hidden[sample_rows])
+        sample_logits = None
+        if ids:
+            hidden = self.model(
+                torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev),
+                self.kv_caches,
+                meta,
+            )
+            sample_logits = self.model.compute_logits(hidden[sample_rows])
+        if cheap:
+            sample_seqs += cheap
+            cheap_logits = self._cheap_logits(cheap)
+            sample_logits = (
+                cheap_logits if sample_logits is None else torch.cat([sample_logits, cheap_logits])
+            )
         spec_logits = {
             sid: self.model.compute_logits(hidden[a:b]) for sid, (a, b) in spec_rows.items()
         }
@@ -211,6 +222,27 @@ class ModelRunner:
             layers,
         )
         return self.model.compute_logits(hidden)
+
+    def _cheap_logits(self, seqs: list) -> torch.Tensor:
+        """One decode step for each sequence through its cheap model's layers (grouped by
+        layer set), remembering where the cheap model's K/V begin."""
+        rows: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, seq in enumerate(seqs):
+            groups.setdefault(tuple(seq.switch.layers), []).append(i)
+            if seq.switch.cheap_start is None:
+                seq.switch.cheap_start = seq.num_computed_tokens
+        for layers, idx in groups.items():
+            group = [seqs[i] for i in idx]
+            logits = self.decode_logits(
+                group,
+                [s.token_ids[s.num_computed_tokens] for s in group],
+                [s.num_computed_tokens for s in group],
+                list(layers),
+            )
+            for j, i in enumerate(idx):
+                rows[i] = logits[j]
+        return torch.stack(rows)
 
     def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
         dev, window = self.device, self.sliding_window
@@ -272,6 +304,11 @@ def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) 
 
 def _is_decode(seq, n: int) -> bool:
     return n == 1 and seq.num_computed_tokens > 0
+
+
+def _is_cheap(seq, n: int) -> bool:
+    """A decode step entropy-adaptive decoding gives to the cheap model."""
+    return seq.switch is not None and seq.switch.cheap and _is_decode(seq, n)
 
 
 def _in_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:

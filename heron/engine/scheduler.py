@@ -134,6 +134,8 @@ class Scheduler:
         seq.num_evicted = 0
         if seq.kv is not None:
             seq.kv.reset()
+        if seq.switch is not None:  # the recomputation is the full model's
+            seq.switch.cheap_start = None
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

@@ -15,6 +15,7 @@ from heron.outputs import PositionLogprobs
 from heron.tokenizer import Detokenizer
 
 if TYPE_CHECKING:
+    from heron.engine.model_switch import ModelSwitch
     from heron.kv.compressor import KVState
     from heron.spec.speculator import AdaptiveK
 
@@ -58,6 +59,14 @@ class Sequence:
     # time); the sequence holds ``num_kv_slots`` slots, its latest tokens at the end.
     kv: KVState | None = None
     num_evicted: int = 0
+    # Context-aware decoding (heron.engine.context_aware): the context-free companion of a
+    # sequence, or (on the companion) the sequence it serves, and the logits of the next
+    # position held until the other half of the pair has produced its own.
+    contrast: Sequence | None = None
+    contrast_of: Sequence | None = None
+    pending_logits: torch.Tensor | None = None
+    # Entropy-adaptive decoding (heron.engine.model_switch): which model generates next.
+    switch: ModelSwitch | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -58,6 +58,9 @@ class _Job:
     start: float = field(default_factory=time.monotonic)
     first_token: list[float | None] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # engine steps per prompt
+    # A per-token strategy (context-aware, entropy-adaptive) the engine applies to the
+    # request: reported with each whole choice.
+    token_strategy: Strategy | None = None
 
     @property
     def n(self) -> int:
@@ -92,13 +95,15 @@ class OpenAIServing:
             else:
                 prompts.append(_Prompt(list(p), self.tokenizer.decode(p, False)))
         job_id = f"cmpl-{uuid.uuid4().hex}"
-        if strategy is not None:
+        if strategy is not None and not strategy.per_token:
             shown = self._job("completion", job_id, params, prompts, body.echo, body.logprobs)
             return await self._respond_strategy(
                 shown, strategy, body.stream, body.include_usage, is_disconnected
             )
+        if strategy is not None:
+            params = strategy.request_params(params)
         job = await self._submit("completion", job_id, params, prompts)
-        job.echo, job.logprobs = body.echo, body.logprobs
+        job.echo, job.logprobs, job.token_strategy = body.echo, body.logprobs, strategy
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     async def chat(self, body: ChatCompletionRequest, is_disconnected: Disconnected):
@@ -106,13 +111,15 @@ class OpenAIServing:
         strategy = body.decoding_strategy()
         text, ids = self.tokenizer.encode_chat(body.conversation(), body.add_generation_prompt)
         job_id, prompts = f"chatcmpl-{uuid.uuid4().hex}", [_Prompt(ids, text)]
-        if strategy is not None:
+        if strategy is not None and not strategy.per_token:
             shown = self._job("chat", job_id, params, prompts, logprobs=params.logprobs)
             return await self._respond_strategy(
                 shown, strategy, body.stream, body.include_usage, is_disconnected
             )
+        if strategy is not None:
+            params = strategy.request_params(params)
         job = await self._submit("chat", job_id, params, prompts)
-        job.logprobs = params.logprobs
+        job.logprobs, job.token_strategy = params.logprobs, strategy
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     # ------------------------------------------------------------------ submission
@@ -166,6 +173,11 @@ class OpenAIServing:
         if stream:
             return self._stream(job, include_usage)
         finals = await self._collect(job, is_disconnected)
+        if job.token_strategy is not None:
+            finals = [
+                StrategyRun.single(job.token_strategy, out, steps)
+                for out, steps in zip(finals, job.steps, strict=True)
+            ]
         return self._response(job, finals)
 
     # ------------------------------------------------------------------ strategies

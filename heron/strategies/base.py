@@ -3,7 +3,11 @@
 A strategy works on one request's group of samples and never touches the engine: the caller
 (``LLM``, the server, the benchmark) draws the samples it asks for, as one engine request
 with ``n = k`` whose samples share the prompt's KV blocks copy-on-write, and hands them back.
-Strategies hold only their options, so one instance serves any number of prompts."""
+Strategies hold only their options, so one instance serves any number of prompts.
+
+A ``TokenStrategy`` decides each token of a single sample instead (context-aware and
+entropy-adaptive decoding): it only sets the engine request's settings, and the engine does
+the work step by step, so the front ends can stream it like a plain request."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput
 
@@ -40,6 +45,7 @@ class Strategy(ABC):
     """``n``: samples to draw (the most, for strategies that may stop early)."""
 
     name: ClassVar[str]
+    per_token: ClassVar[bool] = False
     n: int = 8
 
     def __post_init__(self) -> None:
@@ -57,3 +63,22 @@ class Strategy(ABC):
     @abstractmethod
     def select(self, samples: Sequence[CompletionOutput]) -> Selection:
         """Pick one of ``samples`` (at least one)."""
+
+    def request_params(self, params: SamplingParams) -> SamplingParams:
+        """The engine request's settings under this strategy (by default unchanged)."""
+        return params
+
+
+@dataclass
+class TokenStrategy(Strategy):
+    """A strategy the engine applies at every token of one sample (``n`` is 1)."""
+
+    per_token = True
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_option(self.n == 1, "n", f"{self.name} draws one sample; leave n at 1")
+
+    def select(self, samples: Sequence[CompletionOutput]) -> Selection:
+        return Selection(index=0)

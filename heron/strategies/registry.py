@@ -11,10 +11,13 @@ from heron.strategies.adaptive import Adaptive
 from heron.strategies.base import Strategy
 from heron.strategies.best_of_majority import BestOfMajority
 from heron.strategies.best_of_n import BestOfN
+from heron.strategies.context_aware import ContextAware
+from heron.strategies.entropy_adaptive import EntropyAdaptive
 from heron.strategies.majority import Majority
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (BestOfN, Majority, BestOfMajority, Adaptive)
+    cls.name: cls
+    for cls in (BestOfN, Majority, BestOfMajority, Adaptive, ContextAware, EntropyAdaptive)
 }
 
 

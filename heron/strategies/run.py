@@ -28,6 +28,14 @@ class StrategyRun:
         self.model_calls = 0
         self.rounds = 0
 
+    @classmethod
+    def single(cls, strategy: Strategy, out: RequestOutput, model_calls: int) -> RequestOutput:
+        """The report of a strategy that drew ``out`` in one round (a per-token strategy the
+        engine applied while the request ran as a plain one)."""
+        run = cls(strategy)
+        run.add(out.outputs, model_calls)
+        return run.result(out)
+
     def wanted(self) -> int:
         """Samples to draw in the next round; 0 when the strategy can decide."""
         return self.strategy.samples_to_draw(self.samples)
@@ -36,7 +44,8 @@ class StrategyRun:
         """The next round's request: ``wanted()`` samples, the chosen tokens' logprobs (the
         scorers read them), and a seed of its own per round so rounds differ yet reproduce."""
         seed = None if params.seed is None else params.seed + self.rounds
-        return replace(params, n=self.wanted(), seed=seed, logprobs=params.logprobs or 0)
+        params = replace(params, n=self.wanted(), seed=seed, logprobs=params.logprobs or 0)
+        return self.strategy.request_params(params)
 
     def add(self, outputs: Sequence[CompletionOutput], model_calls: int) -> None:
         """One round's samples, renumbered after the earlier rounds'."""
@@ -45,7 +54,9 @@ class StrategyRun:
         self.model_calls += model_calls
         self.rounds += 1
 
-    def report(self) -> StrategyReport:
+    def report(self, metrics: dict[str, float] | None = None) -> StrategyReport:
+        """``metrics``: the engine's accounting of the last round (e.g. a per-token
+        strategy's cheap/full tokens)."""
         sel = self.strategy.select(self.samples)
         return StrategyReport(
             strategy=self.strategy.name,
@@ -59,11 +70,12 @@ class StrategyRun:
             model_calls=self.model_calls,
             rounds=self.rounds,
             samples=self.samples,
+            metrics=dict(metrics or {}),
         )
 
     def result(self, last: RequestOutput) -> RequestOutput:
         """``last`` (the final round's output) with the chosen sample as its only output and
         the report attached."""
-        report = self.report()
+        report = self.report(last.metrics)
         chosen = replace(self.samples[report.chosen], index=0)
         return replace(last, outputs=[chosen], finished=True, strategy=report)
