@@ -159,6 +159,7 @@ def _kv_parent() -> argparse.ArgumentParser:
 
 
 def _engine_parent() -> argparse.ArgumentParser:
+    from heron.layers.kv_cache import KV_CACHE_DTYPES
     from heron.layers.quantized_linear import QUANTIZATIONS
 
     p = argparse.ArgumentParser(add_help=False)
@@ -175,6 +176,13 @@ def _engine_parent() -> argparse.ArgumentParser:
         type=float,
         default=0.25,
         help="KV-cache size: bytes (> 1) or a fraction of the free memory (<= 1)",
+    )
+    g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="auto: K/V in the model's dtype; int8: one byte per value plus a scale per token "
+        "and head (2-4x the tokens in the same --kv-cache-memory)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one batch")
@@ -247,6 +255,7 @@ def _engine_parent() -> argparse.ArgumentParser:
 _ENGINE_FLAGS = (
     "quantization",
     "kv_cache_memory",
+    "kv_cache_dtype",
     "block_size",
     "max_num_seqs",
     "max_num_batched_tokens",
@@ -487,13 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
         "scaling",
         parents=[common, _model_parent()],  # its own copy: the default model differs
         formatter_class=_HelpFormatter,
-        help="accuracy of greedy, majority, best-of-n, best-of-majority and adaptive sampling",
-        description="Inference-time scaling on arithmetic word problems generated with a "
-        "fixed seed (PER_LEVEL per difficulty level): accuracy of greedy decoding and of "
-        "majority@k, best-of-n@k, best-of-majority@k for each k in --ks, pass@k as the "
-        "ceiling, and adaptive sampling's accuracy and mean samples; tok/s; KV blocks held "
-        "for n = KV_N vs n = 1. The largest k is sampled once per problem and smaller k are "
-        "scored on disjoint slices of those samples. Without --model: "
+        help="decoding strategies: majority, best-of-n, adaptive, HumanEval, CAD, entropy-adaptive",
+        description="Inference-time scaling and decoding strategies, one section per task "
+        "in --tasks. arithmetic: word problems generated with a fixed seed (PER_LEVEL per "
+        "difficulty level): accuracy of greedy decoding and of majority@k, best-of-n@k, "
+        "best-of-majority@k for each k in --ks, pass@k as the ceiling, and adaptive "
+        "sampling's accuracy and mean samples; tok/s; KV blocks held for n = KV_N vs n = 1 "
+        "(the largest k is sampled once per problem and smaller k are scored on disjoint "
+        "slices of those samples). humaneval: greedy pass@1 vs best-of-k picked by running "
+        "each problem's tests (and by mean logprob). cad: context-aware decoding vs plain on "
+        "counterfactual contexts (share of answers that follow the context). "
+        "entropy_adaptive: accuracy and batch-1 tok/s of entropy-adaptive decoding at each "
+        "threshold vs plain greedy on the first word problems. Without --model: "
         "qwen2.5-coder-0.5b-instruct when installed, else the default model.",
     )
     sc.set_defaults(model=None)
@@ -510,6 +524,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--agreements", default="0.5,0.75,1.0", help="adaptive's stopping agreements to try"
     )
     sc.add_argument("--kv-n", type=int, default=8, help="samples for the KV-block measurement")
+    sc.add_argument(
+        "--tasks",
+        default="arithmetic,humaneval,cad,entropy_adaptive",
+        help="comma-separated sections to run",
+    )
+    sc.add_argument(
+        "--humaneval-problems", type=int, default=20, help="first HumanEval problems to run"
+    )
+    sc.add_argument("--humaneval-k", type=int, default=8, help="samples per HumanEval problem")
+    sc.add_argument("--cad-alphas", default="0.5,1.0", help="comma-separated CAD alphas")
+    sc.add_argument(
+        "--entropy-thresholds",
+        default="0.5,1.0,2.0",
+        help="comma-separated entropy thresholds (nats) for entropy_adaptive",
+    )
+    sc.add_argument(
+        "--entropy-problems",
+        type=int,
+        default=6,
+        help="word problems for entropy_adaptive (run one at a time)",
+    )
     sc.add_argument("--seed", type=int, default=0, help="seed of the problems and samples")
     sc.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     sc.add_argument(
@@ -655,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV-cache compression: passkey accuracy, KV memory held, decode tok/s",
         description="Passkey retrieval (a 5-digit number hidden in filler at each depth) at "
         "each prompt length; the full cache and every policy at every budget in the same "
-        "run, query-aware (the question ends the compressed prompt). Reports accuracy, KV "
+        "run, query-aware (the question ends the compressed prompt), and the full cache "
+        "stored in int8 (a second engine with --kv-cache-dtype int8). Reports accuracy, KV "
         "bytes held per sequence while decoding (measured from the block manager) and decode "
         "tok/s.",
     )
@@ -669,6 +705,12 @@ def build_parser() -> argparse.ArgumentParser:
     kvb.add_argument("--budgets", default="0.1,0.2,0.5", help="comma-separated budgets")
     kvb.add_argument("--max-tokens", type=int, default=8, help="tokens generated per case")
     kvb.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
+    kvb.add_argument(
+        "--int8-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the full cache stored in int8 (loads the model a second time)",
+    )
     kvb.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     kvb.set_defaults(func=cmd_bench_kv)
     return parser
@@ -714,7 +756,7 @@ def _csv(flag: str, text: str, kind: type = str) -> list:
     """A comma-separated flag value as a list (empty items skipped); a clear error if an item
     is not a ``kind``."""
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InvalidRequestError(
             f"--{flag}: comma-separated {kind.__name__} values, got {text!r}"
@@ -1044,6 +1086,12 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
         agreements=tuple(_csv("agreements", args.agreements, float)),
         kv_n=args.kv_n,
         seed=args.seed,
+        tasks=tuple(_csv("tasks", args.tasks, str)),
+        humaneval_problems=args.humaneval_problems,
+        humaneval_k=args.humaneval_k,
+        cad_alphas=tuple(_csv("cad-alphas", args.cad_alphas, float)),
+        entropy_thresholds=tuple(_csv("entropy-thresholds", args.entropy_thresholds, float)),
+        entropy_problems=args.entropy_problems,
     )
     result = run_scaling(cfg)
     print(format_table(result))
@@ -1151,8 +1199,14 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
     if unknown:
         raise InvalidRequestError(f"--policies: unknown {unknown}; one of {sorted(POLICIES)}")
     llm = _load_llm(args)
+    int8 = None
+    if args.int8_cache:
+        from heron import LLM
+
+        kwargs = {**_engine_kwargs(args), "kv_cache_dtype": "int8"}
+        int8 = LLM(args.model, dtype=args.dtype, device=args.device, **kwargs).engine
     print(header(), flush=True)
-    results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True))
+    results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True), int8=int8)
     _save_results(args, lambda path: write_json(results, cfg, path))
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from heron.errors import InvalidRequestError
+from heron.layers.kv_cache import KV_CACHE_DTYPES
 from heron.layers.quantized_linear import QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -29,6 +30,9 @@ class EngineConfig:
     block_size: int = 16
     # Bytes (int > 1) or a fraction of the free memory (0 < x <= 1).
     kv_cache_memory: float = 0.25
+    # "auto": K/V in ``dtype``; "int8": one byte per value plus a scale per token and head
+    # (heron.layers.kv_cache), ~2x (bf16) to ~4x (fp32) the tokens in the same memory.
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -62,6 +66,17 @@ class EngineConfig:
             f"must be one of {QUANTIZATIONS}, got {self.quantization!r}",
         )
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
+        _check(
+            self.kv_cache_dtype in KV_CACHE_DTYPES,
+            "kv_cache_dtype",
+            f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
+        )
+        _check(
+            self.kv_policy is None or self.kv_cache_dtype == "auto",
+            "kv_policy",
+            f"KV compression does not work on a {self.kv_cache_dtype} KV cache yet; "
+            "use one or the other",
+        )
         _check(
             self.kv_cache_memory > 0,
             "kv_cache_memory",

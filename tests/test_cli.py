@@ -5,6 +5,7 @@ fail before the model loads."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -145,7 +146,9 @@ def test_bench_kv_and_spec_cli(tmp_path):
         "--dtype", "float32", "--device", "cpu", "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "snapkv" in proc.stdout and out.stat().st_size > 0
+    assert "snapkv" in proc.stdout and "int8_cache" in proc.stdout
+    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["int8_cache"]["kv_bytes_per_seq"] < rows["full"]["kv_bytes_per_seq"] / 3
     proc = heron(
         "bench", "spec", "--methods", "ngram", "--tasks", "chat", "--batch-size", "1",
         "--batch1-prompts", "1", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu",

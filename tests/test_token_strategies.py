@@ -245,3 +245,43 @@ def test_server_streams_a_per_token_strategy(server):
     assert "".join(deltas) == choice["message"]["content"]
     bad = httpx.post(url, json={**body, "strategy_options": {"context": "not there"}}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "cad_context"
+
+
+# ---------------------------------------------------------------- heron bench scaling parts
+def test_humaneval_runs_the_problems_own_tests():
+    from heron.bench.humaneval import load_problems, passes
+
+    problem = load_problems(1)[0]
+    assert passes(problem, problem["canonical_solution"])
+    assert not passes(problem, "    return not True\n")
+    assert not passes(problem, "    while True:\n        pass\n", timeout=2.0)
+
+
+def test_counterfactual_scoring_and_run(llm):
+    from heron.bench.counterfactual import CASES, run_counterfactual
+
+    lyon = CASES[0]
+    assert lyon.follows("The capital is Lyon.") == (True, False)
+    assert lyon.follows("Paris, of course") == (False, True)
+    week = next(c for c in CASES if "week" in c.question)
+    assert week.follows("A week has 9 days, not 7.") == (True, True)
+    assert week.follows("19 days") == (False, False)  # whole numbers only
+    r = run_counterfactual(llm, alphas=(1.0,), max_tokens=6, cases=CASES[:2])
+    plain, cad = r["rows"]
+    assert (plain["method"], cad["method"], cad["alpha"]) == ("plain", "cad", 1.0)
+    assert cad["prompt_tokens"] > plain["prompt_tokens"]  # the context-free companions
+    assert len(cad["answers"]) == 2 and cad["answers"] != plain["answers"]
+
+
+def test_humaneval_and_entropy_sections_on_the_engine(llm):
+    from heron.bench.entropy_adaptive import run_entropy_adaptive
+    from heron.bench.humaneval import run_humaneval
+
+    he = run_humaneval(llm, num_problems=2, k=2, max_tokens=24)
+    assert he["num_problems"] == 2 and 0 <= he["greedy_pass_at_1"] <= 1
+    assert he["best_of_n_by_tests"] >= max(he["best_of_n_by_logprob"], he["sampled_pass_at_1"])
+    ead = run_entropy_adaptive(llm, [PROMPT], ["0"], thresholds=(0.0, 100.0), max_tokens=16,
+                               min_span=2)  # fmt: skip
+    plain, never, always = ead["rows"]
+    assert never["cheap_share"] == 0 and never["tokens"] == plain["tokens"]
+    assert always["cheap_share"] > 0.5 and always["switches"] == 1

@@ -3,9 +3,11 @@ several depths) at a few context lengths, every policy at every budget against t
 in the same run.
 
 Setting: query-aware (the question is the end of the compressed prompt, as in the SnapKV
-paper). Per (policy, budget): accuracy (the passkey appears in the greedy answer), KV bytes
-held per sequence while decoding (measured from the block manager: blocks in use / running
-sequences x bytes per block) and decode tok/s (steps where every scheduled sequence decodes).
+paper). The full cache stored in int8 (a second engine, ``kv_cache_dtype="int8"``) is one
+more row, ``int8_cache``. Per (policy, budget): accuracy (the passkey appears in the greedy
+answer), KV bytes held per sequence while decoding (measured from the block manager: blocks
+in use / running sequences x bytes per block) and decode tok/s (steps where every scheduled
+sequence decodes).
 All cases of one configuration run batched through the engine."""
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
     )
     reqs = [engine.add_request(c.prompt, params) for c in cases]
     bm = engine.block_manager
-    per_block = ModelRunner.bytes_per_block(engine.model_config, bm.block_size, engine.dtype)
+    per_block = ModelRunner.bytes_per_block(
+        engine.model_config, bm.block_size, engine.dtype, engine.config.kv_cache_dtype
+    )
     held: list[float] = []
     decode_time, decode_tokens = 0.0, 0
     while engine.has_unfinished_requests():
@@ -78,7 +82,9 @@ def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
     return correct, max(held, default=0.0), tok_s, answers
 
 
-def run_kv_bench(engine, cfg: KVBenchConfig, log=print) -> list[KVResult]:
+def run_kv_bench(engine, cfg: KVBenchConfig, log=print, int8=None) -> list[KVResult]:
+    """Every configuration on ``engine``; the full cache also on ``int8`` (an engine with an
+    int8 KV cache) when given."""
     results = []
     for length in cfg.lengths:
         cases = [
@@ -93,6 +99,11 @@ def run_kv_bench(engine, cfg: KVBenchConfig, log=print) -> list[KVResult]:
             r = KVResult(
                 policy or "full", budget, length, correct, len(cases), held, tok_s, answers
             )
+            results.append(r)
+            log(_row(r))
+        if int8 is not None:
+            correct, held, tok_s, answers = _run_config(int8, cases, None, None, cfg.max_tokens)
+            r = KVResult("int8_cache", None, length, correct, len(cases), held, tok_s, answers)
             results.append(r)
             log(_row(r))
     return results

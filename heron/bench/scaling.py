@@ -1,5 +1,12 @@
-"""Inference-time scaling on arithmetic word problems: does spending more samples per problem
-buy accuracy, and what do the samples cost in KV memory?
+"""Inference-time scaling and decoding strategies, task by task (``--tasks``):
+
+- ``arithmetic``: does spending more samples per problem buy accuracy on word problems, and
+  what do the samples cost in KV memory? (below)
+- ``humaneval``: greedy pass@1 vs best-of-n picked by the problems' own tests
+  (``heron.bench.humaneval``);
+- ``cad``: context-aware decoding on counterfactual contexts (``heron.bench.counterfactual``);
+- ``entropy_adaptive``: entropy-adaptive decoding's speed and accuracy at batch 1 on the word
+  problems (``heron.bench.entropy_adaptive``).
 
 Per problem (``word_problems``, fixed seed, several levels) heron draws one greedy answer and
 ``max(ks)`` samples at once (one request with ``n = max(ks)``; the samples share the prompt's
@@ -20,6 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from heron.bench.counterfactual import format_counterfactual, run_counterfactual
+from heron.bench.entropy_adaptive import format_entropy_adaptive, run_entropy_adaptive
+from heron.bench.humaneval import format_humaneval, run_humaneval
 from heron.bench.plot import pyplot
 from heron.bench.throughput import machine_info
 from heron.bench.word_problems import Problem, make_problems
@@ -39,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 PREFERRED_MODEL = "qwen2.5-coder-0.5b-instruct"
 METHODS = ("majority", "best_of_n", "best_of_majority", "pass")
+TASKS = ("arithmetic", "humaneval", "cad", "entropy_adaptive")
 _KV_TOKENS = 32  # tokens per sample in the KV measurement: enough to pass the fork
 
 
@@ -58,6 +69,12 @@ class ScalingConfig:
     adaptive_initial: int = 4
     kv_n: int = 8
     seed: int = 0
+    tasks: tuple[str, ...] = TASKS
+    humaneval_problems: int = 20
+    humaneval_k: int = 8
+    cad_alphas: tuple[float, ...] = (0.5, 1.0)
+    entropy_thresholds: tuple[float, ...] = (0.5, 1.0, 2.0)
+    entropy_problems: int = 6  # of the word problems, run one at a time
 
     def validate(self) -> None:
         def check(ok: bool, flag: str, message: str) -> None:
@@ -79,6 +96,26 @@ class ScalingConfig:
         check(self.temperature > 0, "temperature", "sampling needs a temperature > 0")
         check(self.max_tokens >= 1, "max-tokens", f"must be >= 1, got {self.max_tokens}")
         check(self.kv_n >= 2, "kv-n", f"must be >= 2, got {self.kv_n}")
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        check(
+            bool(self.tasks) and not unknown,
+            "tasks",
+            f"choose from {', '.join(TASKS)}; got {', '.join(unknown) or 'none'}",
+        )
+        check(
+            self.humaneval_problems >= 1 and self.humaneval_k >= 1,
+            "humaneval-problems",
+            "problems and --humaneval-k must be >= 1",
+        )
+        check(
+            all(a >= 0 for a in self.cad_alphas), "cad-alphas", f"must be >= 0: {self.cad_alphas}"
+        )
+        check(
+            all(t >= 0 for t in self.entropy_thresholds),
+            "entropy-thresholds",
+            f"entropies in nats, >= 0: {self.entropy_thresholds}",
+        )
+        check(self.entropy_problems >= 1, "entropy-problems", "must be >= 1")
         # The strategies check their own options.
         BestOfMajority(n=top, threshold=self.threshold)
         for a in self.agreements:
@@ -111,9 +148,40 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         tok.encode_chat([{"role": "user", "content": p.prompt}])[1] if chat else p.prompt
         for p in problems
     ]
-    load = [round(x, 2) for x in os.getloadavg()]
-    logger.info("%d problems; greedy first, then %d samples each", len(problems), max(cfg.ks))
+    truth = [str(p.answer) for p in problems]
+    result: dict[str, Any] = {
+        "benchmark": "scaling",
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": model,
+        "model_path": str(engine.model_path),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "device": str(engine.device),
+        "num_layers": engine.model_config.num_layers,
+        "config": asdict(cfg),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+    }
+    if "arithmetic" in cfg.tasks:
+        result.update(run_arithmetic(llm, cfg, problems, prompts, truth))
+    if "humaneval" in cfg.tasks:
+        result["humaneval"] = run_humaneval(
+            llm, cfg.humaneval_problems, cfg.humaneval_k, seed=cfg.seed
+        )
+    if "cad" in cfg.tasks:
+        result["cad"] = run_counterfactual(llm, cfg.cad_alphas)
+    if "entropy_adaptive" in cfg.tasks:
+        n = cfg.entropy_problems
+        result["entropy_adaptive"] = run_entropy_adaptive(
+            llm, prompts[:n], truth[:n], cfg.entropy_thresholds, cfg.max_tokens
+        )
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["machine"] = machine_info()
+    return result
 
+
+def run_arithmetic(
+    llm, cfg: ScalingConfig, problems: list[Problem], prompts: list, truth: list[str]
+) -> dict[str, Any]:
+    logger.info("%d problems; greedy first, then %d samples each", len(problems), max(cfg.ks))
     greedy_params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
     greedy, greedy_time = _timed(lambda: llm.generate(prompts, greedy_params, use_tqdm=False))
     top = max(cfg.ks)
@@ -131,19 +199,11 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     pools, pool_time = _timed(lambda: llm.generate(prompts, sample_params, use_tqdm=False))
 
     extract = AnswerExtractor("auto")
-    truth = [str(p.answer) for p in problems]
     greedy_ok = [extract(o.outputs[0].text) == t for o, t in zip(greedy, truth, strict=True)]
     samples = [o.outputs for o in pools]
     greedy_tokens = sum(len(o.outputs[0].token_ids) for o in greedy)
     pool_tokens = sum(len(c.token_ids) for s in samples for c in s)
     result: dict[str, Any] = {
-        "benchmark": "scaling",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": model,
-        "model_path": str(engine.model_path),
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "device": str(engine.device),
-        "config": asdict(cfg),
         "num_problems": len(problems),
         "problems_per_level": cfg.per_level,
         "subsampling": (
@@ -164,8 +224,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
         },
         "methods": {m: {} for m in METHODS},
         "adaptive": [],
-        "load_average_before": load,
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     for k in cfg.ks:
         for method in METHODS:
@@ -177,7 +235,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
             replay_adaptive(samples, truth, problems, agreement, cfg.adaptive_initial)
         )
     result["kv_blocks"] = measure_kv_blocks(llm, prompts[0], cfg.kv_n, _KV_TOKENS)
-    result["machine"] = machine_info()
     return result
 
 
@@ -299,11 +356,23 @@ def _timed(fn):
 
 # ---------------------------------------------------------------------------- output
 def format_table(result: dict[str, Any]) -> str:
+    lines = [f"model {result['model']} ({result['dtype']}, {result['device']})"]
+    if "greedy" in result:
+        lines += ["", *_format_arithmetic(result)]
+    if "humaneval" in result:
+        lines += ["", *format_humaneval(result["humaneval"])]
+    if "cad" in result:
+        lines += ["", *format_counterfactual(result["cad"])]
+    if "entropy_adaptive" in result:
+        lines += ["", *format_entropy_adaptive(result["entropy_adaptive"], result["num_layers"])]
+    return "\n".join(lines)
+
+
+def _format_arithmetic(result: dict[str, Any]) -> list[str]:
     levels = list(result["greedy"]["accuracy_by_level"])
     lines = [
-        f"model {result['model']} ({result['dtype']}, {result['device']}); "
-        f"{result['num_problems']} problems, {result['problems_per_level']} per level "
-        f"{', '.join(levels)}",
+        f"Arithmetic word problems: {result['num_problems']} problems, "
+        f"{result['problems_per_level']} per level {', '.join(levels)}",
         f"note: {result['subsampling']}",
         "",
         f"{'method':<22}{'k':>3}  {'acc':>6}  " + "".join(f"{'L' + lv:>6}" for lv in levels)
@@ -341,7 +410,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"peak n=1 {one['peak_blocks']}, {n_key.replace('n', 'n=')} {many['peak_blocks']} "
         f"({kv['peak_blocks_ratio']:.2f}x; {kv['peak_blocks_without_sharing']} without sharing)"
     )
-    return "\n".join(lines)
+    return lines
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
@@ -351,6 +420,8 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
 def write_plots(result: dict[str, Any], prefix: str | os.PathLike) -> list[Path]:
     """accuracy vs k and accuracy vs tokens per problem, as PNGs (needs the ``bench`` extra:
     matplotlib); returns the files written, none without matplotlib."""
+    if "methods" not in result:  # the arithmetic task did not run
+        return []
     plt = pyplot()
     if plt is None:
         return []

@@ -70,6 +70,7 @@ class Engine:
             self.device,
             self.dtype,
             sparse=build_sparse_prefill(config),
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -90,7 +91,7 @@ class Engine:
         self._request_ids = itertools.count()
         self._rng = random.Random(config.seed)
         logger.info(
-            "loaded %s (%s, %d layers) on %s in %s%s in %.1fs; KV cache: %d blocks of %d tokens",
+            "loaded %s (%s, %d layers) on %s in %s%s in %.1fs; KV cache: %d blocks of %d tokens%s",
             path.name,
             cfg.architecture,
             cfg.num_layers,
@@ -100,12 +101,13 @@ class Engine:
             time.perf_counter() - t0,
             num_blocks,
             config.block_size,
+            "" if config.kv_cache_dtype == "auto" else f" ({config.kv_cache_dtype})",
         )
 
     # ------------------------------------------------------------------ set-up
     def _num_kv_blocks(self) -> int:
         cfg, c = self.model_config, self.config
-        per_block = ModelRunner.bytes_per_block(cfg, c.block_size, self.dtype)
+        per_block = ModelRunner.bytes_per_block(cfg, c.block_size, self.dtype, c.kv_cache_dtype)
         budget = c.kv_cache_memory
         budget = budget if budget > 1 else budget * free_memory_bytes(self.device)
         num_blocks = int(budget // per_block)
@@ -230,6 +232,12 @@ class Engine:
         return KVState(make_policy(name), budget)
 
     def _check_kv(self, name: str, budget: float) -> None:
+        if self.config.kv_cache_dtype != "auto":
+            raise InvalidRequestError(
+                f"kv_policy: KV compression does not work on a {self.config.kv_cache_dtype} KV "
+                "cache yet; use one or the other",
+                param="kv_policy",
+            )
         if self.speculator is not None:
             raise InvalidRequestError(
                 "kv_policy: KV compression cannot be combined with speculative decoding",

@@ -12,6 +12,7 @@ from torch import nn
 
 from heron.engine.scheduler import ScheduledBatch
 from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.layers.kv_cache import Int8Slots, slot_bytes
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
@@ -43,6 +44,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         sparse=None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         # heron.sparse.SparsePrefill, or None: every prefill is dense.
@@ -62,17 +64,29 @@ class ModelRunner:
         )
         # Attention reads whole blocks and masks the slots past a sequence's end; masked slots
         # get weight 0, and 0 * NaN from uninitialised memory would still be NaN: start zeroed.
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_scales: torch.Tensor | None = None  # int8: [L, 2, slots, Hkv]
+        if kv_cache_dtype == "int8":
+            self.kv_cache = torch.zeros(shape, dtype=torch.int8, device=device)
+            self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.kv_caches = [
+                tuple(Int8Slots(d, s, dtype) for d, s in zip(data, scales, strict=True))
+                for data, scales in zip(self.kv_cache, self.kv_scales, strict=True)
+            ]
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
         for i, attn in enumerate(attns):
             attn.layer_idx = i
         self.rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
 
     @staticmethod
-    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    def bytes_per_block(
+        cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
+    ) -> int:
+        per_head = slot_bytes(kv_cache_dtype, cfg.head_dim, dtype)
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_head
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, needs_prompt_logits: set[int]) -> StepLogits:
@@ -288,6 +302,8 @@ class ModelRunner:
         src = torch.cat([offs + s * bs for s, _ in copies])
         dst = torch.cat([offs + d * bs for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if self.kv_scales is not None:
+            self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
 
 
 def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, Hkv, D]``; a
 sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
-its token ``i``. The runner orders each step's flat batch as decodes first (one query each),
-then prefill chunks, and builds the block tables once per step; every layer reuses them.
-Reads gather whole blocks with ``index_select`` (several times faster on CPU than per-slot
-advanced indexing); the slots past a sequence's length are masked out.
+its token ``i`` (in the model's dtype, or int8: ``kv_cache``). The runner orders each step's
+flat batch as decodes first (one query each), then prefill chunks, and builds the block tables
+once per step; every layer reuses them. Reads gather whole blocks; the slots past a
+sequence's length are masked out.
 
 Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
 also hides keys older than the window: query ``p`` sees keys ``p - window + 1 .. p``. The
@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from heron.layers.kv_cache import Int8Slots, gather_blocks, write_slots
+
+Cache = torch.Tensor | Int8Slots
 
 
 @dataclass
@@ -63,8 +67,8 @@ def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: Cache,
+    v_cache: Cache,
     meta: AttentionMetadata,
     scale: float,
     sliding: bool = False,
@@ -74,8 +78,8 @@ def paged_attention(
 
     Writes this step's K/V into the cache, then attends over each sequence's cached slots
     (only those inside the sliding window when ``sliding``)."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    write_slots(k_cache, meta.slot_mapping, k)
+    write_slots(v_cache, meta.slot_mapping, v)
     if meta.capture_rows is not None:
         meta.captured.append(q.index_select(0, meta.capture_rows))
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
@@ -124,10 +128,3 @@ def paged_attention(
         )
         out[span.start : span.end] = op.squeeze(0).transpose(0, 1)
     return out
-
-
-def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The slots of ``blocks`` (any shape ``[..., W]``) as ``[..., W * block_size, Hkv, D]``."""
-    per_block = cache.view(-1, block_size, *cache.shape[1:])
-    out = per_block.index_select(0, blocks.reshape(-1))
-    return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
