@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     kvb.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated passkey depths")
     kvb.add_argument(
         "--policies",
-        default="streaming_llm,snapkv,h2o,pyramidkv,defensivekv",
+        default="streaming_llm,snapkv,h2o,pyramidkv,defensivekv,d2o",
         help="comma-separated policies",
     )
     kvb.add_argument("--budgets", default="0.1,0.2,0.5", help="comma-separated budgets")

@@ -213,8 +213,39 @@ def test_pyramidkv_layer_budgets_shrink_and_mask_their_unused_slots():
     assert seq.kv.layer_lens.tolist() == sizes
 
 
+def test_d2o_merges_similar_evicted_tokens_into_kept_ones():
+    """Kept: e0, e1. Evicted: e0 again (similarity 1), -e0 (best 0: never merged), a token
+    between e0 and e1 (0.71 to both; the first wins the tie) and e2 (0). The threshold is
+    the evicted tokens' mean best similarity (0.43), so tokens 2 and 4 merge into token 0."""
+    e = torch.eye(4)
+    keys = torch.stack([e[0], e[1], e[0], -e[0], (e[0] + e[1]) / 2**0.5, e[2]])[None]
+    values = torch.arange(6.0)[None, :, None].expand(1, 6, 4)
+    k, v = make_policy("d2o").merge(keys, values, torch.tensor([[0, 1]]), torch.ones(6, dtype=bool))
+    w = 2**-0.5
+    assert v[0, 0, 0].item() == pytest.approx((0 + 1 * 2 + w * 4) / (1 + 1 + w))
+    assert v[0, 1, 0].item() == 1.0  # nothing merged into token 1
+    torch.testing.assert_close(k[0, 1], e[1])
+    expected_k0 = (e[0] + e[0] + w * (e[0] + e[1]) / 2**0.5) / (2 + w)
+    torch.testing.assert_close(k[0, 0], expected_k0)
+
+
+def test_d2o_layer_budgets_follow_attention_spread():
+    policy = make_policy("d2o")
+    assert policy.layer_budgets(20, 3) == [20, 20, 20]
+    # peaky layer 0 (high variance, low weight) gets less; spread layers get more
+    budgets = policy.layer_budgets(20, 3, [1.0, 4.0, 4.0])
+    assert budgets[0] < 20 < budgets[1] == budgets[2] and all(10 <= b <= 40 for b in budgets)
+    # Through the real compaction (every layer sees the same attention: equal budgets); the
+    # values are merged averages of token ids now, so only the slots are checked.
+    keys = _keys(60, 1)
+    q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(3))
+    kept, seq, _ = _compress(make_policy("d2o", window=4), keys, q, budget=20, layers=3)
+    assert seq.num_kv_slots == 20 and seq.num_evicted == 40 and seq.kv.layer_lens is None
+    assert all(len(k[0]) > 1 for k in kept)
+
+
 def test_registry_and_budget_errors():
-    assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv"} <= set(POLICIES)
+    assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv", "d2o"} <= set(POLICIES)
     with pytest.raises(InvalidRequestError, match="kv_policy"):
         make_policy("nope")
     with pytest.raises(InvalidRequestError, match="kv_policy"):
@@ -247,7 +278,7 @@ def _greedy(n=12, **kw) -> SamplingParams:
 def test_budget_above_prompt_is_the_full_cache(llm):
     ids = _passkey_prompt(llm)
     full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
-    for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv"):
+    for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv", "d2o"):
         before = llm.engine.kv.num_evicted
         out = llm.generate([ids], _greedy(kv_policy=name, kv_budget=len(ids) + 64), use_tqdm=False)
         assert out[0].outputs[0].token_ids == full, name

@@ -26,7 +26,14 @@ from heron.engine.runner import ModelRunner
 class KVBenchConfig:
     lengths: tuple[int, ...] = (1000, 2000)  # prompt tokens (about)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
-    policies: tuple[str, ...] = ("streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv")
+    policies: tuple[str, ...] = (
+        "streaming_llm",
+        "snapkv",
+        "h2o",
+        "pyramidkv",
+        "defensivekv",
+        "d2o",
+    )
     budgets: tuple[float, ...] = (0.1, 0.2, 0.5)
     max_tokens: int = 8
     seed: int = 0

@@ -120,10 +120,7 @@ class KVCompressor:
         cache = self.runner.kv_cache  # [L, 2, slots, Hkv, D]
         num_layers = cache.shape[0]
         held = seq.num_kv_slots
-        budgets = [min(b, held) for b in policy.layer_budgets(st.target, num_layers)]
-        keep = max(budgets)
-        evict = keep < held or (st.layer_lens is not None and prompt)
-        if not evict and not policy.accumulates:
+        if held <= st.target and st.layer_lens is None and not policy.accumulates:
             st.queries, st.query_slots = [], []  # nothing to decide, nothing to carry
             return
         bs = self.block_size
@@ -136,15 +133,30 @@ class KVCompressor:
         queries = torch.cat(st.queries, dim=1) if st.queries else None  # [L, n, H, D]
         q_slots = torch.tensor(st.query_slots, device=cache.device)
         num_kv_heads = keys.shape[2]
-        protect = self._protected(policy, held, keep, prompt).to(cache.device)
         valid = torch.ones(num_layers, held, dtype=torch.bool, device=cache.device)
         if st.layer_lens is not None:
             pos = torch.arange(held, device=cache.device)
             lens = st.layer_lens.to(cache.device)[:, None]
             valid &= ~((pos[None, :] >= lens) & (pos[None, :] < st.hole_end))
+        weights = None
+        if policy.budget_from_attention and queries is not None:
+            weights = [
+                policy.layer_weight(
+                    self._attention(queries[i], q_slots, keys[i].transpose(0, 1).float(), valid[i])
+                )
+                for i in range(num_layers)
+            ]
+        budgets = [min(b, held) for b in policy.layer_budgets(st.target, num_layers, weights)]
+        keep = max(budgets)
+        evict = keep < held or (st.layer_lens is not None and prompt)
+        if not evict and not policy.accumulates:
+            st.queries, st.query_slots = [], []
+            return
+        protect = self._protected(policy, held, keep, prompt).to(cache.device)
 
         new_acc = []
         kept_idx = []
+        merged: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for layer in range(num_layers):
             k_l = keys[layer].transpose(0, 1).float()  # [Hkv, S, D]
             v_l = values[layer].transpose(0, 1).float()
@@ -169,6 +181,7 @@ class KVCompressor:
             score = score + torch.arange(held, device=score.device) * 1e-12
             idx = score.topk(budgets[layer], dim=-1).indices.sort(dim=-1).values  # [Hkv, b]
             kept_idx.append(idx)
+            merged.append(policy.merge(k_l, v_l, idx, valid[layer]))
             if acc is not None:
                 new_acc.append(F.pad(acc.gather(1, idx), (0, keep - idx.shape[1])))
         st.queries, st.query_slots = [], []
@@ -185,7 +198,10 @@ class KVCompressor:
             b = idx.shape[1]
             # keys[layer]: [S, Hkv, D]; token idx[h, j] of head h goes to slot j
             for kv, src in ((0, keys), (1, values)):
-                picked = src[layer][idx, heads]  # [Hkv, b, D]
+                if merged[layer] is not None:  # [Hkv, b, D] with evicted tokens merged in
+                    picked = merged[layer][kv].to(cache.dtype)
+                else:
+                    picked = src[layer][idx, heads]  # [Hkv, b, D]
                 cache[layer, kv, dst[:b]] = picked.transpose(0, 1)
         lens = torch.tensor([idx.shape[1] for idx in kept_idx])
         if bool((lens < keep).any()):

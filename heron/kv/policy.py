@@ -34,6 +34,8 @@ class KVPolicy:
     evict_during_decode: bool = False
     needs_decode_queries: bool = False
     accumulates: bool = False  # keeps running statistics (``accumulate``) across evictions
+    # Layer budgets from the window attention (``layer_weight`` per layer, D2O).
+    budget_from_attention: bool = False
 
     def __init__(self, **options) -> None:
         for key, value in options.items():
@@ -58,9 +60,24 @@ class KVPolicy:
         attention, Scissorhands' counts); None: the policy keeps none."""
         return None
 
-    def layer_budgets(self, budget: int, num_layers: int) -> list[int]:
-        """Tokens each layer keeps; every layer the same unless a policy says otherwise."""
+    def layer_budgets(
+        self, budget: int, num_layers: int, weights: list[float] | None = None
+    ) -> list[int]:
+        """Tokens each layer keeps; every layer the same unless a policy says otherwise.
+        ``weights``: each layer's ``layer_weight`` when ``budget_from_attention``."""
         return [budget] * num_layers
+
+    def layer_weight(self, attn: torch.Tensor) -> float:
+        """How much of the budget a layer deserves, from its window attention."""
+        return 1.0
+
+    def merge(
+        self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The kept tokens' keys and values ``[Hkv, b, D]`` to write, given ``kept`` token
+        indices ``[Hkv, b]`` (``valid`` [S]: the held slots a layer really reads); None:
+        the kept tokens as they are (every policy but D2O)."""
+        return None
 
 
 # ---------------------------------------------------------------------- scoring helpers

@@ -16,7 +16,9 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     beta = 20  # top layer keeps budget / beta ... bottom layer 2 * budget - top
 
-    def layer_budgets(self, budget: int, num_layers: int) -> list[int]:
+    def layer_budgets(
+        self, budget: int, num_layers: int, weights: list[float] | None = None
+    ) -> list[int]:
         if num_layers == 1:
             return [budget]
         top = max(1, budget // self.beta)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from heron.errors import InvalidRequestError
+from heron.kv.d2o import D2O
 from heron.kv.defensivekv import DefensiveKV
 from heron.kv.h2o import H2O, Scissorhands
 from heron.kv.policy import KVPolicy
@@ -12,7 +13,7 @@ from heron.kv.snapkv import SnapKV
 from heron.kv.streaming_llm import StreamingLLM
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, DefensiveKV, H2O, Scissorhands)
+    cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, DefensiveKV, H2O, Scissorhands, D2O)
 }
 
 

@@ -1,0 +1,68 @@
+"""D2O (Wan et al., 2024, dynamic discriminative operations): evict like the attention-score
+policies, but (1) give each layer a budget from how its attention is spread, and (2) do not
+simply drop an evicted token: merge it into its most similar kept token.
+
+* Scoring: the observation window's summed attention (the prompt's last ``window`` queries),
+  the window itself kept; compression happens once the prompt is in (no decode-time
+  eviction here).
+* Layer budgets: a layer whose window attention is spread over many tokens (low variance)
+  needs more of them than one that attends to a few. Budgets follow 1 / variance, keep the
+  uniform total and stay within [budget / 2, 2 * budget]. As with PyramidKV, a sequence holds
+  its largest layer's budget in slots (one block table for all layers).
+* Merging: per layer and head, each evicted token's key is compared (cosine) with the kept
+  keys; when its best similarity reaches the threshold (the mean best similarity of that
+  head's evicted tokens, the paper's running average taken over one compression) its key and
+  value are averaged into that kept token, weighted by the similarity."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from heron.kv.policy import KVPolicy, group_reduce, window_scores
+
+
+class D2O(KVPolicy):
+    name = "d2o"
+    window = 32
+    budget_from_attention = True
+
+    def score(self, layer, attn, keys, values, acc) -> torch.Tensor:
+        return group_reduce(window_scores(attn, "sum"), "mean")
+
+    def layer_weight(self, attn: torch.Tensor) -> float:
+        """1 / variance of the layer's mean window attention over the held tokens."""
+        dist = attn.mean(dim=(0, 1, 2))  # [S]
+        return 1.0 / (float(dist.var()) + 1e-12)
+
+    def layer_budgets(
+        self, budget: int, num_layers: int, weights: list[float] | None = None
+    ) -> list[int]:
+        if weights is None:
+            return [budget] * num_layers
+        w = torch.tensor(weights, dtype=torch.float64)
+        raw = (budget * num_layers * w / w.sum()).clamp(budget / 2, 2 * budget)
+        return [max(1, round(float(b))) for b in raw]
+
+    def merge(
+        self, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [Hkv, S, D]; kept [Hkv, b] token indices; valid [S]. Returns the kept
+        tokens' keys and values [Hkv, b, D] with the similar evicted tokens merged in."""
+        num_heads, held, dim = keys.shape
+        index = kept[..., None].expand(-1, -1, dim)
+        k_kept, v_kept = keys.gather(1, index), values.gather(1, index)
+        evicted = valid[None, :].expand(num_heads, held).clone()
+        evicted.scatter_(1, kept, False)
+        if not bool(evicted.any()):
+            return k_kept, v_kept
+        sim = F.normalize(keys, dim=-1) @ F.normalize(k_kept, dim=-1).transpose(1, 2)
+        best, target = sim.max(dim=-1)  # [Hkv, S]: most similar kept token
+        counts = evicted.sum(dim=1).clamp_min(1)
+        threshold = torch.where(evicted, best, 0.0).sum(dim=1) / counts  # [Hkv]
+        weight = torch.where(evicted & (best >= threshold[:, None]) & (best > 0), best, 0.0)
+        total = torch.ones_like(weight[:, : kept.shape[1]]).scatter_add_(1, target, weight)
+        tgt = target[..., None].expand(-1, -1, dim)
+        k_sum = k_kept.clone().scatter_add_(1, tgt, weight[..., None] * keys)
+        v_sum = v_kept.clone().scatter_add_(1, tgt, weight[..., None] * values)
+        return k_sum / total[..., None], v_sum / total[..., None]
