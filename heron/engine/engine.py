@@ -217,8 +217,8 @@ class Engine:
     def _check_token_strategy(self, param: str, what: str) -> None:
         if self.speculator is not None:
             raise InvalidRequestError(
-                f"{param}: {what} cannot be combined with speculative decoding (this server "
-                "runs with --speculative-method)",
+                f"{param}: {what} cannot be combined with speculative decoding (the engine "
+                "runs with a speculative method)",
                 param=param,
             )
 

@@ -64,7 +64,6 @@ class ModelRunner:
         )
         # Attention reads whole blocks and masks the slots past a sequence's end; masked slots
         # get weight 0, and 0 * NaN from uninitialised memory would still be NaN: start zeroed.
-        self.kv_cache_dtype = kv_cache_dtype
         self.kv_scales: torch.Tensor | None = None  # int8: [L, 2, slots, Hkv]
         if kv_cache_dtype == "int8":
             self.kv_cache = torch.zeros(shape, dtype=torch.int8, device=device)
