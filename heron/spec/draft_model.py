@@ -37,10 +37,12 @@ class DraftSequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    # Read by the runner; a draft never speculates or compresses its own cache.
+    # Read by the runner; a draft never speculates, compresses its own cache or switches to
+    # a cheaper model.
     draft_token_ids: list[int] = field(default_factory=list)
     num_evicted: int = 0
     kv = None
+    switch = None
 
     @property
     def num_tokens(self) -> int:
