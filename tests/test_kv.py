@@ -239,7 +239,8 @@ def test_d2o_layer_budgets_follow_attention_spread():
     # values are merged averages of token ids now, so only the slots are checked.
     keys = _keys(60, 1)
     q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(3))
-    kept, seq, _ = _compress(make_policy("d2o", window=4), keys, q, budget=20, layers=3)
+    policy = make_policy("d2o", window=4, budget_from_attention=True)
+    kept, seq, _ = _compress(policy, keys, q, budget=20, layers=3)
     assert seq.num_kv_slots == 20 and seq.num_evicted == 40 and seq.kv.layer_lens is None
     assert all(len(k[0]) > 1 for k in kept)
 
