@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from heron.config import SamplingParams
-from heron.engine.context_aware import context_free_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +95,6 @@ def run_counterfactual(
     """Plain decoding (alpha 0, no companion) and CAD at each alpha over every case."""
     tok = llm.get_tokenizer()
     prompts = [tok.encode_chat([{"role": "user", "content": c.message}])[1] for c in cases]
-    companion_tokens = sum(
-        len(context_free_prompt(tok, ids, c.context + " "))
-        for ids, c in zip(prompts, cases, strict=True)
-    )
     rows = []
     for alpha in (None, *alphas):
         params = [
@@ -124,8 +119,9 @@ def run_counterfactual(
                 "mentions_context_answer": sum(a for a, _ in verdicts) / len(cases),
                 "mentions_prior_answer": sum(p for _, p in verdicts) / len(cases),
                 "tokens_per_second": generated / secs,
+                # CAD also prefills each prompt without its context (the engine counts it)
                 "prompt_tokens": sum(map(len, prompts))
-                + (0 if alpha is None else companion_tokens),
+                + sum(o.metrics.get("cad_context_free_prompt_tokens", 0) for o in outs),
                 "answers": texts,
             }
         )

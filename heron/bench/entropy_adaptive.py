@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from heron.config import SamplingParams
+from heron.spec.layer_skip import default_kept_layers
 from heron.strategies import AnswerExtractor
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def run_entropy_adaptive(
 
 
 def format_entropy_adaptive(r: dict[str, Any], num_layers: int) -> list[str]:
-    cheap = r["cheap_layers"] or max(1, num_layers * 5 // 6)
+    cheap = r["cheap_layers"] or default_kept_layers(num_layers)
     lines = [
         f"Entropy-adaptive decoding, {r['num_problems']} word problems at batch 1 (cheap model: "
         f"{cheap} of {num_layers} layers; min span {r['min_span']}):",

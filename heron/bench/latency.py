@@ -209,8 +209,9 @@ def run_latency_bench(cfg: LatencyBenchConfig) -> LatencyResult:
 def format_table(result: LatencyResult) -> str:
     c = result.config
     hf, lc = result.baseline("transformers"), result.baseline("llama.cpp")
-    head = ["engine", "weights", "act", "MiB", "TTFT ms", "decode tok/s", "x HF", "x llama.cpp"]
-    head.append("ppl")
+    head = [
+        "engine", "weights", "act", "MiB", "TTFT ms", "decode tok/s", "x HF", "x llama.cpp", "ppl"
+    ]  # fmt: skip
     table = [head]
     for r in result.rows:
         table.append(

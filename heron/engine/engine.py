@@ -28,7 +28,7 @@ from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
-from heron.spec.layer_skip import spread_layers
+from heron.spec.layer_skip import default_kept_layers, spread_layers
 from heron.spec.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
@@ -201,7 +201,7 @@ class Engine:
                 param="entropy_threshold",
             )
         num_layers = self.model_config.num_layers
-        keep = params.cheap_layers or max(1, num_layers * 5 // 6)
+        keep = params.cheap_layers or default_kept_layers(num_layers)
         if keep > num_layers:
             raise InvalidRequestError(
                 f"cheap_layers: the model has {num_layers} layers, got {keep}",

@@ -23,6 +23,11 @@ from heron.spec.proposer import Draft, Proposer, draw_draft_token, stack_probs
 logger = logging.getLogger(__name__)
 
 
+def default_kept_layers(num_layers: int) -> int:
+    """How many layers a layer-skipped model keeps unless told: 5/6 of them."""
+    return max(1, num_layers * 5 // 6)
+
+
 def spread_layers(num_layers: int, keep: int) -> list[int]:
     """``keep`` layer indices evenly spaced over ``num_layers``, first and last included."""
     if not 1 <= keep <= num_layers:

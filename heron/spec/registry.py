@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from heron.errors import InvalidRequestError
 from heron.spec.draft_model import DraftModelProposer
-from heron.spec.layer_skip import LayerSkipProposer
+from heron.spec.layer_skip import LayerSkipProposer, default_kept_layers
 from heron.spec.ngram import NgramProposer
 from heron.spec.proposer import Proposer
 from heron.spec.speculator import Speculator
@@ -29,7 +29,7 @@ def build_proposer(config: EngineConfig, engine: Engine) -> Proposer:
         return NgramProposer(config.ngram_min, config.ngram_max)
     if method == "layer_skip":
         num_layers = engine.model_config.num_layers
-        keep = config.draft_num_layers or max(1, num_layers * 5 // 6)
+        keep = config.draft_num_layers or default_kept_layers(num_layers)
         return LayerSkipProposer(engine.runner, engine.block_manager, keep)
     if method == "draft":
         return DraftModelProposer(
