@@ -18,6 +18,7 @@ from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import POLICIES, make_policy
+from heron.kv.tokenselect import SelectedDecodes
 from tests.conftest import make_llm
 
 BS = 4  # block size of the hand-built caches
@@ -245,6 +246,57 @@ def test_d2o_layer_budgets_follow_attention_spread():
     assert all(len(k[0]) > 1 for k in kept)
 
 
+def _selected(policy, keys, q, budget, layer=0):
+    """One TokenSelect decode step on a hand-built cache (keys [S, Hkv, D], values = token
+    index): (the step's attention output [H, D], its KVState)."""
+    held, num_kv_heads, _ = keys.shape
+    values = torch.arange(held, dtype=torch.float32)[:, None, None].expand(held, num_kv_heads, D)
+    st = KVState(policy, budget, target=budget, prefilled=True)
+    sel = SelectedDecodes(0, [torch.arange(held)], [st])
+    return sel.attend(q[None], keys, values.contiguous(), layer, D**-0.5)[0], st
+
+
+def test_tokenselect_attends_to_the_voted_tokens_sinks_and_recent_window():
+    held = 64
+    keys = _keys(held, 2)
+    keys[20] = torch.eye(D)[0]  # both KV heads' needle
+    q = torch.zeros(4, D)  # 4 query heads, 2 KV heads: a GQA group of 2
+    q[0] = q[2] = _focus_query(torch.eye(D)[0])  # one head of each group votes for it
+    policy = make_policy("tokenselect", sinks=2, recent=4)
+    out, st = _selected(policy, keys, q, budget=2 + 4 + 1)
+    chosen = st.selection[0].middle.tolist()
+    assert chosen == [20]
+    # The output is attention over exactly sinks + token 20 + the recent window ...
+    idx = torch.tensor([0, 1, 20, 60, 61, 62, 63])
+    vals = torch.arange(held, dtype=torch.float32)[idx]
+    for h in range(4):
+        probs = torch.softmax(keys[idx, h // 2] @ q[h] * D**-0.5, dim=0)
+        assert out[h, 0].item() == pytest.approx((probs * vals).sum().item(), abs=1e-4)
+    # ... which is not the full cache's: the unfocused heads spread over all 64 tokens.
+    full = torch.softmax(keys[:, 1] @ q[1] * D**-0.5, dim=0) @ torch.arange(held).float()
+    assert abs(out[1, 0].item() - full.item()) > 1.0
+
+
+def test_tokenselect_reuses_its_choice_for_a_similar_query_only():
+    held = 64
+    keys = _keys(held, 1)
+    keys[20, 0], keys[40, 0] = torch.eye(D)[0], torch.eye(D)[1]
+    q = torch.zeros(1, D)
+    q[0] = _focus_query(torch.eye(D)[0])
+    policy = make_policy("tokenselect", sinks=2, recent=4)
+    _, st = _selected(policy, keys, q, budget=7)
+    sel = SelectedDecodes(0, [torch.arange(held)], [st])
+    values = torch.zeros(held, 1, D)
+    near = q + 0.05 * torch.randn(1, D, generator=torch.Generator().manual_seed(0))
+    sel.attend(near[None], keys, values, 0, D**-0.5)
+    assert (st.num_selections, st.num_reused) == (1, 1)
+    far = torch.zeros(1, D)
+    far[0] = _focus_query(torch.eye(D)[1])
+    sel.attend(far[None], keys, values, 0, D**-0.5)
+    assert (st.num_selections, st.num_reused) == (2, 1)
+    assert st.selection[0].middle.tolist() == [40]
+
+
 def test_registry_and_budget_errors():
     assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv", "d2o"} <= set(POLICIES)
     with pytest.raises(InvalidRequestError, match="kv_policy"):
@@ -279,7 +331,7 @@ def _greedy(n=12, **kw) -> SamplingParams:
 def test_budget_above_prompt_is_the_full_cache(llm):
     ids = _passkey_prompt(llm)
     full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
-    for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv", "d2o"):
+    for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv", "d2o", "tokenselect"):
         before = llm.engine.kv.num_evicted
         out = llm.generate([ids], _greedy(kv_policy=name, kv_budget=len(ids) + 64), use_tqdm=False)
         assert out[0].outputs[0].token_ids == full, name
@@ -316,11 +368,26 @@ def test_compressed_and_full_requests_batched_equal_alone(llm):
         (other, _greedy()),
         (ids, _greedy(kv_policy="streaming_llm", kv_budget=96)),
         (ids, _greedy()),
+        (ids, _greedy(kv_policy="tokenselect", kv_budget=40)),
     ]
     alone = [llm.generate([p], s, use_tqdm=False)[0].outputs[0].token_ids for p, s in reqs]
     together = llm.generate([p for p, _ in reqs], [s for _, s in reqs], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in together] == alone
     assert alone[0] != alone[3] or alone[2] != alone[3]  # compression changed something
+    assert alone[4] != alone[3]  # 40 tokens attended to (4 sinks, 32 recent): key lost
+
+
+def test_tokenselect_keeps_the_cache_and_its_prefix_hits(llm):
+    eng = llm.engine
+    ids = _passkey_prompt(llm)
+    full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    req = eng.add_request(ids, _greedy(kv_policy="tokenselect", kv_budget=0.5))
+    while not req.finished:
+        eng.step()
+    seq = req.seqs[0]
+    assert seq.num_evicted == 0 and seq.num_cached_tokens > 0  # nothing evicted, cache read
+    assert seq.kv.num_selections > 0 and seq.kv.num_reused > 0  # both paths ran
+    assert seq.output_token_ids == full  # half the prompt is enough for this key
 
 
 def test_n_samples_share_the_compressed_prompt(llm):

@@ -313,7 +313,8 @@ class Engine:
                 seq.num_computed_tokens += n
                 # Compressed blocks, and blocks the cheap model of entropy-adaptive decoding
                 # wrote, are not what their hashes name.
-                if seq.kv is None and (seq.switch is None or seq.switch.cheap_start is None):
+                evicts = seq.kv is not None and seq.kv.policy.evicts
+                if not evicts and (seq.switch is None or seq.switch.cheap_start is None):
                     self.block_manager.register_full_blocks(seq)
         self.kv.after_step(batch.seqs, result.kv_queries)
         for seq in batch.seqs:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from heron.engine.scheduler import ScheduledBatch
+from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan
 from heron.layers.kv_cache import Int8Slots, slot_bytes
 from heron.layers.rotary import RotaryEmbedding
@@ -110,11 +111,13 @@ class ModelRunner:
         # Entropy-adaptive decoding's cheap steps run through fewer layers, apart.
         work = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
         cheap = [seq for seq, n in work if _is_cheap(seq, n)]
-        # Attention batches single-token steps together, so they go first in the flat batch.
+        # Attention batches single-token steps together, so they go first in the flat batch
+        # (TokenSelect's after the dense ones).
         items = sorted(
             (item for item in work if not _is_cheap(*item)),
-            key=lambda item: not _is_decode(*item),
+            key=lambda item: (not _is_decode(*item), _selects(*item)),
         )
+        selected: SelectedDecodes | None = None
         for seq, n in items:
             start = seq.num_computed_tokens
             row = len(ids)
@@ -141,7 +144,12 @@ class ModelRunner:
             if seq.seq_id in needs_prompt_logits and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)  # rows predicting prompt tokens
                 prompt_rows[seq.seq_id] = (start + 1, row, row + last - start)
-            if _is_decode(seq, n):
+            if _selects(seq, n):
+                if selected is None:
+                    selected = SelectedDecodes(row, [], [])
+                selected.slots.append(self._slots(table, start - ev + 1))
+                selected.states.append(seq.kv)
+            elif _is_decode(seq, n):
                 decode_tables.append(table)
                 decode_lens.append(start - ev + 1)
             else:
@@ -162,6 +170,7 @@ class ModelRunner:
             block_size=bs,
             num_decodes=len(decode_lens),
             prefills=prefills,
+            selected=selected,
         )
         if decode_lens:
             meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
@@ -257,6 +266,13 @@ class ModelRunner:
                 rows[i] = logits[j]
         return torch.stack(rows)
 
+    def _slots(self, table: list[int], n: int) -> torch.Tensor:
+        """The cache slots of a sequence's first ``n`` tokens, in order."""
+        bs = self.block_size
+        blocks = torch.tensor(table[: -(-n // bs)], dtype=torch.long, device=self.device)
+        offsets = torch.arange(bs, device=self.device)
+        return (blocks[:, None] * bs + offsets).reshape(-1)[:n]
+
     def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
         dev, window = self.device, self.sliding_window
         q_pos = torch.arange(start, start + n, device=dev)
@@ -319,6 +335,11 @@ def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) 
 
 def _is_decode(seq, n: int) -> bool:
     return n == 1 and seq.num_computed_tokens > 0
+
+
+def _selects(seq, n: int) -> bool:
+    """A decode step that attends through TokenSelect."""
+    return seq.kv is not None and _is_decode(seq, n) and seq.kv.selects_now(seq)
 
 
 def _is_cheap(seq, n: int) -> bool:

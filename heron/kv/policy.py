@@ -12,6 +12,8 @@ When a policy runs:
   Scissorhands. Their decode queries are kept (``needs_decode_queries``) until the next
   eviction, when their attention over the then-held keys is computed once: that equals the
   attention they saw when they ran, because keys are only appended in between.
+* ``selects`` (TokenSelect): nothing is evicted; every decode step's attention scores the
+  cache itself and reads the chosen tokens (``heron.kv.tokenselect``).
 
 Scores come in as ``attn``: softmax attention of the captured queries over the held slots,
 ``[Hkv, group, n, S]`` (the query heads of a GQA group kept apart, float32, causal), or
@@ -36,6 +38,8 @@ class KVPolicy:
     accumulates: bool = False  # keeps running statistics (``accumulate``) across evictions
     # Layer budgets from the window attention (``layer_weight`` per layer, D2O).
     budget_from_attention: bool = False
+    evicts: bool = True  # False: the cache is kept whole (TokenSelect)
+    selects: bool = False  # each decode step attends to a chosen subset (TokenSelect)
 
     def __init__(self, **options) -> None:
         for key, value in options.items():

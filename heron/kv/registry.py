@@ -11,9 +11,11 @@ from heron.kv.policy import KVPolicy
 from heron.kv.pyramidkv import PyramidKV
 from heron.kv.snapkv import SnapKV
 from heron.kv.streaming_llm import StreamingLLM
+from heron.kv.tokenselect import TokenSelect
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    cls.name: cls for cls in (StreamingLLM, SnapKV, PyramidKV, DefensiveKV, H2O, Scissorhands, D2O)
+    cls.name: cls
+    for cls in (StreamingLLM, SnapKV, PyramidKV, DefensiveKV, H2O, Scissorhands, D2O, TokenSelect)
 }
 
 

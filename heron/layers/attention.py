@@ -3,7 +3,8 @@
 The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, Hkv, D]``; a
 sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
 its token ``i`` (in the model's dtype, or int8: ``kv_cache``). The runner orders each step's
-flat batch as decodes first (one query each), then prefill chunks, and builds the block tables
+flat batch as decodes first (one query each; those attending through TokenSelect after the
+dense ones), then prefill chunks, and builds the block tables
 once per step; every layer reuses them. Reads gather whole blocks; the slots past a
 sequence's length are masked out.
 
@@ -19,9 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from heron.layers.kv_cache import Int8Slots, gather_blocks, write_slots
-
-Cache = torch.Tensor | Int8Slots
+from heron.layers.kv_cache import Cache, gather_blocks, write_slots
 
 
 @dataclass
@@ -61,6 +60,9 @@ class AttentionMetadata:
     decode_layer_masks: torch.Tensor | None = None
     capture_rows: torch.Tensor | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
+    # TokenSelect: the decode rows right after the ``num_decodes`` dense ones that attend to
+    # a chosen subset of their cache (heron.kv.tokenselect.SelectedDecodes), or None.
+    selected: object | None = None
 
 
 def paged_attention(
@@ -100,6 +102,11 @@ def paged_attention(
             mask = meta.decode_window_mask
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
         out[:b] = od.reshape(b, num_heads, head_dim)
+    if meta.selected is not None:
+        sel = meta.selected
+        out[sel.start : sel.end] = sel.attend(
+            q[sel.start : sel.end], k_cache, v_cache, layer, scale
+        )
 
     for span in meta.prefills:
         qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)

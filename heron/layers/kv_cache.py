@@ -27,6 +27,9 @@ class Int8Slots:
     dtype: torch.dtype  # what reads dequantize to
 
 
+Cache = torch.Tensor | Int8Slots
+
+
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 values, float32 scales [...]), x ~ values * scale."""
     x = x.float()
@@ -58,6 +61,14 @@ def gather_blocks(
         q = _gather(cache.data, blocks, block_size)
         return dequantize_int8(q, _gather(cache.scale, blocks, block_size), cache.dtype)
     return _gather(cache, blocks, block_size)
+
+
+def gather_slots(cache: torch.Tensor | Int8Slots, slots: torch.Tensor) -> torch.Tensor:
+    """The given slots [N] as ``[N, Hkv, D]`` in the compute dtype."""
+    if isinstance(cache, Int8Slots):
+        q = cache.data.index_select(0, slots)
+        return dequantize_int8(q, cache.scale.index_select(0, slots), cache.dtype)
+    return cache.index_select(0, slots)
 
 
 def _gather(t: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
