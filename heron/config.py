@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from heron.errors import InvalidRequestError
+from heron.layers.kivi import KIVI_BITS, KIVI_BLOCK_SIZE
 from heron.layers.kv_cache import KV_CACHE_DTYPES
 from heron.layers.quantized_linear import QUANTIZATIONS
 
@@ -27,11 +28,14 @@ class EngineConfig:
     # Weight-only quantization of every linear layer: "none", "int8" or "int4" (heron.layers.
     # quantized_linear); the embedding, norms and KV cache keep ``dtype``.
     quantization: str = "none"
-    block_size: int = 16
+    # Tokens per KV block; None: 16, or 32 (KIVI's key group) with an int4/int2 KV cache.
+    block_size: int | None = None
     # Bytes (int > 1) or a fraction of the free memory (0 < x <= 1).
     kv_cache_memory: float = 0.25
     # "auto": K/V in ``dtype``; "int8": one byte per value plus a scale per token and head
-    # (heron.layers.kv_cache), ~2x (bf16) to ~4x (fp32) the tokens in the same memory.
+    # (heron.layers.kv_cache), ~2x (bf16) to ~4x (fp32) the tokens in the same memory;
+    # "int4"/"int2": KIVI (heron.layers.kivi), keys per channel and values per token, the
+    # block still filling in full precision.
     kv_cache_dtype: str = "auto"
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
@@ -65,12 +69,14 @@ class EngineConfig:
             "quantization",
             f"must be one of {QUANTIZATIONS}, got {self.quantization!r}",
         )
-        _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
         _check(
             self.kv_cache_dtype in KV_CACHE_DTYPES,
             "kv_cache_dtype",
             f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}",
         )
+        if self.block_size is None:
+            self.block_size = KIVI_BLOCK_SIZE if self.kv_cache_dtype in KIVI_BITS else 16
+        _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
         _check(
             self.kv_policy is None or self.kv_cache_dtype == "auto",
             "kv_policy",
@@ -187,6 +193,10 @@ class SamplingParams:
     # "none" = the full cache even when the engine compresses by default).
     kv_policy: str | None = None
     kv_budget: float | None = None
+    # Query-agnostic compression: compress once the first this many prompt tokens (the
+    # context) are in, then prefill the rest (the question) on the compressed cache, so the
+    # question does not choose what is kept. None: compress after the whole prompt.
+    kv_prefix_tokens: int | None = None
     # heron extra: context-aware decoding (heron.engine.context_aware). The prompt is also run
     # without the text ``cad_context``, in lockstep, and tokens are drawn from
     # (1 + cad_alpha) * logits(prompt) - cad_alpha * logits(prompt without the context).
@@ -246,6 +256,11 @@ class SamplingParams:
             f"must be >= 0, got {self.prompt_logprobs}",
         )
         _check_kv(self.kv_policy, self.kv_budget, allow_none=True)
+        _check(
+            self.kv_prefix_tokens is None or self.kv_prefix_tokens >= 1,
+            "kv_prefix_tokens",
+            f"must be >= 1, got {self.kv_prefix_tokens}",
+        )
         self._check_token_strategies()
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")

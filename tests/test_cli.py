@@ -5,6 +5,7 @@ fail before the model loads."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -143,12 +144,23 @@ def test_bench_kv_and_spec_cli(tmp_path):
     proc = heron(
         "bench", "kv", "--lengths", "300", "--depths", "0.5", "--policies", "snapkv",
         "--budgets", "0.5", "--max-tokens", "4", "--kv-cache-memory", str(64 * 2**20),
+        "--settings", "query_agnostic", "--cache-dtypes", "int8,int4",
         "--dtype", "float32", "--device", "cpu", "--json", str(out),
+        "--png", str(tmp_path / "kv"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "snapkv" in proc.stdout and "int8_cache" in proc.stdout
-    rows = {r["policy"]: r for r in json.loads(out.read_text())["results"]}
+    results = json.loads(out.read_text())["results"]
+    assert {(r["task"], r["setting"]) for r in results if r["policy"] == "snapkv"} == {
+        ("passkey", "query_agnostic"),
+        ("needle", "query_agnostic"),
+    }
+    rows = {r["policy"]: r for r in results if r["task"] == "passkey"}
     assert rows["int8_cache"]["kv_bytes_per_seq"] < rows["full"]["kv_bytes_per_seq"] / 3
+    # int4: 6.4x less per token, less one full-precision block per sequence at 300 tokens
+    assert rows["int4_cache"]["kv_bytes_per_seq"] < rows["full"]["kv_bytes_per_seq"] / 3
+    if importlib.util.find_spec("matplotlib") is not None:  # the [bench] extra
+        assert (tmp_path / "kv_summary.png").exists() and (tmp_path / "kv_snapkv.png").exists()
     proc = heron(
         "bench", "spec", "--methods", "ngram", "--tasks", "chat", "--batch-size", "1",
         "--batch1-prompts", "1", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu",

@@ -431,3 +431,40 @@ def test_preempted_compressed_sequence_recomputes_and_compresses_again():
     outs = llm.generate([ids] * 4, params, use_tqdm=False)
     assert all(o.outputs[0].token_ids == alone for o in outs)
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+def _context_and_question(llm, reps: int = 14) -> tuple[list[int], int]:
+    """A passkey prompt split where the question begins: (ids, context tokens)."""
+    ids = _passkey_prompt(llm, reps)
+    question = llm.engine.tokenizer.encode("What is the pass key? The pass key is")
+    return ids, len(ids) - len(question)
+
+
+def test_query_agnostic_compresses_the_context_before_the_question(llm):
+    ids, context = _context_and_question(llm)
+    full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
+    above = _greedy(kv_policy="snapkv", kv_budget=context + 8, kv_prefix_tokens=context)
+    assert llm.generate([ids], above, use_tqdm=False)[0].outputs[0].token_ids == full
+    eng = llm.engine
+    req = eng.add_request(ids, _greedy(kv_policy="snapkv", kv_budget=0.3, kv_prefix_tokens=context))
+    seq = req.seqs[0]
+    while not req.finished:
+        eng.step()
+        if seq.kv.prefilled and seq.num_computed_tokens == context:  # stopped at the context
+            assert seq.num_kv_slots == math.ceil(0.3 * context)
+    target = math.ceil(0.3 * context)
+    assert seq.kv.num_compressions == 1 and seq.num_evicted == context - target
+    with pytest.raises(InvalidRequestError, match="kv_prefix_tokens"):
+        llm.generate([ids], _greedy(kv_policy="snapkv", kv_prefix_tokens=len(ids)), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="kv_prefix_tokens"):
+        llm.generate([ids], _greedy(kv_prefix_tokens=4), use_tqdm=False)
+
+
+def test_query_agnostic_layer_budgets_mask_the_question_chunk_like_decode_steps(llm):
+    """PyramidKV leaves smaller layers with unused slots; the question's prefill chunk must
+    hide them exactly as decode steps do: one chunk equals one token at a time."""
+    stepwise = make_llm(max_model_len=256, max_num_batched_tokens=1)
+    ids, context = _context_and_question(llm, reps=3)
+    params = _greedy(n=8, kv_policy="pyramidkv", kv_budget=0.3, kv_prefix_tokens=context)
+    outs = [m.generate([ids], params, use_tqdm=False)[0] for m in (llm, stepwise)]
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids

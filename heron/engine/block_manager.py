@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from heron.engine.sequence import Sequence
@@ -31,6 +32,9 @@ class BlockManager:
         # Free blocks in eviction order: uncached ones first, then cached ones oldest first.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}  # block hash -> block id
+        # Called with a block's id when its last user lets it go (a KIVI cache then frees the
+        # block's full-precision staging row).
+        self.on_release: Callable[[int], None] | None = None
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -186,6 +190,8 @@ class BlockManager:
         block.ref_count -= 1
         assert block.ref_count >= 0, f"block {block_id} freed twice"
         if block.ref_count == 0:
+            if self.on_release is not None:
+                self.on_release(block_id)
             self._free[block_id] = None
             if block.hash is None:  # nothing worth keeping: reuse it first
                 self._free.move_to_end(block_id, last=False)

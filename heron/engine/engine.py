@@ -72,6 +72,8 @@ class Engine:
             sparse=build_sparse_prefill(config),
             kv_cache_dtype=config.kv_cache_dtype,
         )
+        if self.runner.kivi is not None:
+            self.block_manager.on_release = self.runner.kivi.release
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -167,7 +169,7 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
         req = Request(request_id, text, ids, params)
-        kv_state = self._kv_state(params)
+        kv_state = self._kv_state(params, len(ids))
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
         companion = self._cad_companion(req) if params.cad_context is not None else None
@@ -222,14 +224,25 @@ class Engine:
                 param=param,
             )
 
-    def _kv_state(self, params: SamplingParams) -> KVState | None:
+    def _kv_state(self, params: SamplingParams, prompt_len: int) -> KVState | None:
         """The request's KV-compression state: its own policy, else the engine's (or none)."""
         name = params.kv_policy or self.config.kv_policy
+        prefix = params.kv_prefix_tokens
         if name is None or name == "none":
+            if prefix is not None:
+                raise InvalidRequestError(
+                    "kv_prefix_tokens: only means something with a kv_policy", "kv_prefix_tokens"
+                )
             return None
+        if prefix is not None and prefix >= prompt_len:
+            raise InvalidRequestError(
+                f"kv_prefix_tokens: must be less than the prompt ({prompt_len} tokens), got "
+                f"{prefix}; leave it unset to compress the whole prompt",
+                param="kv_prefix_tokens",
+            )
         budget = params.kv_budget or self.config.kv_budget
         self._check_kv(name, budget)
-        return KVState(make_policy(name), budget)
+        return KVState(make_policy(name), budget, compress_at=prefix)
 
     def _check_kv(self, name: str, budget: float) -> None:
         if self.config.kv_cache_dtype != "auto":

@@ -13,7 +13,8 @@ from torch import nn
 from heron.engine.scheduler import ScheduledBatch
 from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan
-from heron.layers.kv_cache import Int8Slots, slot_bytes
+from heron.layers.kivi import KIVI_BITS, KiviCache
+from heron.layers.kv_cache import Int8Slots, block_bytes
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
@@ -66,7 +67,15 @@ class ModelRunner:
         # Attention reads whole blocks and masks the slots past a sequence's end; masked slots
         # get weight 0, and 0 * NaN from uninitialised memory would still be NaN: start zeroed.
         self.kv_scales: torch.Tensor | None = None  # int8: [L, 2, slots, Hkv]
-        if kv_cache_dtype == "int8":
+        self.kivi: KiviCache | None = None  # int4 / int2
+        self.kv_cache: torch.Tensor | None = None
+        if kv_cache_dtype in KIVI_BITS:
+            num_layers, _, _, heads, dim = shape
+            self.kivi = KiviCache(
+                kv_cache_dtype, num_layers, num_blocks, block_size, heads, dim, dtype, device
+            )
+            self.kv_caches = [self.kivi.layer(i) for i in range(num_layers)]
+        elif kv_cache_dtype == "int8":
             self.kv_cache = torch.zeros(shape, dtype=torch.int8, device=device)
             self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
             self.kv_caches = [
@@ -85,8 +94,9 @@ class ModelRunner:
     def bytes_per_block(
         cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto"
     ) -> int:
-        per_head = slot_bytes(kv_cache_dtype, cfg.head_dim, dtype)
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_head
+        return block_bytes(
+            kv_cache_dtype, cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, dtype
+        )
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, needs_prompt_logits: set[int]) -> StepLogits:
@@ -154,6 +164,11 @@ class ModelRunner:
                 decode_lens.append(start - ev + 1)
             else:
                 span = self._prefill_span(row, start - ev, n, table)
+                if seq.kv is not None and seq.kv.layer_lens is not None:
+                    # the question's chunk after a query-agnostic PyramidKV/D2O compression
+                    lens = seq.kv.layer_lens.to(self.device)
+                    hole = _hole(lens, seq.kv.hole_end, span.mask.shape[-1])
+                    span.layer_masks = span.mask[None] & ~hole[:, None, :]
                 if (
                     self.sparse is not None
                     and not ev  # block-sparse masks assume slot == position
@@ -188,12 +203,7 @@ class ModelRunner:
                     rotary.reset_buffers(rotary.cos.device)
         sample_logits = None
         if ids:
-            hidden = self.model(
-                torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(positions, dtype=torch.long, device=dev),
-                self.kv_caches,
-                meta,
-            )
+            hidden = self._forward(ids, positions, meta)
             sample_logits = self.model.compute_logits(hidden[sample_rows])
         if cheap:
             sample_seqs += cheap
@@ -236,14 +246,29 @@ class ModelRunner:
         meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
             tables, [p + 1 for p in positions]
         )
+        return self.model.compute_logits(self._forward(token_ids, positions, meta, layers))
+
+    def _forward(
+        self,
+        ids: list[int],
+        positions: list[int],
+        meta: AttentionMetadata,
+        layers: list[int] | None = None,
+    ) -> torch.Tensor:
+        """The model over one flat batch; a KIVI cache stages the blocks it writes."""
+        if self.kivi is not None:
+            self.kivi.prepare(meta.slot_mapping)
+        dev = self.device
         hidden = self.model(
-            torch.tensor(token_ids, dtype=torch.long, device=dev),
+            torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             self.kv_caches,
             meta,
             layers,
         )
-        return self.model.compute_logits(hidden)
+        if self.kivi is not None:
+            self.kivi.finish()
+        return hidden
 
     def _cheap_logits(self, seqs: list) -> torch.Tensor:
         """One decode step for each sequence through its cheap model's layers (grouped by
@@ -312,6 +337,10 @@ class ModelRunner:
         return padded.to(dev), mask[:, None, None, :], window_mask
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if self.kivi is not None:
+            for src, dst in copies:
+                self.kivi.copy(src, dst)
+            return
         bs = self.block_size
         offs = torch.arange(bs, device=self.device)
         src = torch.cat([offs + s * bs for s, _ in copies])
@@ -326,11 +355,15 @@ def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) 
     end`` (a layer that kept fewer tokens than the sequence holds slots for)."""
     num_layers = holes[0][1].shape[0]
     masks = mask.unsqueeze(0).repeat(num_layers, 1, 1, 1, 1)  # [L, B, 1, 1, W * bs]
-    pos = torch.arange(mask.shape[-1], device=mask.device)
     for row, lens, end in holes:
-        hole = (pos[None, :] >= lens.to(mask.device)[:, None]) & (pos[None, :] < end)
-        masks[:, row, 0, 0] &= ~hole
+        masks[:, row, 0, 0] &= ~_hole(lens.to(mask.device), end, mask.shape[-1])
     return masks
+
+
+def _hole(lens: torch.Tensor, end: int, width: int) -> torch.Tensor:
+    """[L, width] bool: the slots ``lens[l] .. end`` that layer ``l`` does not read."""
+    pos = torch.arange(width, device=lens.device)
+    return (pos[None, :] >= lens[:, None]) & (pos[None, :] < end)
 
 
 def _is_decode(seq, n: int) -> bool:

@@ -76,7 +76,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed + len(seq.draft_token_ids), budget)
+            n = _cap(seq, min(seq.num_uncomputed + len(seq.draft_token_ids), budget))
             if seq.draft_token_ids and not self.bm.can_append(seq, n):
                 n = 1  # drafts are optional: never preempt anyone for them
             seq.draft_token_ids = seq.draft_token_ids[: n - 1] if seq.draft_token_ids else []
@@ -102,7 +102,7 @@ class Scheduler:
             cached = self.bm.allocate_cached_prefix(seq) if use_cache else 0
             seq.num_computed_tokens = cached
             seq.num_cached_tokens = max(seq.num_cached_tokens, min(cached, seq.num_prompt_tokens))
-            n = min(seq.num_uncomputed, budget)
+            n = _cap(seq, min(seq.num_uncomputed, budget))
             if not self.bm.can_append(seq, n):
                 self.bm.free(seq)  # give back the cached blocks; try again next step
                 seq.num_computed_tokens = 0
@@ -141,3 +141,10 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+
+def _cap(seq: Sequence, n: int) -> int:
+    """``n`` tokens, or fewer where query-agnostic KV compression stops a chunk at the
+    context's end."""
+    limit = seq.kv.chunk_limit(seq) if seq.kv is not None else None
+    return n if limit is None else min(n, limit)

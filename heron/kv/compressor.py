@@ -46,7 +46,8 @@ class KVState:
     """One sequence's compression state."""
 
     policy: KVPolicy
-    budget: float  # as given: a fraction of the prompt, or tokens
+    budget: float  # as given: a fraction of the prompt (or context), or tokens
+    compress_at: int | None = None  # query-agnostic: prompt tokens compressed (the context)
     target: int = 0  # tokens kept per layer and head, set when the prompt is in
     prefilled: bool = False
     queries: list[torch.Tensor] = field(default_factory=list)  # [L, n, H, D] chunks
@@ -61,12 +62,24 @@ class KVState:
     num_selections: int = 0
     num_reused: int = 0
 
+    def context_end(self, seq) -> int:
+        """Prompt tokens the first compression covers: all, or the context's."""
+        return self.compress_at or seq.num_prompt_tokens
+
+    def chunk_limit(self, seq) -> int | None:
+        """Most tokens the next chunk may hold: a chunk stops at the context's end, so the
+        compression runs before the rest of the prompt (None: no limit)."""
+        if self.prefilled or self.compress_at is None:
+            return None
+        return max(1, self.compress_at - seq.num_computed_tokens)
+
     def capture_offsets(self, seq, start: int, n: int) -> list[int]:
         """Rows (offsets in this step's chunk) whose queries this sequence's policy needs."""
         if not self.prefilled:
-            first = max(start, seq.num_tokens - self.policy.window)
-            return list(range(first - start, n)) if first < start + n else []
-        return [0] if self.policy.needs_decode_queries else []
+            end = min(start + n, self.context_end(seq))
+            first = max(start, self.context_end(seq) - self.policy.window)
+            return list(range(first - start, end - start)) if first < end else []
+        return list(range(n)) if self.policy.needs_decode_queries else []
 
     def reset(self) -> None:
         """The sequence was preempted: everything is recomputed."""
@@ -80,6 +93,7 @@ class KVState:
         return KVState(
             self.policy,
             self.budget,
+            self.compress_at,
             self.target,
             self.prefilled,
             list(self.queries),
@@ -118,10 +132,10 @@ class KVCompressor:
                 st.queries.append(q)
                 st.query_slots.extend(slots)
             if not st.prefilled:
-                if seq.num_computed_tokens < seq.num_tokens:
+                if seq.num_computed_tokens < st.context_end(seq):
                     continue  # more prompt chunks to come
                 st.prefilled = True
-                st.target = resolve_budget(st.budget, seq.num_prompt_tokens)
+                st.target = resolve_budget(st.budget, st.context_end(seq))
                 if st.policy.evicts:
                     self.compress(seq, prompt=True)
             elif st.policy.evict_during_decode and seq.num_kv_slots >= st.target + self.block_size:

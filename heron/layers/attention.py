@@ -41,6 +41,8 @@ class PrefillSpan:
     # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
     sparse: object | None = None
     q_start: int = 0  # position of the chunk's first token (set with ``sparse``)
+    # KV compression with layer-varying budgets: ``mask`` per layer ([L, Lq, Lk]), or None.
+    layer_masks: torch.Tensor | None = None
 
 
 @dataclass
@@ -124,6 +126,8 @@ def paged_attention(
         kp = kp.transpose(0, 1).unsqueeze(0)
         vp = vp.transpose(0, 1).unsqueeze(0)
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
+        if span.layer_masks is not None:
+            mask = span.layer_masks[layer]
         op = F.scaled_dot_product_attention(
             qp,
             kp,

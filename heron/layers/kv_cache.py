@@ -1,5 +1,6 @@
-"""The paged KV cache's storage: plain slots in the model's dtype, or int8 slots with one
-scale per (slot, KV head) (``kv_cache_dtype="int8"``).
+"""The paged KV cache's storage: plain slots in the model's dtype, int8 slots with one
+scale per (slot, KV head) (``kv_cache_dtype="int8"``), or KIVI's packed 4/2-bit blocks
+(``"int4"``/``"int2"``, ``heron.layers.kivi``).
 
 int8 is symmetric absmax quantization of each token's head vector (the granularity vLLM's and
 llama.cpp's 8-bit caches use): a slot costs ``D + 4`` bytes per head instead of ``2 D`` (bf16)
@@ -7,7 +8,8 @@ or ``4 D`` (fp32), so the same ``kv_cache_memory`` holds 1.9x / 3.8x the tokens 
 head. K/V are quantized once, when written, and dequantized to the compute dtype as attention
 gathers them; the chunk a prefill step computes attends to its own K/V unquantized.
 
-``write_slots`` and ``gather_blocks`` take either storage, so attention reads one way."""
+``write_slots``, ``gather_blocks`` and ``gather_slots`` take any storage, so attention reads
+one way."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
+from heron.layers.kivi import KIVI_BITS, KiviSlots, kivi_block_bytes
+
+KV_CACHE_DTYPES = ("auto", "int8", *KIVI_BITS)
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Int8Slots:
     dtype: torch.dtype  # what reads dequantize to
 
 
-Cache = torch.Tensor | Int8Slots
+Cache = torch.Tensor | Int8Slots | KiviSlots
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,9 +45,11 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return (q.to(torch.float32) * scale[..., None]).to(dtype)
 
 
-def write_slots(cache: torch.Tensor | Int8Slots, slots: torch.Tensor, x: torch.Tensor) -> None:
+def write_slots(cache: Cache, slots: torch.Tensor, x: torch.Tensor) -> None:
     """Store x [T, Hkv, D] at ``slots`` [T]."""
-    if isinstance(cache, Int8Slots):
+    if isinstance(cache, KiviSlots):
+        cache.write(slots, x)
+    elif isinstance(cache, Int8Slots):
         q, scale = quantize_int8(x)
         cache.data.index_copy_(0, slots, q)
         cache.scale.index_copy_(0, slots, scale)
@@ -51,20 +57,24 @@ def write_slots(cache: torch.Tensor | Int8Slots, slots: torch.Tensor, x: torch.T
         cache.index_copy_(0, slots, x)
 
 
-def gather_blocks(
-    cache: torch.Tensor | Int8Slots, blocks: torch.Tensor, block_size: int
-) -> torch.Tensor:
+def gather_blocks(cache: Cache, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """The slots of ``blocks`` (any shape ``[..., W]``) as ``[..., W * block_size, Hkv, D]``,
     in the compute dtype. Whole blocks go through ``index_select`` (several times faster on
     CPU than per-slot advanced indexing)."""
+    if isinstance(cache, KiviSlots):
+        return cache.gather(blocks)
     if isinstance(cache, Int8Slots):
         q = _gather(cache.data, blocks, block_size)
         return dequantize_int8(q, _gather(cache.scale, blocks, block_size), cache.dtype)
     return _gather(cache, blocks, block_size)
 
 
-def gather_slots(cache: torch.Tensor | Int8Slots, slots: torch.Tensor) -> torch.Tensor:
+def gather_slots(cache: Cache, slots: torch.Tensor) -> torch.Tensor:
     """The given slots [N] as ``[N, Hkv, D]`` in the compute dtype."""
+    if isinstance(cache, KiviSlots):  # a whole block per slot: fine for the few callers
+        bs = cache.cache.block_size
+        blocks = cache.gather((slots // bs)[:, None]).unflatten(1, (1, bs))[:, 0]
+        return blocks[torch.arange(slots.shape[0]), slots % bs]
     if isinstance(cache, Int8Slots):
         q = cache.data.index_select(0, slots)
         return dequantize_int8(q, cache.scale.index_select(0, slots), cache.dtype)
@@ -77,8 +87,20 @@ def _gather(t: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Ten
     return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *t.shape[1:])
 
 
-def slot_bytes(kv_cache_dtype: str, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one token's K (or V) takes per KV head."""
+def block_bytes(
+    kv_cache_dtype: str,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> int:
+    """Bytes one KV block takes over all layers, K and V."""
+    if kv_cache_dtype in KIVI_BITS:
+        bits = KIVI_BITS[kv_cache_dtype]
+        return kivi_block_bytes(bits, num_layers, block_size, num_kv_heads, head_dim)
     if kv_cache_dtype == "int8":
-        return head_dim + 4
-    return head_dim * torch.empty((), dtype=dtype).element_size()
+        per_head = head_dim + 4
+    else:
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * block_size * num_kv_heads * per_head

@@ -56,6 +56,7 @@ class _Sampling(BaseModel):
     # heron: KV-cache compression for this request (heron.kv), e.g. "snapkv" with 0.2
     kv_policy: StrictStr | None = None
     kv_budget: float | None = None
+    kv_prefix_tokens: StrictInt | None = None  # compress only the prompt's first tokens
 
     def decoding_strategy(self) -> Strategy | None:
         if self.strategy is None:
@@ -94,6 +95,7 @@ class _Sampling(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             kv_policy=self.kv_policy,
             kv_budget=self.kv_budget,
+            kv_prefix_tokens=self.kv_prefix_tokens,
         )
 
     @property
