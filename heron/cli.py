@@ -700,12 +700,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and every policy at every budget in the same run, query-aware (the question ends the "
         "compressed prompt) and query-agnostic (the context is compressed before the question "
         "is prefilled), and the full cache stored in int8 / KIVI int4 / int2 (one more engine "
-        "each). Reports accuracy, KV bytes held per sequence while decoding (measured from the "
-        "block manager) and decode tok/s.",
+        "each). Perplexity: The Tempest scored after a context of each length, which a policy "
+        "compresses first. Reports accuracy or perplexity, KV bytes held per sequence "
+        "(measured from the block manager) and decode tok/s.",
     )
     kvb.add_argument("--lengths", default="1000,2000", help="comma-separated prompt lengths")
     kvb.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated fact depths")
-    kvb.add_argument("--tasks", default="passkey,needle", help="comma-separated tasks")
+    kvb.add_argument("--tasks", default="passkey,needle,perplexity", help="comma-separated tasks")
     kvb.add_argument(
         "--settings",
         default="query_aware,query_agnostic",
@@ -723,6 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="full caches stored quantized, one engine each ('' for none)",
     )
     kvb.add_argument("--max-tokens", type=int, default=8, help="tokens generated per case")
+    kvb.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        default=256,
+        help="tokens of The Tempest scored after the compressed context (task perplexity)",
+    )
     kvb.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     kvb.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     kvb.add_argument(
@@ -1224,6 +1231,7 @@ def cmd_bench_kv(args: argparse.Namespace) -> int:
         budgets=tuple(_csv("budgets", args.budgets, float)),
         cache_dtypes=tuple(_csv("cache-dtypes", args.cache_dtypes)) if args.cache_dtypes else (),
         max_tokens=args.max_tokens,
+        perplexity_tokens=args.perplexity_tokens,
         seed=args.seed,
     )
     for flag, given, known in (

@@ -78,12 +78,6 @@ class EngineConfig:
             self.block_size = KIVI_BLOCK_SIZE if self.kv_cache_dtype in KIVI_BITS else 16
         _check(self.block_size >= 1, "block_size", f"must be >= 1, got {self.block_size}")
         _check(
-            self.kv_policy is None or self.kv_cache_dtype == "auto",
-            "kv_policy",
-            f"KV compression does not work on a {self.kv_cache_dtype} KV cache yet; "
-            "use one or the other",
-        )
-        _check(
             self.kv_cache_memory > 0,
             "kv_cache_memory",
             f"must be bytes (> 1) or a fraction of free memory in (0, 1], "

@@ -145,6 +145,7 @@ def test_bench_kv_and_spec_cli(tmp_path):
         "bench", "kv", "--lengths", "300", "--depths", "0.5", "--policies", "snapkv",
         "--budgets", "0.5", "--max-tokens", "4", "--kv-cache-memory", str(64 * 2**20),
         "--settings", "query_agnostic", "--cache-dtypes", "int8,int4",
+        "--perplexity-tokens", "16",
         "--dtype", "float32", "--device", "cpu", "--json", str(out),
         "--png", str(tmp_path / "kv"),
     )  # fmt: skip
@@ -154,7 +155,11 @@ def test_bench_kv_and_spec_cli(tmp_path):
     assert {(r["task"], r["setting"]) for r in results if r["policy"] == "snapkv"} == {
         ("passkey", "query_agnostic"),
         ("needle", "query_agnostic"),
+        ("perplexity", "query_agnostic"),
     }
+    ppl = {r["policy"]: r["perplexity"] for r in results if r["task"] == "perplexity"}
+    assert set(ppl) == {"full", "int8_cache", "int4_cache", "snapkv"}
+    assert all(1 < p < 1000 for p in ppl.values())
     rows = {r["policy"]: r for r in results if r["task"] == "passkey"}
     assert rows["int8_cache"]["kv_bytes_per_seq"] < rows["full"]["kv_bytes_per_seq"] / 3
     # int4: 6.4x less per token, less one full-precision block per sequence at 300 tokens

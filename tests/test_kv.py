@@ -26,6 +26,12 @@ D = 8  # head dim
 
 
 # ---------------------------------------------------------------------------- unit level
+def _runner(cache: torch.Tensor) -> SimpleNamespace:
+    """What the compressor needs of a ModelRunner, over a plain [L, 2, slots, Hkv, D] cache."""
+    layers = [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
+    return SimpleNamespace(kv_caches=layers, device=cache.device, kivi=None)
+
+
 def _compress(policy, keys, queries=None, budget=8, layers=1, decode_queries=None):
     """Run the real machinery on a hand-built cache of one sequence.
 
@@ -50,7 +56,7 @@ def _compress(policy, keys, queries=None, budget=8, layers=1, decode_queries=Non
     if queries is not None:
         q = queries.unsqueeze(0).expand(layers, *queries.shape)
         kv_queries = {0: (q, list(range(held - queries.shape[0], held)))}
-    comp = KVCompressor(SimpleNamespace(kv_cache=cache), bm, D**-0.5)
+    comp = KVCompressor(_runner(cache), bm, D**-0.5)
     comp.after_step([seq], kv_queries)
     if decode_queries is not None:  # one more held token per decode query
         for q in decode_queries:
@@ -166,7 +172,7 @@ def _decode_run(policy, keys, q, held, heavy, steps, target):
     req = Request("r", None, list(range(held)), SamplingParams())
     seq = Sequence(0, req, 0, list(range(held)), torch.Generator())
     seq.kv = KVState(policy, held)
-    comp = KVCompressor(SimpleNamespace(kv_cache=cache), bm, D**-0.5)
+    comp = KVCompressor(_runner(cache), bm, D**-0.5)
 
     def write(token):
         slot = seq.num_kv_slots

@@ -245,12 +245,6 @@ class Engine:
         return KVState(make_policy(name), budget, compress_at=prefix)
 
     def _check_kv(self, name: str, budget: float) -> None:
-        if self.config.kv_cache_dtype != "auto":
-            raise InvalidRequestError(
-                f"kv_policy: KV compression does not work on a {self.config.kv_cache_dtype} KV "
-                "cache yet; use one or the other",
-                param="kv_policy",
-            )
         if self.speculator is not None:
             raise InvalidRequestError(
                 "kv_policy: KV compression cannot be combined with speculative decoding",

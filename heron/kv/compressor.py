@@ -28,7 +28,10 @@ Rules with the rest of the engine:
 * preemption: the sequence is recomputed from scratch (prompt and generated tokens) and
   compressed again once that prefill ends, with the budget of its prompt;
 * speculative decoding and sliding-window models (Gemma3) are refused;
-* a policy that does not evict (TokenSelect) leaves the cache, and prefix caching, as they are.
+* a policy that does not evict (TokenSelect) leaves the cache, and prefix caching, as they are;
+* quantized caches (int8, KIVI int4/int2): K/V are read through ``gather_blocks`` and the kept
+  ones written back through ``write_slots``, so they are requantized where they land (a KIVI
+  block is unpacked into its staging row first and packed again once complete).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from heron.kv.policy import KVPolicy, resolve_budget
+from heron.layers.kv_cache import gather_blocks, write_slots
 
 
 @dataclass(eq=False)
@@ -145,27 +149,27 @@ class KVCompressor:
     @torch.inference_mode()
     def compress(self, seq, prompt: bool) -> None:
         st, policy = seq.kv, seq.kv.policy
-        cache = self.runner.kv_cache  # [L, 2, slots, Hkv, D]
-        num_layers = cache.shape[0]
+        caches = self.runner.kv_caches  # per layer (K, V): plain, int8 or KIVI storage
+        dev = self.runner.device
+        num_layers = len(caches)
         held = seq.num_kv_slots
         if held <= st.target and st.layer_lens is None and not policy.accumulates:
             st.queries, st.query_slots = [], []  # nothing to decide, nothing to carry
             return
         bs = self.block_size
         table = seq.block_table
-        slots = torch.tensor(
-            [table[i // bs] * bs + i % bs for i in range(held)], device=cache.device
-        )
-        # Advanced indexing: index_select on the strided [:, 0] view is ~30x slower on CPU.
-        keys = cache[:, 0][:, slots]  # [L, S, Hkv, D]
-        values = cache[:, 1][:, slots]
+        blocks = torch.tensor(table[: -(-held // bs)], dtype=torch.long, device=dev)
+        keys = torch.stack(
+            [gather_blocks(k, blocks, bs)[:held] for k, _ in caches]
+        )  # [L, S, Hkv, D]
+        values = torch.stack([gather_blocks(v, blocks, bs)[:held] for _, v in caches])
         queries = torch.cat(st.queries, dim=1) if st.queries else None  # [L, n, H, D]
-        q_slots = torch.tensor(st.query_slots, device=cache.device)
+        q_slots = torch.tensor(st.query_slots, device=dev)
         num_kv_heads = keys.shape[2]
-        valid = torch.ones(num_layers, held, dtype=torch.bool, device=cache.device)
+        valid = torch.ones(num_layers, held, dtype=torch.bool, device=dev)
         if st.layer_lens is not None:
-            pos = torch.arange(held, device=cache.device)
-            lens = st.layer_lens.to(cache.device)[:, None]
+            pos = torch.arange(held, device=dev)
+            lens = st.layer_lens.to(dev)[:, None]
             valid &= ~((pos[None, :] >= lens) & (pos[None, :] < st.hole_end))
         weights = None
         if policy.budget_from_attention and queries is not None:
@@ -181,7 +185,7 @@ class KVCompressor:
         if not evict and not policy.accumulates:
             st.queries, st.query_slots = [], []
             return
-        protect = self._protected(policy, held, keep, prompt).to(cache.device)
+        protect = self._protected(policy, held, keep, prompt).to(dev)
 
         new_acc = []
         kept_idx = []
@@ -221,17 +225,22 @@ class KVCompressor:
         if not self.bm.compact(seq, keep):
             return  # no fresh block for a shared one: try again at the next eviction
         table = seq.block_table
-        dst = torch.tensor([table[i // bs] * bs + i % bs for i in range(keep)], device=slots.device)
-        heads = torch.arange(num_kv_heads, device=slots.device)[:, None]
+        dst = torch.tensor([table[i // bs] * bs + i % bs for i in range(keep)], device=dev)
+        heads = torch.arange(num_kv_heads, device=dev)[:, None]
+        kivi = self.runner.kivi
+        if kivi is not None:  # unpack the blocks first: a smaller layer leaves slots unwritten
+            kivi.prepare(dst, refill=True)
         for layer, idx in enumerate(kept_idx):
             b = idx.shape[1]
             # keys[layer]: [S, Hkv, D]; token idx[h, j] of head h goes to slot j
             for kv, src in ((0, keys), (1, values)):
                 if merged[layer] is not None:  # [Hkv, b, D] with evicted tokens merged in
-                    picked = merged[layer][kv].to(cache.dtype)
+                    picked = merged[layer][kv].to(keys.dtype)
                 else:
                     picked = src[layer][idx, heads]  # [Hkv, b, D]
-                cache[layer, kv, dst[:b]] = picked.transpose(0, 1)
+                write_slots(caches[layer][kv], dst[:b], picked.transpose(0, 1).contiguous())
+        if kivi is not None:
+            kivi.finish()
         lens = torch.tensor([idx.shape[1] for idx in kept_idx])
         if bool((lens < keep).any()):
             st.layer_lens, st.hole_end = lens, keep

@@ -144,9 +144,10 @@ class KiviCache:
         return len(self.rows) * per_row
 
     # ------------------------------------------------------------------ a step's writes
-    def prepare(self, slots: torch.Tensor) -> None:
+    def prepare(self, slots: torch.Tensor, refill: bool = False) -> None:
         """Before a forward that writes ``slots``: every block written gets a staging row
-        (one holding packed content is unpacked into it first)."""
+        (one holding packed content is unpacked into it first; with ``refill`` every block,
+        for writers such as KV compaction that may leave slots of a block unwritten)."""
         bs = self.block_size
         blocks = (slots // bs).tolist()
         first: dict[int, int] = {}
@@ -156,7 +157,7 @@ class KiviCache:
         for block, offset in first.items():
             if block not in self.rows:
                 self._assign(block)
-                if offset > 0:  # slots before the first written one hold packed content
+                if offset > 0 or refill:  # slots before the first written one hold content
                     refill.append(block)
         if refill:
             idx = torch.tensor(refill, device=slots.device)

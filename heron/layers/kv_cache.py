@@ -71,10 +71,11 @@ def gather_blocks(cache: Cache, blocks: torch.Tensor, block_size: int) -> torch.
 
 def gather_slots(cache: Cache, slots: torch.Tensor) -> torch.Tensor:
     """The given slots [N] as ``[N, Hkv, D]`` in the compute dtype."""
-    if isinstance(cache, KiviSlots):  # a whole block per slot: fine for the few callers
+    if isinstance(cache, KiviSlots):  # unpack each block the slots touch once
         bs = cache.cache.block_size
-        blocks = cache.gather((slots // bs)[:, None]).unflatten(1, (1, bs))[:, 0]
-        return blocks[torch.arange(slots.shape[0]), slots % bs]
+        blocks, which = torch.unique(slots // bs, return_inverse=True)
+        x = cache.gather(blocks[None])[0].unflatten(0, (-1, bs))  # [N, bs, Hkv, D]
+        return x[which, slots % bs]
     if isinstance(cache, Int8Slots):
         q = cache.data.index_select(0, slots)
         return dequantize_int8(q, cache.scale.index_select(0, slots), cache.dtype)
