@@ -13,7 +13,7 @@ from heron.kv.policy import KVPolicy, pool1d
 class DefensiveKV(KVPolicy):
     name = "defensivekv"
     window = 32
-    kernel = 7
+    kernel = 15  # as SnapKV
     floor = 0.01
 
     def score(self, layer, attn, keys, values, acc) -> torch.Tensor:
