@@ -87,6 +87,16 @@ class _Prompt:
     context_tokens: int
 
 
+def _kv_bytes_in_use(engine) -> float:
+    """KV bytes the engine holds now: blocks in use, plus a KIVI cache's staging rows."""
+    bm, kivi = engine.block_manager, engine.runner.kivi
+    per_block = ModelRunner.bytes_per_block(
+        engine.model_config, bm.block_size, engine.dtype, engine.config.kv_cache_dtype
+    )
+    used = (bm.num_blocks - bm.num_free_blocks) * per_block
+    return used + (kivi.staging_bytes if kivi is not None else 0)
+
+
 def _run_config(engine, prompts: list[_Prompt], policy, budget, agnostic, max_tokens) -> tuple:
     reqs = []
     for p in prompts:
@@ -99,11 +109,6 @@ def _run_config(engine, prompts: list[_Prompt], policy, budget, agnostic, max_to
             kv_prefix_tokens=p.context_tokens if agnostic and policy else None,
         )
         reqs.append(engine.add_request(p.ids, params))
-    bm = engine.block_manager
-    per_block = ModelRunner.bytes_per_block(
-        engine.model_config, bm.block_size, engine.dtype, engine.config.kv_cache_dtype
-    )
-    kivi = engine.runner.kivi
     held: list[float] = []
     decode_time, decode_tokens = 0.0, 0
     while engine.has_unfinished_requests():
@@ -112,9 +117,7 @@ def _run_config(engine, prompts: list[_Prompt], policy, budget, agnostic, max_to
             s.num_uncomputed == 1 and not s.in_prompt_phase for s in sched.running
         )
         if decoding and sched.running:
-            used = (bm.num_blocks - bm.num_free_blocks) * per_block
-            used += kivi.staging_bytes if kivi is not None else 0
-            held.append(used / len(sched.running))
+            held.append(_kv_bytes_in_use(engine) / len(sched.running))
         n = len(sched.running)
         t0 = time.perf_counter()
         engine.step()
@@ -145,15 +148,10 @@ def _run_perplexity(engine, ids: list[int], context: int, policy, budget) -> tup
     config.max_num_batched_tokens = context
     try:
         req = engine.add_request(ids, params)
-        bm, kivi = engine.block_manager, engine.runner.kivi
-        per_block = ModelRunner.bytes_per_block(
-            engine.model_config, bm.block_size, engine.dtype, config.kv_cache_dtype
-        )
         held = 0.0
         while engine.has_unfinished_requests():
             engine.step()
-            used = (bm.num_blocks - bm.num_free_blocks) * per_block
-            held = max(held, used + (kivi.staging_bytes if kivi is not None else 0))
+            held = max(held, _kv_bytes_in_use(engine))
     finally:
         config.max_num_batched_tokens = saved
     scored = [-req.prompt_logprobs[i][ids[i]].logprob for i in range(context, len(ids))]

@@ -320,8 +320,9 @@ class Engine:
                 seq.num_computed_tokens += n
                 # Compressed blocks, and blocks the cheap model of entropy-adaptive decoding
                 # wrote, are not what their hashes name.
-                evicts = seq.kv is not None and seq.kv.policy.evicts
-                if not evicts and (seq.switch is None or seq.switch.cheap_start is None):
+                if not seq.compacts_cache and (
+                    seq.switch is None or seq.switch.cheap_start is None
+                ):
                     self.block_manager.register_full_blocks(seq)
         self.kv.after_step(batch.seqs, result.kv_queries)
         for seq in batch.seqs:

@@ -14,7 +14,7 @@ from heron.engine.scheduler import ScheduledBatch
 from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan
 from heron.layers.kivi import KIVI_BITS, KiviCache
-from heron.layers.kv_cache import Int8Slots, block_bytes
+from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
@@ -157,7 +157,7 @@ class ModelRunner:
             if _selects(seq, n):
                 if selected is None:
                     selected = SelectedDecodes(row, [], [])
-                selected.slots.append(self._slots(table, start - ev + 1))
+                selected.slots.append(table_slots(table, start - ev + 1, bs, self.device))
                 selected.states.append(seq.kv)
             elif _is_decode(seq, n):
                 decode_tables.append(table)
@@ -290,13 +290,6 @@ class ModelRunner:
             for j, i in enumerate(idx):
                 rows[i] = logits[j]
         return torch.stack(rows)
-
-    def _slots(self, table: list[int], n: int) -> torch.Tensor:
-        """The cache slots of a sequence's first ``n`` tokens, in order."""
-        bs = self.block_size
-        blocks = torch.tensor(table[: -(-n // bs)], dtype=torch.long, device=self.device)
-        offsets = torch.arange(bs, device=self.device)
-        return (blocks[:, None] * bs + offsets).reshape(-1)[:n]
 
     def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
         dev, window = self.device, self.sliding_window

@@ -97,8 +97,7 @@ class Scheduler:
             seq = self.waiting[0]
             # Prompt logprobs need logits at every prompt position: no prefix may be skipped.
             # A compressed sequence rewrites its blocks: it neither reads nor feeds the cache.
-            evicts = seq.kv is not None and seq.kv.policy.evicts
-            use_cache = not wants_prompt_logprobs(seq.request) and not evicts
+            use_cache = not wants_prompt_logprobs(seq.request) and not seq.compacts_cache
             cached = self.bm.allocate_cached_prefix(seq) if use_cache else 0
             seq.num_computed_tokens = cached
             seq.num_cached_tokens = max(seq.num_cached_tokens, min(cached, seq.num_prompt_tokens))

@@ -86,6 +86,12 @@ class Sequence:
         return self.num_computed_tokens - self.num_evicted
 
     @property
+    def compacts_cache(self) -> bool:
+        """KV compression rewrites this sequence's blocks: they are not what their token
+        hashes name, so they neither read nor feed the prefix cache."""
+        return self.kv is not None and self.kv.policy.evicts
+
+    @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from heron.kv.policy import KVPolicy, resolve_budget
-from heron.layers.kv_cache import gather_blocks, write_slots
+from heron.layers.kv_cache import gather_blocks, table_slots, write_slots
 
 
 @dataclass(eq=False)
@@ -224,8 +224,7 @@ class KVCompressor:
             return
         if not self.bm.compact(seq, keep):
             return  # no fresh block for a shared one: try again at the next eviction
-        table = seq.block_table
-        dst = torch.tensor([table[i // bs] * bs + i % bs for i in range(keep)], device=dev)
+        dst = table_slots(seq.block_table, keep, bs, dev)
         heads = torch.arange(num_kv_heads, device=dev)[:, None]
         kivi = self.runner.kivi
         if kivi is not None:  # unpack the blocks first: a smaller layer leaves slots unwritten

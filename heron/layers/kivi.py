@@ -114,7 +114,7 @@ class KiviCache:
         device: torch.device,
     ) -> None:
         self.bits = KIVI_BITS[kv_cache_dtype]
-        self.block_size, self.heads, self.dim, self.dtype = block_size, heads, dim, dtype
+        self.block_size, self.dtype = block_size, dtype
         self.group = value_group(dim)
         packed = (num_layers, num_blocks, block_size, heads, dim * self.bits // 8)
         self.codes = torch.zeros((2, *packed), dtype=torch.uint8, device=device)  # K, V

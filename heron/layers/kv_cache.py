@@ -69,6 +69,15 @@ def gather_blocks(cache: Cache, blocks: torch.Tensor, block_size: int) -> torch.
     return _gather(cache, blocks, block_size)
 
 
+def table_slots(
+    table: list[int], n: int, block_size: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The cache slots of a sequence's first ``n`` tokens, in order, from its block table."""
+    blocks = torch.tensor(table[: -(-n // block_size)], dtype=torch.long, device=device)
+    offsets = torch.arange(block_size, device=device)
+    return (blocks[:, None] * block_size + offsets).reshape(-1)[:n]
+
+
 def gather_slots(cache: Cache, slots: torch.Tensor) -> torch.Tensor:
     """The given slots [N] as ``[N, Hkv, D]`` in the compute dtype."""
     if isinstance(cache, KiviSlots):  # unpack each block the slots touch once
