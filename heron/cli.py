@@ -220,7 +220,23 @@ def _engine_parent() -> argparse.ArgumentParser:
         help="speculative decoding proposer (lossless; off by default)",
     )
     g.add_argument(
-        "--num-speculative-tokens", type=int, default=4, help="most drafted tokens per step"
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="most drafted tokens per step (default: 4; lookahead: 16, the nodes of its tree)",
+    )
+    g.add_argument(
+        "--ngram-max",
+        type=int,
+        default=3,
+        help="ngram/lookahead: longest run of latest tokens matched against earlier text",
+    )
+    g.add_argument("--ngram-min", type=int, default=1, help="ngram/lookahead: shortest run matched")
+    g.add_argument(
+        "--lookahead-depth",
+        type=int,
+        default=8,
+        help="lookahead: the longest branch of its draft tree",
     )
     from heron.sparse import PATTERNS
 
@@ -270,6 +286,9 @@ _ENGINE_FLAGS = (
     "enable_prefix_caching",
     "speculative_method",
     "num_speculative_tokens",
+    "ngram_max",
+    "ngram_min",
+    "lookahead_depth",
     "draft_model",
     "draft_num_layers",
     "sparse_prefill",

@@ -44,13 +44,16 @@ class EngineConfig:
     seed: int = 0
     # Speculative decoding (heron.spec): None = off, or a proposer name ("ngram", ...).
     speculative_method: str | None = None
-    num_speculative_tokens: int = 4  # the most drafts per step (adaptive k shrinks it)
+    # The most drafts per step (adaptive k shrinks it); None: 4, or 16 for "lookahead" (the
+    # nodes of its draft tree).
+    num_speculative_tokens: int | None = None
     draft_model: str | None = None  # for speculative_method="draft"
     # "layer_skip": keep this many layers (spread over depth); "draft": keep the draft model's
     # first this many layers (a draft cut from a bigger model)
     draft_num_layers: int | None = None
     ngram_max: int = 3  # "ngram": longest suffix matched
     ngram_min: int = 1  # "ngram": shortest suffix matched
+    lookahead_depth: int = 8  # "lookahead": the longest branch of its draft tree
     # Sparse prefill attention (heron.sparse): None = dense, or a pattern name ("xattention",
     # "vertical_slash", "flexprefill"); used for prompts of at least sparse_min_tokens tokens.
     sparse_prefill: str | None = None
@@ -127,6 +130,8 @@ class EngineConfig:
                 "speculative_method",
                 f"must be one of {sorted(PROPOSERS)} or None, got {self.speculative_method!r}",
             )
+            if self.num_speculative_tokens is None:
+                self.num_speculative_tokens = 16 if self.speculative_method == "lookahead" else 4
             _check(
                 self.num_speculative_tokens >= 1,
                 "num_speculative_tokens",
@@ -136,6 +141,17 @@ class EngineConfig:
                 1 <= self.ngram_min <= self.ngram_max,
                 "ngram_min",
                 f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}",
+            )
+            _check(
+                self.lookahead_depth >= 1,
+                "lookahead_depth",
+                f"must be >= 1, got {self.lookahead_depth}",
+            )
+            _check(
+                self.speculative_method != "lookahead" or self.kv_cache_dtype not in KIVI_BITS,
+                "kv_cache_dtype",
+                f"{self.kv_cache_dtype} (KIVI) cannot hold lookahead's draft trees, whose "
+                "accepted branch is moved in the cache; use auto or int8",
             )
             _check(
                 self.speculative_method != "draft" or self.draft_model is not None,

@@ -13,9 +13,10 @@ from heron import SamplingParams
 from heron.config import EngineConfig
 from heron.errors import InvalidRequestError
 from heron.spec.layer_skip import spread_layers
+from heron.spec.lookahead import NgramTrie, best_first_tree
 from heron.spec.ngram import lookup
-from heron.spec.speculator import AdaptiveK
-from heron.spec.verify import accept_greedy, accept_sampled
+from heron.spec.speculator import AdaptiveK, StepCost
+from heron.spec.verify import accept_sampled, accept_tree
 from tests.conftest import make_llm
 
 PROMPTS = [
@@ -52,9 +53,20 @@ def test_accept_greedy():
     logits = torch.full((4, 10), -1.0)
     for row, best in enumerate([3, 5, 7, 2]):
         logits[row, best] = 1.0
-    assert accept_greedy(logits, [3, 5, 7]) == [3, 5, 7, 2]  # all kept + bonus
-    assert accept_greedy(logits, [3, 4, 7]) == [3, 5]  # first mismatch replaced
-    assert accept_greedy(logits, [0, 5, 7]) == [3]
+    assert accept_tree(logits, [3, 5, 7], None) == ([3, 5, 7, 2], [0, 1, 2])  # all + bonus
+    assert accept_tree(logits, [3, 4, 7], None) == ([3, 5], [0])  # first mismatch replaced
+    assert accept_tree(logits, [0, 5, 7], None) == ([3], [])
+
+
+def test_accept_greedy_tree_follows_the_matching_branch():
+    """Row i + 1 holds the target's logits after draft i, so the walk reads the row of each
+    accepted node: root -> 3 (draft 1) -> 5 (draft 3), then the target's own 8."""
+    best = {0: 3, 1: 9, 2: 5, 3: 9, 4: 8}  # row -> argmax
+    logits = torch.full((5, 10), -1.0)
+    for row, token in best.items():
+        logits[row, token] = 1.0
+    drafts, parents = [4, 3, 7, 5], [-1, -1, 1, 1]  # two branches under the root, two under 3
+    assert accept_tree(logits, drafts, parents) == ([3, 5, 8], [1, 3])
 
 
 @pytest.mark.parametrize("draft", ["one-hot", "distribution"])
@@ -74,8 +86,31 @@ def test_accept_sampled_is_the_target_distribution(draft):
         probs = q[None] if draft == "distribution" else None
         if draft == "one-hot":
             d = 7  # always propose the least likely token
-        out = accept_sampled(torch.stack([p, p]), [d], probs, gen)
+        target = torch.stack([p, p])
+        if probs is None:
+            out = accept_tree(target, [d], None, gen)[0]
+        else:
+            out = accept_sampled(target, [d], probs, gen)
         counts[out[0]] += 1
+    expected = p * trials
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3, (chi2, counts.tolist())
+
+
+def test_accept_tree_sampling_is_the_target_distribution():
+    """Three candidate first tokens (the least likely ones, one with a child) tried in turn:
+    the first emitted token still follows p (chi-square as above; keeping a candidate
+    whenever it is proposed would put a third of the mass on each)."""
+    p = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02])
+    gen = torch.Generator().manual_seed(2)
+    trials = 20_000
+    counts = torch.zeros(8)
+    drafts, parents = [7, 6, 0, 5], [-1, -1, 1, -1]
+    target = p.expand(5, 8)
+    for _ in range(trials):
+        tokens, path = accept_tree(target, drafts, parents, gen)
+        assert [drafts[i] for i in path] == tokens[: len(path)]
+        counts[tokens[0]] += 1
     expected = p * trials
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 24.3, (chi2, counts.tolist())
@@ -84,14 +119,48 @@ def test_accept_sampled_is_the_target_distribution(draft):
 def test_adaptive_k_shrinks_pauses_and_grows():
     a = AdaptiveK(k_max=8, k=8)
     for _ in range(10):
-        a.update(a.k, 0)  # everything rejected
+        a.update(a.k, 0, price=0.1)  # everything rejected
         if a.paused:
             break
     assert a.paused and a.k == 1
     assert [a.next() for _ in range(a.paused)][-1] == 0 and a.next() == 1  # resumes at k=1
     for _ in range(10):
-        a.update(a.k, a.k)  # everything accepted
+        a.update(a.k, a.k, price=0.1)  # everything accepted
     assert a.k == 8
+    for _ in range(10):
+        a.update(a.k, 1, price=0.01)  # 1 of 8 accepted pays where rows are cheap
+    assert a.k == 8 and not a.paused
+    for _ in range(10):
+        a.update(a.k, 1, price=0.3)  # ... and not where they are dear: narrower drafts
+    assert a.k < 8
+
+
+def test_step_cost_prices_a_drafted_row():
+    cost = StepCost()
+    assert cost.row_price(1, 1) == 0.0  # nothing seen: no price
+    for rows in (1, 5, 17, 1, 9, 17):
+        cost.observe(rows, 0.050 + 0.001 * rows)  # a = 50 ms, b = 1 ms per row
+    assert cost.row_price(1, 17) == pytest.approx(0.001 / 0.067)
+    assert cost.row_price(8, 40) == pytest.approx(8 * 0.001 / 0.090)
+
+
+def test_trie_drafts_a_tree_of_continuations():
+    trie = NgramTrie(width=4)
+    text = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2, 4, 6]
+    trie.extend(text[:5])
+    trie.extend(text[5:])  # growing windows continue across calls
+    node = trie.find([1, 2])
+    assert {t: c.count for t, c in node.children.items()} == {3: 1, 4: 2}
+    assert trie.find([2, 4, 5]).count == 1 and trie.find([9, 1, 2, 4]) is not None
+    assert trie.find([2, 4, 5, 1, 2]) is None  # longer than the window
+    # After "1 2": 4 (twice) first, its continuations, then 3.
+    tokens, parents = best_first_tree([(2, node)], k=10, depth=2)
+    assert tokens == [4, 6, 5, 3, 9] and parents == [-1, 0, 0, -1, 3]
+    assert best_first_tree([(2, node)], k=2, depth=2) == ([4, 6], [-1, 0])
+    assert best_first_tree([(2, node)], k=10, depth=1) == ([4, 3], [-1, -1])
+    # A shorter match adds only what the longer one lacks; shared paths are one branch.
+    tokens, parents = best_first_tree([(2, node), (1, trie.find([2]))], k=10, depth=1)
+    assert tokens == [4, 3] and parents == [-1, -1]
 
 
 def test_bad_settings():
@@ -103,6 +172,12 @@ def test_bad_settings():
         EngineConfig(speculative_method="ngram", ngram_min=3, ngram_max=2)
     with pytest.raises(InvalidRequestError, match="draft_model: is required"):
         EngineConfig(speculative_method="draft")
+    with pytest.raises(InvalidRequestError, match="lookahead_depth"):
+        EngineConfig(speculative_method="lookahead", lookahead_depth=0)
+    with pytest.raises(InvalidRequestError, match="KIVI"):
+        EngineConfig(speculative_method="lookahead", kv_cache_dtype="int4")
+    assert EngineConfig(speculative_method="lookahead").num_speculative_tokens == 16
+    assert EngineConfig(speculative_method="ngram").num_speculative_tokens == 4
 
 
 def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
@@ -126,6 +201,7 @@ def reference(llm):
     "spec",
     [
         {"speculative_method": "ngram", "num_speculative_tokens": 5},
+        {"speculative_method": "lookahead", "num_speculative_tokens": 12},
         {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 26},
         # The default model's first 20 layers as a second model with its own cache.
         {
@@ -135,7 +211,7 @@ def reference(llm):
             "num_speculative_tokens": 3,
         },
     ],
-    ids=["ngram", "layer_skip", "draft"],
+    ids=["ngram", "lookahead", "layer_skip", "draft"],
 )
 def test_greedy_identical_alone_and_batched(reference, spec):
     llm = make_llm(**spec)
@@ -157,14 +233,29 @@ def test_greedy_identical_alone_and_batched(reference, spec):
         assert copy["spec_acceptance_rate"] > 0.3, copy  # the copy prompt is easy to draft
 
 
-def test_cache_after_rejections_equals_plain_run(llm):
+@pytest.mark.parametrize(
+    "spec, prompt",
+    [
+        (
+            dict(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=26),
+            PROMPTS[2],
+        ),
+        # Tree drafts: an accepted branch that is not the first is moved up in the cache.
+        ({"speculative_method": "lookahead", "num_speculative_tokens": 12}, PROMPTS[1]),
+    ],
+    ids=["layer_skip", "lookahead"],
+)
+def test_cache_after_rejections_equals_plain_run(llm, spec, prompt):
     """Positions computed so far hold the same K/V with a speculative run (drafts partly
     accepted, partly rolled back) as without one."""
-    spec = make_llm(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=26)
+    spec = make_llm(**spec)
+    moves = []
+    move_slots = spec.engine.runner.move_slots
+    spec.engine.runner.move_slots = lambda table, m: (moves.append(m), move_slots(table, m))
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     caches = []
     for engine in (llm.engine, spec.engine):
-        req = engine.add_request(PROMPTS[2], params)
+        req = engine.add_request(prompt, params)
         seq = req.seqs[0]
         while len(seq.output_token_ids) < 30:
             assert not seq.is_finished, "finished before 30 tokens"
@@ -179,6 +270,8 @@ def test_cache_after_rejections_equals_plain_run(llm):
     stats = spec.engine.stats()
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # rejections happened
     torch.testing.assert_close(kv_a[:, :, :m], kv_b[:, :, :m], atol=1e-4, rtol=1e-4)
+    if spec.engine.config.speculative_method == "lookahead":
+        assert moves, "no accepted branch needed moving: the test did not exercise it"
 
 
 PROMPT = "My favourite colour is"

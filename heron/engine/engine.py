@@ -314,7 +314,10 @@ class Engine:
         if batch.empty:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
+        started = time.perf_counter()
         result = self.runner.execute(batch, need_prompt)
+        if self.speculator is not None:
+            self.speculator.observe(batch.seqs, batch.num_new_tokens, time.perf_counter() - started)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
@@ -383,9 +386,14 @@ class Engine:
             sw.cheap_start = None
 
     def _settle_drafts(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Keep the verified drafts: their K/V are already in the cache; the rejected ones'
-        blocks go back, and their stale slots are overwritten by later steps."""
-        tokens = self.speculator.settle(seq, logits)
+        """Keep the verified drafts: their K/V are already in the cache (a tree's accepted
+        branch is moved up to follow the last real token); the rejected ones' blocks go back,
+        and their stale slots are overwritten by later steps."""
+        first = seq.num_computed_tokens + 1  # the first draft's slot
+        tokens, path = self.speculator.settle(seq, logits)
+        moves = [(first + i, first + j) for j, i in enumerate(path) if i != j]
+        if moves:
+            self.runner.move_slots(seq.block_table, moves)
         seq.num_computed_tokens += len(tokens)  # the last real token and the accepted drafts
         self.block_manager.truncate(seq, seq.num_computed_tokens)
         for token, logprobs in tokens:

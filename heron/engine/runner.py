@@ -132,8 +132,9 @@ class ModelRunner:
             start = seq.num_computed_tokens
             row = len(ids)
             ids.extend((seq.token_ids + seq.draft_token_ids)[start : start + n])
-            pos = range(start, start + n)
-            positions.extend(pos)
+            pos = range(start, start + n)  # the slots; a draft tree's positions are its depths
+            tree = seq.draft_parents if seq.draft_token_ids else None
+            positions.extend(pos if tree is None else _tree_positions(start, tree))
             table = seq.block_table
             ev = seq.num_evicted  # slot = position - evicted tokens (0 without compression)
             slots.extend(table[(p - ev) // bs] * bs + (p - ev) % bs for p in pos)
@@ -163,7 +164,7 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(start - ev + 1)
             else:
-                span = self._prefill_span(row, start - ev, n, table)
+                span = self._prefill_span(row, start - ev, n, table, tree)
                 if seq.kv is not None and seq.kv.layer_lens is not None:
                     # the question's chunk after a query-agnostic PyramidKV/D2O compression
                     lens = seq.kv.layer_lens.to(self.device)
@@ -291,9 +292,16 @@ class ModelRunner:
                 rows[i] = logits[j]
         return torch.stack(rows)
 
-    def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
+    def _prefill_span(
+        self, row: int, start: int, n: int, table: list[int], tree: list[int] | None = None
+    ) -> PrefillSpan:
+        """A chunk of ``n`` tokens at slots ``start ..``; with ``tree`` (draft parents), the
+        last real token followed by a draft tree, each draft seeing only its ancestors."""
         dev, window = self.device, self.sliding_window
-        q_pos = torch.arange(start, start + n, device=dev)
+        if tree is not None:
+            q_pos = torch.tensor(_tree_positions(start, tree), device=dev)
+        else:
+            q_pos = torch.arange(start, start + n, device=dev)
         if start == 0:
             # Causal over the chunk itself; sliding layers need a mask only past the window.
             window_mask = None
@@ -306,6 +314,9 @@ class ModelRunner:
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
         pos = torch.arange(width * bs, device=dev)
         mask = pos[None, :] <= q_pos[:, None]  # also hides the slots past the context
+        if tree is not None:
+            mask = (pos < start).expand(n, -1).clone()
+            mask[:, start : start + n] = _tree_mask(tree, dev)
         window_mask = None
         if window is not None and start + n > window:
             window_mask = mask & _in_window(q_pos, pos, window)
@@ -338,9 +349,41 @@ class ModelRunner:
         offs = torch.arange(bs, device=self.device)
         src = torch.cat([offs + s * bs for s, _ in copies])
         dst = torch.cat([offs + d * bs for _, d in copies])
+        self._copy_slots(src, dst)
+
+    def move_slots(self, table: list[int], moves: list[tuple[int, int]]) -> None:
+        """Copy the K/V at token positions ``src`` to ``dst`` in every layer, for each
+        ``(src, dst)`` of ``moves`` (a verified draft tree's accepted branch; float and int8
+        caches, the ones draft trees run on)."""
+        bs = self.block_size
+        src, dst = (
+            torch.tensor([table[p // bs] * bs + p % bs for p in side], device=self.device)
+            for side in zip(*moves, strict=True)
+        )
+        self._copy_slots(src, dst)
+
+    def _copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
         if self.kv_scales is not None:
             self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
+
+
+def _tree_positions(start: int, parents: list[int]) -> list[int]:
+    """Positions of the last real token (at ``start``) and of each draft below it."""
+    positions = [start]
+    for parent in parents:
+        positions.append(positions[parent + 1] + 1)
+    return positions
+
+
+def _tree_mask(parents: list[int], device: torch.device) -> torch.Tensor:
+    """[1 + D, 1 + D] bool: row i (0 = the last real token, i = draft i - 1) sees itself and
+    its ancestors."""
+    n = len(parents) + 1
+    mask = torch.eye(n, dtype=torch.bool)
+    for i, parent in enumerate(parents, start=1):
+        mask[i] |= mask[parent + 1]
+    return mask.to(device)
 
 
 def _hole_masks(mask: torch.Tensor, holes: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:

@@ -79,7 +79,7 @@ class Scheduler:
             n = _cap(seq, min(seq.num_uncomputed + len(seq.draft_token_ids), budget))
             if seq.draft_token_ids and not self.bm.can_append(seq, n):
                 n = 1  # drafts are optional: never preempt anyone for them
-            seq.draft_token_ids = seq.draft_token_ids[: n - 1] if seq.draft_token_ids else []
+            seq.keep_drafts(n - 1)
             if not self._make_room(seq, n, scheduled, batch):
                 continue
             batch.copies += self.bm.append_slots(seq, n)
@@ -129,7 +129,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
-        seq.draft_token_ids = []
+        seq.set_drafts([])
         seq.num_computed_tokens = 0
         seq.num_evicted = 0
         if seq.kv is not None:

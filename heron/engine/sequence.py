@@ -47,9 +47,11 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
     # Speculative decoding: this step's drafted tokens (scheduled after the last real one),
-    # the draft distributions they came from (None: a deterministic proposer), the
-    # sequence's adaptive-k state, and its acceptance counts.
+    # the draft each follows when they form a tree (heron.spec.verify; None: a chain), the
+    # draft distributions they came from (None: a deterministic proposer), the sequence's
+    # adaptive-k state, and its acceptance counts.
     draft_token_ids: list[int] = field(default_factory=list)
+    draft_parents: list[int] | None = None
     draft_probs: torch.Tensor | None = None
     spec: AdaptiveK | None = None
     num_draft_tokens: int = 0
@@ -94,6 +96,24 @@ class Sequence:
     @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    def set_drafts(
+        self,
+        tokens: list[int],
+        parents: list[int] | None = None,
+        probs: torch.Tensor | None = None,
+    ) -> None:
+        """This step's drafts; a tree keeps its parents-first order, so any prefix of it is
+        a tree too (the scheduler may keep only the first few)."""
+        self.draft_token_ids = tokens
+        self.draft_parents = parents if tokens else None
+        self.draft_probs = probs if tokens else None
+
+    def keep_drafts(self, n: int) -> None:
+        """Keep the first ``n`` drafts."""
+        parents = self.draft_parents[:n] if self.draft_parents is not None else None
+        probs = self.draft_probs[:n] if self.draft_probs is not None else None
+        self.set_drafts(self.draft_token_ids[:n], parents, probs)
 
     @property
     def is_finished(self) -> bool:

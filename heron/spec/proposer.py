@@ -3,7 +3,9 @@
 Lookup proposers (n-gram, trie) only read the sequence's tokens; model proposers (layer skip,
 draft model) run a network and also return the draft distribution ``probs`` each token was
 drawn from, which the verifier needs for the lossless acceptance rule. A proposer that returns
-no probabilities proposed deterministically (q is one-hot on the drafted token)."""
+no probabilities proposed deterministically (q is one-hot on the drafted token). A draft is a
+chain, or a tree (``parents``, parents before children) whose branches are verified together
+in one pass under a tree attention mask (heron.spec.verify)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from heron.engine.sequence import Sequence
 class Draft:
     tokens: list[int]
     probs: torch.Tensor | None = None  # [len(tokens), V] draft distributions, or None
+    # parents[i]: the draft token i follows (-1: the last real token); None: a chain. Trees
+    # are deterministic (no ``probs``).
+    parents: list[int] | None = None
 
 
 class Proposer(ABC):
@@ -40,6 +45,10 @@ class Proposer(ABC):
 
     def retain(self, seq_ids: set[int]) -> None:
         """Called each step with the running sequences (the others may have been preempted)."""
+        return None
+
+    def forget(self) -> None:
+        """Drop what was learnt from earlier requests (benchmarks start each run clean)."""
         return None
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from heron.errors import InvalidRequestError
 from heron.spec.draft_model import DraftModelProposer
 from heron.spec.layer_skip import LayerSkipProposer, default_kept_layers
+from heron.spec.lookahead import LookaheadProposer
 from heron.spec.ngram import NgramProposer
 from heron.spec.proposer import Proposer
 from heron.spec.speculator import Speculator
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 PROPOSERS: dict[str, type[Proposer]] = {
     "ngram": NgramProposer,
+    "lookahead": LookaheadProposer,
     "layer_skip": LayerSkipProposer,
     "draft": DraftModelProposer,
 }
@@ -27,6 +29,8 @@ def build_proposer(config: EngineConfig, engine: Engine) -> Proposer:
     method = config.speculative_method
     if method == "ngram":
         return NgramProposer(config.ngram_min, config.ngram_max)
+    if method == "lookahead":
+        return LookaheadProposer(config.ngram_min, config.ngram_max, config.lookahead_depth)
     if method == "layer_skip":
         num_layers = engine.model_config.num_layers
         keep = config.draft_num_layers or default_kept_layers(num_layers)

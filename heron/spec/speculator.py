@@ -3,10 +3,18 @@ target's forward pass.
 
 Eligible sequences are running decodes whose sampling does not depend on the tokens drafted
 before it in the same step: no repetition/presence/frequency penalties and ``min_tokens``
-already reached (those fall back to one token per step, still batched with the rest). Each
-sequence has its own adaptive k: it grows while every draft is accepted, halves when the
-acceptance rate falls, and speculation pauses for a while when even k = 1 is mostly
-rejected, so a request whose drafts are useless costs about what it would without them."""
+already reached (those fall back to one token per step, still batched with the rest).
+
+Drafting is priced, not guessed: ``StepCost`` fits the target's step time as a + b * rows from
+the steps it sees, so a drafted row costs b / (a + b * rows) of a step and, for a batch of B
+decoding sequences, pays for itself when it brings more than B * b / (a + b * rows) accepted
+tokens. Each sequence's adaptive k keeps its accepted-per-drafted rate against that price: it
+grows while drafts pay twice over, halves when they do not pay, and speculation pauses for a
+while when even one draft does not. On a CPU at batch 1 a step of 17 rows costs ~1.2x one of
+1 row, so wide drafts stay on; at large batches rows cost more and drafts get narrower.
+Step times are measured, so which drafts are tried can differ between runs: outputs are still
+exactly the target's (greedy) or distributed as the target's (sampling), but a seeded sampled
+request repeats only in distribution, not token for token."""
 
 from __future__ import annotations
 
@@ -19,12 +27,35 @@ from heron.engine.sampler import filtered_probs, top_logprobs
 from heron.engine.sequence import Sequence
 from heron.outputs import PositionLogprobs
 from heron.spec.proposer import Proposer
-from heron.spec.verify import accept_greedy, accept_sampled
+from heron.spec.verify import accept_sampled, accept_tree
 
 _EMA = 0.3  # weight of the latest step in the acceptance-rate average
-_SHRINK_BELOW = 0.35
-_PAUSE_BELOW = 0.15
 _PAUSE_STEPS = 16
+
+
+class StepCost:
+    """Least-squares fit of step seconds = a + b * rows over recent steps (each step's weight
+    decays by ``decay`` per later step)."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self.sums = [0.0] * 5  # weight, x, x^2, y, x*y
+
+    def observe(self, rows: int, seconds: float) -> None:
+        w = self.decay
+        new = (1.0, rows, rows * rows, seconds, rows * seconds)
+        self.sums = [w * s + v for s, v in zip(self.sums, new, strict=True)]
+
+    def row_price(self, decoding: int, rows: int) -> float:
+        """Accepted tokens per drafted row below which drafting slows a step of ``decoding``
+        sequences and ``rows`` rows down (0 until the fit has seen two row counts)."""
+        n, sx, sxx, sy, sxy = self.sums
+        var = n * sxx - sx * sx
+        if n < 2 or var <= 1e-9 * max(1.0, n * sxx):
+            return 0.0
+        b = max(0.0, (n * sxy - sx * sy) / var)
+        a = max(1e-9, (sy - b * sx) / n)
+        return decoding * b / (a + b * rows)
 
 
 @dataclass
@@ -33,7 +64,7 @@ class AdaptiveK:
 
     k_max: int
     k: int
-    rate: float = 1.0  # moving average of accepted / drafted
+    rate: float = 1.0  # moving average of accepted / drafted rows
     paused: int = 0  # steps left without speculation
 
     def next(self) -> int:
@@ -44,14 +75,15 @@ class AdaptiveK:
             return 0
         return self.k
 
-    def update(self, drafted: int, accepted: int) -> None:
+    def update(self, drafted: int, accepted: int, price: float) -> None:
+        """``price``: the accepted tokens per drafted row that drafting needs to pay off."""
         self.rate = (1 - _EMA) * self.rate + _EMA * accepted / drafted
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 1)
-        elif self.rate < _PAUSE_BELOW and self.k == 1:
-            self.paused = _PAUSE_STEPS
-        elif self.rate < _SHRINK_BELOW:
+        if self.rate < price:
+            if self.k == 1:
+                self.paused = _PAUSE_STEPS
             self.k = max(1, self.k // 2)
+        elif self.rate >= 2 * price:
+            self.k = min(self.k_max, 2 * self.k)
 
 
 class Speculator:
@@ -62,6 +94,8 @@ class Speculator:
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_steps = 0
+        self.cost = StepCost()
+        self.price = 0.0  # accepted tokens per drafted row that drafting needs (StepCost)
 
     def eligible(self, seq: Sequence) -> bool:
         p = seq.request.params
@@ -75,11 +109,11 @@ class Speculator:
         )
 
     def prepare(self, running: list[Sequence]) -> None:
-        """Set ``draft_token_ids`` (and ``draft_probs``) of the sequences that speculate."""
+        """Set the drafts of the sequences that speculate."""
         self.proposer.retain({seq.seq_id for seq in running})
         seqs, ks = [], []
         for seq in running:
-            seq.draft_token_ids, seq.draft_probs = [], None
+            seq.set_drafts([])
             if not self.eligible(seq):
                 continue
             if seq.spec is None:
@@ -93,33 +127,49 @@ class Speculator:
                 seqs.append(seq)
                 ks.append(k)
         for seq, draft in zip(seqs, self.proposer.propose_batch(seqs, ks), strict=True):
-            seq.draft_token_ids = draft.tokens
-            seq.draft_probs = draft.probs if draft.tokens else None
+            seq.set_drafts(draft.tokens, draft.parents, draft.probs)
+
+    def observe(self, seqs: list[Sequence], num_new_tokens: list[int], seconds: float) -> None:
+        """The target's time for a step: decode-only steps (verify rows included) refine the
+        price of a drafted row; prefill chunks are another regime and are left out."""
+        work = zip(seqs, num_new_tokens, strict=True)
+        if any(n != 1 + len(seq.draft_token_ids) for seq, n in work):
+            return
+        rows = sum(num_new_tokens)
+        self.cost.observe(rows, seconds)
+        self.price = self.cost.row_price(len(seqs), rows)
 
     def settle(
         self, seq: Sequence, logits: torch.Tensor
-    ) -> list[tuple[int, PositionLogprobs | None]]:
+    ) -> tuple[list[tuple[int, PositionLogprobs | None]], list[int]]:
         """logits: [1 + drafts, V] of the verify pass. Returns the tokens to append (accepted
-        drafts plus one), with logprobs when the request asked for them."""
-        drafts = seq.draft_token_ids
+        drafts plus one), with logprobs when the request asked for them, and the accepted
+        drafts' indices (their K/V sit at the slots after the last real token's, in draft
+        order)."""
+        drafts, parents = seq.draft_token_ids, seq.draft_parents
         p = seq.request.params
         if p.greedy:
-            tokens = accept_greedy(logits, drafts)
+            tokens, path = accept_tree(logits, drafts, parents)
         else:
             probs = filtered_probs(logits, [p] * logits.shape[0])
-            tokens = accept_sampled(probs, drafts, seq.draft_probs, seq.generator)
-        accepted = len(tokens) - 1
-        seq.spec.update(len(drafts), accepted)
+            if seq.draft_probs is None:
+                tokens, path = accept_tree(probs, drafts, parents, seq.generator)
+            else:
+                tokens = accept_sampled(probs, drafts, seq.draft_probs, seq.generator)
+                path = list(range(len(tokens) - 1))
+        accepted = len(path)
+        seq.spec.update(len(drafts), accepted, self.price)
         seq.num_draft_tokens += len(drafts)
         seq.num_accepted_tokens += accepted
         self.num_drafted += len(drafts)
         self.num_accepted += accepted
         self.num_verify_steps += 1
-        seq.draft_token_ids, seq.draft_probs = [], None
+        seq.set_drafts([])
         if p.logprobs is None:
-            return [(t, None) for t in tokens]
-        raw = torch.log_softmax(logits[: len(tokens)], dim=-1)
-        return [(t, top_logprobs(raw[i], t, p.logprobs)) for i, t in enumerate(tokens)]
+            return [(t, None) for t in tokens], path
+        rows = [0] + [i + 1 for i in path]  # the rows each emitted token was predicted from
+        raw = torch.log_softmax(logits[rows], dim=-1)
+        return [(t, top_logprobs(raw[i], t, p.logprobs)) for i, t in enumerate(tokens)], path
 
     def stats(self) -> dict[str, float]:
         return {
