@@ -18,6 +18,7 @@ from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
+from heron.spec.verify import chain_parents
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class ModelRunner:
         kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
+        self.kv_dtype = dtype  # what attention computes in
         # heron.sparse.SparsePrefill, or None: every prefill is dense.
         self.sparse = sparse
         self.cfg = model_config
@@ -112,6 +114,7 @@ class ModelRunner:
         prompt_rows: dict[int, tuple[int, int, int]] = {}
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
+        decode_trees: list[list[int] | None] = []  # a verifying sequence's draft tree
         prefills: list[PrefillSpan] = []
         capture: list[int] = []  # KV compression: rows whose queries the policies need
         capture_of: dict[int, tuple[int, int, list[int]]] = {}
@@ -121,8 +124,9 @@ class ModelRunner:
         # Entropy-adaptive decoding's cheap steps run through fewer layers, apart.
         work = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
         cheap = [seq for seq, n in work if _is_cheap(seq, n)]
-        # Attention batches single-token steps together, so they go first in the flat batch
-        # (TokenSelect's after the dense ones).
+        # Attention batches decode steps together (one query each, or the last real token and
+        # its drafts when verifying), so they go first in the flat batch (TokenSelect's after
+        # the dense ones).
         items = sorted(
             (item for item in work if not _is_cheap(*item)),
             key=lambda item: (not _is_decode(*item), _selects(*item)),
@@ -133,7 +137,9 @@ class ModelRunner:
             row = len(ids)
             ids.extend((seq.token_ids + seq.draft_token_ids)[start : start + n])
             pos = range(start, start + n)  # the slots; a draft tree's positions are its depths
-            tree = seq.draft_parents if seq.draft_token_ids else None
+            tree = None
+            if seq.draft_token_ids:
+                tree = seq.draft_parents or chain_parents(len(seq.draft_token_ids))
             positions.extend(pos if tree is None else _tree_positions(start, tree))
             table = seq.block_table
             ev = seq.num_evicted  # slot = position - evicted tokens (0 without compression)
@@ -162,9 +168,10 @@ class ModelRunner:
                 selected.states.append(seq.kv)
             elif _is_decode(seq, n):
                 decode_tables.append(table)
-                decode_lens.append(start - ev + 1)
+                decode_lens.append(start - ev + n)
+                decode_trees.append(tree)
             else:
-                span = self._prefill_span(row, start - ev, n, table, tree)
+                span = self._prefill_span(row, start - ev, n, table)
                 if seq.kv is not None and seq.kv.layer_lens is not None:
                     # the question's chunk after a query-agnostic PyramidKV/D2O compression
                     lens = seq.kv.layer_lens.to(self.device)
@@ -173,7 +180,6 @@ class ModelRunner:
                 if (
                     self.sparse is not None
                     and not ev  # block-sparse masks assume slot == position
-                    and not seq.draft_token_ids
                     and start < seq.num_prompt_tokens
                     and self.sparse.applies(seq.num_prompt_tokens)
                 ):
@@ -189,11 +195,10 @@ class ModelRunner:
             selected=selected,
         )
         if decode_lens:
-            meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
-                decode_tables, decode_lens
-            )
+            self._decode_tables(meta, decode_tables, decode_lens, decode_trees)
             if holes:
                 meta.decode_layer_masks = _hole_masks(meta.decode_mask, holes)
+            meta.make_decode_masks_additive(self.kv_dtype)
         if capture:
             meta.capture_rows = torch.tensor(capture, dtype=torch.long, device=dev)
         if any_kv:
@@ -203,18 +208,21 @@ class ModelRunner:
                     rotary.max_positions = 2 * top
                     rotary.reset_buffers(rotary.cos.device)
         sample_logits = None
+        spec_logits: dict[int, torch.Tensor] = {}
         if ids:
             hidden = self._forward(ids, positions, meta)
-            sample_logits = self.model.compute_logits(hidden[sample_rows])
+            # One LM-head pass for the sampled rows and every verifying sequence's rows.
+            spec_index = [r for a, b in spec_rows.values() for r in range(a, b)]
+            logits = self.model.compute_logits(hidden[sample_rows + spec_index])
+            sample_logits = logits[: len(sample_rows)]
+            sizes = [b - a for a, b in spec_rows.values()]
+            spec_logits = dict(zip(spec_rows, logits[len(sample_rows) :].split(sizes), strict=True))
         if cheap:
             sample_seqs += cheap
             cheap_logits = self._cheap_logits(cheap)
             sample_logits = (
                 cheap_logits if sample_logits is None else torch.cat([sample_logits, cheap_logits])
             )
-        spec_logits = {
-            sid: self.model.compute_logits(hidden[a:b]) for sid, (a, b) in spec_rows.items()
-        }
         prompt_logits = {
             sid: (first, self.model.compute_logits(hidden[a:b]))
             for sid, (first, a, b) in prompt_rows.items()
@@ -244,9 +252,8 @@ class ModelRunner:
             block_size=bs,
             num_decodes=len(seqs),
         )
-        meta.decode_blocks, meta.decode_mask, meta.decode_window_mask = self._decode_tables(
-            tables, [p + 1 for p in positions]
-        )
+        self._decode_tables(meta, tables, [p + 1 for p in positions])
+        meta.make_decode_masks_additive(self.kv_dtype)
         return self.model.compute_logits(self._forward(token_ids, positions, meta, layers))
 
     def _forward(
@@ -292,16 +299,9 @@ class ModelRunner:
                 rows[i] = logits[j]
         return torch.stack(rows)
 
-    def _prefill_span(
-        self, row: int, start: int, n: int, table: list[int], tree: list[int] | None = None
-    ) -> PrefillSpan:
-        """A chunk of ``n`` tokens at slots ``start ..``; with ``tree`` (draft parents), the
-        last real token followed by a draft tree, each draft seeing only its ancestors."""
+    def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
         dev, window = self.device, self.sliding_window
-        if tree is not None:
-            q_pos = torch.tensor(_tree_positions(start, tree), device=dev)
-        else:
-            q_pos = torch.arange(start, start + n, device=dev)
+        q_pos = torch.arange(start, start + n, device=dev)
         if start == 0:
             # Causal over the chunk itself; sliding layers need a mask only past the window.
             window_mask = None
@@ -314,31 +314,47 @@ class ModelRunner:
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
         pos = torch.arange(width * bs, device=dev)
         mask = pos[None, :] <= q_pos[:, None]  # also hides the slots past the context
-        if tree is not None:
-            mask = (pos < start).expand(n, -1).clone()
-            mask[:, start : start + n] = _tree_mask(tree, dev)
         window_mask = None
         if window is not None and start + n > window:
             window_mask = mask & _in_window(q_pos, pos, window)
         return PrefillSpan(row, row + n, blocks, mask, window_mask)
 
     def _decode_tables(
-        self, tables: list[list[int]], lens: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Padded block tables, the valid-slot mask and the sliding-window mask (or None)."""
+        self,
+        meta: AttentionMetadata,
+        tables: list[list[int]],
+        lens: list[int],
+        trees: list[list[int] | None] | None = None,
+    ) -> None:
+        """The decode rows' padded block tables and masks (valid slots; the sliding-window one
+        where the window hides something). ``lens``: slots each sequence holds after this
+        step; a sequence with a draft tree (``trees[i]``) has 1 + len(tree) query rows, which
+        see the slots before them and their own ancestors (``decode_rows``)."""
         bs, dev, window = self.block_size, self.device, self.sliding_window
         max_len = max(lens)
         width = -(-max_len // bs)
         padded = torch.zeros((len(tables), width), dtype=torch.long)
         for i, t in enumerate(tables):
             padded[i, : len(t[:width])] = torch.tensor(t[:width], dtype=torch.long)
-        pos = torch.arange(width * bs, device=dev)
-        lens_t = torch.tensor(lens, device=dev)
-        mask = pos[None, :] < lens_t[:, None]
+        meta.decode_blocks = padded.to(dev)
+        pos = torch.arange(width * bs)
+        trees = trees or [None] * len(tables)
+        counts = [1 + len(t) if t is not None else 1 for t in trees]
+        m = max(counts)
+        q_pos = torch.tensor(lens)[:, None] - 1
+        mask = (pos[None, :] < q_pos + 1)[:, None]  # [B, 1, slots]
+        if m > 1:
+            mask, q_pos, rows, valid = _verify_rows(lens, trees, counts, m, pos)
+            group = self.cfg.num_heads // self.cfg.num_kv_heads
+            meta.decode_rows, meta.decode_valid = rows.to(dev), valid.to(dev)
         window_mask = None
         if window is not None and max_len > window:
-            window_mask = (mask & _in_window(lens_t - 1, pos, window))[:, None, None, :]
-        return padded.to(dev), mask[:, None, None, :], window_mask
+            window_mask = mask & (pos > q_pos[..., None] - window)
+        if m > 1:  # one query per (row, head of the KV group), row-major
+            mask = mask.repeat_interleave(group, dim=1)
+            window_mask = None if window_mask is None else window_mask.repeat_interleave(group, 1)
+        meta.decode_mask = mask[:, None].to(dev)
+        meta.decode_window_mask = None if window_mask is None else window_mask[:, None].to(dev)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if self.kivi is not None:
@@ -376,6 +392,32 @@ def _tree_positions(start: int, parents: list[int]) -> list[int]:
     return positions
 
 
+def _verify_rows(
+    lens: list[int], trees: list[list[int] | None], counts: list[int], m: int, pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode rows padded to ``m`` per sequence: masks [B, m, slots], positions [B, m], the
+    flat batch row of each [B, m] (padding repeats the sequence's first) and the indices of
+    the real ones in B * m, in flat-batch order."""
+    b = len(lens)
+    mask = torch.zeros((b, m, pos.numel()), dtype=torch.bool)
+    q_pos = torch.empty((b, m), dtype=torch.long)
+    rows = torch.empty((b, m), dtype=torch.long)
+    valid: list[int] = []
+    first = 0
+    for i, (tree, n, end) in enumerate(zip(trees, counts, lens, strict=True)):
+        start = end - n  # the last real token's slot
+        mask[i, :, :start] = True
+        mask[i, :n, start:end] = _tree_mask(tree or [], pos.device)
+        mask[i, n:, start] = True
+        q_pos[i, :n] = torch.tensor(_tree_positions(start, tree or []))
+        q_pos[i, n:] = start
+        rows[i] = first
+        rows[i, :n] += torch.arange(n)
+        valid.extend(range(i * m, i * m + n))
+        first += n
+    return mask, q_pos, rows, torch.tensor(valid)
+
+
 def _tree_mask(parents: list[int], device: torch.device) -> torch.Tensor:
     """[1 + D, 1 + D] bool: row i (0 = the last real token, i = draft i - 1) sees itself and
     its ancestors."""
@@ -403,7 +445,8 @@ def _hole(lens: torch.Tensor, end: int, width: int) -> torch.Tensor:
 
 
 def _is_decode(seq, n: int) -> bool:
-    return n == 1 and seq.num_computed_tokens > 0
+    """One new token (and the drafts it is verifying, if any) after a computed context."""
+    return n == 1 + len(seq.draft_token_ids) and seq.num_computed_tokens > 0
 
 
 def _selects(seq, n: int) -> bool:

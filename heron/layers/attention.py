@@ -3,9 +3,10 @@
 The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, Hkv, D]``; a
 sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
 its token ``i`` (in the model's dtype, or int8: ``kv_cache``). The runner orders each step's
-flat batch as decodes first (one query each; those attending through TokenSelect after the
-dense ones), then prefill chunks, and builds the block tables
-once per step; every layer reuses them. Reads gather whole blocks; the slots past a
+flat batch as decodes first (one query each, or the last real token and its drafts for a
+sequence verifying speculative drafts, under a tree mask; those attending through
+TokenSelect after the dense ones), then prefill chunks, and builds the block tables once per
+step; every layer reuses them. Reads gather whole blocks; the slots past a
 sequence's length are masked out.
 
 Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
@@ -53,9 +54,16 @@ class AttentionMetadata:
     block_size: int
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None  # [B, W] block tables, padded with block 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * bs] bool, True = valid slot
+    # [B, 1, Q, W * bs] bool, True = valid slot; Q = 1, or (rows per sequence) * (query heads
+    # per KV head) when some sequence verifies drafts (``decode_rows``)
+    decode_mask: torch.Tensor | None = None
     decode_window_mask: torch.Tensor | None = None  # same for sliding-window layers, or None
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Sequences verifying drafts have several decode rows: the flat batch row of each
+    # sequence's i-th query ([B, M], padded with its first) and the indices of the real ones
+    # among B * M, in flat-batch order; None: one row each.
+    decode_rows: torch.Tensor | None = None
+    decode_valid: torch.Tensor | None = None
     # KV compression: per-layer decode masks where a sequence's layers hold different numbers
     # of tokens ([L, B, 1, 1, W * bs], PyramidKV), else None; and the rows whose (rotated)
     # queries each layer appends to ``captured`` for the policies' statistics.
@@ -65,6 +73,15 @@ class AttentionMetadata:
     # TokenSelect: the decode rows right after the ``num_decodes`` dense ones that attend to
     # a chosen subset of their cache (heron.kv.tokenselect.SelectedDecodes), or None.
     selected: object | None = None
+
+    def make_decode_masks_additive(self, dtype: torch.dtype) -> None:
+        """Turn the decode masks (shared by every layer) into 0 / -inf biases once per step:
+        SDPA would otherwise convert a boolean mask in every layer, and takes a bias faster."""
+        for name in ("decode_mask", "decode_window_mask", "decode_layer_masks"):
+            mask = getattr(self, name)
+            if mask is not None and mask.dtype == torch.bool:
+                bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                setattr(self, name, bias.masked_fill_(~mask, float("-inf")))
 
 
 def paged_attention(
@@ -92,9 +109,13 @@ def paged_attention(
 
     b = meta.num_decodes
     if b:
-        # All queries of one KV group see the same keys: fold the group into the query axis
-        # so GQA needs no key expansion.
-        qd = q[:b].view(b, num_kv_heads, group, head_dim)
+        # All queries of one KV group see the same keys: fold the group (and a verifying
+        # sequence's rows) into the query axis so GQA needs no key expansion.
+        rows = meta.decode_rows
+        m = 1 if rows is None else rows.shape[1]
+        qd = q[:b] if rows is None else q.index_select(0, rows.view(-1))
+        qd = qd.view(b, m, num_kv_heads, group, head_dim).transpose(1, 2)
+        qd = qd.reshape(b, num_kv_heads, m * group, head_dim)
         kd = gather_blocks(k_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         vd = gather_blocks(v_cache, meta.decode_blocks, meta.block_size).permute(0, 2, 1, 3)
         mask = meta.decode_mask
@@ -103,7 +124,12 @@ def paged_attention(
         if sliding and meta.decode_window_mask is not None:
             mask = meta.decode_window_mask
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
-        out[:b] = od.reshape(b, num_heads, head_dim)
+        od = od.view(b, num_kv_heads, m, group, head_dim).transpose(1, 2)
+        od = od.reshape(b * m, num_heads, head_dim)
+        if rows is None:
+            out[:b] = od
+        else:
+            out[: meta.decode_valid.numel()] = od.index_select(0, meta.decode_valid)
     if meta.selected is not None:
         sel = meta.selected
         out[sel.start : sel.end] = sel.attend(
