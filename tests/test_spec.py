@@ -163,6 +163,57 @@ def test_trie_drafts_a_tree_of_continuations():
     assert tokens == [4, 3] and parents == [-1, -1]
 
 
+def test_verify_rows_see_their_context_and_ancestors_only():
+    """Decode attention over one plain decode and one sequence verifying a draft tree (on a
+    global and on a sliding-window layer) equals attention computed row by row: each draft
+    sees the cached context, the last real token and its own ancestors, at its depth."""
+    from types import SimpleNamespace
+
+    from heron.engine.runner import ModelRunner, _tree_positions
+    from heron.layers.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(0)
+    bs, hkv, group, d, window = 4, 2, 3, 8, 5
+    runner = object.__new__(ModelRunner)  # just the metadata builder
+    runner.block_size, runner.device, runner.sliding_window = bs, torch.device("cpu"), window
+    runner.cfg = SimpleNamespace(num_heads=hkv * group, num_kv_heads=hkv)
+    tables = [[3, 0], [1, 4, 2]]
+    tree = [-1, -1, 1, 2]  # two drafts under the last real token, a chain of two under the 2nd
+    plain_len, start = 6, 7  # sequence 1's last real token sits at slot 7, its drafts after
+    rows = 1 + 1 + len(tree)
+
+    def slot(table: list[int], p: int) -> int:
+        return table[p // bs] * bs + p % bs
+
+    slots = [slot(tables[0], plain_len - 1)] + [slot(tables[1], start + i) for i in range(5)]
+    meta = AttentionMetadata(torch.tensor(slots), bs, num_decodes=2)
+    runner._decode_tables(meta, tables, [plain_len, start + 5], [None, tree])
+    meta.make_decode_masks_additive(torch.float32)
+    q = torch.randn(rows, hkv * group, d)
+    k, v = torch.randn(rows, hkv, d), torch.randn(rows, hkv, d)
+    cache_k, cache_v = torch.randn(5 * bs, hkv, d), torch.randn(5 * bs, hkv, d)
+    q_pos = [plain_len - 1, *_tree_positions(start, tree)]
+    lineage = [{0}]  # row of sequence 1 (0 = its last real token) -> itself and its ancestors
+    for i, parent in enumerate(tree, start=1):
+        lineage.append(lineage[parent + 1] | {i})
+    for sliding in (False, True):
+        kc, vc = cache_k.clone(), cache_v.clone()
+        out = paged_attention(q, k, v, kc, vc, meta, d**-0.5, sliding=sliding)
+        for r in range(rows):
+            if r == 0:
+                keys = [(slot(tables[0], p), p) for p in range(plain_len)]
+            else:
+                tree_keys = [(slot(tables[1], start + a), q_pos[1 + a]) for a in lineage[r - 1]]
+                keys = [(slot(tables[1], p), p) for p in range(start)] + tree_keys
+            if sliding:
+                keys = [(s, p) for s, p in keys if p > q_pos[r] - window]
+            idx = torch.tensor([s for s, _ in keys])
+            for h in range(hkv * group):
+                weights = torch.softmax(kc[idx, h // group] @ q[r, h] * d**-0.5, dim=0)
+                want = weights @ vc[idx, h // group]
+                torch.testing.assert_close(out[r, h], want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_settings():
     with pytest.raises(InvalidRequestError, match="speculative_method"):
         EngineConfig(speculative_method="telepathy")
