@@ -142,6 +142,27 @@ def test_step_cost_prices_a_drafted_row():
         cost.observe(rows, 0.050 + 0.001 * rows)  # a = 50 ms, b = 1 ms per row
     assert cost.row_price(1, 17) == pytest.approx(0.001 / 0.067)
     assert cost.row_price(8, 40) == pytest.approx(8 * 0.001 / 0.090)
+    assert cost.draft_rows(8, share=0.25) == pytest.approx(0.25 * 0.058 / 0.001)
+
+
+def test_drafts_share_a_row_budget():
+    """With rows priced dear (the step-time fit pinned), a batch's drafts together stay
+    within the rows that add a quarter to the step's time."""
+    llm = make_llm(speculative_method="ngram", num_speculative_tokens=5)
+    spec = llm.engine.speculator
+    for rows in (1, 9, 17):
+        spec.cost.observe(rows, 0.010 + 0.001 * rows)  # 10 ms + 1 ms a row
+    spec.observe = lambda *args: None  # keep the fit
+    budget = int(spec.cost.draft_rows(len(PROMPTS[:2]), 0.25))  # 3 rows
+    drafted = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda batch, needs: (
+        drafted.append(sum(len(s.draft_token_ids) for s in batch.seqs)),
+        execute(batch, needs),
+    )[1]
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert all(o.outputs[0].token_ids for o in outs)
+    assert max(drafted) == budget, drafted  # drafting happened, never past the budget
 
 
 def test_trie_drafts_a_tree_of_continuations():

@@ -10,14 +10,17 @@ the steps it sees, so a drafted row costs b / (a + b * rows) of a step and, for 
 decoding sequences, pays for itself when it brings more than B * b / (a + b * rows) accepted
 tokens. Each sequence's adaptive k keeps its accepted-per-drafted rate against that price: it
 grows while drafts pay twice over, halves when they do not pay, and speculation pauses for a
-while when even one draft does not. On a CPU at batch 1 a step of 17 rows costs ~1.2x one of
-1 row, so wide drafts stay on; at large batches rows cost more and drafts get narrower.
+while when even one draft does not. On top, a step's drafts together may add at most a
+quarter to its time (``_DRAFT_SHARE``), given first to the sequences whose drafts are
+accepted most. On a CPU at batch 1 a step of 17 rows costs ~1.2x one of 1 row, so a wide
+draft tree stays on; at batch 8 136 rows cost ~1.9x 8 rows, so drafts get narrower.
 Step times are measured, so which drafts are tried can differ between runs: outputs are still
 exactly the target's (greedy) or distributed as the target's (sampling), but a seeded sampled
 request repeats only in distribution, not token for token."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,10 @@ from heron.spec.proposer import Proposer
 from heron.spec.verify import accept_sampled, accept_tree
 
 _EMA = 0.3  # weight of the latest step in the acceptance-rate average
+# Drafts may add at most this share to a step's time: the sequences whose drafts are accepted
+# most get the rows first. Past the knee of the cost curve (a few tens of rows on a 2-core
+# CPU) a step of many sequences slows every one of them, drafted or not.
+_DRAFT_SHARE = 0.25
 _PAUSE_STEPS = 16
 
 
@@ -46,16 +53,29 @@ class StepCost:
         new = (1.0, rows, rows * rows, seconds, rows * seconds)
         self.sums = [w * s + v for s, v in zip(self.sums, new, strict=True)]
 
-    def row_price(self, decoding: int, rows: int) -> float:
-        """Accepted tokens per drafted row below which drafting slows a step of ``decoding``
-        sequences and ``rows`` rows down (0 until the fit has seen two row counts)."""
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b), or None until two different row counts have been seen."""
         n, sx, sxx, sy, sxy = self.sums
         var = n * sxx - sx * sx
         if n < 2 or var <= 1e-9 * max(1.0, n * sxx):
-            return 0.0
+            return None
         b = max(0.0, (n * sxy - sx * sy) / var)
-        a = max(1e-9, (sy - b * sx) / n)
-        return decoding * b / (a + b * rows)
+        return max(1e-9, (sy - b * sx) / n), b
+
+    def row_price(self, decoding: int, rows: int) -> float:
+        """Accepted tokens per drafted row below which drafting slows a step of ``decoding``
+        sequences and ``rows`` rows down (0 until fitted)."""
+        fit = self.fit()
+        return 0.0 if fit is None else decoding * fit[1] / (fit[0] + fit[1] * rows)
+
+    def draft_rows(self, rows: int, share: float) -> float:
+        """Drafted rows that add at most ``share`` to the time of a step of ``rows`` rows
+        (unbounded until fitted, or where rows cost nothing)."""
+        fit = self.fit()
+        if fit is None or fit[1] == 0:
+            return math.inf
+        a, b = fit
+        return share * (a + b * rows) / b
 
 
 @dataclass
@@ -111,7 +131,7 @@ class Speculator:
     def prepare(self, running: list[Sequence]) -> None:
         """Set the drafts of the sequences that speculate."""
         self.proposer.retain({seq.seq_id for seq in running})
-        seqs, ks = [], []
+        wanted: list[tuple[Sequence, int]] = []
         for seq in running:
             seq.set_drafts([])
             if not self.eligible(seq):
@@ -124,8 +144,15 @@ class Speculator:
                 room = min(room, p.max_tokens - len(seq.output_token_ids) - 1)
             k = min(seq.spec.next(), room)
             if k > 0:
+                wanted.append((seq, k))
+        budget = self.cost.draft_rows(len(running), _DRAFT_SHARE)
+        seqs, ks = [], []
+        for seq, k in sorted(wanted, key=lambda item: -item[0].spec.rate):
+            k = int(min(k, budget))
+            if k > 0:
                 seqs.append(seq)
                 ks.append(k)
+                budget -= k
         for seq, draft in zip(seqs, self.proposer.propose_batch(seqs, ks), strict=True):
             seq.set_drafts(draft.tokens, draft.parents, draft.probs)
 
