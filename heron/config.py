@@ -51,8 +51,8 @@ class EngineConfig:
     # "layer_skip": keep this many layers (spread over depth); "draft": keep the draft model's
     # first this many layers (a draft cut from a bigger model)
     draft_num_layers: int | None = None
-    ngram_max: int = 3  # "ngram": longest suffix matched
-    ngram_min: int = 1  # "ngram": shortest suffix matched
+    ngram_max: int = 3  # "ngram"/"lookahead": longest suffix matched
+    ngram_min: int = 1  # "ngram"/"lookahead": shortest suffix matched
     lookahead_depth: int = 8  # "lookahead": the longest branch of its draft tree
     # Sparse prefill attention (heron.sparse): None = dense, or a pattern name ("xattention",
     # "vertical_slash", "flexprefill"); used for prompts of at least sparse_min_tokens tokens.

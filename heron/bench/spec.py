@@ -18,7 +18,8 @@ In bfloat16 a batch's numerics depend on its shape (a verify pass has more rows 
 step), so where two tokens are nearly tied the greedy choice can flip and the texts part; in
 float32 they do not (the tests hold the engine to that). For each output that differs, the
 table gives the target's gap between its two best tokens where the texts part, measured on
-the plain prefix: a gap of a few hundredths of a nat is such a tie, a large one would be a bug."""
+the plain prefix: a gap of a few bf16 steps of the logits (0.125-0.5 nats at these
+magnitudes) is such a tie, a large one would be a bug."""
 
 from __future__ import annotations
 
