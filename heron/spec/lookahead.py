@@ -84,7 +84,7 @@ class LookaheadProposer(Proposer):
         self.depth = depth
         self.tries: dict[int, NgramTrie] = {}  # seq_id -> its prompt + output
         self.shared = NgramTrie(ngram_max + depth)  # finished outputs of earlier requests
-        self._outputs: dict[int, list[int]] = {}  # seq_id -> output tokens, for ``shared``
+        self._seqs: dict[int, Sequence] = {}  # seq_id -> sequence, whose output feeds ``shared``
 
     def propose(self, seq: Sequence, k: int) -> Draft:
         trie = self.tries.get(seq.seq_id)
@@ -92,7 +92,7 @@ class LookaheadProposer(Proposer):
             trie = self.tries[seq.seq_id] = NgramTrie(self.ngram_max + self.depth)
         tokens = seq.token_ids
         trie.extend(tokens[trie.num_tokens :])
-        self._outputs[seq.seq_id] = seq.output_token_ids
+        self._seqs[seq.seq_id] = seq
         roots = []
         for trie_ in (trie, self.shared):
             for n in range(min(self.ngram_max, len(tokens)), self.ngram_min - 1, -1):
@@ -111,7 +111,8 @@ class LookaheadProposer(Proposer):
 
     def release(self, seq_id: int) -> None:
         self.tries.pop(seq_id, None)
-        output = self._outputs.pop(seq_id, None)
+        seq = self._seqs.pop(seq_id, None)
+        output = seq.output_token_ids if seq is not None else []
         if output:
             if self.shared.num_nodes > _SHARED_MAX_NODES:
                 self.shared = NgramTrie(self.shared.width)
