@@ -63,6 +63,21 @@ def _planted_rows(length=2048, seed=0):
     return q, k, v
 
 
+def _planted_diagonal(length=2048, offset=600, seed=0):
+    """Query i and key j carry the same 32 frequencies at phases i and j + offset, so their
+    dot product (a Dirichlet kernel) peaks sharply where i - j = offset: one slash."""
+    q, k, v = _random(length, seed)
+    freq = 2 * torch.pi * torch.arange(1, D // 2 + 1) / (4 * length)
+
+    def waves(pos):
+        angle = pos[:, None].float() * freq[None, :]
+        return torch.cat([angle.cos(), angle.sin()], -1)
+
+    q = q * 0.01 + 2 * waves(torch.arange(length))
+    k = k * 0.01 + 2 * waves(torch.arange(length) + offset)
+    return q, k, v
+
+
 def _density(mask, q_start, q_len, k_len):
     causal = causal_block_mask(q_start, q_len, k_len, B)
     return mask.sum().item() / (causal.sum().item() * mask.shape[0])
@@ -124,6 +139,33 @@ def test_planted_per_query_block_kept(name):
     for i in range(2, nb):
         assert mask[:, i, i // 2].all(), f"query block {i}: planted key block dropped"
     assert _density(mask, 0, 2048, 2048) < 0.5
+
+
+def test_planted_diagonal_kept():
+    """vertical_slash: the block diagonals that the slash i - j = 600 crosses are kept for
+    every query block far enough in, and few others."""
+    offset = 600
+    q, k, _ = _planted_diagonal(offset=offset)
+    mask = get_pattern("vertical_slash")(q, k, 0, PatternParams(threshold=0.9, scale=SCALE))
+    _check_always_kept(mask)
+    for qb in range(offset // B + 1, 2048 // B):
+        for kb in {(qb * B - offset) // B, ((qb + 1) * B - 1 - offset) // B}:
+            assert mask[:, qb, kb].all(), f"query block {qb}: slash block {kb} dropped"
+    assert _density(mask, 0, 2048, 2048) < 0.5
+
+
+def test_diagonal_sums_match_scatter():
+    """The skewed-reshape diagonal sums equal summing each (query, key) by query - key."""
+    from heron.sparse.patterns import _diagonal_sums
+
+    n, length, pad = 5, 13, 3
+    attn = torch.rand(2, n, length)
+    pos = torch.arange(length - n, length)
+    attn = attn.masked_fill(torch.arange(length)[None, :] > pos[:, None], 0)
+    offset = (pos[:, None] - torch.arange(length)[None, :]).clamp_min(0)
+    ref = torch.zeros(2, length + pad)
+    ref.scatter_add_(1, offset.reshape(1, -1).expand(2, -1), attn.reshape(2, -1))
+    torch.testing.assert_close(_diagonal_sums(attn, pad), ref)
 
 
 def test_flexprefill_chooses_per_head():

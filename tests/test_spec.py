@@ -209,7 +209,7 @@ def test_verify_rows_see_their_context_and_ancestors_only():
     slots = [slot(tables[0], plain_len - 1)] + [slot(tables[1], start + i) for i in range(5)]
     meta = AttentionMetadata(torch.tensor(slots), bs, num_decodes=2)
     runner._decode_tables(meta, tables, [plain_len, start + 5], [None, tree])
-    meta.make_decode_masks_additive(torch.float32)
+    meta.make_masks_additive(torch.float32)
     q = torch.randn(rows, hkv * group, d)
     k, v = torch.randn(rows, hkv, d), torch.randn(rows, hkv, d)
     cache_k, cache_v = torch.randn(5 * bs, hkv, d), torch.randn(5 * bs, hkv, d)

@@ -198,7 +198,7 @@ class ModelRunner:
             self._decode_tables(meta, decode_tables, decode_lens, decode_trees)
             if holes:
                 meta.decode_layer_masks = _hole_masks(meta.decode_mask, holes)
-            meta.make_decode_masks_additive(self.dtype)
+        meta.make_masks_additive(self.dtype)
         if capture:
             meta.capture_rows = torch.tensor(capture, dtype=torch.long, device=dev)
         if any_kv:
@@ -253,7 +253,7 @@ class ModelRunner:
             num_decodes=len(seqs),
         )
         self._decode_tables(meta, tables, [p + 1 for p in positions])
-        meta.make_decode_masks_additive(self.dtype)
+        meta.make_masks_additive(self.dtype)
         return self.model.compute_logits(self._forward(token_ids, positions, meta, layers))
 
     def _forward(

@@ -1,7 +1,7 @@
 """Block-sparse attention on the portable PyTorch path: only the kept (query block, key block)
-pairs are computed. For each tile of query blocks the kept key blocks of every (head, query
-block) are gathered (padded to the tile's largest count) and one batched SDPA call runs over
-them with a causal/padding mask; no [Lq, Lk] score matrix is ever built.
+pairs are computed. The kept earlier key/value blocks of every (head, query block) are
+gathered and attended by batched calls, the diagonal block by one causal call, and the two
+merged by their log-sum-exps; no [Lq, Lk] score matrix is ever built.
 
 Blocks are aligned on absolute positions (block ``b`` holds positions ``b*B .. b*B+B-1``), so
 a prefill chunk that starts after cached tokens uses the same blocks as an unchunked prefill.
@@ -10,7 +10,6 @@ a prefill chunk that starts after cached tokens uses the same blocks as an unchu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # Elements of the gathered keys of one SDPA call; bounds memory.
 _TILE_BUDGET = 1 << 25
@@ -74,10 +73,10 @@ def block_sparse_attention(
     blocks ``mask`` [H, nQB, nKB] keeps; the diagonal block is always computed (causal).
     Returns [H, Lq, D].
 
-    The (head, query block) rows are grouped by their number ``c`` of kept off-diagonal
-    blocks; each group is one SDPA call over its rows' gathered blocks with the diagonal block
-    last, so one [B, (c+1)*B] mask (causal on the last block), broadcast over the rows, serves
-    the whole group: no padding, no per-row mask, no dense score matrix."""
+    Each (head, query block) row attends in two parts merged by their log-sum-exps: its
+    diagonal block (one causal call for all rows, which skips the upper half) and its kept
+    earlier blocks, gathered and grouped by their count ``c`` so that one unmasked call serves
+    each group: no padding, no mask, no dense score matrix."""
     num_heads, q_len, head_dim = q.shape
     group = num_heads // k.shape[0]
     qb0 = q_start // block
@@ -85,47 +84,64 @@ def block_sparse_attention(
     rows = num_heads * nqb
     lead = q_start - qb0 * block  # rows of the first query block before the chunk
     ws = workspace or Workspace()
-    q_pad = _pad(ws, "q", q, nqb * block, lead)
-    q_rows = q_pad.view(rows, block, head_dim)
+    q_rows = _pad(ws, "q", q, nqb * block, lead).view(rows, block, head_dim)
     k_blocks = _pad(ws, "k", k, nkb * block, 0).view(-1, block, head_dim)
     v_blocks = _pad(ws, "v", v, nkb * block, 0).view(-1, block, head_dim)
     head_base = (torch.arange(num_heads) // group).repeat_interleave(nqb) * nkb  # [R]
     qb_abs = torch.arange(qb0, qb0 + nqb).repeat(num_heads)  # [R]
+    diag = head_base + qb_abs
+    kd = torch.index_select(k_blocks, 0, diag, out=ws.get("kd", q_rows.shape, q))
+    vd = torch.index_select(v_blocks, 0, diag, out=ws.get("vd", q_rows.shape, q))
+    out, lse = _attend(q_rows, kd, vd, scale, causal=True)
     off = mask.reshape(rows, nkb).clone()
     off[torch.arange(rows), qb_abs] = False
     counts = off.sum(-1)
-    out = ws.get("out", q_rows.shape, q)
-    # Mask of a row with c off-diagonal blocks: the last (c+1)*B columns of one [B, nKB*B]
-    # buffer (zeros, then the causal diagonal block), taken as a strided view.
-    bias_all = ws.get("bias", (block, nkb * block), q)
-    bias_all.zero_()
-    hide = torch.ones(block, block, dtype=torch.bool, device=q.device).triu(1)
-    bias_all[:, -block:].masked_fill_(hide, float("-inf"))
+    # The earlier blocks' part of every row (rows without one keep weight 0: lse -inf).
+    out_off = ws.get("out_off", q_rows.shape, q).zero_()
+    lse_off = ws.get("lse_off", lse.shape, lse).fill_(float("-inf"))
     budget = max(_TILE_BUDGET, nkb * block * head_dim)
     kbuf, vbuf = ws.get("kg", (budget,), q), ws.get("vg", (budget,), q)
     for c in torch.unique(counts).tolist():
+        if c == 0:
+            continue
         sel_all = (counts == c).nonzero().squeeze(1)
-        bias = bias_all[:, (nkb - c - 1) * block :]
-        per_call = max(1, budget // ((c + 1) * block * head_dim))
+        per_call = max(1, budget // (c * block * head_dim))
         for sel in sel_all.split(per_call):
             n = sel.shape[0]
             idx = off.index_select(0, sel).nonzero()[:, 1].view(n, c)  # kept blocks, in order
-            idx = torch.cat([idx, qb_abs.index_select(0, sel)[:, None]], 1)  # diagonal last
             flat = (head_base.index_select(0, sel)[:, None] + idx).reshape(-1)
             size = flat.shape[0] * block * head_dim
             shape = (flat.shape[0], block, head_dim)
             kg = torch.index_select(k_blocks, 0, flat, out=kbuf[:size].view(shape))
             vg = torch.index_select(v_blocks, 0, flat, out=vbuf[:size].view(shape))
-            kg = kg.view(1, n, (c + 1) * block, head_dim)
-            vg = vg.view(1, n, (c + 1) * block, head_dim)
             qg = q_rows
             if n != rows:
                 qg = torch.index_select(q_rows, 0, sel, out=ws.get("qg", (n, block, head_dim), q))
-            o = F.scaled_dot_product_attention(
-                qg[None], kg, vg, attn_mask=bias[None, None], scale=scale
-            )
-            out.index_copy_(0, sel, o[0])
+            o, o_lse = _attend(qg, kg.view(n, c * block, head_dim), vg.view(n, -1, head_dim), scale)
+            out_off.index_copy_(0, sel, o)
+            lse_off.index_copy_(0, sel, o_lse)
+    # One softmax over both parts: the earlier blocks' share is sigmoid(lse_off - lse).
+    share = torch.sigmoid(lse_off - lse).to(q.dtype).unsqueeze(-1)
+    out = out.lerp_(out_off, share.expand_as(out))
     return out.view(num_heads, nqb * block, head_dim)[:, lead : lead + q_len]
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` [N, Lq, D] over ``k``/``v`` [N, Lk, D], and the log-sum-exp of each
+    query's scores [N, Lq] (fp32), which lets two parts of one softmax be merged. On CPU this
+    is PyTorch's flash kernel (which returns it); elsewhere the scores are materialised."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, causal, scale=scale
+        )
+        return out[0], lse[0]
+    s = torch.matmul(q.float(), k.float().transpose(1, 2)) * scale
+    if causal:
+        s.masked_fill_(torch.ones_like(s[0], dtype=torch.bool).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 
 
 def _pad(ws: Workspace, name: str, x: torch.Tensor, length: int, lead: int) -> torch.Tensor:

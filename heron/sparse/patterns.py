@@ -89,6 +89,19 @@ def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
     return k if group == 1 else k.repeat_interleave(group, dim=0)
 
 
+def _grouped_softmax(
+    q: torch.Tensor, k: torch.Tensor, scale: float, hidden: torch.Tensor
+) -> torch.Tensor:
+    """softmax(scale * q . k^T) with ``hidden`` [Lq, Lk] (True = masked) for q [H, Lq, E] and
+    k [Hkv, Lk, E]: [H, Lq, Lk] in the inputs' dtype. The query heads of one KV head are
+    stacked along the rows (no key copy per head). bf16 GEMMs are ~7x fp32 on CPUs with AMX
+    and an estimate needs no more (the softmax accumulates in fp32 either way)."""
+    num_heads, q_len, _ = q.shape
+    grouped = (q * scale).reshape(k.shape[0], -1, q.shape[-1])
+    s = torch.matmul(grouped, k.transpose(1, 2)).view(num_heads, q_len, -1)
+    return torch.softmax(s.masked_fill_(hidden, float("-inf")), dim=-1)
+
+
 def _scale(p: PatternParams, head_dim: int) -> float:
     return p.scale if p.scale is not None else 1.0 / math.sqrt(head_dim)
 
@@ -108,28 +121,27 @@ def xattention(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams)
     if p.threshold >= 1.0:
         return enforce_always_kept(causal.expand(num_heads, -1, -1), q_start, block)
     lead = q_start - qb0 * block
-    q_pad = q.new_zeros(num_heads, nqb * block, head_dim, dtype=torch.float32)
+    q_pad = q.new_zeros(num_heads, nqb * block, head_dim)
     q_pad[:, lead : lead + q_len] = q
-    k_pad = k.new_zeros(k.shape[0], nkb * block, head_dim, dtype=torch.float32)
+    k_pad = k.new_zeros(k.shape[0], nkb * block, head_dim)
     k_pad[:, :k_len] = k
-    # Row i of qr: queries i*S+S-1 .. i*S (reversed); row j of kr: keys j*S .. j*S+S-1.
-    qr = (
-        q_pad.view(num_heads, -1, stride, head_dim)
-        .flip(2)
-        .reshape(num_heads, -1, stride * head_dim)
-    )
-    kr = _expand_kv(k_pad.view(k.shape[0], -1, stride * head_dim), num_heads)
-    scores = torch.matmul(qr, kr.transpose(1, 2)) * (_scale(p, head_dim) / stride)
+    # Row i of qr: queries i*S+S-1 .. i*S (reversed); row j of the keys: j*S .. j*S+S-1.
+    kv_heads = k.shape[0]
+    qr = q_pad.view(num_heads, -1, stride, head_dim).flip(2)
+    qr = qr.reshape(num_heads, -1, stride * head_dim)
     rows = qb0 * block // stride + torch.arange(qr.shape[1])
-    cols = torch.arange(kr.shape[1])
+    cols = torch.arange(k_pad.shape[1] // stride)
     allowed = (cols[None, :] <= rows[:, None]) & (cols[None, :] * stride < k_len)
-    scores.masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    kr = k_pad.view(kv_heads, -1, stride * head_dim)
+    probs = _grouped_softmax(qr, kr, _scale(p, head_dim) / stride, ~allowed)
     # Rows with no query of this chunk (padding of the first/last block) carry no estimate.
-    inside = (rows * stride + stride > q_start) & (rows * stride < q_start + q_len)
-    probs = probs * inside[None, :, None]
+    inside = ((rows * stride + stride > q_start) & (rows * stride < q_start + q_len)).nonzero()
+    probs[:, : int(inside[0])] = 0
+    probs[:, int(inside[-1]) + 1 :] = 0
     per = block // stride
-    block_scores = probs.view(num_heads, nqb, per, nkb, per).sum((2, 4))
+    # (bf16 reductions accumulate in fp32; asking for an fp32 result, a mean or two axes at
+    # once copies the whole tensor first: 10x slower)
+    block_scores = probs.view(num_heads, nqb, per, nkb, per).sum(-1).sum(2).float()
     keep = select_cumulative(block_scores, p.threshold, causal)
     return enforce_always_kept(keep, q_start, block)
 
@@ -137,22 +149,18 @@ def xattention(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams)
 # ---------------------------------------------------------------------------- vertical-slash
 def _last_query_attention(
     q: torch.Tensor, k: torch.Tensor, q_start: int, n: int, p: PatternParams
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention of the chunk's last ``n`` queries over all keys: ([H, n, Lk] float32,
-    their absolute positions [n])."""
+) -> torch.Tensor:
+    """Softmax attention of the chunk's last ``n`` queries over all keys: [H, n, Lk] in the
+    inputs' dtype."""
     num_heads, q_len, head_dim = q.shape
     n = min(n, q_len)
-    q_last = q[:, q_len - n :].float()
     pos = torch.arange(q_start + q_len - n, q_start + q_len)
-    kk = _expand_kv(k.float(), num_heads)
-    s = torch.matmul(q_last, kk.transpose(1, 2)) * _scale(p, head_dim)
-    s.masked_fill_(torch.arange(k.shape[1])[None, :] > pos[:, None], float("-inf"))
-    return torch.softmax(s, dim=-1), pos
+    hidden = torch.arange(k.shape[1])[None, :] > pos[:, None]
+    return _grouped_softmax(q[:, q_len - n :], k, _scale(p, head_dim), hidden)
 
 
 def _vertical_slash_from(
     attn: torch.Tensor,
-    pos: torch.Tensor,
     q_start: int,
     nqb: int,
     nkb: int,
@@ -161,10 +169,9 @@ def _vertical_slash_from(
 ) -> torch.Tensor:
     num_heads, n, k_len = attn.shape
     pad = nkb * block - k_len
-    vertical = torch.nn.functional.pad(attn.sum(1), (0, pad)).view(num_heads, nkb, block).sum(-1)
-    offset = (pos[:, None] - torch.arange(k_len)[None, :]).clamp_min(0)  # query - key
-    slash = attn.new_zeros(num_heads, nkb * block)
-    slash.scatter_add_(1, offset.reshape(1, -1).expand(num_heads, -1), attn.reshape(num_heads, -1))
+    vertical = attn.sum(1).float()
+    vertical = torch.nn.functional.pad(vertical, (0, pad)).view(num_heads, nkb, block).sum(-1)
+    slash = _diagonal_sums(attn, pad)
     slash = slash.view(num_heads, nkb, block).sum(-1)  # [H, delta]: offsets delta*B .. +B-1
     all_blocks = torch.ones(nkb, dtype=torch.bool)
     vert_keep = select_cumulative(vertical, threshold, all_blocks)
@@ -177,6 +184,19 @@ def _vertical_slash_from(
     return enforce_always_kept(mask, q_start, block)
 
 
+def _diagonal_sums(attn: torch.Tensor, pad: int) -> torch.Tensor:
+    """[H, Lk + pad] fp32: entry ``d`` sums ``attn`` [H, n, Lk] over query - key = d, for the
+    last ``n`` queries of a context of Lk keys (query i at position Lk - n + i). Rows padded
+    with n zeros on the left and read back one element longer each are row i shifted left by
+    i: each diagonal lines up in column n + key - query, and a column sum adds it up."""
+    num_heads, n, k_len = attn.shape
+    width = k_len + n
+    skewed = torch.nn.functional.pad(attn, (n, 0, 0, 1)).view(num_heads, -1)
+    skewed = skewed[:, : n * (width + 1)].view(num_heads, n, width + 1)
+    sums = skewed.sum(1).float()  # column c holds query - key = Lk - c
+    return torch.nn.functional.pad(sums[:, 1 : k_len + 1].flip(-1), (0, pad))
+
+
 @register("vertical_slash")
 def vertical_slash(
     q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams
@@ -185,8 +205,8 @@ def vertical_slash(
     if p.threshold >= 1.0:
         causal = _causal_blocks(qb0, nqb, nkb).expand(q.shape[0], -1, -1)
         return enforce_always_kept(causal, q_start, p.block)
-    attn, pos = _last_query_attention(q, k, q_start, p.last_q, p)
-    return _vertical_slash_from(attn, pos, q_start, nqb, nkb, p.threshold, p.block)
+    attn = _last_query_attention(q, k, q_start, p.last_q, p)
+    return _vertical_slash_from(attn, q_start, nqb, nkb, p.threshold, p.block)
 
 
 # ---------------------------------------------------------------------------- flexprefill
@@ -225,10 +245,11 @@ def flexprefill_heads(
         mask = enforce_always_kept(causal.expand(num_heads, -1, -1), q_start, block)
         return mask, torch.ones(num_heads, dtype=torch.bool)
     scale = _scale(p, head_dim)
-    attn, pos = _last_query_attention(q, k, q_start, block, p)
+    attn = _last_query_attention(q, k, q_start, block, p)
     k_len = k.shape[1]
     pad = nkb * block - k_len
-    real = torch.nn.functional.pad(attn.mean(1), (0, pad)).view(num_heads, nkb, block).sum(-1)
+    real = attn.sum(1).float() / attn.shape[1]
+    real = torch.nn.functional.pad(real, (0, pad)).view(num_heads, nkb, block).sum(-1)
     k_means = _expand_kv(_block_means(k, 0, block, nkb), num_heads)  # [H, nKB, D]
     last_block = (q_start + q_len - 1) // block
     last_valid = torch.arange(nkb) <= last_block
@@ -241,7 +262,7 @@ def flexprefill_heads(
     pooled = torch.einsum("hqd,hkd->hqk", q_means, k_means) * scale
     pooled = torch.softmax(pooled.masked_fill(~causal, float("-inf")), -1)
     qa_mask = enforce_always_kept(select_cumulative(pooled, p.threshold, causal), q_start, block)
-    vs_mask = _vertical_slash_from(attn, pos, q_start, nqb, nkb, p.threshold, block)
+    vs_mask = _vertical_slash_from(attn, q_start, nqb, nkb, p.threshold, block)
     return torch.where(query_aware[:, None, None], qa_mask, vs_mask), query_aware
 
 
