@@ -41,3 +41,20 @@ def test_missing_or_failing_llama_cpp_is_skipped_not_fatal(tmp_path, monkeypatch
     _fake_tool(tmp_path, "llama-bench", "boom", exit_code=1)
     assert llama_cpp.llama_bench(tmp_path / "m.gguf", [128], 16) is None
     assert "failed" in caplog.text
+
+
+def test_crash_with_repacking_is_retried_without(tmp_path, monkeypatch, caplog):
+    """llama.cpp's AMX kernels segfault on some CPUs: the tool runs again with repacking
+    off, and its results are used."""
+    rows = [{"n_prompt": 0, "n_gen": 16, "avg_ts": 90.0}]
+    path = tmp_path / "llama-bench"
+    path.write_text(
+        '#!/bin/sh\ncase "$*" in\n*"--repack 0"*) cat <<\'JSON\'\n'
+        + json.dumps(rows)
+        + "\nJSON\n;;\n*) kill -SEGV $$ ;;\nesac\n"
+    )
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("HERON_LLAMA_CPP_DIR", str(tmp_path))
+    results = llama_cpp.llama_bench(tmp_path / "m.gguf", [], 16)
+    assert [r.tokens_per_second for r in results] == [90.0]
+    assert "crashed" in caplog.text

@@ -59,7 +59,7 @@ def llama_bench(
     cmd = [str(tool), "-m", str(model), "-t", str(threads or torch.get_num_threads())]
     cmd += ["-p", ",".join(map(str, prompt_lens)) or "0", "-n", str(gen_len)]
     cmd += ["-r", str(repetitions), "-o", "json"]
-    rows = _run_json(cmd)
+    rows = _run_json(cmd, no_repack=["--repack", "0"])
     if rows is None:
         return None
     return [LlamaBenchResult(r["n_prompt"], r["n_gen"], float(r["avg_ts"])) for r in rows]
@@ -98,21 +98,25 @@ def batched_bench(
     cmd = [str(tool), "-m", str(model), "-t", str(threads or torch.get_num_threads())]
     cmd += ["-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(prompt_len)]
     cmd += ["-ntg", str(gen_len), "-npl", str(prompts), "--output-format", "jsonl"]
-    rows = _run_json(cmd, jsonl=True)
+    rows = _run_json(cmd, jsonl=True, no_repack=["--no-repack"])
     if not rows:
         return None
     r = rows[-1]
     return BatchedBenchResult(prompts, prompt_len, gen_len, float(r["t_pp"]), float(r["t_tg"]))
 
 
-def _run_json(cmd: list[str], jsonl: bool = False) -> list[dict] | None:
-    logger.info(
-        "llama.cpp: %s", " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
-    )
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    except OSError as e:
-        logger.warning("llama.cpp baseline skipped: %s", e)
+def _run_json(cmd: list[str], no_repack: list[str], jsonl: bool = False) -> list[dict] | None:
+    """Run a llama.cpp tool and parse its JSON output. Where the tool crashes with weight
+    repacking (the AMX kernels of this llama.cpp segfault on some AMX CPUs), it is run again
+    with ``no_repack`` (the flag turning repacking off, which the tools spell differently)."""
+    proc = _run(cmd)
+    if proc is not None and proc.returncode < 0:
+        logger.warning(
+            "llama.cpp crashed (signal %d) with weight repacking; running it again without",
+            -proc.returncode,
+        )
+        proc = _run(cmd + no_repack)
+    if proc is None:
         return None
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
@@ -124,4 +128,15 @@ def _run_json(cmd: list[str], jsonl: bool = False) -> list[dict] | None:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as e:
         logger.warning("llama.cpp baseline: unreadable output (%s)", e)
+        return None
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    logger.info(
+        "llama.cpp: %s", " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd))
+    )
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as e:
+        logger.warning("llama.cpp baseline skipped: %s", e)
         return None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heron import kernels
 from heron.engine.scheduler import ScheduledBatch
 from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan
@@ -58,6 +59,8 @@ class ModelRunner:
         self.device = device
         # Tokens a sliding-window layer sees (itself included); None: the model has none.
         self.sliding_window: int | None = model.sliding_window
+        # Plain decode rows attend through heron's compiled kernel, straight from the cache.
+        self.decode_kernel = device.type == "cpu" and kernels.available()
         slots = num_blocks * block_size
         shape = (
             model_config.num_layers,
@@ -355,6 +358,8 @@ class ModelRunner:
             window_mask = None if window_mask is None else window_mask.repeat_interleave(group, 1)
         meta.decode_mask = mask[:, None].to(dev)
         meta.decode_window_mask = None if window_mask is None else window_mask[:, None].to(dev)
+        if m == 1 and self.decode_kernel:
+            meta.decode_lens = torch.tensor(lens, dtype=torch.long)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if self.kivi is not None:

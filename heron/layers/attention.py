@@ -7,7 +7,9 @@ flat batch as decodes first (one query each, or the last real token and its draf
 sequence verifying speculative drafts, under a tree mask; those attending through
 TokenSelect after the dense ones), then prefill chunks, and builds the block tables once per
 step; every layer reuses them. Reads gather whole blocks; the slots past a
-sequence's length are masked out.
+sequence's length are masked out. On CPU, plain decode rows (one query each, float cache)
+instead attend through heron's compiled kernel, which reads the blocks in place
+(``heron.kernels``).
 
 Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
 also hides keys older than the window: query ``p`` sees keys ``p - window + 1 .. p``. The
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from heron import kernels
 from heron.layers.kv_cache import Cache, gather_blocks, write_slots
 
 
@@ -58,6 +61,9 @@ class AttentionMetadata:
     # per KV head) when some sequence verifies drafts (``decode_rows``)
     decode_mask: torch.Tensor | None = None
     decode_window_mask: torch.Tensor | None = None  # same for sliding-window layers, or None
+    # [B] slots each decode row attends to, set where every decode row is a single query and
+    # the compiled kernel (heron.kernels.paged_decode) may read the cache in place; else None.
+    decode_lens: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sequences verifying drafts have several decode rows: the flat batch row of each
     # sequence's i-th query ([B, M], padded with its first) and the indices of the real ones
@@ -89,6 +95,17 @@ class AttentionMetadata:
                     setattr(holder, name, bias.masked_fill_(~mask, float("-inf")))
 
 
+def _kernel_decodes(meta: AttentionMetadata, k_cache: Cache, sliding: bool) -> bool:
+    """Whether this layer's decode rows can use the compiled kernel: one query each, a plain
+    (not quantized) cache, the same slots in every layer, no sliding window in effect."""
+    return (
+        meta.decode_lens is not None
+        and meta.decode_layer_masks is None
+        and not (sliding and meta.decode_window_mask is not None)
+        and isinstance(k_cache, torch.Tensor)
+    )
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,7 +130,13 @@ def paged_attention(
     out = torch.empty_like(q)
 
     b = meta.num_decodes
-    if b:
+    if b and _kernel_decodes(meta, k_cache, sliding):
+        qd = q[:b].view(b, num_kv_heads, group, head_dim)
+        od = kernels.paged_decode(
+            qd, k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
+        )
+        out[:b] = od.view(b, num_heads, head_dim)
+    elif b:
         # All queries of one KV group see the same keys: fold the group (and a verifying
         # sequence's rows) into the query axis so GQA needs no key expansion.
         rows = meta.decode_rows

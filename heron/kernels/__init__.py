@@ -1,0 +1,81 @@
+"""Hand-written CPU kernels for what PyTorch has no fused op for, compiled on first use with
+the machine's C++ compiler (``torch.utils.cpp_extension`` + ninja) and cached under
+``~/.cache/torch_extensions`` (about a minute, once per machine). Where compiling fails (no
+compiler) or ``HERON_CPU_KERNELS=0``, callers keep their PyTorch path; the reason is logged
+once."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: the build uses -march=native, so a kernel cache shared with
+    another CPU must not be reused (its name carries a hash of these)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    if os.environ.get("HERON_CPU_KERNELS", "1") == "0":
+        logger.info("heron's CPU kernels are off (HERON_CPU_KERNELS=0)")
+        return None
+    tag = hashlib.sha1((_SOURCE.read_text() + _cpu_flags()).encode()).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import load
+
+        logger.info("loading heron's CPU kernels (compiled once per machine, about a minute)")
+        return load(
+            name=f"heron_kernels_{tag}",
+            sources=[str(_SOURCE)],
+            extra_cflags=[
+                "-O3",
+                "-march=native",
+                "-mprefer-vector-width=512",
+                "-ffast-math",
+                "-fopenmp",
+            ],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, a build error: keep the PyTorch path
+        logger.warning("heron's CPU kernels are unavailable, using PyTorch ops instead: %s", e)
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled kernels load here (compiles them on the first call)."""
+    return _module() is not None
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention read in place from the paged cache: ``q`` [B, Hkv, G, D] (the G query
+    heads of each KV head), caches [slots, Hkv, D], ``tables`` [B, W] int64 block ids,
+    ``lens`` [B] int64 (slots ``< len`` are attended). Returns [B, Hkv, G, D]. Call only where
+    :func:`available` is true."""
+    return _module().paged_decode(q, k_cache, v_cache, tables, lens, block_size, scale)
