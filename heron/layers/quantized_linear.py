@@ -47,10 +47,10 @@ class Int8Linear(nn.Module):
         return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = _rows(x, self.in_features)
         if rows.shape[0] > GEMV_MAX_ROWS or rows.device.type != "cpu":
             return _dense(self, x)
-        y = torch._weight_int8pack_mm(rows.to(_KERNEL_DTYPE), self.qweight, self.kernel_scale)
+        y = torch._weight_int8pack_mm(_in_kernel_dtype(rows), self.qweight, self.kernel_scale)
         return _finish(y, x, self.bias, self.out_features)
 
 
@@ -75,11 +75,11 @@ class Int4Linear(nn.Module):
         return w.sub_(8).mul_(scale).add_(zero).view(out_f, in_f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+        rows = _rows(x, self.in_features)
         if rows.shape[0] > GEMV_MAX_ROWS and self.dequantizable:
             return _dense(self, x)
         y = torch._weight_int4pack_mm_for_cpu(
-            rows.to(_KERNEL_DTYPE), self.packed, self.group_size, self.scale_zero
+            _in_kernel_dtype(rows), self.packed, self.group_size, self.scale_zero
         )
         return _finish(y, x, self.bias, self.out_features)
 
@@ -180,8 +180,21 @@ def _bias(linear: nn.Linear) -> nn.Parameter | None:
     return None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
 
 
+# A batch-1 decode step calls these ~120 times: the helpers below skip no-op reshapes and
+# casts, which still cost a dispatch each (a few percent of such a step).
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    return x if x.dim() == 2 else x.reshape(-1, in_features)
+
+
+def _in_kernel_dtype(rows: torch.Tensor) -> torch.Tensor:
+    return rows if rows.dtype == _KERNEL_DTYPE else rows.to(_KERNEL_DTYPE)
+
+
 def _finish(
     y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> torch.Tensor:
-    y = y.to(x.dtype).view(*x.shape[:-1], out_features)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if x.dim() != 2:
+        y = y.view(*x.shape[:-1], out_features)
     return y if bias is None else y.add_(bias)  # in place: keeps the activations' dtype
