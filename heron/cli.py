@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         "REPEATS) for heron (dense attention), transformers (one forward, same dtype) and "
         "llama.cpp's llama-bench on the same GGUF (when `make bench-deps` built it); with "
         "--sparse, also each sparse prefill pattern's time, fraction of key blocks computed "
-        "and passkey accuracy against dense; in one run.",
+        "and passkey / needle accuracy against dense; in one run.",
     )
     pf.add_argument(
         "--sparse", action="store_true", help="compare the sparse prefill patterns to dense"
@@ -683,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--min-tokens", type=int, default=1024, help="sparse_min_tokens")
     pf.add_argument("--repeats", type=int, default=1, help="timed prefills per length")
     pf.add_argument("--num-passkey", type=int, default=3, help="passkey prompts per length")
+    pf.add_argument(
+        "--num-needle", type=int, default=3, help="needle-in-the-essays prompts per length"
+    )
     pf.add_argument("--seed", type=int, default=0, help="seed of prompts and keys")
     pf.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     pf.add_argument("--png", default=None, metavar="PATH", help="plot (needs matplotlib)")
@@ -1071,6 +1074,7 @@ def cmd_bench_prefill(args: argparse.Namespace) -> int:
         min_tokens=args.min_tokens,
         repeats=args.repeats,
         num_passkey=args.num_passkey,
+        num_needle=args.num_needle,
         skip_hf=args.skip_hf,
         skip_llama_cpp=args.skip_llama_cpp,
         seed=args.seed,

@@ -297,3 +297,30 @@ def test_engine_long_prompt_sparse_and_chunked(engines):
     for a, b in zip(lps_c, lps_s, strict=True):
         for t in a.keys() & b.keys():
             assert abs(a[t] - b[t]) < 1e-3
+
+
+def test_sparse_prefill_bench_rows():
+    """`heron bench prefill --sparse` on a short prompt: dense and the pattern each get a
+    time, the pattern its density, both their passkey and needle cases, and the pattern its
+    speed-up and accuracy change against dense."""
+    from heron.bench.prefill import PrefillBenchConfig, format_table, run_prefill_bench
+
+    cfg = PrefillBenchConfig(
+        dtype="float32",
+        device="cpu",
+        lengths=[400],
+        patterns=["xattention"],
+        min_tokens=128,
+        num_passkey=1,
+        num_needle=1,
+        kv_cache_memory=float(64 * 2**20),
+        skip_hf=True,
+        skip_llama_cpp=True,
+    )
+    dense, sparse = run_prefill_bench(cfg)
+    assert (dense.method, sparse.method) == ("dense", "xattention")
+    assert dense.density is None and 0 < sparse.density <= 1
+    for row in (dense, sparse):
+        assert row.prefill_s > 0 and row.passkey_total == row.needle_total == 1
+    assert sparse.speedup > 0 and sparse.accuracy_delta_points is not None
+    assert "needle" in format_table([dense, sparse])

@@ -1,13 +1,14 @@
 """``heron bench prefill``: prefill time of heron's dense attention against transformers
 (one forward, same dtype) and llama.cpp (``llama-bench -p``, when built) at several prompt
-lengths; with ``--sparse``, also the time, attention density and passkey accuracy of each
-sparse prefill pattern against dense attention; all in one run.
+lengths; with ``--sparse``, also the time, attention density and retrieval accuracy (passkey
+and needle) of each sparse prefill pattern against dense attention; all in one run.
 
 Per method (dense first) one engine is built; per length, a prompt of random token ids is
 prefilled (``max_tokens=1``, no prefix caching) ``repeats`` times and the fastest time is
 kept; density is the fraction of causal (head, query block, key block) triples the pattern
-kept over those prefills; passkey accuracy is over ``num_passkey`` prompts with the key at
-evenly spaced depths (greedy, 8 new tokens)."""
+kept over those prefills; retrieval accuracy is over ``num_passkey`` passkey prompts and
+``num_needle`` needle-in-the-essays prompts (the generators of ``heron bench kv``) with the key
+at evenly spaced depths (greedy, 8 new tokens)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from heron.bench.passkey import is_correct, make_passkey
+from heron.bench.passkey import RetrievalCase, is_correct, make_needle, make_passkey
 from heron.bench.plot import pyplot
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class PrefillBenchConfig:
     min_tokens: int = 1024
     repeats: int = 1
     num_passkey: int = 3
+    num_needle: int = 3
     kv_cache_memory: float = float(2**30)
     max_num_batched_tokens: int = 2048
     skip_hf: bool = False  # the transformers baseline (one forward over the prompt)
@@ -55,12 +57,16 @@ class Row:
     density: float | None
     passkey_correct: int
     passkey_total: int
+    needle_correct: int = 0
+    needle_total: int = 0
     speedup: float | None = None
     accuracy_delta_points: float | None = None
 
     @property
     def accuracy(self) -> float:
-        return self.passkey_correct / self.passkey_total if self.passkey_total else 0.0
+        """Over the passkey and needle cases together."""
+        total = self.passkey_total + self.needle_total
+        return (self.passkey_correct + self.needle_correct) / total if total else 0.0
 
 
 def _prompt(cfg: PrefillBenchConfig, length: int, vocab: int) -> list[int]:
@@ -105,23 +111,33 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
                 llm.generate([ids], one, use_tqdm=False)
                 best = min(best, time.perf_counter() - t0)
             density = sparse.density if sparse is not None else None
-            correct = 0
-            for i in range(cfg.num_passkey):
-                depth = (i + 0.5) / cfg.num_passkey
-                case = make_passkey(tok, length, depth, cfg.seed * 1000 + length + i)
-                out = llm.generate(
-                    [case.prompt], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False
-                )[0]
-                correct += is_correct(case, out.outputs[0].text)
-            row = Row(method, length, best, density, correct, cfg.num_passkey)
-            logger.info(
-                "%s @ %d: %.2fs density %s passkey %d/%d",
+            passkeys = [
+                make_passkey(tok, length, (i + 0.5) / cfg.num_passkey, cfg.seed * 1000 + length + i)
+                for i in range(cfg.num_passkey)
+            ]
+            needles = [
+                make_needle(tok, length, (i + 0.5) / cfg.num_needle) for i in range(cfg.num_needle)
+            ]
+            row = Row(
                 method,
                 length,
                 best,
                 density,
-                correct,
-                cfg.num_passkey,
+                _retrieved(llm, passkeys),
+                len(passkeys),
+                _retrieved(llm, needles),
+                len(needles),
+            )
+            logger.info(
+                "%s @ %d: %.2fs density %s passkey %d/%d needle %d/%d",
+                method,
+                length,
+                best,
+                density,
+                row.passkey_correct,
+                row.passkey_total,
+                row.needle_correct,
+                row.needle_total,
             )
             rows.append(row)
         del llm
@@ -138,12 +154,21 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
             # over it (the same direction as every other bench's "x baseline" column)
             base = r.method in BASELINES
             r.speedup = r.prefill_s / d.prefill_s if base else d.prefill_s / r.prefill_s
-            if r.passkey_total:
+            if r.passkey_total + r.needle_total:
                 r.accuracy_delta_points = 100 * (r.accuracy - d.accuracy)
     return rows
 
 
 BASELINES = ("transformers", "llama.cpp")
+
+
+def _retrieved(llm, cases: list[RetrievalCase]) -> int:
+    """How many of ``cases`` the engine answers (greedy, 8 new tokens)."""
+    from heron import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=8)
+    outs = [llm.generate([c.prompt], params, use_tqdm=False)[0] for c in cases]
+    return sum(is_correct(c, o.outputs[0].text) for c, o in zip(cases, outs, strict=True))
 
 
 def _transformers_rows(
@@ -189,15 +214,16 @@ def format_table(rows: list[Row]) -> str:
     that baseline (> 1: heron is faster)."""
     lines = [
         f"{'method':<16}{'len':>6}{'prefill s':>11}{'tok/s':>9}{'speed-up':>10}{'density':>9}"
-        f"{'passkey':>9}"
+        f"{'passkey':>9}{'needle':>8}"
     ]
     for r in rows:
         sp = f"{r.speedup:.2f}x" if r.speedup else "-"
         de = f"{r.density:.3f}" if r.density is not None else "-"
         pk = f"{r.passkey_correct}/{r.passkey_total}" if r.passkey_total else "-"
+        nd = f"{r.needle_correct}/{r.needle_total}" if r.needle_total else "-"
         lines.append(
             f"{r.method:<16}{r.length:>6}{r.prefill_s:>11.2f}{r.length / r.prefill_s:>9.0f}"
-            f"{sp:>10}{de:>9}{pk:>9}"
+            f"{sp:>10}{de:>9}{pk:>9}{nd:>8}"
         )
     return "\n".join(lines)
 
@@ -208,7 +234,8 @@ def write_json(rows: list[Row], cfg: PrefillBenchConfig, path: str) -> None:
 
 
 def write_png(rows: list[Row], path: str) -> bool:
-    """Prefill tok/s and passkey accuracy vs length; False when matplotlib is not installed."""
+    """Prefill tok/s and retrieval accuracy vs length; False when matplotlib is not
+    installed."""
     plt = pyplot()
     if plt is None:
         return False
@@ -220,7 +247,7 @@ def write_png(rows: list[Row], path: str) -> bool:
         if method not in BASELINES:
             b.plot([r.length for r in rs], [r.accuracy for r in rs], marker="o", label=method)
     a.set(xlabel="prompt tokens", ylabel="prefill tok/s")
-    b.set(xlabel="prompt tokens", ylabel="passkey accuracy")
+    b.set(xlabel="prompt tokens", ylabel="passkey + needle accuracy")
     a.legend()
     b.legend()
     fig.tight_layout()
