@@ -1,6 +1,8 @@
 """heron's compiled CPU kernels (heron.kernels) against the PyTorch path they replace: the
 decode attention read in place from the paged cache, alone, inside paged_attention, and
-through the engine. Skipped where the kernels cannot be built (no C++ compiler)."""
+through the engine; the fused layer ops (RMSNorm with its residual add, rotary in place,
+SiLU-and-multiply) alone and through the engine. Skipped where the kernels cannot be built
+(no C++ compiler)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import torch
 import torch.nn.functional as F
 from conftest import make_llm
 
-from heron import SamplingParams, kernels
+from heron import LLM, SamplingParams, kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
+from heron.layers.norm import RMSNorm
+from heron.layers.rotary import RotaryEmbedding
+from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
@@ -92,3 +97,72 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert not calls
     assert with_kernel == plain
+
+
+# bf16 rounds after every op exactly as the PyTorch code does: equal bits. fp32 differs in the
+# last bits (reduction order, fused multiply-adds).
+EXACT = [(torch.bfloat16, 0.0), (torch.float32, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype, tol", EXACT)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_and_its_residual_add_equal_the_torch_path(dtype, tol, offset):
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(576, 1e-5, offset).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(576, generator=g))
+    x, residual = (torch.randn(37, 576, generator=g).to(dtype) for _ in range(2))
+    torch.testing.assert_close(norm(x), norm._norm(x), atol=tol, rtol=tol)
+    total, normed = norm.add_and_norm(x, residual)
+    assert torch.equal(total, x + residual)
+    torch.testing.assert_close(normed, norm._norm(x + residual), atol=tol, rtol=tol)
+    # per-head norms (Gemma's q/k norms) run on a strided [T, H, D] view
+    head_norm = RMSNorm(64, 1e-6, offset).to(dtype)
+    heads = torch.randn(5, 12, 64, generator=g).to(dtype)[:, 2:9]
+    torch.testing.assert_close(head_norm(heads), head_norm._norm(heads), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype, tol", EXACT)
+def test_rotary_in_place_equals_the_torch_formula(dtype, tol):
+    """On the q/k heads of a fused qkv tensor (a strided view): rotated in place, the V heads
+    after them untouched."""
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(5, 12, 64, generator=g).to(dtype)
+    cos, sin = RotaryEmbedding(64, 100, 10000.0)(torch.tensor([0, 3, 4, 50, 99]), dtype)
+    qk = qkv[:, :9]
+    want = qk * cos + qk.roll(32, dims=-1) * sin
+    v = qkv[:, 9:].clone()
+    kernels.rotary_(qk, cos, sin)
+    torch.testing.assert_close(qkv[:, :9], want, atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, 9:], v)
+
+
+@pytest.mark.parametrize("dtype, tol", EXACT)
+def test_silu_mul_equals_the_torch_path(dtype, tol):
+    gate_up = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(2)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
+
+
+def test_engine_runs_the_layer_ops_with_the_same_tokens(monkeypatch):
+    """bf16, where the fused ops are bit-exact: greedy tokens with them equal those of the
+    PyTorch ops, and each op really ran."""
+    llm = LLM(str(KNOWN_MODELS[DEFAULT_MODEL].locate()), dtype="bfloat16", device="cpu")
+    calls: dict[str, int] = {}
+    for name in ("rms_norm", "rotary_", "silu_mul"):
+        original = getattr(kernels, name)
+
+        def counted(*a, _name=name, _original=original, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*a, **kw)
+
+        monkeypatch.setattr(kernels, name, counted)
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert set(calls) == {"rms_norm", "rotary_", "silu_mul"}
+    monkeypatch.setattr(kernels, "usable", lambda x: False)
+    calls.clear()
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert not calls
+    assert fused == plain

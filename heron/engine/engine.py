@@ -351,7 +351,9 @@ class Engine:
                     self.scheduler.add_running(child)
                     sample_seqs.append(child)
                     rows.append(row)
-        logits = result.sample_logits[rows]
+        logits = result.sample_logits
+        if len(rows) != len(logits):  # n > 1 requests repeat their first row
+            logits = logits[rows]
         sample_seqs, logits = context_aware.pair_rows(sample_seqs, logits)
         samples = self.sampler.sample(logits, sample_seqs)
 

@@ -23,18 +23,28 @@ class Sampler:
         params = [s.request.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        x = logits.clone()
+        x = logits
         for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
+            banned = len(seq.output_token_ids) < p.min_tokens
+            if not (banned or _penalised(p)):
+                continue
+            if x is logits:  # copied once, and only when some row is changed
+                x = logits.clone()
             apply_penalties(x[i], seq, p)
-            if len(seq.output_token_ids) < p.min_tokens:
-                banned = p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)
-                x[i, banned] = float("-inf")
+            if banned:
+                x[i, p.stop_token_ids + ([] if p.ignore_eos else self.eos_token_ids)] = float(
+                    "-inf"
+                )
 
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
-        if greedy:
-            tokens[greedy] = x[greedy].argmax(dim=-1)
+        # max(...).indices is argmax (the first maximum) at a third of its cost on CPU.
+        if not rand:
+            tokens = x.max(dim=-1).indices
+        else:
+            tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
+        if greedy and rand:
+            tokens[greedy] = x[greedy].max(dim=-1).indices
         if rand:
             probs = filtered_probs(x[rand], [params[i] for i in rand])
             for j, i in enumerate(rand):
@@ -45,6 +55,10 @@ class Sampler:
             lp = top_logprobs(raw[i], tok, params[i].logprobs) if want_logprobs[i] else None
             out.append((tok, lp))
         return out
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
 
 
 def apply_penalties(row: torch.Tensor, seq: Sequence, p: SamplingParams) -> None:

@@ -17,7 +17,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_DIR = Path(__file__).parent
+_SOURCES = [_DIR / name for name in ("paged_decode.cpp", "layer_ops.cpp", "bindings.cpp")]
+_HEADER = _DIR / "heron_kernels.h"
 
 
 def _cpu_flags() -> str:
@@ -37,14 +39,15 @@ def _module() -> ModuleType | None:
     if os.environ.get("HERON_CPU_KERNELS", "1") == "0":
         logger.info("heron's CPU kernels are off (HERON_CPU_KERNELS=0)")
         return None
-    tag = hashlib.sha1((_SOURCE.read_text() + _cpu_flags()).encode()).hexdigest()[:12]
+    text = "".join(path.read_text() for path in [*_SOURCES, _HEADER])
+    tag = hashlib.sha1((text + _cpu_flags()).encode()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
         logger.info("loading heron's CPU kernels (compiled once per machine, about a minute)")
         return load(
             name=f"heron_kernels_{tag}",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=[
                 "-O3",
                 "-march=native",
@@ -65,6 +68,11 @@ def available() -> bool:
     return _module() is not None
 
 
+def usable(x: torch.Tensor) -> bool:
+    """Whether a layer op may run on ``x`` through the kernels (a CPU tensor, kernels built)."""
+    return x.device.type == "cpu" and available()
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -79,3 +87,27 @@ def paged_decode(
     ``lens`` [B] int64 (slots ``< len`` are attended). Returns [B, Hkv, G, D]. Call only where
     :func:`available` is true."""
     return _module().paged_decode(q, k_cache, v_cache, tables, lens, block_size, scale)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float = 0.0,
+    residual: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """RMSNorm over the last dimension of ``x`` ([T, D] or [T, H, D], last dim contiguous)
+    with ``weight + offset``; with ``residual``, of ``x + residual``, returning
+    ``[x + residual, normed]``, else ``[normed]``. Rounds like ``heron.layers.norm.RMSNorm``."""
+    return _module().rms_norm(x, residual, weight, eps, offset)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotary embedding applied to ``x`` [T, H, D] in place; ``cos``/``sin`` [T, 1, D] in x's
+    dtype, sin with rotate-half's sign folded in (:class:`heron.layers.rotary.RotaryEmbedding`)."""
+    _module().rotary_(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate_up`` [T, 2I] (the fused projection's two halves)."""
+    return _module().silu_mul(gate_up)

@@ -5,7 +5,8 @@
 // of the context, which at batch 64 cost as much as the attention itself. Per block of the
 // block table: the group's scores for the block's tokens, one online-softmax rescale, then the
 // weighted values. Accumulation is in fp32 whatever the cache dtype.
-#include <torch/extension.h>
+#include "heron_kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -119,6 +120,8 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
   });
 }
 
+}  // namespace
+
 // q: [B, Hkv, G, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64 block ids;
 // lens: [B] int64 tokens in the cache per sequence (slots < len are attended). Returns
 // [B, Hkv, G, D] in q's dtype.
@@ -155,10 +158,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     }
   });
   return out;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
 }

@@ -5,7 +5,10 @@ Gate and up projections are fused into one matmul at load time (``gate_up_proj``
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from heron import kernels
 
 
 class GatedMLP(nn.Module):
@@ -21,5 +24,8 @@ class GatedMLP(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu and gate_up.dim() == 2 and kernels.usable(gate_up):
+            return self.down_proj(kernels.silu_mul(gate_up))  # one pass, no temporaries
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -5,6 +5,8 @@ Keys are rotated once, when written to the KV cache, so the cache never needs po
 import torch
 from torch import nn
 
+from heron import kernels
+
 
 class RotaryEmbedding(nn.Module):
     def __init__(
@@ -45,7 +47,11 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
-def apply_rotary(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """x: [T, heads, D] (queries, keys, or both side by side)."""
+def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotates x [T, heads, D] (queries, keys, or both side by side) in place and returns it;
+    on CPU in one op from heron's kernels (same rounding as the PyTorch fallback)."""
     cos, signed_sin = cos_sin
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    if x.stride(-1) == 1 and kernels.usable(x):
+        kernels.rotary_(x, cos, signed_sin)
+        return x
+    return x.copy_(x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin)

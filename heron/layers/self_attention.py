@@ -9,7 +9,7 @@ from torch import nn
 
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
-from heron.layers.rotary import apply_rotary
+from heron.layers.rotary import apply_rotary_
 
 
 class SelfAttention(nn.Module):
@@ -55,7 +55,7 @@ class SelfAttention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        q, k = apply_rotary(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rotary_(qk, cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         o = paged_attention(
             q,
             k,

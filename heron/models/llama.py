@@ -36,8 +36,9 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, F.silu)
 
     def forward(self, x, cos_sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        x, h = self.post_attention_layernorm.add_and_norm(h, x)
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,0 +1,9 @@
+// The Python module of heron's CPU kernels (heron/kernels/__init__.py documents each op).
+#include "heron_kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (returns [sum,] normed)");
+  m.def("rotary_", &rotary_, "rotary embedding in place");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+}
