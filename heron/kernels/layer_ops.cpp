@@ -16,6 +16,7 @@
 namespace {
 
 inline float to_float(float v) { return v; }
+inline float to_float(double v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 inline float to_float(c10::BFloat16 v) {
   uint32_t bits = static_cast<uint32_t>(v.x) << 16;
@@ -73,10 +74,15 @@ struct Rows {
 // Rows per parallel task: a batch-1 step's few rows run inline (no thread wake-up).
 inline int64_t grain(int64_t row_len) { return std::max<int64_t>(1, 16384 / row_len); }
 
+// The norm's weight (+ offset) as floats, read in place (a tensor conversion would cost a
+// dispatch and an allocation per call).
 std::vector<float> weight_as_float(const torch::Tensor& w, float offset) {
-  auto wf = w.to(torch::kFloat).contiguous();
-  std::vector<float> out(wf.data_ptr<float>(), wf.data_ptr<float>() + wf.numel());
-  for (auto& v : out) v += offset;
+  TORCH_CHECK(w.is_contiguous(), "rms_norm: weight must be contiguous");
+  std::vector<float> out(w.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "rms_norm_w", [&] {
+    const scalar_t* p = w.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = to_float(p[i]) + offset;
+  });
   return out;
 }
 
