@@ -130,9 +130,15 @@ void rotary_kernel(T* x, const Rows& rows, const T* cos, const T* sin, int64_t d
       const T* c = cos + (r / rows.inner) * dim;
       const T* s = sin + (r / rows.inner) * dim;
       for (int64_t d = 0; d < dim; ++d) v[d] = to_float(xr[d]);
-      for (int64_t d = 0; d < dim; ++d) {
+      // the two halves apart, so that each loop vectorizes (no index wrap-around)
+      for (int64_t d = 0; d < half; ++d) {
         const float a = round_to<T>(v[d] * to_float(c[d]));
-        const float b = round_to<T>(v[(d + half) % dim] * to_float(s[d]));
+        const float b = round_to<T>(v[d + half] * to_float(s[d]));
+        xr[d] = from_float<T>(a + b);
+      }
+      for (int64_t d = half; d < dim; ++d) {
+        const float a = round_to<T>(v[d] * to_float(c[d]));
+        const float b = round_to<T>(v[d - half] * to_float(s[d]));
         xr[d] = from_float<T>(a + b);
       }
     }

@@ -127,15 +127,18 @@ def paged_attention(
         meta.captured.append(q.index_select(0, meta.capture_rows))
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
-    out = torch.empty_like(q)
-
     b = meta.num_decodes
-    if b and _kernel_decodes(meta, k_cache, sliding):
+    in_kernel = b > 0 and _kernel_decodes(meta, k_cache, sliding)
+    if in_kernel:
         qd = q[:b].view(b, num_kv_heads, group, head_dim)
         od = kernels.paged_decode(
             qd, k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
-        )
-        out[:b] = od.view(b, num_heads, head_dim)
+        ).view(b, num_heads, head_dim)
+        if b == q.shape[0]:  # a step of plain decodes only: nothing else to place
+            return od
+    out = torch.empty_like(q)
+    if in_kernel:
+        out[:b] = od
     elif b:
         # All queries of one KV group see the same keys: fold the group (and a verifying
         # sequence's rows) into the query axis so GQA needs no key expansion.
