@@ -3,7 +3,8 @@
 // with its own dispatch and temporary; at batch 1 they cost more than the matmuls around them.
 //
 // Each op rounds where the PyTorch code it replaces rounds (to bf16 / fp16 after every op that
-// produced a tensor of that dtype), so the outputs match that code, not just approximately.
+// produced a tensor of that dtype), so in bf16 the outputs match that code bit for bit; in
+// fp32 they differ in the last bits (summation order, and the build's -ffast-math).
 #include "heron_kernels.h"
 
 #include <ATen/Parallel.h>
