@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from heron.errors import ModelLoadError
+from heron.layers.packed_linear import pack_linears
 from heron.layers.quantized_linear import quantize_linears
 from heron.models.config import ModelConfig
 from heron.models.gguf_file import GGUFFile
@@ -101,6 +102,8 @@ def build_model(
     model.load_weights(ckpt.weights)
     model = model.to(device=device, dtype=dtype).eval()
     quantize_linears(model, quantization)
+    if quantization == "none":
+        pack_linears(model)
     return model
 
 
