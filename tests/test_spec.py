@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from heron import SamplingParams
+from heron import SamplingParams, kernels
 from heron.config import EngineConfig
 from heron.errors import InvalidRequestError
 from heron.spec.layer_skip import spread_layers
@@ -285,11 +285,18 @@ def reference(llm):
     ],
     ids=["ngram", "lookahead", "layer_skip", "draft"],
 )
-def test_greedy_identical_alone_and_batched(reference, spec):
+def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
     llm = make_llm(**spec)
+    kernel_rows: list[int] = []  # rows per compiled decode-kernel call
+    if kernels.available():
+        original = kernels.paged_decode
+        monkeypatch.setattr(
+            kernels, "paged_decode", lambda q, *a: kernel_rows.append(q.shape[0]) or original(q, *a)
+        )
     for i, p in enumerate(PROMPTS):
         out = llm.generate([p], GREEDY, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == reference[i], f"prompt {i} alone"
+    alone_rows = list(kernel_rows)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     for i, out in enumerate(outs):
         assert out.outputs[0].token_ids == reference[i], f"prompt {i} batched"
@@ -303,6 +310,9 @@ def test_greedy_identical_alone_and_batched(reference, spec):
     if spec["speculative_method"] == "ngram":
         copy = outs[0].metrics
         assert copy["spec_acceptance_rate"] > 0.3, copy  # the copy prompt is easy to draft
+        # A chain's verify rows attend as plain decode rows: alone, a kernel call of several
+        # rows can only be one sequence's drafts.
+        assert not kernels.available() or max(alone_rows) > 1
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,14 @@ class ModelRunner:
                     selected = SelectedDecodes(row, [], [])
                 selected.slots.append(table_slots(table, start - ev + 1, bs, self.device))
                 selected.states.append(seq.kv)
+            elif _is_decode(seq, n) and tree is not None and _chain_rows(seq, tree):
+                # Row i of a draft chain sees the context and the drafts up to i: a prefix of
+                # the same blocks, so each row is a plain decode row of its own length (and
+                # takes the compiled kernel, as plain decode steps do).
+                for i in range(n):
+                    decode_tables.append(table)
+                    decode_lens.append(start + i + 1)
+                    decode_trees.append(None)
             elif _is_decode(seq, n):
                 decode_tables.append(table)
                 decode_lens.append(start - ev + n)
@@ -447,6 +455,12 @@ def _hole(lens: torch.Tensor, end: int, width: int) -> torch.Tensor:
     """[L, width] bool: the slots ``lens[l] .. end`` that layer ``l`` does not read."""
     pos = torch.arange(width, device=lens.device)
     return (pos[None, :] >= lens[:, None]) & (pos[None, :] < end)
+
+
+def _chain_rows(seq, tree: list[int]) -> bool:
+    """Whether a verifying sequence's rows can attend as independent decode rows: its drafts
+    form a chain and its cache is uncompressed (slot = position, no per-layer holes)."""
+    return seq.kv is None and tree == chain_parents(len(tree))
 
 
 def _is_decode(seq, n: int) -> bool:

@@ -4,12 +4,12 @@ The KV cache of one layer is a flat tensor of slots ``[num_blocks * block_size, 
 sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i % bs`` holds
 its token ``i`` (in the model's dtype, or int8: ``kv_cache``). The runner orders each step's
 flat batch as decodes first (one query each, or the last real token and its drafts for a
-sequence verifying speculative drafts, under a tree mask; those attending through
-TokenSelect after the dense ones), then prefill chunks, and builds the block tables once per
-step; every layer reuses them. Reads gather whole blocks; the slots past a
-sequence's length are masked out. On CPU, plain decode rows (one query each, float cache)
-instead attend through heron's compiled kernel, which reads the blocks in place
-(``heron.kernels``).
+sequence verifying a draft tree, under a tree mask; a draft chain's rows are plain decode rows
+of growing length; those attending through TokenSelect after the dense ones), then prefill
+chunks, and builds the block tables once per step; every layer reuses them. Reads gather
+whole blocks; the slots past a sequence's length are masked out. On CPU, plain decode rows
+(one query each, float cache) instead attend through heron's compiled kernel, which reads
+the blocks in place (``heron.kernels``).
 
 Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
 also hides keys older than the window: query ``p`` sees keys ``p - window + 1 .. p``. The
