@@ -25,10 +25,12 @@ def llm(model_path) -> LLM:
 
 
 def make_llm(**kwargs) -> LLM:
-    """A separate engine with its own settings (small KV budgets, tiny chunks...)."""
+    """A separate engine with its own settings (small KV budgets, tiny chunks...); float32 on
+    CPU unless ``dtype`` says otherwise."""
     path = KNOWN_MODELS[DEFAULT_MODEL].locate()
     kwargs.setdefault("kv_cache_memory", 256 * 2**20)
-    return LLM(str(path), dtype="float32", device="cpu", **kwargs)
+    kwargs.setdefault("dtype", "float32")
+    return LLM(str(path), device="cpu", **kwargs)
 
 
 # ---------------------------------------------------------------------------- server

@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from conftest import make_llm
 
-from heron import LLM, SamplingParams, kernels
+from heron import SamplingParams, kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding
-from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
@@ -147,7 +146,7 @@ def test_silu_mul_equals_the_torch_path(dtype, tol):
 def test_engine_runs_the_layer_ops_with_the_same_tokens(monkeypatch):
     """bf16, where the fused ops are bit-exact: greedy tokens with them equal those of the
     PyTorch ops, and each op really ran."""
-    llm = LLM(str(KNOWN_MODELS[DEFAULT_MODEL].locate()), dtype="bfloat16", device="cpu")
+    llm = make_llm(dtype="bfloat16")
     calls: dict[str, int] = {}
     for name in ("rms_norm", "rotary_", "silu_mul"):
         original = getattr(kernels, name)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_llm
 from torch import nn
 
-from heron import LLM, SamplingParams
+from heron import SamplingParams
 from heron.layers import packed_linear
 from heron.layers.packed_linear import PackedLinear, pack_linears
 from heron.models import loader
-from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 
 pytestmark = pytest.mark.skipif(
     not packed_linear._packs_exactly(), reason="no oneDNN weight packing in this PyTorch"
@@ -31,12 +31,8 @@ def test_packed_linear_gives_f_linear_bits(rows, bias):
         assert torch.equal(PackedLinear(linear)(x), linear(x))
 
 
-def _model_path() -> str:
-    return str(KNOWN_MODELS[DEFAULT_MODEL].locate())
-
-
 def test_bf16_models_pack_every_linear_and_float32_none():
-    bf16 = LLM(_model_path(), dtype="bfloat16", device="cpu").engine.runner.model
+    bf16 = make_llm(dtype="bfloat16").engine.runner.model
     assert not any(isinstance(m, nn.Linear) for m in bf16.modules())
     packed = [m for m in bf16.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * bf16.config.num_layers + 1  # + the LM head
@@ -52,7 +48,7 @@ def test_engine_tokens_are_the_same_packed_and_unpacked(monkeypatch):
     for pack in (True, False):
         if not pack:
             monkeypatch.setattr(loader, "pack_linears", lambda model: None)
-        llm = LLM(_model_path(), dtype="bfloat16", device="cpu")
+        llm = make_llm(dtype="bfloat16")
         model = llm.engine.runner.model
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == pack
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])

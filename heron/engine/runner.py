@@ -169,18 +169,19 @@ class ModelRunner:
                     selected = SelectedDecodes(row, [], [])
                 selected.slots.append(table_slots(table, start - ev + 1, bs, self.device))
                 selected.states.append(seq.kv)
-            elif _is_decode(seq, n) and tree is not None and _chain_rows(seq, tree):
-                # Row i of a draft chain sees the context and the drafts up to i: a prefix of
-                # the same blocks, so each row is a plain decode row of its own length (and
-                # takes the compiled kernel, as plain decode steps do).
-                for i in range(n):
-                    decode_tables.append(table)
-                    decode_lens.append(start + i + 1)
-                    decode_trees.append(None)
             elif _is_decode(seq, n):
-                decode_tables.append(table)
-                decode_lens.append(start - ev + n)
-                decode_trees.append(tree)
+                if tree is not None and _chain_rows(seq, tree):
+                    # Row i of a draft chain sees the context and the drafts up to i: a prefix
+                    # of the same blocks, so each row is a plain decode row of its own length
+                    # (and takes the compiled kernel, as plain decode steps do).
+                    for i in range(n):
+                        decode_tables.append(table)
+                        decode_lens.append(start + i + 1)
+                        decode_trees.append(None)
+                else:
+                    decode_tables.append(table)
+                    decode_lens.append(start - ev + n)
+                    decode_trees.append(tree)
             else:
                 span = self._prefill_span(row, start - ev, n, table)
                 if seq.kv is not None and seq.kv.layer_lens is not None:
