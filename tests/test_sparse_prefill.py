@@ -84,32 +84,62 @@ def _density(mask, q_start, q_len, k_len):
 
 
 # ---------------------------------------------------------------------------- kernel
+# float32 runs the PyTorch path; bfloat16 heron's compiled kernel where it is usable (AMX).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("q_start", [0, 300])
-def test_threshold_one_is_dense(name, q_start):
-    q, k, v = _random(1000, seed=1)
+def test_threshold_one_is_dense(name, q_start, dtype):
+    q, k, v = (x.to(dtype) for x in _random(1000, seed=1))
     q = q[:, q_start:]
     p = PatternParams(threshold=1.0, scale=SCALE)
     mask = get_pattern(name)(q, k, q_start, p)
     assert _density(mask, q_start, q.shape[1], k.shape[1]) == 1.0
     out = block_sparse_attention(q, k, v, mask, q_start, B, SCALE)
-    torch.testing.assert_close(out, _dense(q, k, v, q_start), atol=1e-5, rtol=1e-5)
+    ref = _dense(q.float(), k.float(), v.float(), q_start)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-def test_kernel_computes_only_kept_blocks():
-    """With a sparse mask the kernel equals dense attention restricted to the kept blocks."""
-    q, k, v = _random(700, seed=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_start", [0, 200])
+def test_kernel_computes_only_kept_blocks(dtype, q_start):
+    """With a sparse mask the kernel equals dense attention restricted to the kept blocks (a
+    chunk starting at ``q_start``, mid-block, over all keys before it)."""
+    q, k, v = (x.to(dtype) for x in _random(700, seed=2))
+    q = q[:, q_start:]
     g = torch.Generator().manual_seed(3)
-    nb = -(-700 // B)
-    mask = enforce_always_kept(torch.rand(H, nb, nb, generator=g) < 0.4, 0, B)
-    assert _density(mask, 0, 700, 700) < 0.8
-    out = block_sparse_attention(q, k, v, mask, 0, B, SCALE)
-    token_mask = mask.repeat_interleave(B, 1).repeat_interleave(B, 2)[:, :700, :700]
-    token_mask &= torch.ones(700, 700, dtype=torch.bool).tril()
-    kk, vv = k.repeat_interleave(H // HKV, 0), v.repeat_interleave(H // HKV, 0)
-    ref = F.scaled_dot_product_attention(q, kk, vv, attn_mask=token_mask, scale=SCALE)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert (out - _dense(q, k, v)).abs().max() > 1e-2  # dropping blocks changed the output
+    nqb, nkb = 6 - q_start // B, -(-700 // B)
+    mask = enforce_always_kept(torch.rand(H, nqb, nkb, generator=g) < 0.4, q_start, B)
+    assert _density(mask, q_start, 700 - q_start, 700) < 0.8
+    out = block_sparse_attention(q, k, v, mask, q_start, B, SCALE).float()
+    qb = torch.arange(q_start, 700) // B - q_start // B
+    token_mask = mask[:, qb].repeat_interleave(B, 2)[:, :, :700]
+    token_mask &= torch.arange(700)[None, :] <= torch.arange(q_start, 700)[:, None]
+    kk, vv = (x.float().repeat_interleave(H // HKV, 0) for x in (k, v))
+    ref = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=token_mask, scale=SCALE)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    dense = _dense(q.float(), k.float(), v.float(), q_start)
+    assert (out - dense).abs().max() > 0.1  # dropping blocks changed the output
+
+
+def test_bf16_takes_the_compiled_kernel(monkeypatch):
+    """Where the compiled kernel is usable, bf16 attention goes through it (the tests above
+    would pass on the PyTorch path too)."""
+    from heron import kernels
+
+    q, k, v = (x.to(torch.bfloat16) for x in _random(300))
+    if not kernels.sparse_prefill_usable(q):
+        pytest.skip("no AMX / compiled kernels here: the PyTorch path is used")
+    calls = []
+    real = kernels.sparse_prefill
+    monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or real(*a))
+    mask = causal_block_mask(0, 300, 300, B).expand(H, -1, -1)
+    block_sparse_attention(q, k, v, mask, 0, B, SCALE)
+    assert calls == [1]
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -297,6 +327,26 @@ def test_engine_long_prompt_sparse_and_chunked(engines):
     for a, b in zip(lps_c, lps_s, strict=True):
         for t in a.keys() & b.keys():
             assert abs(a[t] - b[t]) < 1e-3
+
+
+def test_engine_bf16_chunked_equals_unchunked():
+    """In bf16 (heron's compiled kernel where usable) chunks of 512 and of 2048 keep the same
+    blocks and give the same tokens and logprobs up to bf16 rounding of the other layers."""
+    kw = dict(
+        dtype="bfloat16",
+        enable_prefix_caching=False,
+        sparse_prefill="xattention",
+        sparse_threshold=0.9,
+        sparse_min_tokens=1024,
+    )
+    whole, chunked = (make_llm(max_num_batched_tokens=n, **kw) for n in (2048, 512))
+    ids = _ids(1500, seed=1)
+    toks_w, lps_w = _run(whole, ids)
+    toks_c, lps_c = _run(chunked, ids)
+    assert whole.engine.runner.sparse.density < 1.0
+    assert toks_c == toks_w
+    first = toks_w[0]
+    assert abs(lps_c[0][first] - lps_w[0][first]) < 0.1
 
 
 def test_sparse_prefill_bench_rows():

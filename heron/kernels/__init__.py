@@ -18,7 +18,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 _DIR = Path(__file__).parent
-_SOURCES = [_DIR / name for name in ("paged_decode.cpp", "layer_ops.cpp", "bindings.cpp")]
+_SOURCES = [
+    _DIR / name
+    for name in ("paged_decode.cpp", "layer_ops.cpp", "sparse_prefill.cpp", "bindings.cpp")
+]
 _HEADER = _DIR / "heron_kernels.h"
 
 
@@ -71,6 +74,36 @@ def available() -> bool:
 def usable(x: torch.Tensor) -> bool:
     """Whether a layer op may run on ``x`` through the kernels (a CPU tensor, kernels built)."""
     return x.device.type == "cpu" and available()
+
+
+@functools.cache
+def _sparse_prefill_supported() -> bool:
+    return available() and _module().sparse_prefill_supported()
+
+
+def sparse_prefill_usable(q: torch.Tensor) -> bool:
+    """Whether :func:`sparse_prefill` runs on ``q``: a bf16 CPU tensor, kernels built with
+    AVX-512 bf16, and AMX present (oneDNN's bf16 brgemm)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and _sparse_prefill_supported()
+
+
+def sparse_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_ptr: torch.Tensor,
+    cols: torch.Tensor,
+    q_start: int,
+    block: int,
+    scale: float,
+) -> torch.Tensor:
+    """Block-sparse causal attention of a prefill chunk: ``q`` [Lq, H, D] at positions
+    ``q_start ..`` over ``k``/``v`` [Lk, Hkv, D] (positions ``0 .. Lk-1``, Lk = q_start + Lq;
+    strided views are fine while D is contiguous). Row ``h * nQB + i`` (query head h, the
+    chunk's i-th query block of ``block`` positions) attends to the key blocks
+    ``cols[row_ptr[r]:row_ptr[r + 1]]`` (absolute block indices, causal, its diagonal among
+    them). Returns [Lq, H, D]. Call only where :func:`sparse_prefill_usable` is true."""
+    return _module().sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
 
 
 def paged_decode(

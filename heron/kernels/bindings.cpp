@@ -5,5 +5,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (returns [sum,] normed)");
   m.def("rotary_", &rotary_, "rotary embedding in place");
+  m.def("sparse_prefill_supported", &sparse_prefill_supported,
+        "whether sparse_prefill runs here (bf16 brgemm with AMX)");
+  m.def("sparse_prefill", &sparse_prefill, "block-sparse causal attention of a prefill chunk");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
 }

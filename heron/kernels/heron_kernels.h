@@ -16,3 +16,9 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
                                     torch::Tensor weight, double eps, double offset);
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+
+// sparse_prefill.cpp
+bool sparse_prefill_supported();
+torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                             torch::Tensor row_ptr, torch::Tensor cols,
+                             int64_t q_start, int64_t block, double scale);

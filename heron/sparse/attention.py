@@ -1,7 +1,10 @@
-"""Block-sparse attention on the portable PyTorch path: only the kept (query block, key block)
-pairs are computed. The kept earlier key/value blocks of every (head, query block) are
-gathered and attended by batched calls, the diagonal block by one causal call, and the two
-merged by their log-sum-exps; no [Lq, Lk] score matrix is ever built.
+"""Block-sparse attention: only the kept (query block, key block) pairs are computed.
+
+On a CPU with AMX in bf16 this is heron's compiled kernel (``heron.kernels.sparse_prefill``:
+one flash-attention loop per row over its kept blocks, read in place). Elsewhere, the portable
+PyTorch path: the kept earlier key/value blocks of every (head, query block) are gathered and
+attended by batched calls, the diagonal block by one causal call, and the two merged by their
+log-sum-exps; no [Lq, Lk] score matrix is ever built.
 
 Blocks are aligned on absolute positions (block ``b`` holds positions ``b*B .. b*B+B-1``), so
 a prefill chunk that starts after cached tokens uses the same blocks as an unchunked prefill.
@@ -10,6 +13,8 @@ a prefill chunk that starts after cached tokens uses the same blocks as an unchu
 from __future__ import annotations
 
 import torch
+
+from heron import kernels
 
 # Elements of the gathered keys of one SDPA call; bounds memory.
 _TILE_BUDGET = 1 << 25
@@ -73,10 +78,29 @@ def block_sparse_attention(
     blocks ``mask`` [H, nQB, nKB] keeps; the diagonal block is always computed (causal).
     Returns [H, Lq, D].
 
-    Each (head, query block) row attends in two parts merged by their log-sum-exps: its
-    diagonal block (one causal call for all rows, which skips the upper half) and its kept
-    earlier blocks, gathered and grouped by their count ``c`` so that one unmasked call serves
-    each group: no padding, no mask, no dense score matrix."""
+    On the PyTorch path each (head, query block) row attends in two parts merged by their
+    log-sum-exps: its diagonal block (one causal call for all rows, which skips the upper half)
+    and its kept earlier blocks, gathered and grouped by their count ``c`` so that one unmasked
+    call serves each group: no padding, no mask, no dense score matrix."""
+    if kernels.sparse_prefill_usable(q):
+        nqb = mask.shape[1]
+        mask = mask.clone()
+        mask[:, torch.arange(nqb), torch.arange(q_start // block, q_start // block + nqb)] = True
+        counts = mask.sum(-1).view(-1)
+        row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=row_ptr[1:])
+        cols = mask.nonzero()[:, 2]  # row-major: each row's kept blocks, in order
+        out = kernels.sparse_prefill(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            row_ptr,
+            cols,
+            q_start,
+            block,
+            scale,
+        )
+        return out.transpose(0, 1)
     num_heads, q_len, head_dim = q.shape
     group = num_heads // k.shape[0]
     qb0 = q_start // block
