@@ -151,9 +151,10 @@ def _check_always_kept(mask, q_start=0):
     assert not (mask & ~causal_block_mask(q_start, 1 + (nqb - 1) * B, mask.shape[2] * B, B)).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(PATTERNS))
-def test_planted_column_kept(name):
-    q, k, _ = _planted_column(column=3)
+def test_planted_column_kept(name, dtype):
+    q, k, _ = (x.to(dtype) for x in _planted_column(column=3))
     mask = get_pattern(name)(q, k, 0, PatternParams(threshold=0.9, scale=SCALE))
     _check_always_kept(mask)
     assert mask[:, 3:, 3].all(), "planted key block dropped"
@@ -182,6 +183,24 @@ def test_planted_diagonal_kept():
         for kb in {(qb * B - offset) // B, ((qb + 1) * B - 1 - offset) // B}:
             assert mask[:, qb, kb].all(), f"query block {qb}: slash block {kb} dropped"
     assert _density(mask, 0, 2048, 2048) < 0.5
+
+
+@pytest.mark.parametrize("q_start", [0, 300])
+def test_xattention_compiled_scores_match(q_start):
+    """heron's fused XAttention estimate equals the PyTorch ops' block scores (up to their
+    bf16 rounding), for a whole prompt and a chunk starting mid-block."""
+    from heron import kernels
+    from heron.sparse.patterns import _xattention_scores
+
+    q, k, _ = (x.to(torch.bfloat16) for x in _planted_column(length=1300, column=2))
+    q = q[:, q_start:]
+    if not kernels.sparse_prefill_usable(q):
+        pytest.skip("no AMX / compiled kernels here: the PyTorch path is used")
+    p = PatternParams(threshold=0.9, scale=SCALE)
+    ref = _xattention_scores(q, k, q_start, p)
+    got = kernels.xattention_scores(q.transpose(0, 1), k.transpose(0, 1), q_start, B, 8, SCALE)
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=2e-2)
+    assert ref[:, -1, 2].min() > 0.5 * ref[:, -1].sum(-1).max()  # the planted block dominates
 
 
 def test_diagonal_sums_match_scatter():

@@ -106,6 +106,17 @@ def sparse_prefill(
     return _module().sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
 
 
+def xattention_scores(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, stride: int, scale: float
+) -> torch.Tensor:
+    """XAttention's block scores (heron.sparse.patterns.xattention) in one pass: ``q``
+    [Lq, H, D] at positions ``q_start ..``, ``k`` [Lk, Hkv, D] (Lk = q_start + Lq). Per query
+    block row, the antidiagonal (stride ``stride``) scores, their causal softmax per strided
+    query row, summed per (query block, key block): [H, nQB, nKB] fp32. Call only where
+    :func:`sparse_prefill_usable` is true."""
+    return _module().xattention_scores(q, k, q_start, block, stride, scale)
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -22,3 +22,5 @@ bool sparse_prefill_supported();
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale);
+torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
+                                int64_t stride, double scale);

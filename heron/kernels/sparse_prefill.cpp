@@ -37,27 +37,63 @@ using bf16 = c10::BFloat16;
 // The running maximum before any score: finite, as the build assumes finite math.
 constexpr float kNoScore = -1e30f;
 
+// Kept blocks scored at once: their Q K^T products run back to back, then one softmax pass
+// over all of them, then their P V products (oneDNN switches the AMX tile configuration
+// whenever the product shape changes, so alternating per block cost a reconfiguration each).
+constexpr int64_t kChunk = 2;
+// Queries per tile: its scores, probabilities and output ([kRows, kChunk * block] fp32 and
+// bf16, [kRows, D] fp32) stay in L1 between the products and the softmax (a whole block of
+// 128 queries did not: the softmax then waited on L2).
+constexpr int64_t kRows = 64;
+
 // Lanes [0, n) of a 16-lane vector (all for n >= 16).
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// exp(x) for x <= 0 (scores minus their running maximum): 2^(x log2 e) split into an integer
-// power (scalef) and 2^f, |f| <= 1/2, by its degree-6 Taylor polynomial (relative error
-// ~1e-7). libmvec's exp took more time than the two matrix products of a block together.
-inline __m512 exp_neg(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)),
-                                 _mm512_set1_ps(1.44269504f));
+// 2^t for t <= 0 (scores minus their running maximum, in log2 units): an integer power
+// (scalef, which also flushes very negative t to 0) times 2^f, |f| <= 1/2, by its degree-5
+// Taylor polynomial (relative error < 3e-6, far below the bf16 rounding of the
+// probabilities). libmvec's exp took more time than the block's two matrix products.
+inline __m512 exp2_neg(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.540353e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355e-3f));
+  __m512 p = _mm512_set1_ps(1.333355e-3f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   return _mm512_scalef_ps(p, n);
+}
+
+// One query's online-softmax step over ``width`` new scores ``s`` (keys past ``valid`` are
+// hidden): the probabilities, in bf16, into ``p`` for the P V product, and the running
+// maximum (log2 units), sum and accumulated output ``acc`` rescaled to the new maximum.
+inline void softmax_row(const float* s, bf16* p, int64_t width, int64_t valid, float sc2,
+                        float& row_max, float& row_sum, float* acc, int64_t dim) {
+  __m512 vmax = _mm512_set1_ps(kNoScore);
+  int64_t j = 0;
+  for (; j + 16 <= valid; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+  if (j < valid) {
+    const __mmask16 live = tail_mask(valid - j);
+    vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, s + j));
+  }
+  // Scores in log2 units: exp(scale * s - max) = 2^(scale * log2(e) * s - max2).
+  const float new_max = std::max(row_max, _mm512_reduce_max_ps(vmax) * sc2);
+  const float alpha = exp2f(row_max - new_max);
+  const __m512 vsc = _mm512_set1_ps(sc2), vneg = _mm512_set1_ps(-new_max);
+  __m512 vsum = _mm512_setzero_ps();
+  for (j = 0; j < width; j += 16) {
+    __m512 e = exp2_neg(_mm512_fmadd_ps(_mm512_loadu_ps(s + j), vsc, vneg));
+    if (j + 16 > valid) e = _mm512_maskz_mov_ps(j < valid ? tail_mask(valid - j) : 0, e);
+    vsum = _mm512_add_ps(vsum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  row_sum = row_sum * alpha + _mm512_reduce_add_ps(vsum);
+  row_max = new_max;
+#pragma omp simd
+  for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
 }
 
 inline bf16 to_bf16(float v) {
@@ -105,19 +141,31 @@ bool sparse_prefill_supported() {
   return HERON_SPARSE_PREFILL && at::native::cpublas::could_pack(at::kBFloat16);
 }
 
+namespace {
+
+// What both kernels need of a chunk's queries ``q`` [Lq, H, D] and the context's keys (or
+// values) ``k`` [Lk, Hkv, D]: bf16, head dim contiguous and even, Lk = q_start + Lq checked
+// by the caller.
+void check_inputs(const torch::Tensor& q, const torch::Tensor& k, int64_t block) {
+  TORCH_CHECK(sparse_prefill_supported(), "heron sparse prefill: needs AVX-512 bf16 and AMX");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "heron sparse prefill: q and k/v are 3-D");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
+              "heron sparse prefill: bf16 only");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1,
+              "heron sparse prefill: the head dimension must be contiguous");
+  TORCH_CHECK(q.size(2) == k.size(2) && q.size(2) % 2 == 0 && q.size(1) % k.size(1) == 0,
+              "heron sparse prefill: matching even head dims, whole GQA groups");
+  TORCH_CHECK(block % 16 == 0, "heron sparse prefill: the block must be a multiple of 16");
+}
+
+}  // namespace
+
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale) {
-  TORCH_CHECK(sparse_prefill_supported(), "sparse_prefill: needs AVX-512 bf16 and AMX");
 #if HERON_SPARSE_PREFILL
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "sparse_prefill: q/k/v are 3-D");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16,
-              "sparse_prefill: bf16 only");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
-              "sparse_prefill: the head dimension must be contiguous");
-  TORCH_CHECK(block % 16 == 0 && q.size(2) % 2 == 0,
-              "sparse_prefill: the block must be a multiple of 16 and the head dim even");
+  check_inputs(q, k, block);
+  check_inputs(q, v, block);
   row_ptr = row_ptr.contiguous();
   cols = cols.contiguous();
   const int64_t q_len = q.size(0), heads = q.size(1), dim = q.size(2);
@@ -137,6 +185,7 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
     TORCH_CHECK(rp[r + 1] > rp[r], "sparse_prefill: every row keeps its diagonal block");
     for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
       TORCH_CHECK(cp[i] >= 0 && cp[i] <= qb0 + r % nqb, "sparse_prefill: a non-causal block");
+      TORCH_CHECK(i == rp[r] || cp[i] > cp[i - 1], "sparse_prefill: blocks must ascend");
       used[g * nkb + cp[i]] = 1;
     }
   }
@@ -153,68 +202,180 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const bf16* vpd = vp.data_ptr<bf16>();
   bf16* od = out.data_ptr<bf16>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const float sc = static_cast<float>(scale);
+  const float sc2 = static_cast<float>(scale) * 1.44269504f;  // log2(e)
   at::parallel_for(0, heads * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(block * block), acc(block * dim), row_max(block), row_sum(block);
-    std::vector<bf16> p(block * block);
+    std::vector<float> s(kRows * kChunk * block), acc(kRows * dim), row_max(kRows),
+        row_sum(kRows);
+    std::vector<bf16> p(kRows * kChunk * block);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t h = r / nqb, qb = qb0 + r % nqb, g = h / group;
       const int64_t first = std::max(q_start, qb * block);  // positions of this row's queries
       const int64_t last = std::min(ctx, (qb + 1) * block);
-      const int64_t m = last - first;
-      const bf16* qr = qd + (first - q_start) * qs0 + h * qs1;
-      std::fill(row_max.begin(), row_max.begin() + m, kNoScore);
-      std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
-      bool started = false;
-      for (int64_t i = rp[r]; i < rp[r + 1]; ++i) {
-        const int64_t kb = cp[i];
-        const int64_t t = g * nkb + kb;
-        at::native::cpublas::brgemm(m, block, dim, qs0, block, block, false, qr,
-                                    kpd + t * tile, s.data(), true);
-        for (int64_t a = 0; a < m; ++a) {
-          // Keys up to the query's own position: the whole block below the diagonal.
-          const int64_t valid = std::min(block, first + a - kb * block + 1);
-          float* sa = s.data() + a * block;
-          __m512 vmax = _mm512_set1_ps(kNoScore);
-          for (int64_t j = 0; j < valid; j += 16) {
-            const __mmask16 live = tail_mask(valid - j);
-            vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, sa + j));
+      for (int64_t a0 = first; a0 < last; a0 += kRows) {
+        const int64_t m = std::min(kRows, last - a0);  // queries a0 .. a0 + m - 1
+        const bf16* qr = qd + (a0 - q_start) * qs0 + h * qs1;
+        std::fill(row_max.begin(), row_max.begin() + m, kNoScore);
+        std::fill(row_sum.begin(), row_sum.begin() + m, 0.f);
+        std::fill(acc.begin(), acc.begin() + m * dim, 0.f);
+        // Up to kChunk kept blocks at a time: their scores side by side in s ([m, width]).
+        for (int64_t i0 = rp[r]; i0 < rp[r + 1]; i0 += kChunk) {
+          const int64_t n = std::min(kChunk, rp[r + 1] - i0);
+          const int64_t width = n * block;
+          for (int64_t b = 0; b < n; ++b) {
+            at::native::cpublas::brgemm(m, block, dim, qs0, block, width, false, qr,
+                                        kpd + (g * nkb + cp[i0 + b]) * tile,
+                                        s.data() + b * block, true);
           }
-          const float new_max = std::max(row_max[a], _mm512_reduce_max_ps(vmax) * sc);
-          const float alpha = std::exp(row_max[a] - new_max);
-          const __m512 vsc = _mm512_set1_ps(sc), vneg = _mm512_set1_ps(-new_max);
-          __m512 vsum = _mm512_setzero_ps();
-          for (int64_t j = 0; j < block; j += 16) {
-            const __mmask16 live = j < valid ? tail_mask(valid - j) : 0;
-            const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sa + j), vsc, vneg);
-            const __m512 e = _mm512_maskz_mov_ps(live, exp_neg(x));
-            vsum = _mm512_add_ps(vsum, e);
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p.data() + a * block + j),
-                                (__m256i)_mm512_cvtneps_pbh(e));
+          // Blocks ascend, so only the last can be the diagonal, where a query sees the keys
+          // up to its own position.
+          const int64_t last_kb = cp[i0 + n - 1];
+          for (int64_t a = 0; a < m; ++a) {
+            const int64_t valid =
+                width - block + std::min(block, a0 + a - last_kb * block + 1);
+            softmax_row(s.data() + a * width, p.data() + a * width, width, valid, sc2,
+                        row_max[a], row_sum[a], acc.data() + a * dim, dim);
           }
-          row_sum[a] = row_sum[a] * alpha + _mm512_reduce_add_ps(vsum);
-          row_max[a] = new_max;
-          if (started) {
-            float* oa = acc.data() + a * dim;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) oa[d] *= alpha;
+          for (int64_t b = 0; b < n; ++b) {
+            at::native::cpublas::brgemm(m, dim, block, width, dim, dim, true,
+                                        p.data() + b * block,
+                                        vpd + (g * nkb + cp[i0 + b]) * tile, acc.data(), true);
           }
         }
-        at::native::cpublas::brgemm(m, dim, block, block, dim, dim, started, p.data(),
-                                    vpd + t * tile, acc.data(), true);
-        started = true;
-      }
-      for (int64_t a = 0; a < m; ++a) {
-        const float inv = 1.f / row_sum[a];
-        const float* oa = acc.data() + a * dim;
-        bf16* dst = od + (first - q_start + a) * heads * dim + h * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = to_bf16(oa[d] * inv);
+        for (int64_t a = 0; a < m; ++a) {
+          const float inv = 1.f / row_sum[a];
+          const float* oa = acc.data() + a * dim;
+          bf16* dst = od + (a0 - q_start + a) * heads * dim + h * dim;
+          for (int64_t d = 0; d < dim; ++d) dst[d] = to_bf16(oa[d] * inv);
+        }
       }
     }
     at::native::cpublas::brgemm_release(true);
   });
   return out;
 #else
+  TORCH_CHECK(false, "sparse_prefill: needs AVX-512 bf16 and AMX");
+  return {};
+#endif
+}
+
+torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
+                                int64_t stride, double scale) {
+#if HERON_SPARSE_PREFILL
+  check_inputs(q, k, block);
+  TORCH_CHECK(block % stride == 0, "xattention_scores: the stride must divide the block");
+  const int64_t q_len = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
+  const int64_t ctx = k.size(0);
+  TORCH_CHECK(ctx == q_start + q_len, "xattention_scores: the context must end with the chunk");
+  const int64_t qb0 = q_start / block;
+  const int64_t nqb = (q_start + q_len - 1) / block - qb0 + 1;
+  const int64_t nkb = (ctx + block - 1) / block;
+  const int64_t per = block / stride;           // strided rows (columns) per block
+  const int64_t width = stride * dim;           // one strided row: `stride` tokens
+  const int64_t cols = (nkb * per + 63) / 64 * 64;  // key columns, padded to whole tiles
+  const int64_t live_cols = (ctx + stride - 1) / stride;
+
+  // Keys regrouped `stride` tokens per column (in order), as the B of S = Qr Kr^T in VNNI
+  // layout [width / 2, cols, 2]; tokens past the context are zeros.
+  auto kp = torch::empty({kv_heads, width / 2, cols, 2}, q.options());
+  bf16* kpd = kp.data_ptr<bf16>();
+  const bf16* kd = k.data_ptr<bf16>();
+  constexpr int64_t kTile = 32;  // columns packed together: reads stay in L1, writes in rows
+  const int64_t tiles = cols / kTile;
+  at::parallel_for(0, kv_heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> rows(kTile * width);  // the tile's columns, token-major
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / tiles, c0 = (t % tiles) * kTile;
+      for (int64_t c = 0; c < kTile; ++c) {
+        for (int64_t s = 0; s < stride; ++s) {
+          const int64_t pos = (c0 + c) * stride + s;
+          bf16* dst = rows.data() + c * width + s * dim;
+          if (pos < ctx) {
+            std::memcpy(dst, kd + pos * k.stride(0) + g * k.stride(1), dim * sizeof(bf16));
+          } else {
+            std::fill(dst, dst + dim, bf16(0.f));
+          }
+        }
+      }
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(rows.data());  // bf16 pairs
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kpd + g * width * cols) + c0;
+      for (int64_t e2 = 0; e2 < width / 2; ++e2) {
+#pragma omp simd
+        for (int64_t c = 0; c < kTile; ++c) dst[e2 * cols + c] = src[c * width / 2 + e2];
+      }
+    }
+  });
+
+  auto out = torch::zeros({heads, nqb, nkb}, q.options().dtype(at::kFloat));
+  float* od = out.data_ptr<float>();
+  const bf16* qd = q.data_ptr<bf16>();
+  const float sc2 = static_cast<float>(scale / stride) * 1.44269504f;  // log2 units
+  at::parallel_for(0, heads * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<bf16> a(per * width);
+    std::vector<float> sbuf(per * cols), colsum(cols);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t h = r / nqb, qb = qb0 + r % nqb, g = h / group;
+      // Query row i of this block: its `stride` tokens in reverse order, so that one dot
+      // product with a key column sums an antidiagonal of the stride x stride score tile.
+      // Tokens outside the chunk are zeros.
+      for (int64_t i = 0; i < per; ++i) {
+        for (int64_t s = 0; s < stride; ++s) {
+          const int64_t pos = (qb * per + i) * stride + stride - 1 - s;
+          bf16* dst = a.data() + i * width + s * dim;
+          if (pos >= q_start && pos < ctx) {
+            std::memcpy(dst, qd + (pos - q_start) * q.stride(0) + h * q.stride(1),
+                        dim * sizeof(bf16));
+          } else {
+            std::fill(dst, dst + dim, bf16(0.f));
+          }
+        }
+      }
+      const int64_t n = std::min(cols, ((qb + 1) * per + 63) / 64 * 64);  // causal columns
+      at::native::cpublas::brgemm(per, n, width, width, cols, n, false, a.data(),
+                                  kpd + g * width * cols, sbuf.data(), true);
+      std::fill(colsum.begin(), colsum.begin() + n, 0.f);
+      for (int64_t i = 0; i < per; ++i) {
+        const int64_t row = qb * per + i;
+        if (row * stride + stride <= q_start || row * stride >= ctx) continue;  // no query
+        // Softmax over the columns this row may see (causal, inside the context), each
+        // probability added to its column's total.
+        const int64_t valid = std::min(row + 1, live_cols);
+        float* si = sbuf.data() + i * n;
+        __m512 vmax = _mm512_set1_ps(kNoScore);
+        for (int64_t j = 0; j < valid; j += 16) {
+          const __mmask16 live = tail_mask(valid - j);
+          vmax = _mm512_mask_max_ps(vmax, live, vmax, _mm512_maskz_loadu_ps(live, si + j));
+        }
+        const __m512 vsc = _mm512_set1_ps(sc2);
+        const __m512 vneg = _mm512_set1_ps(-_mm512_reduce_max_ps(vmax) * sc2);
+        __m512 vsum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < valid; j += 16) {
+          const __mmask16 live = tail_mask(valid - j);
+          const __m512 e = _mm512_maskz_mov_ps(
+              live, exp2_neg(_mm512_fmadd_ps(_mm512_loadu_ps(si + j), vsc, vneg)));
+          vsum = _mm512_add_ps(vsum, e);
+          _mm512_storeu_ps(si + j, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(vsum));
+        for (int64_t j = 0; j < valid; j += 16) {
+          const __mmask16 live = tail_mask(valid - j);
+          const __m512 acc = _mm512_loadu_ps(colsum.data() + j);
+          _mm512_storeu_ps(colsum.data() + j,
+                           _mm512_mask3_fmadd_ps(_mm512_loadu_ps(si + j), inv, acc, live));
+        }
+      }
+      float* dst = od + r * nkb;
+      for (int64_t kb = 0; kb <= qb && kb < nkb; ++kb) {
+        float total = 0.f;
+        for (int64_t c = kb * per; c < (kb + 1) * per; ++c) total += colsum[c];
+        dst[kb] = total;
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "xattention_scores: needs AVX-512 bf16 and AMX");
   return {};
 #endif
 }

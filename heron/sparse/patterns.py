@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from heron import kernels
 from heron.sparse.attention import enforce_always_kept
 
 
@@ -114,12 +115,30 @@ def _causal_blocks(qb0: int, nqb: int, nkb: int) -> torch.Tensor:
 @register("xattention")
 def xattention(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams) -> torch.Tensor:
     block, stride = p.block, p.stride
-    num_heads, q_len, head_dim = q.shape
-    k_len = k.shape[1]
+    num_heads, _, head_dim = q.shape
     qb0, nqb, nkb = _shape(q, k, q_start, block)
     causal = _causal_blocks(qb0, nqb, nkb)
     if p.threshold >= 1.0:
         return enforce_always_kept(causal.expand(num_heads, -1, -1), q_start, block)
+    if kernels.sparse_prefill_usable(q):  # the same scores, fused (heron.kernels)
+        block_scores = kernels.xattention_scores(
+            q.transpose(0, 1), k.transpose(0, 1), q_start, block, stride, _scale(p, head_dim)
+        )
+    else:
+        block_scores = _xattention_scores(q, k, q_start, p)
+    keep = select_cumulative(block_scores, p.threshold, causal)
+    return enforce_always_kept(keep, q_start, block)
+
+
+def _xattention_scores(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams
+) -> torch.Tensor:
+    """XAttention's estimate of each (head, query block, key block)'s attention mass:
+    [H, nQB, nKB] fp32 (PyTorch ops; ``heron.kernels.xattention_scores`` fuses them)."""
+    block, stride = p.block, p.stride
+    num_heads, q_len, head_dim = q.shape
+    k_len = k.shape[1]
+    qb0, nqb, nkb = _shape(q, k, q_start, block)
     lead = q_start - qb0 * block
     q_pad = q.new_zeros(num_heads, nqb * block, head_dim)
     q_pad[:, lead : lead + q_len] = q
@@ -141,9 +160,7 @@ def xattention(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams)
     per = block // stride
     # (bf16 reductions accumulate in fp32; asking for an fp32 result, a mean or two axes at
     # once copies the whole tensor first: 10x slower)
-    block_scores = probs.view(num_heads, nqb, per, nkb, per).sum(-1).sum(2).float()
-    keep = select_cumulative(block_scores, p.threshold, causal)
-    return enforce_always_kept(keep, q_start, block)
+    return probs.view(num_heads, nqb, per, nkb, per).sum(-1).sum(2).float()
 
 
 # ---------------------------------------------------------------------------- vertical-slash
