@@ -21,6 +21,7 @@ from heron.sparse import (
     enforce_always_kept,
     get_pattern,
 )
+from heron.sparse.attention import flex_block_sparse_attention
 
 H, HKV, D, B = 9, 3, 64, 128
 SCALE = D**-0.5
@@ -103,9 +104,18 @@ def test_threshold_one_is_dense(name, q_start, dtype):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("attention", "dtype"),
+    [
+        (block_sparse_attention, torch.float32),
+        (block_sparse_attention, torch.bfloat16),
+        # FlexAttention is the CUDA path; eager on CPU it checks the block mask it is given
+        (flex_block_sparse_attention, torch.float32),
+    ],
+    ids=["float32", "bfloat16", "flex"],
+)
 @pytest.mark.parametrize("q_start", [0, 200])
-def test_kernel_computes_only_kept_blocks(dtype, q_start):
+def test_kernel_computes_only_kept_blocks(attention, dtype, q_start):
     """With a sparse mask the kernel equals dense attention restricted to the kept blocks (a
     chunk starting at ``q_start``, mid-block, over all keys before it)."""
     q, k, v = (x.to(dtype) for x in _random(700, seed=2))
@@ -114,7 +124,7 @@ def test_kernel_computes_only_kept_blocks(dtype, q_start):
     nqb, nkb = 6 - q_start // B, -(-700 // B)
     mask = enforce_always_kept(torch.rand(H, nqb, nkb, generator=g) < 0.4, q_start, B)
     assert _density(mask, q_start, 700 - q_start, 700) < 0.8
-    out = block_sparse_attention(q, k, v, mask, q_start, B, SCALE).float()
+    out = attention(q, k, v, mask, q_start, B, SCALE).float()
     qb = torch.arange(q_start, 700) // B - q_start // B
     token_mask = mask[:, qb].repeat_interleave(B, 2)[:, :, :700]
     token_mask &= torch.arange(700)[None, :] <= torch.arange(q_start, 700)[:, None]

@@ -1,9 +1,10 @@
 """Block-sparse attention: only the kept (query block, key block) pairs are computed.
 
 On a CPU with AMX in bf16 this is heron's compiled kernel (``heron.kernels.sparse_prefill``:
-one flash-attention loop per row over its kept blocks, read in place). Elsewhere, the portable
-PyTorch path: the kept earlier key/value blocks of every (head, query block) are gathered and
-attended by batched calls, the diagonal block by one causal call, and the two merged by their
+one flash-attention loop per row over its kept blocks, read in place). On CUDA, FlexAttention
+(compiled) with a ``BlockMask`` made of the kept blocks. Elsewhere, the portable PyTorch path:
+the kept earlier key/value blocks of every (head, query block) are gathered and attended by
+batched calls, the diagonal block by one causal call, and the two merged by their
 log-sum-exps; no [Lq, Lk] score matrix is ever built.
 
 Blocks are aligned on absolute positions (block ``b`` holds positions ``b*B .. b*B+B-1``), so
@@ -11,6 +12,8 @@ a prefill chunk that starts after cached tokens uses the same blocks as an unchu
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -101,6 +104,8 @@ def block_sparse_attention(
             scale,
         )
         return out.transpose(0, 1)
+    if q.device.type == "cuda":
+        return flex_block_sparse_attention(q, k, v, mask, q_start, block, scale)
     num_heads, q_len, head_dim = q.shape
     group = num_heads // k.shape[0]
     qb0 = q_start // block
@@ -148,6 +153,71 @@ def block_sparse_attention(
     share = torch.sigmoid(lse_off - lse).to(q.dtype).unsqueeze(-1)
     out = out.lerp_(out_off, share.expand_as(out))
     return out.view(num_heads, nqb * block, head_dim)[:, lead : lead + q_len]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    q_start: int,
+    block: int,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`block_sparse_attention` through FlexAttention (the CUDA path; compiled there,
+    eager elsewhere, where it computes every score and only serves to check the masks).
+
+    The query rows are padded in front to a block boundary so that FlexAttention's query and
+    key blocks are heron's absolute blocks; each row's kept earlier blocks are "full" blocks
+    (no mask evaluated) and its diagonal block the one partial block, under the causal
+    ``mask_mod``, which also looks the kept blocks up so that eager mode (which ignores the
+    block structure) computes the same thing."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    num_heads, q_len, head_dim = q.shape
+    k_len = k.shape[1]
+    qb0, nqb, nkb = q_start // block, mask.shape[1], mask.shape[2]
+    lead = q_start - qb0 * block
+    q_pad = q.new_zeros(num_heads, nqb * block, head_dim)
+    q_pad[:, lead : lead + q_len] = q
+    dev = q.device
+    diag = torch.arange(qb0, qb0 + nqb, device=dev)
+    kept = mask.to(dev).clone()
+    kept[:, torch.arange(nqb, device=dev), diag] = True
+    earlier = kept.clone()
+    earlier[:, torch.arange(nqb, device=dev), diag] = False
+    full_num = earlier.sum(-1, dtype=torch.int32)
+    full_idx = torch.argsort((~earlier).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    part_num = torch.ones(num_heads, nqb, dtype=torch.int32, device=dev)
+    part_idx = torch.zeros(num_heads, nqb, nkb, dtype=torch.int32, device=dev)
+    part_idx[:, :, 0] = diag.to(torch.int32)
+    # A tensor, not an int: the compiled kernel takes it as an input instead of specialising
+    # (and recompiling) on every chunk's start.
+    base = torch.tensor(qb0 * block, device=dev)
+
+    def causal_kept(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx + base) & kept[h, q_idx // block, kv_idx // block]
+
+    block_mask = BlockMask.from_kv_blocks(
+        part_num[None],
+        part_idx[None],
+        full_num[None],
+        full_idx[None],
+        BLOCK_SIZE=block,
+        mask_mod=causal_kept,
+        seq_lengths=(nqb * block, k_len),
+        compute_q_blocks=False,  # the backward pass's index: not needed for inference
+    )
+    attend = _compiled_flex_attention() if dev.type == "cuda" else flex_attention
+    out = attend(q_pad[None], k[None], v[None], block_mask=block_mask, scale=scale, enable_gqa=True)
+    return out[0, :, lead : lead + q_len]
 
 
 def _attend(
