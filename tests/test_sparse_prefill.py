@@ -115,6 +115,7 @@ def test_threshold_one_is_dense(name, q_start, dtype):
     ids=["float32", "bfloat16", "flex"],
 )
 @pytest.mark.parametrize("q_start", [0, 200])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_kernel_computes_only_kept_blocks(attention, dtype, q_start):
     """With a sparse mask the kernel equals dense attention restricted to the kept blocks (a
     chunk starting at ``q_start``, mid-block, over all keys before it)."""
