@@ -141,10 +141,15 @@ bool sparse_prefill_supported() {
 
 namespace {
 
-// What both kernels need of a chunk's queries ``q`` [Lq, H, D] and the context's keys (or
-// values) ``k`` [Lk, Hkv, D]: bf16, head dim contiguous and even, Lk = q_start + Lq checked
-// by the caller.
-void check_inputs(const torch::Tensor& q, const torch::Tensor& k, int64_t block) {
+// The shape of a chunk's queries ``q`` [Lq, H, D] over the context's keys (or values) ``k``
+// [Lk, Hkv, D], in blocks, after checking what both kernels need: bf16, head dim contiguous
+// and even, whole GQA groups, Lk = q_start + Lq.
+struct Chunk {
+  int64_t q_len, heads, dim, kv_heads, group, ctx, qb0, nqb, nkb;
+};
+
+Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k, int64_t q_start,
+                  int64_t block) {
   TORCH_CHECK(sparse_prefill_supported(), "heron sparse prefill: needs AVX-512 bf16 and AMX");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "heron sparse prefill: q and k/v are 3-D");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
@@ -154,6 +159,19 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& k, int64_t block)
   TORCH_CHECK(q.size(2) == k.size(2) && q.size(2) % 2 == 0 && q.size(1) % k.size(1) == 0,
               "heron sparse prefill: matching even head dims, whole GQA groups");
   TORCH_CHECK(block % 16 == 0, "heron sparse prefill: the block must be a multiple of 16");
+  Chunk c;
+  c.q_len = q.size(0);
+  c.heads = q.size(1);
+  c.dim = q.size(2);
+  c.kv_heads = k.size(1);
+  c.group = c.heads / c.kv_heads;
+  c.ctx = k.size(0);
+  TORCH_CHECK(c.ctx == q_start + c.q_len,
+              "heron sparse prefill: the context must end with the chunk");
+  c.qb0 = q_start / block;
+  c.nqb = (q_start + c.q_len - 1) / block - c.qb0 + 1;
+  c.nkb = (c.ctx + block - 1) / block;
+  return c;
 }
 
 }  // namespace
@@ -162,17 +180,12 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale) {
 #if HERON_SPARSE_PREFILL
-  check_inputs(q, k, block);
-  check_inputs(q, v, block);
+  const Chunk c = check_chunk(q, k, q_start, block);
+  check_chunk(q, v, q_start, block);
+  const int64_t q_len = c.q_len, heads = c.heads, dim = c.dim, kv_heads = c.kv_heads;
+  const int64_t group = c.group, ctx = c.ctx, qb0 = c.qb0, nqb = c.nqb, nkb = c.nkb;
   row_ptr = row_ptr.contiguous();
   cols = cols.contiguous();
-  const int64_t q_len = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
-  const int64_t ctx = k.size(0);
-  TORCH_CHECK(ctx == q_start + q_len, "sparse_prefill: the context must end with the chunk");
-  const int64_t qb0 = q_start / block;
-  const int64_t nqb = (q_start + q_len - 1) / block - qb0 + 1;
-  const int64_t nkb = (ctx + block - 1) / block;
   TORCH_CHECK(row_ptr.size(0) == heads * nqb + 1, "sparse_prefill: row_ptr has H * nQB + 1");
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* cp = cols.data_ptr<int64_t>();
@@ -259,15 +272,10 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
                                 int64_t stride, double scale) {
 #if HERON_SPARSE_PREFILL
-  check_inputs(q, k, block);
+  const Chunk c = check_chunk(q, k, q_start, block);
   TORCH_CHECK(block % stride == 0, "xattention_scores: the stride must divide the block");
-  const int64_t q_len = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t kv_heads = k.size(1), group = heads / kv_heads;
-  const int64_t ctx = k.size(0);
-  TORCH_CHECK(ctx == q_start + q_len, "xattention_scores: the context must end with the chunk");
-  const int64_t qb0 = q_start / block;
-  const int64_t nqb = (q_start + q_len - 1) / block - qb0 + 1;
-  const int64_t nkb = (ctx + block - 1) / block;
+  const int64_t heads = c.heads, dim = c.dim, kv_heads = c.kv_heads, group = c.group;
+  const int64_t ctx = c.ctx, qb0 = c.qb0, nqb = c.nqb, nkb = c.nkb;
   const int64_t per = block / stride;           // strided rows (columns) per block
   const int64_t width = stride * dim;           // one strided row: `stride` tokens
   const int64_t cols = (nkb * per + 63) / 64 * 64;  // key columns, padded to whole tiles
