@@ -180,10 +180,11 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale) {
 #if HERON_SPARSE_PREFILL
-  const Chunk c = check_chunk(q, k, q_start, block);
+  const Chunk chunk = check_chunk(q, k, q_start, block);
   check_chunk(q, v, q_start, block);
-  const int64_t q_len = c.q_len, heads = c.heads, dim = c.dim, kv_heads = c.kv_heads;
-  const int64_t group = c.group, ctx = c.ctx, qb0 = c.qb0, nqb = c.nqb, nkb = c.nkb;
+  const int64_t q_len = chunk.q_len, heads = chunk.heads, dim = chunk.dim;
+  const int64_t kv_heads = chunk.kv_heads, group = chunk.group, ctx = chunk.ctx;
+  const int64_t qb0 = chunk.qb0, nqb = chunk.nqb, nkb = chunk.nkb;
   row_ptr = row_ptr.contiguous();
   cols = cols.contiguous();
   TORCH_CHECK(row_ptr.size(0) == heads * nqb + 1, "sparse_prefill: row_ptr has H * nQB + 1");
@@ -272,10 +273,11 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
                                 int64_t stride, double scale) {
 #if HERON_SPARSE_PREFILL
-  const Chunk c = check_chunk(q, k, q_start, block);
+  const Chunk chunk = check_chunk(q, k, q_start, block);
   TORCH_CHECK(block % stride == 0, "xattention_scores: the stride must divide the block");
-  const int64_t heads = c.heads, dim = c.dim, kv_heads = c.kv_heads, group = c.group;
-  const int64_t ctx = c.ctx, qb0 = c.qb0, nqb = c.nqb, nkb = c.nkb;
+  const int64_t heads = chunk.heads, dim = chunk.dim, kv_heads = chunk.kv_heads;
+  const int64_t group = chunk.group, ctx = chunk.ctx, qb0 = chunk.qb0, nqb = chunk.nqb;
+  const int64_t nkb = chunk.nkb;
   const int64_t per = block / stride;           // strided rows (columns) per block
   const int64_t width = stride * dim;           // one strided row: `stride` tokens
   const int64_t cols = (nkb * per + 63) / 64 * 64;  // key columns, padded to whole tiles
