@@ -165,3 +165,25 @@ def test_engine_runs_the_layer_ops_with_the_same_tokens(monkeypatch):
     plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert not calls
     assert fused == plain
+
+
+def test_engine_chunked_prefill_through_the_block_kernel(monkeypatch):
+    """bf16 on AMX: a prompt prefilled in chunks of 96 (each after the first attending to the
+    cached context through the block-sparse kernel with every causal block kept) predicts
+    what the whole prompt in one chunk (SDPA, causal) predicts, and the kernel really ran."""
+    whole = make_llm(dtype="bfloat16")
+    if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("no AMX here: chunks keep the SDPA path")
+    chunked = make_llm(dtype="bfloat16", max_num_batched_tokens=96, enable_prefix_caching=False)
+    calls = []
+    original = kernels.sparse_prefill
+    monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or original(*a))
+    prompt = " ".join(["The heron stands in the river and waits for a fish."] * 30)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    a, b = (
+        llm.generate([prompt], params, use_tqdm=False)[0].outputs[0] for llm in (whole, chunked)
+    )
+    assert calls
+    assert a.token_ids == b.token_ids
+    first = a.token_ids[0]
+    assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05

@@ -329,7 +329,7 @@ class ModelRunner:
         window_mask = None
         if window is not None and start + n > window:
             window_mask = mask & _in_window(q_pos, pos, window)
-        return PrefillSpan(row, row + n, blocks, mask, window_mask)
+        return PrefillSpan(row, row + n, blocks, mask, window_mask, q_start=start)
 
     def _decode_tables(
         self,

@@ -155,6 +155,20 @@ def block_sparse_attention(
     return out.view(num_heads, nqb * block, head_dim)[:, lead : lead + q_len]
 
 
+def causal_chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float, block: int = 128
+) -> torch.Tensor:
+    """Dense causal attention of a prefill chunk ``q`` [Lq, H, D] (slots ``q_start ..``) over
+    ``k``/``v`` [Lk, Hkv, D] (Lk = q_start + Lq) through the compiled block kernel with every
+    causal block kept. Returns [Lq, H, D]. Only where ``kernels.sparse_prefill_usable(q)``."""
+    causal = causal_block_mask(q_start, q.shape[0], k.shape[0], block)  # [nQB, nKB]
+    heads = q.shape[1]
+    row_ptr = torch.zeros(heads * causal.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(causal.sum(-1).repeat(heads), 0, out=row_ptr[1:])
+    cols = causal.nonzero()[:, 1].repeat(heads)
+    return kernels.sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
