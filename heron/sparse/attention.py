@@ -89,21 +89,8 @@ def block_sparse_attention(
         nqb = mask.shape[1]
         mask = mask.clone()
         mask[:, torch.arange(nqb), torch.arange(q_start // block, q_start // block + nqb)] = True
-        counts = mask.sum(-1).view(-1)
-        row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=row_ptr[1:])
-        cols = mask.nonzero()[:, 2]  # row-major: each row's kept blocks, in order
-        out = kernels.sparse_prefill(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            row_ptr,
-            cols,
-            q_start,
-            block,
-            scale,
-        )
-        return out.transpose(0, 1)
+        heads_first = (x.transpose(0, 1) for x in (q, k, v))
+        return _kernel_attention(*heads_first, mask, q_start, block, scale).transpose(0, 1)
     if q.device.type == "cuda":
         return flex_block_sparse_attention(q, k, v, mask, q_start, block, scale)
     num_heads, q_len, head_dim = q.shape
@@ -162,10 +149,24 @@ def causal_chunk_attention(
     ``k``/``v`` [Lk, Hkv, D] (Lk = q_start + Lq) through the compiled block kernel with every
     causal block kept. Returns [Lq, H, D]. Only where ``kernels.sparse_prefill_usable(q)``."""
     causal = causal_block_mask(q_start, q.shape[0], k.shape[0], block)  # [nQB, nKB]
-    heads = q.shape[1]
-    row_ptr = torch.zeros(heads * causal.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(causal.sum(-1).repeat(heads), 0, out=row_ptr[1:])
-    cols = causal.nonzero()[:, 1].repeat(heads)
+    return _kernel_attention(q, k, v, causal.expand(q.shape[1], -1, -1), q_start, block, scale)
+
+
+def _kernel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    q_start: int,
+    block: int,
+    scale: float,
+) -> torch.Tensor:
+    """``heron.kernels.sparse_prefill`` over the blocks ``mask`` [H, nQB, nKB] keeps (each
+    row's diagonal among them), for q [Lq, H, D] and k/v [Lk, Hkv, D]: the mask as CSR."""
+    counts = mask.sum(-1).view(-1)
+    row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    cols = mask.nonzero()[:, 2]  # row-major: each row's kept blocks, in order
     return kernels.sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
 
 
