@@ -1,9 +1,11 @@
-// Block-sparse causal attention for a prefill chunk (CPU, bf16, AMX).
+// Block-sparse causal attention for a prefill chunk (CPU, bf16, AMX), and XAttention's block
+// estimate. heron also runs dense prefill chunks after cached tokens through the first, with
+// every causal block kept.
 //
 // Each (query head, query block) row attends only to the key blocks its pattern kept, given
-// as a CSR list, and reads them where they are: the keys and values of the whole context are
-// packed once per call into the VNNI layout AMX multiplies ([D/2, B, 2] for K^T, [B/2, D, 2]
-// for V), then every row runs a flash-attention loop over its kept blocks: S = Q K^T and
+// as a CSR list. The context's key and value blocks that some row keeps are packed once per
+// call into the VNNI layout AMX multiplies ([D/2, B, 2] for K^T, [B/2, D, 2] for V), shared
+// by every row; then each row runs a flash-attention loop over its kept blocks: S = Q K^T and
 // O += P V through oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the one
 // PyTorch's own CPU flash attention uses), an online softmax in between. No gathered copy of
 // the kept blocks, no per-count batching, no separate causal call for the diagonal block and
