@@ -195,7 +195,7 @@ class ModelRunner:
                     and start < seq.num_prompt_tokens
                     and self.sparse.applies(seq.num_prompt_tokens)
                 ):
-                    span.sparse, span.q_start = self.sparse, start
+                    span.sparse = self.sparse
                 prefills.append(span)
 
         dev = self.device

@@ -110,6 +110,7 @@ void pack_context(const bf16* k, const bf16* v, int64_t k_stride0, int64_t k_str
                   int64_t kv_heads, int64_t nkb, int64_t block, int64_t dim,
                   const std::vector<char>& used, bf16* kp, bf16* vp) {
   const int64_t tile = block * dim;
+  const std::vector<bf16> zeros(dim, bf16(0.f));  // keys and values past the context
   at::parallel_for(0, kv_heads * nkb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       if (!used[t]) continue;
@@ -118,17 +119,12 @@ void pack_context(const bf16* k, const bf16* v, int64_t k_stride0, int64_t k_str
       bf16* vt = vp + t * tile;  // [block/2, D, 2]
       for (int64_t j = 0; j < block; ++j) {
         const int64_t pos = kb * block + j;
-        if (pos < ctx) {
-          const bf16* kr = k + pos * k_stride0 + g * k_stride1;
-          const bf16* vr = v + pos * v_stride0 + g * v_stride1;
-          for (int64_t d = 0; d < dim; ++d) kt[(d / 2) * block * 2 + j * 2 + d % 2] = kr[d];
-          bf16* vrow = vt + (j / 2) * dim * 2 + j % 2;
-          for (int64_t d = 0; d < dim; ++d) vrow[d * 2] = vr[d];
-        } else {  // past the context: zeros (the causal mask hides these keys)
-          for (int64_t d = 0; d < dim; ++d) kt[(d / 2) * block * 2 + j * 2 + d % 2] = bf16(0.f);
-          bf16* vrow = vt + (j / 2) * dim * 2 + j % 2;
-          for (int64_t d = 0; d < dim; ++d) vrow[d * 2] = bf16(0.f);
-        }
+        const bool inside = pos < ctx;  // past the context: zeros (the causal mask hides them)
+        const bf16* kr = inside ? k + pos * k_stride0 + g * k_stride1 : zeros.data();
+        const bf16* vr = inside ? v + pos * v_stride0 + g * v_stride1 : zeros.data();
+        for (int64_t d = 0; d < dim; ++d) kt[(d / 2) * block * 2 + j * 2 + d % 2] = kr[d];
+        bf16* vrow = vt + (j / 2) * dim * 2 + j % 2;
+        for (int64_t d = 0; d < dim; ++d) vrow[d * 2] = vr[d];
       }
     }
   });

@@ -45,7 +45,7 @@ class PrefillSpan:
     window_mask: torch.Tensor | None = None
     # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
     sparse: object | None = None
-    q_start: int = 0  # slot of the chunk's first token (set with ``context_blocks``)
+    q_start: int = 0  # slot of the chunk's first token
     # KV compression with layer-varying budgets: ``mask`` per layer ([L, Lq, Lk]), or None.
     layer_masks: torch.Tensor | None = None
 

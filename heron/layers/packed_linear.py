@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from heron.layers.quantized_linear import replace_linears
+
 logger = logging.getLogger(__name__)
 
 # Rows the packed layout is chosen for (oneDNN takes any count; this is a decode batch).
@@ -46,10 +48,7 @@ def pack_linears(model: nn.Module) -> None:
     if not (torch.backends.mkldnn.is_available() and _packs_exactly()):
         logger.info("oneDNN weight packing unavailable here: bf16 linears run unpacked")
         return
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child))
+    replace_linears(model, lambda name, linear: PackedLinear(linear))
 
 
 def _packs_exactly() -> bool:

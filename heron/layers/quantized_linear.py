@@ -16,6 +16,7 @@ is dequantized to the activations' dtype for the call and the dense GEMM does th
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -146,11 +147,17 @@ def quantize_linears(model: nn.Module, quantization: str) -> None:
             "quantization: int4 uses PyTorch's CPU int4 kernel; on a GPU use int8 or none",
             param="quantization",
         )
+    replace_linears(
+        model, lambda name, linear: _quantize(linear, "int8" if name == "lm_head" else quantization)
+    )
+
+
+def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Swap every ``nn.Linear`` of ``model`` for ``make(its attribute name, it)``."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                kind = "int8" if name == "lm_head" else quantization
-                setattr(parent, name, _quantize(child, kind))
+                setattr(parent, name, make(name, child))
 
 
 def _quantize(linear: nn.Linear, quantization: str) -> nn.Module:

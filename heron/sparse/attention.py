@@ -43,6 +43,18 @@ def enforce_always_kept(mask: torch.Tensor, q_start: int, block: int) -> torch.T
     return (mask | always) & causal
 
 
+def with_diagonal(mask: torch.Tensor, q_start: int, block: int, keep: bool) -> torch.Tensor:
+    """A copy of ``mask`` [H, nQB, nKB] with every row's diagonal block (query block ``i``'s
+    own absolute block ``q_start // block + i``) set to ``keep``."""
+    nqb = mask.shape[1]
+    qb0 = q_start // block
+    out = mask.clone()
+    out[
+        :, torch.arange(nqb, device=mask.device), torch.arange(qb0, qb0 + nqb, device=mask.device)
+    ] = keep
+    return out
+
+
 class Workspace:
     """Buffers reused across calls. Fresh large CPU allocations are page-faulted on first
     touch, which costs as much as the gathers themselves; reusing them avoids that."""
@@ -86,9 +98,7 @@ def block_sparse_attention(
     and its kept earlier blocks, gathered and grouped by their count ``c`` so that one unmasked
     call serves each group: no padding, no mask, no dense score matrix."""
     if kernels.sparse_prefill_usable(q):
-        nqb = mask.shape[1]
-        mask = mask.clone()
-        mask[:, torch.arange(nqb), torch.arange(q_start // block, q_start // block + nqb)] = True
+        mask = with_diagonal(mask, q_start, block, True)
         heads_first = (x.transpose(0, 1) for x in (q, k, v))
         return _kernel_attention(*heads_first, mask, q_start, block, scale).transpose(0, 1)
     if q.device.type == "cuda":
@@ -109,8 +119,7 @@ def block_sparse_attention(
     kd = torch.index_select(k_blocks, 0, diag, out=ws.get("kd", q_rows.shape, q))
     vd = torch.index_select(v_blocks, 0, diag, out=ws.get("vd", q_rows.shape, q))
     out, lse = _attend(q_rows, kd, vd, scale, causal=True)
-    off = mask.reshape(rows, nkb).clone()
-    off[torch.arange(rows), qb_abs] = False
+    off = with_diagonal(mask, q_start, block, False).reshape(rows, nkb)
     counts = off.sum(-1)
     # The earlier blocks' part of every row (rows without one keep weight 0: lse -inf).
     out_off = ws.get("out_off", q_rows.shape, q).zero_()
@@ -204,10 +213,8 @@ def flex_block_sparse_attention(
     q_pad[:, lead : lead + q_len] = q
     dev = q.device
     diag = torch.arange(qb0, qb0 + nqb, device=dev)
-    kept = mask.to(dev).clone()
-    kept[:, torch.arange(nqb, device=dev), diag] = True
-    earlier = kept.clone()
-    earlier[:, torch.arange(nqb, device=dev), diag] = False
+    kept = with_diagonal(mask.to(dev), q_start, block, True)
+    earlier = with_diagonal(kept, q_start, block, False)
     full_num = earlier.sum(-1, dtype=torch.int32)
     full_idx = torch.argsort((~earlier).to(torch.int8), dim=-1, stable=True).to(torch.int32)
     part_num = torch.ones(num_heads, nqb, dtype=torch.int32, device=dev)
