@@ -12,6 +12,7 @@ from conftest import make_llm
 from heron import SamplingParams
 from heron.config import EngineConfig
 from heron.errors import InvalidRequestError
+from heron.layers.kv_cache import ContextKV
 from heron.sparse import (
     PATTERNS,
     PatternParams,
@@ -25,6 +26,16 @@ from heron.sparse.attention import flex_block_sparse_attention
 
 H, HKV, D, B = 9, 3, 64, 128
 SCALE = D**-0.5
+
+
+def _ctx(k, v=None):
+    """A context of head-major keys (and values) [Hkv, L, D], position = row."""
+    v = k if v is None else v
+    return ContextKV(k.transpose(0, 1), v.transpose(0, 1), k.shape[1])
+
+
+def _block_sparse(q, k, v, *args):
+    return block_sparse_attention(q, _ctx(k, v), *args)
 
 
 def _dense(q, k, v, q_start=0):
@@ -96,9 +107,9 @@ def test_threshold_one_is_dense(name, q_start, dtype):
     q, k, v = (x.to(dtype) for x in _random(1000, seed=1))
     q = q[:, q_start:]
     p = PatternParams(threshold=1.0, scale=SCALE)
-    mask = get_pattern(name)(q, k, q_start, p)
+    mask = get_pattern(name)(q, _ctx(k, v), q_start, p)
     assert _density(mask, q_start, q.shape[1], k.shape[1]) == 1.0
-    out = block_sparse_attention(q, k, v, mask, q_start, B, SCALE)
+    out = _block_sparse(q, k, v, mask, q_start, B, SCALE)
     ref = _dense(q.float(), k.float(), v.float(), q_start)
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
@@ -107,8 +118,8 @@ def test_threshold_one_is_dense(name, q_start, dtype):
 @pytest.mark.parametrize(
     ("attention", "dtype"),
     [
-        (block_sparse_attention, torch.float32),
-        (block_sparse_attention, torch.bfloat16),
+        (_block_sparse, torch.float32),
+        (_block_sparse, torch.bfloat16),
         # FlexAttention is the CUDA path; eager on CPU it checks the block mask it is given
         (flex_block_sparse_attention, torch.float32),
     ],
@@ -149,8 +160,30 @@ def test_bf16_takes_the_compiled_kernel(monkeypatch):
     real = kernels.sparse_prefill
     monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or real(*a))
     mask = causal_block_mask(0, 300, 300, B).expand(H, -1, -1)
-    block_sparse_attention(q, k, v, mask, 0, B, SCALE)
+    _block_sparse(q, k, v, mask, 0, B, SCALE)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["xattention", "vertical_slash"])
+def test_context_read_through_a_block_table(name, dtype):
+    """A chunk attending to a paged cache through a shuffled block table (in place in the
+    compiled kernels, gathered elsewhere) computes exactly what it computes from the same
+    keys and values in order."""
+    bs, length, q_start = 16, 1300, 900
+    q, k, v = (x.to(dtype) for x in _planted_column(length=length, column=2))
+    blocks = -(-length // bs)
+    table = torch.randperm(blocks + 7, generator=torch.Generator().manual_seed(0))[:blocks]
+    slots = (table[:, None] * bs + torch.arange(bs)).reshape(-1)[:length]
+    k_cache = torch.zeros((blocks + 7) * bs, HKV, D, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache[slots], v_cache[slots] = k.transpose(0, 1), v.transpose(0, 1)
+    paged = ContextKV(k_cache, v_cache, length, table, bs)
+    sp = SparsePrefill(name, threshold=0.9, min_tokens=1)
+    chunk = q[:, q_start:].transpose(0, 1)
+    ref = sp.attend(chunk, _ctx(k, v), q_start, SCALE)
+    assert sp.density < 0.9
+    torch.testing.assert_close(sp.attend(chunk, paged, q_start, SCALE), ref, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------- patterns
@@ -166,7 +199,7 @@ def _check_always_kept(mask, q_start=0):
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_planted_column_kept(name, dtype):
     q, k, _ = (x.to(dtype) for x in _planted_column(column=3))
-    mask = get_pattern(name)(q, k, 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = get_pattern(name)(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
     _check_always_kept(mask)
     assert mask[:, 3:, 3].all(), "planted key block dropped"
     assert _density(mask, 0, 2048, 2048) < 0.5  # and the rest really is sparse
@@ -175,7 +208,7 @@ def test_planted_column_kept(name, dtype):
 @pytest.mark.parametrize("name", ["xattention", "flexprefill"])
 def test_planted_per_query_block_kept(name):
     q, k, _ = _planted_rows()
-    mask = get_pattern(name)(q, k, 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = get_pattern(name)(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
     _check_always_kept(mask)
     nb = 2048 // B
     for i in range(2, nb):
@@ -188,7 +221,7 @@ def test_planted_diagonal_kept():
     every query block far enough in, and few others."""
     offset = 600
     q, k, _ = _planted_diagonal(offset=offset)
-    mask = get_pattern("vertical_slash")(q, k, 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = get_pattern("vertical_slash")(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
     _check_always_kept(mask)
     for qb in range(offset // B + 1, 2048 // B):
         for kb in {(qb * B - offset) // B, ((qb + 1) * B - 1 - offset) // B}:
@@ -235,12 +268,12 @@ def test_flexprefill_chooses_per_head():
 
     p = PatternParams(threshold=0.9, scale=SCALE)
     q, k, _ = _planted_rows()
-    mask, query_aware = flexprefill_heads(q, k, 0, p)
+    mask, query_aware = flexprefill_heads(q, _ctx(k), 0, p)
     assert query_aware.all()
     _, k2, _ = _random(2048, seed=5)
     k2 = 10 * k2 / k2.norm(dim=-1, keepdim=True)
     q2 = k2.repeat_interleave(H // HKV, 0)  # each query matches its own key only
-    mask2, qa2 = flexprefill_heads(q2, k2, 0, p)
+    mask2, qa2 = flexprefill_heads(q2, _ctx(k2), 0, p)
     assert not qa2.any()
     _check_always_kept(mask2)
     assert _density(mask2, 0, 2048, 2048) < 0.5
@@ -249,8 +282,9 @@ def test_flexprefill_chooses_per_head():
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_lower_threshold_drops_more(name):
     q, k, _ = _planted_column()
+    pattern = get_pattern(name)
     dens = [
-        _density(get_pattern(name)(q, k, 0, PatternParams(threshold=t, scale=SCALE)), 0, 2048, 2048)
+        _density(pattern(q, _ctx(k), 0, PatternParams(threshold=t, scale=SCALE)), 0, 2048, 2048)
         for t in (0.5, 0.99, 1.0)
     ]
     assert dens[0] <= dens[1] < dens[2] == 1.0
@@ -269,12 +303,12 @@ def test_chunked_equals_unchunked(name, tol, chunk):
     q, k, v = _planted_column(length=2048, seed=7)
     sp = SparsePrefill(name, threshold=0.9, min_tokens=1)
     t = lambda x: x.transpose(0, 1)  # noqa: E731 - [H, L, D] <-> [L, H, D]
-    whole = sp.attend(t(q), t(k), t(v), 0, SCALE).clone()
+    whole = sp.attend(t(q), _ctx(k, v), 0, SCALE).clone()
     assert sp.density < 0.6
     parts = []
     for s in range(0, 2048, chunk):
         e = min(s + chunk, 2048)
-        parts.append(sp.attend(t(q[:, s:e]), t(k[:, :e]), t(v[:, :e]), s, SCALE).clone())
+        parts.append(sp.attend(t(q[:, s:e]), _ctx(k[:, :e], v[:, :e]), s, SCALE).clone())
     chunked = torch.cat(parts)
     if tol is not None:
         torch.testing.assert_close(chunked, whole, atol=tol, rtol=tol)

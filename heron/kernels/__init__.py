@@ -81,10 +81,15 @@ def _sparse_prefill_supported() -> bool:
     return available() and _module().sparse_prefill_supported()
 
 
+def sparse_prefill_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`sparse_prefill` runs on tensors of this device and dtype: bf16 on a CPU,
+    kernels built with AVX-512 bf16, and AMX present (oneDNN's bf16 brgemm)."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _sparse_prefill_supported()
+
+
 def sparse_prefill_usable(q: torch.Tensor) -> bool:
-    """Whether :func:`sparse_prefill` runs on ``q``: a bf16 CPU tensor, kernels built with
-    AVX-512 bf16, and AMX present (oneDNN's bf16 brgemm)."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and _sparse_prefill_supported()
+    """Whether :func:`sparse_prefill` runs on ``q`` (:func:`sparse_prefill_runs`)."""
+    return sparse_prefill_runs(q.device, q.dtype)
 
 
 def sparse_prefill(
@@ -96,25 +101,38 @@ def sparse_prefill(
     q_start: int,
     block: int,
     scale: float,
+    table: torch.Tensor | None = None,
+    cache_block: int = 1,
 ) -> torch.Tensor:
     """Block-sparse causal attention of a prefill chunk: ``q`` [Lq, H, D] at positions
-    ``q_start ..`` over ``k``/``v`` [Lk, Hkv, D] (positions ``0 .. Lk-1``, Lk = q_start + Lq;
-    strided views are fine while D is contiguous). Row ``h * nQB + i`` (query head h, the
-    chunk's i-th query block of ``block`` positions) attends to the key blocks
+    ``q_start ..`` over the keys/values of positions ``0 .. q_start + Lq - 1``, read in place
+    from ``k``/``v`` [rows, Hkv, D] (strided views are fine while D is contiguous): position
+    ``p`` at row ``p``, or with ``table`` (int64 block ids, a layer's paged cache) at row
+    ``table[p // cache_block] * cache_block + p % cache_block``. Row ``h * nQB + i`` (query
+    head h, the chunk's i-th query block of ``block`` positions) attends to the key blocks
     ``cols[row_ptr[r]:row_ptr[r + 1]]`` (absolute block indices, causal, its diagonal among
     them). Returns [Lq, H, D]. Call only where :func:`sparse_prefill_usable` is true."""
-    return _module().sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
+    return _module().sparse_prefill(
+        q, k, v, table, cache_block, row_ptr, cols, q_start, block, scale
+    )
 
 
 def xattention_scores(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, block: int, stride: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_start: int,
+    block: int,
+    stride: int,
+    scale: float,
+    table: torch.Tensor | None = None,
+    cache_block: int = 1,
 ) -> torch.Tensor:
     """XAttention's block scores (heron.sparse.patterns.xattention) in one pass: ``q``
-    [Lq, H, D] at positions ``q_start ..``, ``k`` [Lk, Hkv, D] (Lk = q_start + Lq). Per query
-    block row, the antidiagonal (stride ``stride``) scores, their causal softmax per strided
-    query row, summed per (query block, key block): [H, nQB, nKB] fp32. Call only where
-    :func:`sparse_prefill_usable` is true."""
-    return _module().xattention_scores(q, k, q_start, block, stride, scale)
+    [Lq, H, D] at positions ``q_start ..``, the keys read from ``k`` as :func:`sparse_prefill`
+    reads them. Per query block row, the antidiagonal (stride ``stride``) scores, their causal
+    softmax per strided query row, summed per (query block, key block): [H, nQB, nKB] fp32.
+    Call only where :func:`sparse_prefill_usable` is true."""
+    return _module().xattention_scores(q, k, table, cache_block, q_start, block, stride, scale)
 
 
 def paged_decode(

@@ -20,7 +20,9 @@ torch::Tensor silu_mul(torch::Tensor gate_up);
 // sparse_prefill.cpp
 bool sparse_prefill_supported();
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                             std::optional<torch::Tensor> table, int64_t cache_block,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale);
-torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
-                                int64_t stride, double scale);
+torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
+                                std::optional<torch::Tensor> table, int64_t cache_block,
+                                int64_t q_start, int64_t block, int64_t stride, double scale);

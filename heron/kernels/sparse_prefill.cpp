@@ -10,6 +10,10 @@
 // PyTorch's own CPU flash attention uses), an online softmax in between. No gathered copy of
 // the kept blocks, no per-count batching, no separate causal call for the diagonal block and
 // no log-sum-exp merge: the PyTorch path (heron/sparse/attention.py) needed all four.
+//
+// Keys and values are read in place: rows of a [rows, Hkv, D] tensor, either position = row
+// (a chunk's own K/V) or through the sequence's block table (a layer's paged cache), so no
+// gathered copy of the context is made before packing.
 #include "heron_kernels.h"
 
 #include <ATen/Parallel.h>
@@ -96,6 +100,15 @@ inline void softmax_row(const float* s, bf16* p, int64_t width, int64_t valid, f
   for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
 }
 
+// A context position's row in the K/V tensor: through the block table, or the position.
+struct Slots {
+  const int64_t* table;  // nullptr: row = position
+  int64_t block_size;
+  int64_t operator()(int64_t pos) const {
+    return table == nullptr ? pos : table[pos / block_size] * block_size + pos % block_size;
+  }
+};
+
 inline bf16 to_bf16(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
@@ -106,7 +119,7 @@ inline bf16 to_bf16(float v) {
 // The context's keys and values in VNNI layout, one [block x D] tile per (KV head, key block);
 // only the blocks some row keeps are packed.
 void pack_context(const bf16* k, const bf16* v, int64_t k_stride0, int64_t k_stride1,
-                  int64_t v_stride0, int64_t v_stride1, int64_t ctx,
+                  int64_t v_stride0, int64_t v_stride1, const Slots& slot, int64_t ctx,
                   int64_t kv_heads, int64_t nkb, int64_t block, int64_t dim,
                   const std::vector<char>& used, bf16* kp, bf16* vp) {
   const int64_t tile = block * dim;
@@ -120,8 +133,9 @@ void pack_context(const bf16* k, const bf16* v, int64_t k_stride0, int64_t k_str
       for (int64_t j = 0; j < block; ++j) {
         const int64_t pos = kb * block + j;
         const bool inside = pos < ctx;  // past the context: zeros (the causal mask hides them)
-        const bf16* kr = inside ? k + pos * k_stride0 + g * k_stride1 : zeros.data();
-        const bf16* vr = inside ? v + pos * v_stride0 + g * v_stride1 : zeros.data();
+        const int64_t row = inside ? slot(pos) : 0;
+        const bf16* kr = inside ? k + row * k_stride0 + g * k_stride1 : zeros.data();
+        const bf16* vr = inside ? v + row * v_stride0 + g * v_stride1 : zeros.data();
         for (int64_t d = 0; d < dim; ++d) kt[(d / 2) * block * 2 + j * 2 + d % 2] = kr[d];
         bf16* vrow = vt + (j / 2) * dim * 2 + j % 2;
         for (int64_t d = 0; d < dim; ++d) vrow[d * 2] = vr[d];
@@ -140,14 +154,19 @@ bool sparse_prefill_supported() {
 namespace {
 
 // The shape of a chunk's queries ``q`` [Lq, H, D] over the context's keys (or values) ``k``
-// [Lk, Hkv, D], in blocks, after checking what both kernels need: bf16, head dim contiguous
-// and even, whole GQA groups, Lk = q_start + Lq.
+// [rows, Hkv, D] (positions 0 .. q_start + Lq - 1, at rows given by ``table`` [blocks] of
+// ``cache_block`` rows each, or at row = position), in blocks, after checking what both
+// kernels need: bf16, head dim contiguous and even, whole GQA groups, every row inside k.
 struct Chunk {
   int64_t q_len, heads, dim, kv_heads, group, ctx, qb0, nqb, nkb;
+#if HERON_SPARSE_PREFILL
+  Slots slot;
+#endif
 };
 
-Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k, int64_t q_start,
-                  int64_t block) {
+Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k,
+                  const std::optional<torch::Tensor>& table, int64_t cache_block,
+                  int64_t q_start, int64_t block) {
   TORCH_CHECK(sparse_prefill_supported(), "heron sparse prefill: needs AVX-512 bf16 and AMX");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "heron sparse prefill: q and k/v are 3-D");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
@@ -163,9 +182,23 @@ Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k, int64_t q_star
   c.dim = q.size(2);
   c.kv_heads = k.size(1);
   c.group = c.heads / c.kv_heads;
-  c.ctx = k.size(0);
-  TORCH_CHECK(c.ctx == q_start + c.q_len,
-              "heron sparse prefill: the context must end with the chunk");
+  c.ctx = q_start + c.q_len;
+  if (table) {
+    TORCH_CHECK(table->scalar_type() == at::kLong && table->dim() == 1 && table->is_contiguous(),
+                "heron sparse prefill: the block table is a contiguous int64 vector");
+    TORCH_CHECK(cache_block >= 1 && table->numel() * cache_block >= c.ctx,
+                "heron sparse prefill: the block table must cover the context");
+    const int64_t* t = table->data_ptr<int64_t>();
+    for (int64_t i = 0; i * cache_block < c.ctx; ++i) {
+      TORCH_CHECK(t[i] >= 0 && (t[i] + 1) * cache_block <= k.size(0),
+                  "heron sparse prefill: a block outside the cache");
+    }
+  } else {
+    TORCH_CHECK(k.size(0) >= c.ctx, "heron sparse prefill: k/v end before the chunk");
+  }
+#if HERON_SPARSE_PREFILL
+  c.slot = Slots{table ? table->data_ptr<int64_t>() : nullptr, cache_block};
+#endif
   c.qb0 = q_start / block;
   c.nqb = (q_start + c.q_len - 1) / block - c.qb0 + 1;
   c.nkb = (c.ctx + block - 1) / block;
@@ -175,11 +208,12 @@ Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k, int64_t q_star
 }  // namespace
 
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                             std::optional<torch::Tensor> table, int64_t cache_block,
                              torch::Tensor row_ptr, torch::Tensor cols,
                              int64_t q_start, int64_t block, double scale) {
 #if HERON_SPARSE_PREFILL
-  const Chunk chunk = check_chunk(q, k, q_start, block);
-  check_chunk(q, v, q_start, block);
+  const Chunk chunk = check_chunk(q, k, table, cache_block, q_start, block);
+  check_chunk(q, v, table, cache_block, q_start, block);
   const int64_t q_len = chunk.q_len, heads = chunk.heads, dim = chunk.dim;
   const int64_t kv_heads = chunk.kv_heads, group = chunk.group, ctx = chunk.ctx;
   const int64_t qb0 = chunk.qb0, nqb = chunk.nqb, nkb = chunk.nkb;
@@ -203,7 +237,7 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   auto kp = torch::empty({kv_heads * nkb * tile}, q.options());
   auto vp = torch::empty({kv_heads * nkb * tile}, q.options());
   pack_context(k.data_ptr<bf16>(), v.data_ptr<bf16>(), k.stride(0), k.stride(1), v.stride(0),
-               v.stride(1), ctx, kv_heads, nkb, block, dim, used,
+               v.stride(1), chunk.slot, ctx, kv_heads, nkb, block, dim, used,
                kp.data_ptr<bf16>(), vp.data_ptr<bf16>());
 
   auto out = torch::empty({q_len, heads, dim}, q.options());
@@ -268,10 +302,12 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 #endif
 }
 
-torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_start, int64_t block,
-                                int64_t stride, double scale) {
+torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
+                                std::optional<torch::Tensor> table, int64_t cache_block,
+                                int64_t q_start, int64_t block, int64_t stride, double scale) {
 #if HERON_SPARSE_PREFILL
-  const Chunk chunk = check_chunk(q, k, q_start, block);
+  const Chunk chunk = check_chunk(q, k, table, cache_block, q_start, block);
+  const Slots& slot = chunk.slot;
   TORCH_CHECK(block % stride == 0, "xattention_scores: the stride must divide the block");
   const int64_t heads = chunk.heads, dim = chunk.dim, kv_heads = chunk.kv_heads;
   const int64_t group = chunk.group, ctx = chunk.ctx, qb0 = chunk.qb0, nqb = chunk.nqb;
@@ -297,7 +333,7 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k, int64_t q_star
           const int64_t pos = (c0 + c) * stride + s;
           bf16* dst = rows.data() + c * width + s * dim;
           if (pos < ctx) {
-            std::memcpy(dst, kd + pos * k.stride(0) + g * k.stride(1), dim * sizeof(bf16));
+            std::memcpy(dst, kd + slot(pos) * k.stride(0) + g * k.stride(1), dim * sizeof(bf16));
           } else {
             std::fill(dst, dst + dim, bf16(0.f));
           }

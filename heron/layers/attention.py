@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from heron import kernels
-from heron.layers.kv_cache import Cache, gather_blocks, write_slots
+from heron.layers.kv_cache import Cache, ContextKV, gather_blocks, write_slots
 from heron.sparse.attention import causal_chunk_attention
 
 
@@ -38,7 +38,9 @@ class PrefillSpan:
     # whole context, so the chunk's own K/V are used directly.
     context_blocks: torch.Tensor | None
     # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens, an
-    # additive bias once the step is built (``make_masks_additive``); None = causal.
+    # additive bias once the step is built (``make_masks_additive``); None = causal (SDPA's
+    # causal flash for a chunk alone; after cached tokens, where the runner saw that the block
+    # kernel runs (``heron.kernels.sparse_prefill_usable``), that kernel).
     mask: torch.Tensor | None
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
@@ -169,39 +171,31 @@ def paged_attention(
         )
 
     for span in meta.prefills:
-        qp = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
+        n = span.end - span.start
         if span.context_blocks is None:
-            kp, vp = k[span.start : span.end], v[span.start : span.end]
+            ctx = ContextKV(k[span.start : span.end], v[span.start : span.end], n)
         else:
-            kp = gather_blocks(k_cache, span.context_blocks, meta.block_size)
-            vp = gather_blocks(v_cache, span.context_blocks, meta.block_size)
-        ctx = span.q_start + span.end - span.start
+            length, bs = span.q_start + n, meta.block_size
+            ctx = ContextKV(k_cache, v_cache, length, span.context_blocks, bs)
+        qs = q[span.start : span.end]
         if span.sparse is not None and not sliding:
-            out[span.start : span.end] = span.sparse.attend(
-                q[span.start : span.end], kp[:ctx], vp[:ctx], span.q_start, scale
-            )
+            out[span.start : span.end] = span.sparse.attend(qs, ctx, span.q_start, scale)
             continue
-        if (
-            span.context_blocks is not None
-            and span.layer_masks is None
-            and not (sliding and span.window_mask is not None)
-            and kernels.sparse_prefill_usable(q)
-        ):
-            # A chunk after cached tokens: causal flash attention through the block kernel
-            # (SDPA with the chunk's mask computes every masked score: ~1.4x slower at 8k).
-            out[span.start : span.end] = causal_chunk_attention(
-                q[span.start : span.end], kp[:ctx], vp[:ctx], span.q_start, scale
-            )
-            continue
-        kp = kp.transpose(0, 1).unsqueeze(0)
-        vp = vp.transpose(0, 1).unsqueeze(0)
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         if span.layer_masks is not None:
             mask = span.layer_masks[layer]
+        if mask is None and span.context_blocks is not None:
+            # A chunk after cached tokens, causal: the runner left the mask out because the
+            # block kernel runs here (SDPA with the chunk's mask computes every masked score:
+            # ~1.4x slower at 8k), reading the cache in place.
+            out[span.start : span.end] = causal_chunk_attention(qs, ctx, span.q_start, scale)
+            continue
+        if mask is not None:
+            mask = mask[..., : ctx.length]  # masks span whole blocks
         op = F.scaled_dot_product_attention(
-            qp,
-            kp,
-            vp,
+            qs.transpose(0, 1).unsqueeze(0),
+            ctx.keys.transpose(0, 1).unsqueeze(0),
+            ctx.values.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,

@@ -9,10 +9,11 @@ head. K/V are quantized once, when written, and dequantized to the compute dtype
 gathers them; the chunk a prefill step computes attends to its own K/V unquantized.
 
 ``write_slots``, ``gather_blocks`` and ``gather_slots`` take any storage, so attention reads
-one way."""
+one way; ``ContextKV`` is what a prefill chunk attends to, read in place where it can be."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,39 @@ def _gather(t: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Ten
     per_block = t.view(-1, block_size, *t.shape[1:])
     out = per_block.index_select(0, blocks.reshape(-1))
     return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *t.shape[1:])
+
+
+@dataclass
+class ContextKV:
+    """The keys and values of positions ``0 .. length - 1`` a prefill chunk attends to: rows
+    of ``k``/``v`` (the chunk's own K/V [T, Hkv, D] with position = row, or a layer's cache
+    read through the sequence's block ``table``). heron's compiled kernels read a plain cache
+    in place (``in_place``); every other reader takes ``keys``/``values``, gathered once (and
+    dequantized for an int8 / KIVI cache)."""
+
+    k: Cache
+    v: Cache
+    length: int
+    table: torch.Tensor | None = None  # block ids; None: position = row
+    block_size: int = 1
+
+    @property
+    def in_place(self) -> bool:
+        return isinstance(self.k, torch.Tensor)
+
+    @functools.cached_property
+    def keys(self) -> torch.Tensor:
+        """[length, Hkv, D] in the compute dtype."""
+        return self._gather(self.k)
+
+    @functools.cached_property
+    def values(self) -> torch.Tensor:
+        return self._gather(self.v)
+
+    def _gather(self, cache: Cache) -> torch.Tensor:
+        if self.table is None:
+            return cache[: self.length]
+        return gather_blocks(cache, self.table, self.block_size)[: self.length]
 
 
 def block_bytes(

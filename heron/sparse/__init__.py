@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from heron.layers.kv_cache import ContextKV
 from heron.sparse.attention import (
     Workspace,
     block_sparse_attention,
@@ -58,19 +59,17 @@ class SparsePrefill:
     def reset_stats(self) -> None:
         self.kept_blocks = self.causal_blocks = 0
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float
-    ) -> torch.Tensor:
-        """q: [Lq, H, D] at positions ``q_start ..``; k, v: [Lk, Hkv, D] for positions
-        ``0 .. Lk-1`` (Lk = q_start + Lq). Returns [Lq, H, D]."""
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    def attend(self, q: torch.Tensor, ctx: ContextKV, q_start: int, scale: float) -> torch.Tensor:
+        """q: [Lq, H, D] at positions ``q_start ..`` over the keys and values of positions
+        ``0 .. q_start + Lq - 1``. Returns [Lq, H, D]."""
+        qh = q.transpose(0, 1)
         p = self.params
         p.scale = scale
-        mask = self.pattern(qh, kh, q_start, p)
-        causal = causal_block_mask(q_start, q.shape[0], k.shape[0], p.block)
+        mask = self.pattern(qh, ctx, q_start, p)
+        causal = causal_block_mask(q_start, q.shape[0], ctx.length, p.block)
         self.kept_blocks += int(mask.sum())
         self.causal_blocks += int(causal.sum()) * q.shape[1]
-        out = block_sparse_attention(qh, kh, vh, mask, q_start, p.block, scale, self.workspace)
+        out = block_sparse_attention(qh, ctx, mask, q_start, p.block, scale, self.workspace)
         return out.transpose(0, 1)
 
 

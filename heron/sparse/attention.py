@@ -18,6 +18,7 @@ import functools
 import torch
 
 from heron import kernels
+from heron.layers.kv_cache import ContextKV
 
 # Elements of the gathered keys of one SDPA call; bounds memory.
 _TILE_BUDGET = 1 << 25
@@ -80,18 +81,16 @@ class Workspace:
 
 def block_sparse_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    ctx: ContextKV,
     mask: torch.Tensor,
     q_start: int,
     block: int,
     scale: float,
     workspace: Workspace | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ``q`` [H, Lq, D] (positions ``q_start ..``) over ``k``/``v``
-    [Hkv, Lk, D] (positions ``0 .. Lk-1``, ``Lk = q_start + Lq``), computing only the key
-    blocks ``mask`` [H, nQB, nKB] keeps; the diagonal block is always computed (causal).
-    Returns [H, Lq, D].
+    """Causal attention of ``q`` [H, Lq, D] (positions ``q_start ..``) over the context's keys
+    and values (positions ``0 .. q_start + Lq - 1``), computing only the key blocks ``mask``
+    [H, nQB, nKB] keeps; the diagonal block is always computed (causal). Returns [H, Lq, D].
 
     On the PyTorch path each (head, query block) row attends in two parts merged by their
     log-sum-exps: its diagonal block (one causal call for all rows, which skips the upper half)
@@ -99,8 +98,9 @@ def block_sparse_attention(
     call serves each group: no padding, no mask, no dense score matrix."""
     if kernels.sparse_prefill_usable(q):
         mask = with_diagonal(mask, q_start, block, True)
-        heads_first = (x.transpose(0, 1) for x in (q, k, v))
-        return _kernel_attention(*heads_first, mask, q_start, block, scale).transpose(0, 1)
+        out = _kernel_attention(q.transpose(0, 1), ctx, mask, q_start, block, scale)
+        return out.transpose(0, 1)
+    k, v = ctx.keys.transpose(0, 1), ctx.values.transpose(0, 1)
     if q.device.type == "cuda":
         return flex_block_sparse_attention(q, k, v, mask, q_start, block, scale)
     num_heads, q_len, head_dim = q.shape
@@ -152,31 +152,39 @@ def block_sparse_attention(
 
 
 def causal_chunk_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float, block: int = 128
+    q: torch.Tensor, ctx: ContextKV, q_start: int, scale: float, block: int = 128
 ) -> torch.Tensor:
-    """Dense causal attention of a prefill chunk ``q`` [Lq, H, D] (slots ``q_start ..``) over
-    ``k``/``v`` [Lk, Hkv, D] (Lk = q_start + Lq) through the compiled block kernel with every
-    causal block kept. Returns [Lq, H, D]. Only where ``kernels.sparse_prefill_usable(q)``."""
-    causal = causal_block_mask(q_start, q.shape[0], k.shape[0], block)  # [nQB, nKB]
-    return _kernel_attention(q, k, v, causal.expand(q.shape[1], -1, -1), q_start, block, scale)
+    """Dense causal attention of a prefill chunk ``q`` [Lq, H, D] (positions ``q_start ..``)
+    over its context through the compiled block kernel with every causal block kept. Returns
+    [Lq, H, D]. Only where ``kernels.sparse_prefill_usable(q)``."""
+    causal = causal_block_mask(q_start, q.shape[0], ctx.length, block)  # [nQB, nKB]
+    return _kernel_attention(q, ctx, causal.expand(q.shape[1], -1, -1), q_start, block, scale)
+
+
+def kernel_kv(ctx: ContextKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """What the compiled kernels read for ``ctx``: (k, v, block table, block size), the cache
+    itself where it is plain, else the gathered (dequantized) context."""
+    if ctx.in_place:
+        return ctx.k, ctx.v, ctx.table, ctx.block_size
+    return ctx.keys, ctx.values, None, 1
 
 
 def _kernel_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    ctx: ContextKV,
     mask: torch.Tensor,
     q_start: int,
     block: int,
     scale: float,
 ) -> torch.Tensor:
     """``heron.kernels.sparse_prefill`` over the blocks ``mask`` [H, nQB, nKB] keeps (each
-    row's diagonal among them), for q [Lq, H, D] and k/v [Lk, Hkv, D]: the mask as CSR."""
+    row's diagonal among them), for q [Lq, H, D]: the mask as CSR."""
     counts = mask.sum(-1).view(-1)
     row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_ptr[1:])
     cols = mask.nonzero()[:, 2]  # row-major: each row's kept blocks, in order
-    return kernels.sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale)
+    k, v, table, bs = kernel_kv(ctx)
+    return kernels.sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale, table, bs)
 
 
 @functools.cache

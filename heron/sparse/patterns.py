@@ -1,8 +1,10 @@
-"""Sparse prefill patterns: ``pattern(q, k, q_start, params) -> mask``.
+"""Sparse prefill patterns: ``pattern(q, ctx, q_start, params) -> mask``.
 
-``q`` is [H, Lq, D] (query heads; positions ``q_start .. q_start+Lq-1``), ``k`` is [Hkv, Lk, D]
-(positions ``0 .. Lk-1``); the mask is [H, nQB, nKB] bool over absolute blocks of
-``params.block`` positions (query blocks ``q_start // block ..``), True = compute that block.
+``q`` is [H, Lq, D] (query heads; positions ``q_start .. q_start+Lq-1``), ``ctx`` the
+context's keys and values (``heron.layers.kv_cache.ContextKV``, positions ``0 .. Lk-1``,
+Lk = q_start + Lq; the estimates read ``ctx.keys``, or the cache in place); the mask is
+[H, nQB, nKB] bool over absolute blocks of ``params.block`` positions (query blocks
+``q_start // block ..``), True = compute that block.
 Every pattern returns its mask through :func:`enforce_always_kept`: causal, with the first key
 block (attention sink) and the diagonal block always kept. A threshold of 1.0 keeps every
 causal block, so the attention is exactly dense.
@@ -31,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from heron import kernels
-from heron.sparse.attention import enforce_always_kept
+from heron.layers.kv_cache import ContextKV
+from heron.sparse.attention import enforce_always_kept, kernel_kv
 
 
 @dataclass
@@ -44,7 +47,7 @@ class PatternParams:
     scale: float | None = None  # softmax scale (default 1/sqrt(D))
 
 
-Pattern = Callable[[torch.Tensor, torch.Tensor, int, PatternParams], torch.Tensor]
+Pattern = Callable[[torch.Tensor, ContextKV, int, PatternParams], torch.Tensor]
 PATTERNS: dict[str, Pattern] = {}
 
 
@@ -78,11 +81,16 @@ def select_cumulative(scores: torch.Tensor, threshold: float, valid: torch.Tenso
     return keep & valid
 
 
-def _shape(q: torch.Tensor, k: torch.Tensor, q_start: int, block: int) -> tuple[int, int, int]:
+def _shape(q: torch.Tensor, q_start: int, block: int) -> tuple[int, int, int]:
     qb0 = q_start // block
     nqb = (q_start + q.shape[1] - 1) // block - qb0 + 1
-    nkb = -(-k.shape[1] // block)
+    nkb = -(-(q_start + q.shape[1]) // block)
     return qb0, nqb, nkb
+
+
+def _keys(ctx: ContextKV) -> torch.Tensor:
+    """The context's keys as [Hkv, Lk, D]."""
+    return ctx.keys.transpose(0, 1)
 
 
 def _expand_kv(k: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -113,19 +121,20 @@ def _causal_blocks(qb0: int, nqb: int, nkb: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- xattention
 @register("xattention")
-def xattention(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams) -> torch.Tensor:
+def xattention(q: torch.Tensor, ctx: ContextKV, q_start: int, p: PatternParams) -> torch.Tensor:
     block, stride = p.block, p.stride
     num_heads, _, head_dim = q.shape
-    qb0, nqb, nkb = _shape(q, k, q_start, block)
+    qb0, nqb, nkb = _shape(q, q_start, block)
     causal = _causal_blocks(qb0, nqb, nkb)
     if p.threshold >= 1.0:
         return enforce_always_kept(causal.expand(num_heads, -1, -1), q_start, block)
     if kernels.sparse_prefill_usable(q):  # the same scores, fused (heron.kernels)
+        k, _, table, bs = kernel_kv(ctx)
         block_scores = kernels.xattention_scores(
-            q.transpose(0, 1), k.transpose(0, 1), q_start, block, stride, _scale(p, head_dim)
+            q.transpose(0, 1), k, q_start, block, stride, _scale(p, head_dim), table, bs
         )
     else:
-        block_scores = _xattention_scores(q, k, q_start, p)
+        block_scores = _xattention_scores(q, _keys(ctx), q_start, p)
     keep = select_cumulative(block_scores, p.threshold, causal)
     return enforce_always_kept(keep, q_start, block)
 
@@ -138,7 +147,7 @@ def _xattention_scores(
     block, stride = p.block, p.stride
     num_heads, q_len, head_dim = q.shape
     k_len = k.shape[1]
-    qb0, nqb, nkb = _shape(q, k, q_start, block)
+    qb0, nqb, nkb = _shape(q, q_start, block)
     lead = q_start - qb0 * block
     q_pad = q.new_zeros(num_heads, nqb * block, head_dim)
     q_pad[:, lead : lead + q_len] = q
@@ -215,14 +224,12 @@ def _diagonal_sums(attn: torch.Tensor, pad: int) -> torch.Tensor:
 
 
 @register("vertical_slash")
-def vertical_slash(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams
-) -> torch.Tensor:
-    qb0, nqb, nkb = _shape(q, k, q_start, p.block)
+def vertical_slash(q: torch.Tensor, ctx: ContextKV, q_start: int, p: PatternParams) -> torch.Tensor:
+    qb0, nqb, nkb = _shape(q, q_start, p.block)
     if p.threshold >= 1.0:
         causal = _causal_blocks(qb0, nqb, nkb).expand(q.shape[0], -1, -1)
         return enforce_always_kept(causal, q_start, p.block)
-    attn = _last_query_attention(q, k, q_start, p.last_q, p)
+    attn = _last_query_attention(q, _keys(ctx), q_start, p.last_q, p)
     return _vertical_slash_from(attn, q_start, nqb, nkb, p.threshold, p.block)
 
 
@@ -251,17 +258,18 @@ def js_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def flexprefill_heads(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams
+    q: torch.Tensor, ctx: ContextKV, q_start: int, p: PatternParams
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask, query_aware [H] bool): the pattern and which heads took query-aware selection."""
     num_heads, q_len, head_dim = q.shape
     block = p.block
-    qb0, nqb, nkb = _shape(q, k, q_start, block)
+    qb0, nqb, nkb = _shape(q, q_start, block)
     causal = _causal_blocks(qb0, nqb, nkb)
     if p.threshold >= 1.0:
         mask = enforce_always_kept(causal.expand(num_heads, -1, -1), q_start, block)
         return mask, torch.ones(num_heads, dtype=torch.bool)
     scale = _scale(p, head_dim)
+    k = _keys(ctx)
     attn = _last_query_attention(q, k, q_start, block, p)
     k_len = k.shape[1]
     pad = nkb * block - k_len
@@ -284,5 +292,5 @@ def flexprefill_heads(
 
 
 @register("flexprefill")
-def flexprefill(q: torch.Tensor, k: torch.Tensor, q_start: int, p: PatternParams) -> torch.Tensor:
-    return flexprefill_heads(q, k, q_start, p)[0]
+def flexprefill(q: torch.Tensor, ctx: ContextKV, q_start: int, p: PatternParams) -> torch.Tensor:
+    return flexprefill_heads(q, ctx, q_start, p)[0]
