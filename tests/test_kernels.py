@@ -187,3 +187,27 @@ def test_engine_chunked_prefill_through_the_block_kernel(monkeypatch):
     assert a.token_ids == b.token_ids
     first = a.token_ids[0]
     assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05
+
+
+def test_engine_long_first_chunk_through_the_block_kernel(monkeypatch):
+    """bf16 on AMX: a prompt's first chunk of >= 512 tokens attends through the block kernel
+    and predicts what SDPA's causal flash attention predicts for it."""
+    from heron.engine import runner
+
+    llm = make_llm(dtype="bfloat16", enable_prefix_caching=False)
+    if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("no AMX here: first chunks keep SDPA")
+    calls = []
+    original = kernels.sparse_prefill
+    monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or original(*a))
+    prompt = " ".join(["The heron stands in the river and waits for a fish."] * 60)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    a = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(runner, "_KERNEL_MIN_FIRST_CHUNK", 10**9)
+    b = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert not calls
+    assert a.token_ids == b.token_ids
+    first = a.token_ids[0]
+    assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05

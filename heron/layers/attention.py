@@ -37,10 +37,9 @@ class PrefillSpan:
     # Blocks holding the whole context (cached tokens + this chunk); None when the chunk is the
     # whole context, so the chunk's own K/V are used directly.
     context_blocks: torch.Tensor | None
-    # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens, an
-    # additive bias once the step is built (``make_masks_additive``); None = causal (SDPA's
-    # causal flash for a chunk alone; after cached tokens, where the runner saw that the block
-    # kernel runs (``heron.kernels.sparse_prefill_usable``), that kernel).
+    # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens and
+    # attends through SDPA, an additive bias once the step is built (``make_masks_additive``);
+    # None = causal (``causal_kernel``, or SDPA's causal flash for a chunk alone).
     mask: torch.Tensor | None
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
@@ -48,6 +47,9 @@ class PrefillSpan:
     # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
     sparse: object | None = None
     q_start: int = 0  # slot of the chunk's first token
+    # Causal attention through the compiled block kernel (``causal_chunk_attention``), where
+    # it runs and pays: every chunk after cached tokens, a first chunk of many tokens.
+    causal_kernel: bool = False
     # KV compression with layer-varying budgets: ``mask`` per layer ([L, Lq, Lk]), or None.
     layer_masks: torch.Tensor | None = None
 
@@ -184,10 +186,7 @@ def paged_attention(
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         if span.layer_masks is not None:
             mask = span.layer_masks[layer]
-        if mask is None and span.context_blocks is not None:
-            # A chunk after cached tokens, causal: the runner left the mask out because the
-            # block kernel runs here (SDPA with the chunk's mask computes every masked score:
-            # ~1.4x slower at 8k), reading the cache in place.
+        if mask is None and span.causal_kernel:
             out[span.start : span.end] = causal_chunk_attention(qs, ctx, span.q_start, scale)
             continue
         if mask is not None:
