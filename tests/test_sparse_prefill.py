@@ -247,6 +247,24 @@ def test_xattention_compiled_scores_match(q_start):
     assert ref[:, -1, 2].min() > 0.5 * ref[:, -1].sum(-1).max()  # the planted block dominates
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 0.99])
+def test_compiled_block_selection_matches(threshold):
+    """heron's one-pass block selection equals select_cumulative + enforce_always_kept (random
+    scores, so no ties; rows of a chunk starting at query block 3)."""
+    from heron import kernels
+    from heron.sparse.patterns import select_cumulative
+
+    if not kernels.available():
+        pytest.skip("no compiled kernels here")
+    qb0, nqb, nkb = 3, 5, 8
+    scores = torch.rand(H, nqb, nkb, generator=torch.Generator().manual_seed(0)) ** 4
+    causal = causal_block_mask(qb0 * B, (nqb - 1) * B + 1, nkb * B, B)
+    ref = enforce_always_kept(select_cumulative(scores, threshold, causal), qb0 * B, B)
+    got = kernels.select_blocks(scores, threshold, qb0)
+    assert torch.equal(got, ref)
+    assert 0 < ref.sum() < causal.sum() * H
+
+
 def test_diagonal_sums_match_scatter():
     """The skewed-reshape diagonal sums equal summing each (query, key) by query - key."""
     from heron.sparse.patterns import _diagonal_sums

@@ -135,6 +135,14 @@ def xattention_scores(
     return _module().xattention_scores(q, k, table, cache_block, q_start, block, stride, scale)
 
 
+def select_blocks(scores: torch.Tensor, threshold: float, qb0: int) -> torch.Tensor:
+    """Per row of ``scores`` [H, nQB, nKB] fp32 (query block ``qb0 + i``), the fewest causal
+    key blocks whose share of the row's causal total reaches ``threshold``, plus the first
+    block and the diagonal: a bool mask, what ``heron.sparse.patterns.select_cumulative`` and
+    ``enforce_always_kept`` compute (ties broken toward earlier blocks) in one pass."""
+    return _module().select_blocks(scores, threshold, qb0)
+
+
 def paged_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -9,5 +9,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether sparse_prefill runs here (bf16 brgemm with AMX)");
   m.def("sparse_prefill", &sparse_prefill, "block-sparse causal attention of a prefill chunk");
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
+  m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
 }

@@ -421,3 +421,39 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
   return {};
 #endif
 }
+
+torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0) {
+  TORCH_CHECK(scores.dim() == 3 && scores.scalar_type() == at::kFloat,
+              "select_blocks: scores are [H, nQB, nKB] float32");
+  scores = scores.contiguous();
+  const int64_t heads = scores.size(0), nqb = scores.size(1), nkb = scores.size(2);
+  auto keep = torch::zeros({heads, nqb, nkb}, scores.options().dtype(at::kBool));
+  const float* sd = scores.data_ptr<float>();
+  bool* kd = keep.data_ptr<bool>();
+  at::parallel_for(0, heads * nqb, 16, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> order(nkb);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t qb = qb0 + r % nqb;
+      const int64_t n = std::min(qb + 1, nkb);  // the causal key blocks
+      const float* s = sd + r * nkb;
+      bool* k = kd + r * nkb;
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += s[j];
+      for (int64_t j = 0; j < n; ++j) order[j] = j;
+      std::sort(order.begin(), order.begin() + n,
+                [&](int64_t a, int64_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+      // The fewest blocks whose share reaches the threshold: a block is kept while the mass
+      // of the strictly better ones is below it.
+      const float bound = static_cast<float>(threshold) * total;
+      float before = 0.f;
+      for (int64_t i = 0; i < n && before < bound; ++i) {
+        k[order[i]] = true;
+        before += s[order[i]];
+      }
+      k[0] = true;  // the attention sink
+      if (qb < nkb) k[qb] = true;  // the diagonal
+    }
+  });
+  return keep;
+}
+

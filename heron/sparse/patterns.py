@@ -135,6 +135,8 @@ def xattention(q: torch.Tensor, ctx: ContextKV, q_start: int, p: PatternParams) 
         )
     else:
         block_scores = _xattention_scores(q, _keys(ctx), q_start, p)
+    if kernels.usable(block_scores):  # the two steps below in one pass (~15 ops fewer)
+        return kernels.select_blocks(block_scores, p.threshold, qb0)
     keep = select_cumulative(block_scores, p.threshold, causal)
     return enforce_always_kept(keep, q_start, block)
 
