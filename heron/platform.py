@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import logging
 import os
-import platform
 
 import torch
 
 from heron.errors import InvalidRequestError
-
-logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,28 +60,3 @@ def free_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-@functools.cache
-def keep_freed_memory() -> None:
-    """Let glibc's malloc reuse freed memory instead of handing it back to the kernel.
-
-    By default every allocation over 128 KiB-32 MiB is a fresh ``mmap``, and a CPU forward
-    allocates many (activations, masks, packed K/V tiles): each costs page faults and the
-    kernel zeroing every page again. An 8k-token prefill spent ~10% of its time there; with
-    mmap and trimming moved to 1 / 2 GiB it ran 5-15% faster here (what preloading jemalloc or
-    tcmalloc does for PyTorch on CPU). The cost: a process keeps its peak heap after a long
-    prompt. Only where libc is glibc; once per process."""
-    if platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
-        logger.debug("mallopt refused the thresholds; malloc keeps its defaults")

@@ -26,12 +26,7 @@ from heron.kv.registry import make_policy
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from heron.platform import (
-    free_memory_bytes,
-    keep_freed_memory,
-    resolve_device,
-    resolve_dtype,
-)
+from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
 from heron.spec.layer_skip import default_kept_layers, spread_layers
 from heron.spec.registry import build_speculator
@@ -45,8 +40,6 @@ class Engine:
         self.config = config
         t0 = time.perf_counter()
         self.device = resolve_device(config.device)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.dtype = resolve_dtype(config.dtype, self.device, config.quantization != "none")
         path = resolve_model_path(config.model)
         self.model_path = path
