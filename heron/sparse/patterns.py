@@ -4,10 +4,10 @@
 context's keys and values (``heron.layers.kv_cache.ContextKV``, positions ``0 .. Lk-1``,
 Lk = q_start + Lq; the estimates read ``ctx.keys``, or the cache in place); the mask is
 [H, nQB, nKB] bool over absolute blocks of ``params.block`` positions (query blocks
-``q_start // block ..``), True = compute that block.
-Every pattern returns its mask through :func:`enforce_always_kept`: causal, with the first key
-block (attention sink) and the diagonal block always kept. A threshold of 1.0 keeps every
-causal block, so the attention is exactly dense.
+``q_start // block ..``), True = compute that block. Every pattern's mask is causal, with the
+first key block (attention sink) and the diagonal block always kept (:func:`enforce_always_kept`,
+or the compiled ``kernels.select_blocks``). A threshold of 1.0 keeps every causal block, so
+the attention is exactly dense.
 
 - ``xattention``: antidiagonal scoring with stride S (XAttention): queries of a block are
   regrouped S at a time in reverse order and keys S at a time in order, so one dot product of
