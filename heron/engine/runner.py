@@ -327,20 +327,24 @@ class ModelRunner:
             # Causal over the chunk itself; sliding layers need a mask only past the window.
             window_mask = None
             if window is not None and n > window:
-                causal = q_pos[None, :] <= q_pos[:, None]
-                window_mask = causal & _in_window(q_pos, q_pos, window)
+                window_mask = _context_mask(0, n, n, dev) & _in_window(q_pos, q_pos, window)
             kernel = self.chunk_kernel and n >= _KERNEL_MIN_FIRST_CHUNK
             return PrefillSpan(row, row + n, None, None, window_mask, causal_kernel=kernel)
         bs = self.block_size
         width = -(-(start + n) // bs)
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
-        window_mask = None
-        if window is not None and start + n > window:
-            pos = torch.arange(width * bs, device=dev)
-            window_mask = _context_mask(start, n, width * bs, dev) & _in_window(q_pos, pos, window)
+        windowed = window is not None and start + n > window
         # SDPA with the chunk's mask computes every masked score (the block kernel was ~1.4x
-        # faster at 8k tokens), and building and converting the mask took 1-2% of a prefill.
-        mask = None if self.chunk_kernel else _context_mask(start, n, width * bs, dev)
+        # faster at 8k tokens), and building and converting the mask took 1-2% of a prefill:
+        # where the kernel runs, only sliding-window layers need it.
+        causal = None
+        if windowed or not self.chunk_kernel:
+            causal = _context_mask(start, n, width * bs, dev)
+        window_mask = None
+        if windowed:
+            pos = torch.arange(width * bs, device=dev)
+            window_mask = causal & _in_window(q_pos, pos, window)
+        mask = None if self.chunk_kernel else causal
         return PrefillSpan(
             row, row + n, blocks, mask, window_mask, q_start=start, causal_kernel=self.chunk_kernel
         )
