@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron import LLM, SamplingParams
+from heron import LLM, SamplingParams, kernels
+from tests.test_kernels import assert_decode_loop_matches_the_layers
 from tests.test_parity import assert_matches
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -131,6 +132,17 @@ def test_random_model_matches_transformers(random_model, device):
             want = lsm[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
             got = torch.tensor([out.prompt_logprobs[j][ids[j]].logprob for j in range(1, len(ids))])
             assert (got - want).abs().max().item() < 1e-3, f"{device} {label} prompt {i}"
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_random_model_decode_loop_equals_its_layers(random_model, quantization):
+    """The C++ decode loop on each family it serves (Qwen2's Q/K/V biases: added by the op, or
+    after the int4 kernel); Gemma3 keeps its Python layers."""
+    llm = LLM(str(random_model), quantization=quantization, dtype="float32", kv_cache_memory=2**24)
+    if not hasattr(llm.engine.runner.model, "_decode_loop"):
+        pytest.skip("Gemma3 decodes through its Python layers")
+    assert_decode_loop_matches_the_layers(llm, [[5, 9, 22], [7] * 20])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

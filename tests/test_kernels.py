@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_llm
 
-from heron import SamplingParams, kernels
+from heron import LLM, SamplingParams, kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding
@@ -89,6 +89,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(kernels, "paged_decode", lambda *a: calls.append(1) or original(*a))
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm.engine.runner.model.decode_loop_enabled = False  # its C++ calls bypass the wrapper
     with_kernel = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.runner.decode_kernel and calls
     llm.engine.runner.decode_kernel = False
@@ -211,3 +212,63 @@ def test_engine_long_first_chunk_through_the_block_kernel(monkeypatch):
     assert a.token_ids == b.token_ids
     first = a.token_ids[0]
     assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05
+
+
+def assert_decode_loop_matches_the_layers(llm: LLM, prompts: list) -> None:
+    """Every decode step the C++ loop (``kernels.decode_layers``) runs is run again through
+    the model's Python layers on the same input: the hidden states must be equal bit for bit
+    (the same ops in the same order), and the loop must have run."""
+    model = llm.engine.runner.model
+    steps = []
+
+    class Checked:
+        def __init__(self, loop):
+            self.loop = loop
+
+        def forward(self, x, cos, sin, keys, values, slots, tables, lens, bs, which):
+            got = self.loop.forward(x, cos, sin, keys, values, slots, tables, lens, bs, which)
+            meta = AttentionMetadata(slots, bs, x.shape[0], tables, decode_lens=lens)
+            want = x
+            for i in which:  # rewrites the same K/V at the same slots
+                want = model.layers[i](want, (cos, sin), (keys[i], values[i]), meta)
+            steps.append(torch.equal(got, want))
+            return got
+
+    original = model._decode_loop
+    model._decode_loop = lambda *a: (loop := original(*a)) and Checked(loop)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    assert steps and all(steps), f"{steps.count(False)} of {len(steps)} steps differ"
+
+
+@pytest.mark.parametrize(
+    "quantization, dtype",
+    [("none", "float32"), ("none", "bfloat16"), ("int8", "bfloat16"), ("int4", "float32")],
+)
+def test_decode_loop_equals_the_python_layers(quantization, dtype):
+    """Each weight kind the loop replays (F.linear, oneDNN-packed bf16, int8, int4 with the
+    fp32 <-> bf16 conversions around it), alone and batched."""
+    llm = make_llm(quantization=quantization, dtype=dtype, max_num_seqs=4)
+    assert_decode_loop_matches_the_layers(llm, ["The capital of France is", "def f(x):", "Hi"])
+    assert type(llm.engine.runner.model._decode_layers).__name__ == "DecodeLayers"
+
+
+def test_decode_loop_stays_out_of_other_steps():
+    """Prefill chunks and batches above GEMV_MAX_ROWS decode rows run the Python layers."""
+    llm = make_llm(max_num_seqs=20)
+    model = llm.engine.runner.model
+    sizes = []
+    original = model._decode_loop
+
+    def spy(x, kv_caches, meta):
+        loop = original(x, kv_caches, meta)
+        if loop is not None:
+            sizes.append(x.shape[0])
+        return loop
+
+    model._decode_loop = spy
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.generate([f"Tell me about {i}" for i in range(20)], params, use_tqdm=False)
+    assert not sizes  # 20 rows > 16
+    llm.generate(["Tell me about a cat"], params, use_tqdm=False)
+    assert sizes == [1, 1]  # the two decode steps; the prefill stayed in Python

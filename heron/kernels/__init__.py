@@ -20,7 +20,13 @@ logger = logging.getLogger(__name__)
 _DIR = Path(__file__).parent
 _SOURCES = [
     _DIR / name
-    for name in ("paged_decode.cpp", "layer_ops.cpp", "sparse_prefill.cpp", "bindings.cpp")
+    for name in (
+        "paged_decode.cpp",
+        "layer_ops.cpp",
+        "sparse_prefill.cpp",
+        "decode_layers.cpp",
+        "bindings.cpp",
+    )
 ]
 _HEADER = _DIR / "heron_kernels.h"
 
@@ -181,3 +187,43 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2I] (the fused projection's two halves)."""
     return _module().silu_mul(gate_up)
+
+
+def decode_linear(
+    kind: str,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None,
+    group_size: int,
+    bias: torch.Tensor | None,
+) -> object:
+    """One linear of :func:`decode_layers` (``heron.layers.quantized_linear.LinearSpec``)."""
+    return _module().DecodeLinear(kind, weight, scales, group_size, bias)
+
+
+def decode_layer(
+    input_norm: torch.Tensor,
+    qkv: object,
+    o: object,
+    post_norm: torch.Tensor,
+    gate_up: object,
+    down: object,
+) -> object:
+    """One Llama-family decoder layer of :func:`decode_layers`: its two RMSNorm weights and
+    its four linears (:func:`decode_linear`)."""
+    return _module().DecodeLayer(input_norm, qkv, o, post_norm, gate_up, down)
+
+
+def decode_layers(
+    layers: list[object],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    scale: float,
+) -> object:
+    """A Llama-family decoder as one C++ loop for decode steps. Its ``forward(x, cos, sin,
+    k_caches, v_caches, slot_mapping, tables, lens, block_size, layer_indices)`` computes what
+    ``LlamaDecoderLayer.forward`` computes layer after layer, op for op (so bit for bit), for
+    ``x`` [B, hidden], B decode rows of one query each (at most ``GEMV_MAX_ROWS``) attending
+    through :func:`paged_decode`. Call only where :func:`available` is true."""
+    return _module().DecodeLayers(layers, num_heads, num_kv_heads, head_dim, eps, scale)

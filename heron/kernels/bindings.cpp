@@ -11,4 +11,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  py::class_<DecodeLinear>(m, "DecodeLinear")
+      .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
+                    std::optional<torch::Tensor>>());
+  py::class_<DecodeLayer>(m, "DecodeLayer")
+      .def(py::init<torch::Tensor, DecodeLinear, DecodeLinear, torch::Tensor, DecodeLinear,
+                    DecodeLinear>());
+  py::class_<DecodeLayers>(m, "DecodeLayers")
+      .def(py::init<std::vector<DecodeLayer>, int64_t, int64_t, int64_t, double, double>())
+      .def("forward", &DecodeLayers::forward, "the decoder layers of a step of decode rows");
 }

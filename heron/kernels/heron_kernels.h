@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 // paged_decode.cpp
@@ -27,3 +28,45 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
                                 std::optional<torch::Tensor> table, int64_t cache_block,
                                 int64_t q_start, int64_t block, int64_t stride, double scale);
 torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0);
+
+// decode_layers.cpp
+// One linear as its module computes it for a decode step's few rows: "dense" (F.linear),
+// "mkldnn" (a oneDNN-packed bf16 weight), "int8" / "int4" (PyTorch's packed CPU kernels).
+class DecodeLinear {
+ public:
+  DecodeLinear(std::string kind, torch::Tensor weight, std::optional<torch::Tensor> scales,
+               int64_t group_size, std::optional<torch::Tensor> bias);
+  torch::Tensor operator()(const torch::Tensor& x) const;
+
+ private:
+  enum class Kind { kDense, kMkldnn, kInt8, kInt4 };
+  Kind kind_;
+  torch::Tensor weight_;
+  std::optional<torch::Tensor> scales_;
+  int64_t group_size_;
+  std::optional<torch::Tensor> bias_;
+};
+
+// A Llama-family decoder layer's weights.
+struct DecodeLayer {
+  torch::Tensor input_norm;
+  DecodeLinear qkv, o;
+  torch::Tensor post_norm;
+  DecodeLinear gate_up, down;
+};
+
+class DecodeLayers {
+ public:
+  DecodeLayers(std::vector<DecodeLayer> layers, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, double eps, double scale);
+  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+                        const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slots,
+                        const torch::Tensor& tables, const torch::Tensor& lens,
+                        int64_t block_size, const std::vector<int64_t>& which) const;
+
+ private:
+  std::vector<DecodeLayer> layers_;
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+};

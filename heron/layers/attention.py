@@ -85,6 +85,19 @@ class AttentionMetadata:
     # a chosen subset of their cache (heron.kv.tokenselect.SelectedDecodes), or None.
     selected: object | None = None
 
+    def plain_decodes(self, num_rows: int) -> bool:
+        """Whether all ``num_rows`` rows of the step are decode rows of one query each that
+        attend through the compiled kernel, with nothing else per layer: no prefill chunk, no
+        captured queries, no TokenSelect rows, no per-layer masks."""
+        return (
+            self.decode_lens is not None
+            and self.num_decodes == num_rows
+            and not self.prefills
+            and self.capture_rows is None
+            and self.selected is None
+            and self.decode_layer_masks is None
+        )
+
     def make_masks_additive(self, dtype: torch.dtype) -> None:
         """Turn every mask of the step (shared by all layers) into 0 / -inf biases once: SDPA
         would otherwise convert a boolean mask in every layer (at 8k tokens that conversion

@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from heron.layers.quantized_linear import replace_linears
+from heron.layers.quantized_linear import LinearSpec, replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ class PackedLinear(nn.Module):
             "packed", torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS), persistent=False
         )
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
+
+    def decode_spec(self) -> LinearSpec:
+        return ("mkldnn", self.packed, None, 0, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -31,6 +31,10 @@ QUANTIZATIONS = ("none", "int8", "int4")
 GEMV_MAX_ROWS = 16
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed CPU kernels take bf16 activations and scales
+# How heron's C++ decode loop computes a linear (heron.kernels.DecodeLinear's arguments):
+# (kind, weight, scales, group size, bias), the same product as the module's forward for up
+# to GEMV_MAX_ROWS rows.
+LinearSpec = tuple[str, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]
 
 
 class Int8Linear(nn.Module):
@@ -46,6 +50,9 @@ class Int8Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
+
+    def decode_spec(self) -> LinearSpec:
+        return ("int8", self.qweight, self.kernel_scale, 0, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
@@ -74,6 +81,9 @@ class Int4Linear(nn.Module):
         w = unpack_int4(self.packed, out_f, in_f, dtype).view(out_f, -1, self.group_size)
         scale, zero = self.scale_zero.to(dtype).permute(2, 1, 0)[..., None]  # [out, groups, 1]
         return w.sub_(8).mul_(scale).add_(zero).view(out_f, in_f)
+
+    def decode_spec(self) -> LinearSpec:
+        return ("int4", self.packed, self.scale_zero, self.group_size, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
@@ -150,6 +160,15 @@ def quantize_linears(model: nn.Module, quantization: str) -> None:
     replace_linears(
         model, lambda name, linear: _quantize(linear, "int8" if name == "lm_head" else quantization)
     )
+
+
+def decode_spec(linear: nn.Module) -> LinearSpec | None:
+    """``linear``'s :data:`LinearSpec` where it has one (a plain ``nn.Linear`` or a packed
+    form), else None."""
+    if type(linear) is nn.Linear:
+        return ("dense", linear.weight, None, 0, linear.bias)
+    spec = getattr(linear, "decode_spec", None)
+    return None if spec is None else spec()
 
 
 def replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron import kernels
 from heron.layers.attention import AttentionMetadata
 from heron.layers.mlp import GatedMLP
 from heron.layers.norm import RMSNorm
+from heron.layers.quantized_linear import GEMV_MAX_ROWS, decode_spec
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
@@ -60,6 +62,10 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Decode steps through heron's C++ layer loop where it applies (``_decode_loop``);
+        # off: always the Python layers (the loop's tests compare the two).
+        self.decode_loop_enabled = True
+        self._decode_layers: object | None = None  # built on first use; False: not possible
 
     def forward(
         self,
@@ -73,9 +79,47 @@ class LlamaForCausalLM(nn.Module):
         ``layers``: run only these layers (a self-speculative draft); None runs all."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
-        for i in range(len(self.layers)) if layers is None else layers:
-            x = self.layers[i](x, cos_sin, kv_caches[i], meta)
+        which = range(len(self.layers)) if layers is None else layers
+        loop = self._decode_loop(x, kv_caches, meta)
+        if loop is not None:
+            keys, values = zip(*kv_caches, strict=True)
+            x = loop.forward(
+                x,
+                *cos_sin,
+                keys,
+                values,
+                meta.slot_mapping,
+                meta.decode_blocks,
+                meta.decode_lens,
+                meta.block_size,
+                list(which),
+            )
+        else:
+            for i in which:
+                x = self.layers[i](x, cos_sin, kv_caches[i], meta)
         return self.norm(x)
+
+    def _decode_loop(
+        self,
+        x: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> object | None:
+        """heron's C++ loop over the layers (``kernels.DecodeLayers``, the same ops as the
+        layers' forward, without Python between them) where it applies: a step of a few plain
+        decode rows on CPU with a plain KV cache; built on the first such step. None: run the
+        layers in Python."""
+        if not (
+            self.decode_loop_enabled
+            and x.shape[0] <= GEMV_MAX_ROWS
+            and meta.plain_decodes(x.shape[0])
+            and isinstance(kv_caches[0][0], torch.Tensor)
+            and kernels.usable(x)
+        ):
+            return None
+        if self._decode_layers is None:
+            self._decode_layers = _build_decode_layers(self) or False
+        return self._decode_layers or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -91,6 +135,32 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         load_fused_weights(self, weights, self.config)
+
+
+def _build_decode_layers(model: LlamaForCausalLM) -> object | None:
+    """The C++ decode loop over ``model``'s layers, or None where a layer holds something it
+    does not replay (a linear of another kind, an activation other than SiLU, a norm with a
+    weight offset)."""
+    cfg = model.config
+    layers = []
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        specs = [decode_spec(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj)]
+        specs.append(decode_spec(mlp.down_proj))
+        if (
+            None in specs
+            or mlp.act is not F.silu
+            or attn.q_norm is not None
+            or any(n.offset or n.eps != cfg.rms_norm_eps for n in norms)
+        ):
+            return None
+        qkv, o, gate_up, down = (kernels.decode_linear(*spec) for spec in specs)
+        layers.append(kernels.decode_layer(norms[0].weight, qkv, o, norms[1].weight, gate_up, down))
+    scale = model.layers[0].self_attn.scale
+    return kernels.decode_layers(
+        layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, scale
+    )
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
