@@ -33,16 +33,18 @@ def _paged_case(dtype: torch.dtype, seed: int = 0):
     return k_cache, v_cache, tables, lens
 
 
-def _reference(q, k_cache, v_cache, tables, lens, scale):
-    """Gather every sequence's blocks and run SDPA over the valid slots, per query head."""
+def _reference(q, k_cache, v_cache, tables, lens, scale, valid=None):
+    """Gather every sequence's blocks and run SDPA over the valid slots (``valid`` [B, slots],
+    default: those below each length), per query head."""
     b, width = tables.shape
     kd = k_cache.view(-1, BS, HKV, D)[tables.reshape(-1)].view(b, width * BS, HKV, D)
     vd = v_cache.view(-1, BS, HKV, D)[tables.reshape(-1)].view(b, width * BS, HKV, D)
     kd = kd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
     vd = vd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
-    valid = (torch.arange(width * BS)[None, :] < lens[:, None])[:, None, None]
+    if valid is None:
+        valid = torch.arange(width * BS)[None, :] < lens[:, None]
     out = F.scaled_dot_product_attention(
-        q.reshape(b, HKV * GROUP, 1, D).float(), kd, vd, attn_mask=valid, scale=scale
+        q.reshape(b, HKV * GROUP, 1, D).float(), kd, vd, attn_mask=valid[:, None, None], scale=scale
     )
     return out.view(b, HKV, GROUP, D)
 
@@ -55,6 +57,25 @@ def test_paged_decode_equals_gathered_attention(dtype, tol):
     assert out.dtype == dtype and out.shape == q.shape
     want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5)
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+
+
+def test_paged_decode_sees_only_the_visible_slots():
+    """A draft-tree row laid out as a decode row: from slot ``start`` on, it sees only the
+    slots whose bit is set (its ancestors and itself)."""
+    k_cache, v_cache, tables, lens = _paged_case(torch.float32, seed=2)
+    q = torch.randn(6, HKV, GROUP, D)
+    start = (lens - 5).clamp(min=0)
+    bits = torch.tensor([0b1, 0b10101, 0b10011, 0b10001, 0b11111, 0b11001])
+    out = kernels.paged_decode(
+        q, k_cache, v_cache, tables, lens, BS, D**-0.5, torch.stack([start, bits], 1)
+    )
+    pos = torch.arange(tables.shape[1] * BS)[None, :]
+    j = (pos - start[:, None]).clamp(0, 62)
+    seen = (pos < start[:, None]) | ((bits[:, None] >> j) & 1).bool()
+    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5, seen & (pos < lens[:, None]))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    plain = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5)
+    assert not torch.allclose(out[1:], plain[1:], atol=1e-3)  # the hidden slots mattered
 
 
 def test_paged_attention_kernel_path_equals_torch_path():
@@ -225,9 +246,12 @@ def assert_decode_loop_matches_the_layers(llm: LLM, prompts: list) -> None:
         def __init__(self, loop):
             self.loop = loop
 
-        def forward(self, x, cos, sin, keys, values, slots, tables, lens, bs, which):
-            got = self.loop.forward(x, cos, sin, keys, values, slots, tables, lens, bs, which)
+        def forward(self, x, cos, sin, keys, values, slots, tables, lens, visible, bs, which):
+            got = self.loop.forward(
+                x, cos, sin, keys, values, slots, tables, lens, visible, bs, which
+            )
             meta = AttentionMetadata(slots, bs, x.shape[0], tables, decode_lens=lens)
+            meta.decode_visible = visible
             want = x
             for i in which:  # rewrites the same K/V at the same slots
                 want = model.layers[i](want, (cos, sin), (keys[i], values[i]), meta)
@@ -250,12 +274,15 @@ def test_decode_loop_equals_the_python_layers(quantization, dtype):
     fp32 <-> bf16 conversions around it), alone and batched."""
     llm = make_llm(quantization=quantization, dtype=dtype, max_num_seqs=4)
     assert_decode_loop_matches_the_layers(llm, ["The capital of France is", "def f(x):", "Hi"])
-    assert type(llm.engine.runner.model._decode_layers).__name__ == "DecodeLayers"
+    assert type(llm.engine.runner.model._decode_layers[0]).__name__ == "DecodeLayers"
 
 
-def test_decode_loop_stays_out_of_other_steps():
-    """Prefill chunks and batches above GEMV_MAX_ROWS decode rows run the Python layers."""
-    llm = make_llm(max_num_seqs=20)
+@pytest.mark.parametrize("quantization, big_batches", [("none", True), ("int8", False)])
+def test_decode_loop_takes_decode_steps_only(quantization, big_batches):
+    """Prefill chunks run the Python layers, and so do decode steps of more than
+    GEMV_MAX_ROWS rows where the weights are quantized (the loop replays the packed kernels
+    only)."""
+    llm = make_llm(quantization=quantization, max_num_seqs=20)
     model = llm.engine.runner.model
     sizes = []
     original = model._decode_loop
@@ -269,6 +296,7 @@ def test_decode_loop_stays_out_of_other_steps():
     model._decode_loop = spy
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm.generate([f"Tell me about {i}" for i in range(20)], params, use_tqdm=False)
-    assert not sizes  # 20 rows > 16
+    assert sizes == ([20, 20] if big_batches else [])  # the two decode steps
+    sizes.clear()
     llm.generate(["Tell me about a cat"], params, use_tqdm=False)
-    assert sizes == [1, 1]  # the two decode steps; the prefill stayed in Python
+    assert sizes == [1, 1]

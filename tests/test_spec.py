@@ -341,6 +341,18 @@ def test_cache_after_rejections_equals_plain_run(llm, spec, prompt):
     """Positions computed so far hold the same K/V with a speculative run (drafts partly
     accepted, partly rolled back) as without one."""
     spec = make_llm(**spec)
+    branch_rows = 0  # decode rows (compiled kernel or C++ loop) skipping a sibling's slot
+    forward = spec.engine.runner._forward
+
+    def counting(ids, positions, meta, layers=None):
+        nonlocal branch_rows
+        visible = meta.decode_visible
+        if visible is not None:
+            chain = (1 << (meta.decode_lens - visible[:, 0])) - 1  # every slot from `from` on
+            branch_rows += int((visible[:, 1] != chain).sum())
+        return forward(ids, positions, meta, layers)
+
+    spec.engine.runner._forward = counting
     moves = []
     move_slots = spec.engine.runner.move_slots
     spec.engine.runner.move_slots = lambda table, m: (moves.append(m), move_slots(table, m))
@@ -364,6 +376,8 @@ def test_cache_after_rejections_equals_plain_run(llm, spec, prompt):
     torch.testing.assert_close(kv_a[:, :, :m], kv_b[:, :, :m], atol=1e-4, rtol=1e-4)
     if spec.engine.config.speculative_method == "lookahead":
         assert moves, "no accepted branch needed moving: the test did not exercise it"
+        # Draft trees verify through the kernel too, each branch's rows skipping the others.
+        assert not kernels.available() or branch_rows > 0
 
 
 PROMPT = "My favourite colour is"

@@ -125,6 +125,7 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         decode_trees: list[list[int] | None] = []  # a verifying sequence's draft tree
+        decode_visible: list[tuple[int, int] | None] = []  # a draft-tree row's (from, bits)
         prefills: list[PrefillSpan] = []
         capture: list[int] = []  # KV compression: rows whose queries the policies need
         capture_of: dict[int, tuple[int, int, list[int]]] = {}
@@ -177,18 +178,22 @@ class ModelRunner:
                 selected.slots.append(table_slots(table, start - ev + 1, bs, self.device))
                 selected.states.append(seq.kv)
             elif _is_decode(seq, n):
-                if tree is not None and _chain_rows(seq, tree):
-                    # Row i of a draft chain sees the context and the drafts up to i: a prefix
-                    # of the same blocks, so each row is a plain decode row of its own length
-                    # (and takes the compiled kernel, as plain decode steps do).
-                    for i in range(n):
+                if tree is not None and _rows_as_decodes(seq, tree, self.sliding_window):
+                    # Row i of a draft tree sees the context, its ancestors and itself, all
+                    # at slots up to its own (parents precede children): a decode row of its
+                    # own length that skips the other drafts' slots (a chain skips none), so
+                    # it takes the compiled kernel as plain decode steps do.
+                    for i, sees in enumerate(_tree_mask(tree, torch.device("cpu")).tolist()):
                         decode_tables.append(table)
                         decode_lens.append(start + i + 1)
                         decode_trees.append(None)
+                        bits = sum(1 << j for j, seen in enumerate(sees) if seen)
+                        decode_visible.append((start, bits))
                 else:
                     decode_tables.append(table)
                     decode_lens.append(start - ev + n)
                     decode_trees.append(tree)
+                    decode_visible.append(None)
             else:
                 span = self._prefill_span(row, start - ev, n, table)
                 if seq.kv is not None and seq.kv.layer_lens is not None:
@@ -216,7 +221,7 @@ class ModelRunner:
             selected=selected,
         )
         if decode_lens:
-            self._decode_tables(meta, decode_tables, decode_lens, decode_trees)
+            self._decode_tables(meta, decode_tables, decode_lens, decode_trees, decode_visible)
             if holes:
                 meta.decode_layer_masks = _hole_masks(meta.decode_mask, holes)
         meta.make_masks_additive(self.dtype)
@@ -355,11 +360,14 @@ class ModelRunner:
         tables: list[list[int]],
         lens: list[int],
         trees: list[list[int] | None] | None = None,
+        visible: list[tuple[int, int] | None] | None = None,
     ) -> None:
         """The decode rows' padded block tables and masks (valid slots; the sliding-window one
         where the window hides something). ``lens``: slots each sequence holds after this
         step; a sequence with a draft tree (``trees[i]``) has 1 + len(tree) query rows, which
-        see the slots before them and their own ancestors (``decode_rows``)."""
+        see the slots before them and their own ancestors (``decode_rows``). ``visible[i]``
+        = (from, bits): row i sees slot from + j only where bit j is set (a draft tree's row
+        laid out as a decode row of its own)."""
         bs, dev, window = self.block_size, self.device, self.sliding_window
         max_len = max(lens)
         width = -(-max_len // bs)
@@ -373,6 +381,10 @@ class ModelRunner:
         m = max(counts)
         q_pos = torch.tensor(lens)[:, None] - 1
         mask = (pos[None, :] < q_pos + 1)[:, None]  # [B, 1, slots]
+        tree_rows = [(i, v) for i, v in enumerate(visible or []) if v is not None]
+        for i, (start, bits) in tree_rows:
+            hidden = [start + j for j in range(lens[i] - start) if not (bits >> j) & 1]
+            mask[i, 0, hidden] = False
         if m > 1:
             mask, q_pos, rows, valid = _verify_rows(lens, trees, counts, m, pos)
             group = self.cfg.num_heads // self.cfg.num_kv_heads
@@ -387,6 +399,11 @@ class ModelRunner:
         meta.decode_window_mask = None if window_mask is None else window_mask[:, None].to(dev)
         if m == 1 and self.decode_kernel:
             meta.decode_lens = torch.tensor(lens, dtype=torch.long)
+            if tree_rows:
+                vis = torch.tensor([[n, 0] for n in lens], dtype=torch.long)
+                for i, (start, bits) in tree_rows:
+                    vis[i] = torch.tensor([start, bits])
+                meta.decode_visible = vis
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if self.kivi is not None:
@@ -476,10 +493,14 @@ def _hole(lens: torch.Tensor, end: int, width: int) -> torch.Tensor:
     return (pos[None, :] >= lens[:, None]) & (pos[None, :] < end)
 
 
-def _chain_rows(seq, tree: list[int]) -> bool:
-    """Whether a verifying sequence's rows can attend as independent decode rows: its drafts
-    form a chain and its cache is uncompressed (slot = position, no per-layer holes)."""
-    return seq.kv is None and tree == chain_parents(len(tree))
+def _rows_as_decodes(seq, tree: list[int], sliding_window: int | None) -> bool:
+    """Whether a verifying sequence's rows can attend as independent decode rows: its cache
+    is uncompressed (no per-layer holes), the tree fits the kernel's 63-bit visibility mask,
+    and, where the model has sliding windows (measured from a row's slot, which for a branch
+    is past its position), the drafts form a chain."""
+    if seq.kv is not None or len(tree) >= 63:
+        return False
+    return sliding_window is None or tree == chain_parents(len(tree))
 
 
 def _is_decode(seq, n: int) -> bool:

@@ -157,12 +157,14 @@ def paged_decode(
     lens: torch.Tensor,
     block_size: int,
     scale: float,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention read in place from the paged cache: ``q`` [B, Hkv, G, D] (the G query
     heads of each KV head), caches [slots, Hkv, D], ``tables`` [B, W] int64 block ids,
-    ``lens`` [B] int64 (slots ``< len`` are attended). Returns [B, Hkv, G, D]. Call only where
-    :func:`available` is true."""
-    return _module().paged_decode(q, k_cache, v_cache, tables, lens, block_size, scale)
+    ``lens`` [B] int64 (slots ``< len`` are attended); ``visible`` [B, 2] int64 (from, bits):
+    slot ``from + j`` is attended only where bit j is set (a draft tree's row sees its
+    ancestors). Returns [B, Hkv, G, D]. Call only where :func:`available` is true."""
+    return _module().paged_decode(q, k_cache, v_cache, tables, lens, visible, block_size, scale)
 
 
 def rms_norm(
@@ -222,8 +224,9 @@ def decode_layers(
     scale: float,
 ) -> object:
     """A Llama-family decoder as one C++ loop for decode steps. Its ``forward(x, cos, sin,
-    k_caches, v_caches, slot_mapping, tables, lens, block_size, layer_indices)`` computes what
-    ``LlamaDecoderLayer.forward`` computes layer after layer, op for op (so bit for bit), for
-    ``x`` [B, hidden], B decode rows of one query each (at most ``GEMV_MAX_ROWS``) attending
-    through :func:`paged_decode`. Call only where :func:`available` is true."""
+    k_caches, v_caches, slot_mapping, tables, lens, visible, block_size, layer_indices)``
+    computes what ``LlamaDecoderLayer.forward`` computes layer after layer, op for op (so bit
+    for bit), for ``x`` [B, hidden], B decode rows of one query each (at most
+    ``GEMV_MAX_ROWS``) attending through :func:`paged_decode`. Call only where
+    :func:`available` is true."""
     return _module().DecodeLayers(layers, num_heads, num_kv_heads, head_dim, eps, scale)

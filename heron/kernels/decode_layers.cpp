@@ -88,8 +88,9 @@ torch::Tensor DecodeLayers::forward(torch::Tensor x, const torch::Tensor& cos,
                                     const std::vector<torch::Tensor>& k_caches,
                                     const std::vector<torch::Tensor>& v_caches,
                                     const torch::Tensor& slots, const torch::Tensor& tables,
-                                    const torch::Tensor& lens, int64_t block_size,
-                                    const std::vector<int64_t>& which) const {
+                                    const torch::Tensor& lens,
+                                    const std::optional<torch::Tensor>& visible,
+                                    int64_t block_size, const std::vector<int64_t>& which) const {
   const int64_t t = x.size(0), heads = num_heads_, kv_heads = num_kv_heads_, dim = head_dim_;
   TORCH_CHECK(x.dim() == 2 && tables.size(0) == t && lens.size(0) == t,
               "DecodeLayers: one decode row per sequence");
@@ -108,7 +109,7 @@ torch::Tensor DecodeLayers::forward(torch::Tensor x, const torch::Tensor& cos,
     v_caches[i].index_copy_(0, slots, qkv.narrow(1, heads + kv_heads, kv_heads));
     const torch::Tensor q = qkv.narrow(1, 0, heads).view({t, kv_heads, heads / kv_heads, dim});
     const torch::Tensor o =
-        paged_decode(q, k_caches[i], v_caches[i], tables, lens, block_size, scale_);
+        paged_decode(q, k_caches[i], v_caches[i], tables, lens, visible, block_size, scale_);
     const torch::Tensor h = layer.o(o.view({t, heads * dim}));
     // post_attention_layernorm.add_and_norm(h, x), then x + mlp(normed)
     const std::vector<torch::Tensor> sum_normed =

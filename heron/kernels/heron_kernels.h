@@ -9,7 +9,8 @@
 
 // paged_decode.cpp
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor tables, torch::Tensor lens, int64_t block_size,
+                           torch::Tensor tables, torch::Tensor lens,
+                           std::optional<torch::Tensor> visible, int64_t block_size,
                            double scale);
 
 // layer_ops.cpp
@@ -63,7 +64,8 @@ class DecodeLayers {
                         const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slots,
                         const torch::Tensor& tables, const torch::Tensor& lens,
-                        int64_t block_size, const std::vector<int64_t>& which) const;
+                        const std::optional<torch::Tensor>& visible, int64_t block_size,
+                        const std::vector<int64_t>& which) const;
 
  private:
   std::vector<DecodeLayer> layers_;

@@ -41,8 +41,9 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
 // compiler unroll the per-row loops without remainder code; 0: read from ``head_dim``.
 template <typename T, int64_t kDim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
-                   const int64_t* lens, T* out, int64_t batch, int64_t kv_heads, int64_t group,
-                   int64_t head_dim, int64_t width, int64_t block_size, float scale) {
+                   const int64_t* lens, const int64_t* visible, T* out, int64_t batch,
+                   int64_t kv_heads, int64_t group, int64_t head_dim, int64_t width,
+                   int64_t block_size, float scale) {
   const int64_t dim = kDim > 0 ? kDim : head_dim;
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), scores(group * block_size);
@@ -50,6 +51,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads, h = task % kv_heads;
       const int64_t len = lens[b];
+      // A draft-tree row sees slots from `from` on only where its bit is set (its ancestors
+      // and itself); other rows see every slot below len.
+      const int64_t from = visible != nullptr ? visible[2 * b] : len;
+      const uint64_t bits = visible != nullptr ? static_cast<uint64_t>(visible[2 * b + 1]) : 0;
       const T* qp = q + (b * kv_heads + h) * group * dim;
       load_row(qp, qf.data(), group * dim);
       for (int64_t i = 0; i < group * dim; ++i) qf[i] *= scale;
@@ -81,6 +86,11 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
             for (int64_t d = 0; d < dim; ++d) s += qg[d] * kf[d];
             scores[g * block_size + t] = s;
           }
+        }
+        for (int64_t t = std::max<int64_t>(0, from - blk * block_size); t < n; ++t) {
+          const int64_t j = blk * block_size + t - from;
+          if (j < 64 && ((bits >> j) & 1u)) continue;
+          for (int64_t g = 0; g < group; ++g) scores[g * block_size + t] = kNoScore;
         }
         for (int64_t g = 0; g < group; ++g) {
           float* sg = scores.data() + g * block_size;
@@ -123,10 +133,12 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
 }  // namespace
 
 // q: [B, Hkv, G, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64 block ids;
-// lens: [B] int64 tokens in the cache per sequence (slots < len are attended). Returns
-// [B, Hkv, G, D] in q's dtype.
+// lens: [B] int64 tokens in the cache per sequence (slots < len are attended); visible:
+// optional [B, 2] int64 (from, bits): slot from + j (j < 64) is attended only where bit j of
+// bits is set (a draft tree's row: its ancestors). Returns [B, Hkv, G, D] in q's dtype.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor tables, torch::Tensor lens, int64_t block_size,
+                           torch::Tensor tables, torch::Tensor lens,
+                           std::optional<torch::Tensor> visible, int64_t block_size,
                            double scale) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode: bad shapes");
@@ -140,6 +152,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   v_cache = v_cache.contiguous();
   tables = tables.contiguous();
   lens = lens.contiguous();
+  const int64_t* vis = nullptr;
+  if (visible.has_value()) {
+    TORCH_CHECK(visible->scalar_type() == at::kLong && visible->dim() == 2 &&
+                    visible->size(0) == q.size(0) && visible->size(1) == 2,
+                "paged_decode: visible must be [B, 2] int64");
+    visible = visible->contiguous();
+    vis = visible->data_ptr<int64_t>();
+  }
   const int64_t batch = q.size(0), kv_heads = q.size(1), group = q.size(2), dim = q.size(3);
   TORCH_CHECK(k_cache.size(1) == kv_heads && k_cache.size(2) == dim, "paged_decode: head shape");
   auto out = torch::empty_like(q);
@@ -147,8 +167,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     auto run = [&](auto head_dim) {
       decode_kernel<scalar_t, decltype(head_dim)::value>(
           q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), batch,
-          kv_heads, group, dim, tables.size(1), block_size, static_cast<float>(scale));
+          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, out.data_ptr<scalar_t>(),
+          batch, kv_heads, group, dim, tables.size(1), block_size, static_cast<float>(scale));
     };
     switch (dim) {
       case 64: run(std::integral_constant<int64_t, 64>{}); break;

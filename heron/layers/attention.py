@@ -69,6 +69,9 @@ class AttentionMetadata:
     # [B] slots each decode row attends to, set where every decode row is a single query and
     # the compiled kernel (heron.kernels.paged_decode) may read the cache in place; else None.
     decode_lens: torch.Tensor | None = None
+    # [B, 2] (from, bits) with decode_lens where some decode row is a draft-tree row: slot
+    # from + j is seen only where bit j is set (heron.kernels.paged_decode); None: all < len.
+    decode_visible: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sequences verifying drafts have several decode rows: the flat batch row of each
     # sequence's i-th query ([B, M], padded with its first) and the indices of the real ones
@@ -150,7 +153,14 @@ def paged_attention(
     if in_kernel:
         qd = q[:b].view(b, num_kv_heads, group, head_dim)
         od = kernels.paged_decode(
-            qd, k_cache, v_cache, meta.decode_blocks, meta.decode_lens, meta.block_size, scale
+            qd,
+            k_cache,
+            v_cache,
+            meta.decode_blocks,
+            meta.decode_lens,
+            meta.block_size,
+            scale,
+            meta.decode_visible,
         ).view(b, num_heads, head_dim)
         if b == q.shape[0]:  # a step of plain decodes only: nothing else to place
             return od

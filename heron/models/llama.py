@@ -5,7 +5,9 @@ network with Q/K/V biases (``qwen2.py``)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,8 @@ class LlamaForCausalLM(nn.Module):
         # Decode steps through heron's C++ layer loop where it applies (``_decode_loop``);
         # off: always the Python layers (the loop's tests compare the two).
         self.decode_loop_enabled = True
-        self._decode_layers: object | None = None  # built on first use; False: not possible
+        # (the loop, the most rows it takes), built on first use; False: not possible here
+        self._decode_layers: tuple[object, int] | Literal[False] | None = None
 
     def forward(
         self,
@@ -91,6 +94,7 @@ class LlamaForCausalLM(nn.Module):
                 meta.slot_mapping,
                 meta.decode_blocks,
                 meta.decode_lens,
+                meta.decode_visible,
                 meta.block_size,
                 list(which),
             )
@@ -106,12 +110,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> object | None:
         """heron's C++ loop over the layers (``kernels.DecodeLayers``, the same ops as the
-        layers' forward, without Python between them) where it applies: a step of a few plain
-        decode rows on CPU with a plain KV cache; built on the first such step. None: run the
-        layers in Python."""
+        layers' forward, without Python between them) where it applies: a step of plain
+        decode rows on CPU with a plain KV cache, at most ``GEMV_MAX_ROWS`` of them with
+        quantized weights (more take the dequantizing path); built on the first such step.
+        None: run the layers in Python."""
         if not (
             self.decode_loop_enabled
-            and x.shape[0] <= GEMV_MAX_ROWS
             and meta.plain_decodes(x.shape[0])
             and isinstance(kv_caches[0][0], torch.Tensor)
             and kernels.usable(x)
@@ -119,7 +123,10 @@ class LlamaForCausalLM(nn.Module):
             return None
         if self._decode_layers is None:
             self._decode_layers = _build_decode_layers(self) or False
-        return self._decode_layers or None
+        if not self._decode_layers:
+            return None
+        loop, max_rows = self._decode_layers
+        return loop if x.shape[0] <= max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -137,12 +144,12 @@ class LlamaForCausalLM(nn.Module):
         load_fused_weights(self, weights, self.config)
 
 
-def _build_decode_layers(model: LlamaForCausalLM) -> object | None:
-    """The C++ decode loop over ``model``'s layers, or None where a layer holds something it
-    does not replay (a linear of another kind, an activation other than SiLU, a norm with a
-    weight offset)."""
+def _build_decode_layers(model: LlamaForCausalLM) -> tuple[object, int] | None:
+    """The C++ decode loop over ``model``'s layers and the most rows it takes, or None where a
+    layer holds something it does not replay (a linear of another kind, an activation other
+    than SiLU, a norm with a weight offset)."""
     cfg = model.config
-    layers = []
+    layers, kinds = [], set()
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
@@ -155,12 +162,14 @@ def _build_decode_layers(model: LlamaForCausalLM) -> object | None:
             or any(n.offset or n.eps != cfg.rms_norm_eps for n in norms)
         ):
             return None
+        kinds.update(spec[0] for spec in specs)
         qkv, o, gate_up, down = (kernels.decode_linear(*spec) for spec in specs)
         layers.append(kernels.decode_layer(norms[0].weight, qkv, o, norms[1].weight, gate_up, down))
     scale = model.layers[0].self_attn.scale
-    return kernels.decode_layers(
+    loop = kernels.decode_layers(
         layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, scale
     )
+    return loop, GEMV_MAX_ROWS if kinds & {"int8", "int4"} else sys.maxsize
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
