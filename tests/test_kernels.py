@@ -14,6 +14,7 @@ from conftest import make_llm
 from heron import LLM, SamplingParams, kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
+from heron.layers.quantized_linear import Int4Linear
 from heron.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
@@ -300,3 +301,18 @@ def test_decode_loop_takes_decode_steps_only(quantization, big_batches):
     sizes.clear()
     llm.generate(["Tell me about a cat"], params, use_tqdm=False)
     assert sizes == [1, 1]
+
+
+@pytest.mark.skipif(not kernels.dequantize_int4_runs(), reason="needs AVX-512 bf16")
+@pytest.mark.parametrize("out_f, in_f, group", [(960, 576, 32), (576, 1536, 64), (256, 128, 128)])
+def test_dequantize_int4_equals_the_torch_path(out_f, in_f, group, monkeypatch):
+    """The one-pass bf16 dequantization gives the PyTorch ops' bits (rounded after the scale
+    and after the zero), and it is what Int4Linear.dequantize runs."""
+    linear = Int4Linear(torch.nn.Linear(in_f, out_f, bias=False), group)
+    calls = []
+    original = kernels.dequantize_int4
+    monkeypatch.setattr(kernels, "dequantize_int4", lambda *a: calls.append(1) or original(*a))
+    fused = linear.dequantize(torch.bfloat16)
+    assert calls
+    monkeypatch.setattr(kernels, "usable", lambda x: False)
+    assert torch.equal(fused, linear.dequantize(torch.bfloat16))

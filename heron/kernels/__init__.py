@@ -24,6 +24,7 @@ _SOURCES = [
         "paged_decode.cpp",
         "layer_ops.cpp",
         "sparse_prefill.cpp",
+        "dequantize.cpp",
         "decode_layers.cpp",
         "bindings.cpp",
     )
@@ -189,6 +190,29 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2I] (the fused projection's two halves)."""
     return _module().silu_mul(gate_up)
+
+
+@functools.cache
+def dequantize_int4_runs() -> bool:
+    """Whether :func:`dequantize_int4` runs here (kernels built with AVX-512 bf16)."""
+    return available() and _module().dequantize_int4_supported()
+
+
+def dequantize_int4(
+    packed: torch.Tensor,
+    scale_zero: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    block_n: int,
+) -> torch.Tensor:
+    """The bf16 [out, in] weight held in PyTorch's CPU int4 pack (rows in blocks of
+    ``block_n``) with its bf16 scales and zeros [in / group, out, 2]: what
+    ``heron.layers.quantized_linear.Int4Linear.dequantize`` computes in bf16, bit for bit.
+    Call only where :func:`dequantize_int4_runs` is true."""
+    return _module().dequantize_int4(
+        packed, scale_zero, out_features, in_features, group_size, block_n
+    )
 
 
 def decode_linear(

@@ -11,6 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("dequantize_int4_supported", &dequantize_int4_supported,
+        "whether dequantize_int4 runs here (AVX-512 bf16)");
+  m.def("dequantize_int4", &dequantize_int4, "PyTorch's CPU int4 pack back to a bf16 weight");
   py::class_<DecodeLinear>(m, "DecodeLinear")
       .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
                     std::optional<torch::Tensor>>());

@@ -30,6 +30,12 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
                                 int64_t q_start, int64_t block, int64_t stride, double scale);
 torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0);
 
+// dequantize.cpp
+bool dequantize_int4_supported();
+torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
+                              int64_t out_features, int64_t in_features, int64_t group_size,
+                              int64_t block_n);
+
 // decode_layers.cpp
 // One linear as its module computes it for a decode step's few rows: "dense" (F.linear),
 // "mkldnn" (a oneDNN-packed bf16 weight), "int8" / "int4" (PyTorch's packed CPU kernels).

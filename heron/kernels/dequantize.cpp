@@ -1,0 +1,89 @@
+// int4 weights back to bf16 for the many-row (prefill) path of Int4Linear, in one pass.
+//
+// PyTorch's CPU int4 pack is [out / block_n, in, block_n / 2] bytes: byte [b, k, j] holds
+// row b * block_n + j in its low nibble and row b * block_n + block_n / 2 + j in its high one.
+// Int4Linear.dequantize unpacks that with PyTorch ops (two strided copies, then the level's
+// offset, scale and zero as three bf16 ops: six passes over the weight, ~1.6 ms for a
+// 3072 x 576 weight here, and a prefill step dequantizes every weight). Here one gather reads
+// the bytes of four rows for 16 inputs (a stride of block_n / 2 bytes apart), and each row's
+// 16 values are computed and rounded where the PyTorch ops round: the same bits.
+#include "heron_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define HERON_DEQUANTIZE_INT4 1
+#include <immintrin.h>
+#else
+#define HERON_DEQUANTIZE_INT4 0
+#endif
+
+bool dequantize_int4_supported() { return HERON_DEQUANTIZE_INT4; }
+
+torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
+                              int64_t out_features, int64_t in_features, int64_t group_size,
+                              int64_t block_n) {
+#if HERON_DEQUANTIZE_INT4
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() * 2 == out_features * in_features,
+              "dequantize_int4: packed must be contiguous uint8 holding out * in nibbles");
+  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous() &&
+                  scale_zero.numel() == in_features / group_size * out_features * 2,
+              "dequantize_int4: scale_zero must be contiguous bf16 [in / group, out, 2]");
+  TORCH_CHECK(block_n % 8 == 0 && out_features % block_n == 0 && in_features % 16 == 0 &&
+                  group_size % 16 == 0 && in_features % group_size == 0,
+              "dequantize_int4: block, group and input sizes must tile the weight");
+  auto out = torch::empty({out_features, in_features}, packed.options().dtype(at::kBFloat16));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scale_zero.data_ptr<at::BFloat16>());
+  uint16_t* w = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t half = block_n / 2;
+  // Lane i of a gather reads the 4 bytes at input k0 + i.
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(half)));
+  const __m512i nibble = _mm512_set1_epi32(15);
+  const __m512 eight = _mm512_set1_ps(8.f);
+  auto as_float = [](uint16_t bits) {
+    return _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(bits) << 16));
+  };
+  auto widen = [](__m256bh x) {  // bf16 -> fp32, exact
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(x)), 16));
+  };
+  // Tasks: (row block, 4 consecutive j); each writes 8 rows.
+  const int64_t quads = half / 4;
+  at::parallel_for(0, out_features / block_n * quads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / quads, j0 = (task % quads) * 4;
+      const uint8_t* base = p + b * in_features * half + j0;
+      for (int64_t k0 = 0; k0 < in_features; k0 += 16) {
+        const __m512i bytes = _mm512_i32gather_epi32(offsets, base + k0 * half, 1);
+        const int64_t g = k0 / group_size;
+        for (int64_t jj = 0; jj < 4; ++jj) {
+          const __m512i byte = _mm512_and_si512(_mm512_srli_epi32(bytes, 8 * jj),
+                                                _mm512_set1_epi32(255));
+          for (int64_t hi = 0; hi < 2; ++hi) {
+            const int64_t r = b * block_n + hi * half + j0 + jj;
+            const __m512i level =
+                _mm512_and_si512(hi ? _mm512_srli_epi32(byte, 4) : byte, nibble);
+            const uint16_t* s = sz + (g * out_features + r) * 2;
+            // (level - 8) * scale, rounded to bf16; + zero, rounded to bf16.
+            const __m512 scaled = widen(_mm512_cvtneps_pbh(_mm512_mul_ps(
+                _mm512_sub_ps(_mm512_cvtepi32_ps(level), eight), as_float(s[0]))));
+            const __m256bh value = _mm512_cvtneps_pbh(_mm512_add_ps(scaled, as_float(s[1])));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + r * in_features + k0),
+                                reinterpret_cast<__m256i>(value));
+          }
+        }
+      }
+    }
+  });
+  return out;
+#else
+  TORCH_CHECK(false, "dequantize_int4: needs AVX-512 with bf16 conversions");
+  return {};
+#endif
+}
