@@ -22,41 +22,46 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler
 BS, HKV, GROUP, D = 16, 3, 3, 64
 
 
-def _paged_case(dtype: torch.dtype, seed: int = 0):
-    """A cache of 40 blocks, 6 sequences with scattered block tables and lengths that end
-    mid-block, on a block boundary, at one token and at the table's full width."""
+def _paged_case(dtype: torch.dtype, seed: int = 0, bs: int = BS):
+    """6 sequences with scattered block tables and lengths that end mid-block, on a block
+    boundary, at one token and at the table's full width (80 slots), in a cache with spare
+    blocks (16-token blocks; others end mid-way through the kernel's 16-key steps)."""
     g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(40 * BS, HKV, D, generator=g).to(dtype)
-    v_cache = torch.randn(40 * BS, HKV, D, generator=g).to(dtype)
-    width = 5
-    tables = torch.randperm(40, generator=g)[: 6 * width].view(6, width)
+    width = 80 // bs
+    blocks = 6 * width + 10
+    k_cache = torch.randn(blocks * bs, HKV, D, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * bs, HKV, D, generator=g).to(dtype)
+    tables = torch.randperm(blocks, generator=g)[: 6 * width].view(6, width)
     lens = torch.tensor([1, 17, 32, 50, 79, 80])
     return k_cache, v_cache, tables, lens
 
 
-def _reference(q, k_cache, v_cache, tables, lens, scale, valid=None):
+def _reference(q, k_cache, v_cache, tables, lens, scale, valid=None, bs=BS):
     """Gather every sequence's blocks and run SDPA over the valid slots (``valid`` [B, slots],
     default: those below each length), per query head."""
     b, width = tables.shape
-    kd = k_cache.view(-1, BS, HKV, D)[tables.reshape(-1)].view(b, width * BS, HKV, D)
-    vd = v_cache.view(-1, BS, HKV, D)[tables.reshape(-1)].view(b, width * BS, HKV, D)
+    kd = k_cache.view(-1, bs, HKV, D)[tables.reshape(-1)].view(b, width * bs, HKV, D)
+    vd = v_cache.view(-1, bs, HKV, D)[tables.reshape(-1)].view(b, width * bs, HKV, D)
     kd = kd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
     vd = vd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
     if valid is None:
-        valid = torch.arange(width * BS)[None, :] < lens[:, None]
+        valid = torch.arange(width * bs)[None, :] < lens[:, None]
     out = F.scaled_dot_product_attention(
         q.reshape(b, HKV * GROUP, 1, D).float(), kd, vd, attn_mask=valid[:, None, None], scale=scale
     )
     return out.view(b, HKV, GROUP, D)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_decode_equals_gathered_attention(dtype, tol):
-    k_cache, v_cache, tables, lens = _paged_case(dtype)
+@pytest.mark.parametrize("bs", [16, 8, 40])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+def test_paged_decode_equals_gathered_attention(dtype, tol, bs):
+    k_cache, v_cache, tables, lens = _paged_case(dtype, bs=bs)
     q = torch.randn(6, HKV, GROUP, D).to(dtype)
-    out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5)
+    out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, bs, D**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
-    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5)
+    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5, bs=bs)
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 

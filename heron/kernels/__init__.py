@@ -29,7 +29,7 @@ _SOURCES = [
         "bindings.cpp",
     )
 ]
-_HEADER = _DIR / "heron_kernels.h"
+_HEADERS = [_DIR / "heron_kernels.h", _DIR / "simd.h"]
 
 
 def _cpu_flags() -> str:
@@ -49,7 +49,7 @@ def _module() -> ModuleType | None:
     if os.environ.get("HERON_CPU_KERNELS", "1") == "0":
         logger.info("heron's CPU kernels are off (HERON_CPU_KERNELS=0)")
         return None
-    text = "".join(path.read_text() for path in [*_SOURCES, _HEADER])
+    text = "".join(path.read_text() for path in [*_SOURCES, *_HEADERS])
     tag = hashlib.sha1((text + _cpu_flags()).encode()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load

@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include "simd.h"
+#endif
+
 namespace {
 
 // The running maximum before any score: finite, so that the build may assume finite math
@@ -130,6 +134,157 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
   });
 }
 
+
+#if defined(__AVX512F__)
+// The same attention with AVX-512 intrinsics, for head dims of 16 * kChunks: 16 keys at a
+// time, each key's G dot products kept as 16-lane partial sums and reduced together (one
+// transpose-and-add pass instead of a horizontal sum per key and query), the online softmax
+// on 16 scores at once with a polynomial exp2 (the portable kernel's std::exp ran as scalar
+// calls), and the 16 values converted to fp32 once for all G queries. Measured on a 2-core
+// AVX-512 CPU at batch 64 x 192 tokens: several times faster than the portable kernel, which
+// spent ~45 cycles per (token, KV head) on one core.
+
+using heron_simd::exp2_neg;
+using heron_simd::load16;
+
+// Lane t = the sum of v[t]'s 16 lanes. Each round adds halves of pairs: 16 vectors of 16
+// partial sums become 8 of 8, 4 of 4 (pairs of 128-bit lanes), 2 of 2 and 1 of 1, which holds
+// v[i + 4 j] at lane 4 i + j; a permutation puts it back in order.
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xDD));
+  }
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88),
+                                 _mm512_shuffle_ps(y[0], y[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, z);
+}
+
+template <typename T, int kChunks>
+void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+                          const int64_t* lens, const int64_t* visible, T* out, int64_t batch,
+                          int64_t kv_heads, int64_t group, int64_t width, int64_t block_size,
+                          float scale) {
+  constexpr int64_t dim = 16 * kChunks;
+  const float sc2 = scale * 1.44269504f;  // scores in log2 units
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<__m512> qf(group * kChunks), acc(group * kChunks), part(group * 16);
+    std::vector<__m512> vf(16 * kChunks);
+    std::vector<float> probs(group * 16), row_max(group), row_sum(group);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t len = std::min(lens[b], width * block_size);
+      // A draft-tree row sees slots from `from` on only where its bit is set.
+      const int64_t from = visible != nullptr ? visible[2 * b] : len;
+      const uint64_t bits = visible != nullptr ? static_cast<uint64_t>(visible[2 * b + 1]) : 0;
+      const T* qp = q + (b * kv_heads + h) * group * dim;
+      for (int64_t i = 0; i < group * kChunks; ++i) {
+        qf[i] = _mm512_mul_ps(load16(qp + i * 16), _mm512_set1_ps(sc2));
+        acc[i] = _mm512_setzero_ps();
+      }
+      std::fill(row_max.begin(), row_max.end(), kNoScore);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      // Up to 16 positions at a time, within one cache block: n from p0 on, at cache row
+      // row0 (row of head h), whose keys and values ask for the next run's while computing.
+      auto run_at = [&](int64_t p, int64_t& n) {
+        const int64_t off = p % block_size;
+        n = std::min<int64_t>({16, len - p, block_size - off});
+        return (tables[b * width + p / block_size] * block_size + off) * kv_heads + h;
+      };
+      int64_t n = 0;
+      for (int64_t p0 = 0; p0 < len; p0 += n) {
+        const int64_t row0 = run_at(p0, n);
+        if (p0 + n < len) {
+          int64_t n1 = 0;
+          const int64_t row1 = run_at(p0 + n, n1);
+          for (int64_t t = 0; t < n1; ++t) {
+            const T* kp = k_cache + (row1 + t * kv_heads) * dim;
+            const T* vp = v_cache + (row1 + t * kv_heads) * dim;
+            for (int64_t d = 0; d < dim; d += 64 / static_cast<int64_t>(sizeof(T))) {
+              _mm_prefetch(reinterpret_cast<const char*>(kp + d), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(vp + d), _MM_HINT_T0);
+            }
+          }
+        }
+        __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t j = p0 + t - from;
+          if (j >= 0 && (j >= 64 || !((bits >> j) & 1u))) {
+            live &= static_cast<__mmask16>(~(1u << t));
+          }
+        }
+        // Scores: each key's G dot products as 16-lane partial sums.
+        for (int64_t t = 0; t < 16; ++t) {
+          if (t >= n) {
+            for (int64_t g = 0; g < group; ++g) part[g * 16 + t] = _mm512_setzero_ps();
+            continue;
+          }
+          const T* kp = k_cache + (row0 + t * kv_heads) * dim;
+          __m512 kv[kChunks];
+          for (int c = 0; c < kChunks; ++c) kv[c] = load16(kp + c * 16);
+          for (int64_t g = 0; g < group; ++g) {
+            __m512 s = _mm512_mul_ps(qf[g * kChunks], kv[0]);
+            for (int c = 1; c < kChunks; ++c) {
+              s = _mm512_fmadd_ps(qf[g * kChunks + c], kv[c], s);
+            }
+            part[g * 16 + t] = s;
+          }
+          const T* vp = v_cache + (row0 + t * kv_heads) * dim;
+          for (int c = 0; c < kChunks; ++c) vf[t * kChunks + c] = load16(vp + c * 16);
+        }
+        // Online softmax over the 16 scores of each query.
+        for (int64_t g = 0; g < group; ++g) {
+          const __m512 s = sum_lanes16(&part[g * 16]);
+          const float m = std::max(row_max[g], _mm512_mask_reduce_max_ps(live, s));
+          const float alpha = exp2f(row_max[g] - m);
+          const __m512 e =
+              _mm512_maskz_mov_ps(live, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+          row_sum[g] = row_sum[g] * alpha + _mm512_reduce_add_ps(e);
+          row_max[g] = m;
+          _mm512_storeu_ps(&probs[g * 16], e);
+          const __m512 va = _mm512_set1_ps(alpha);
+          for (int c = 0; c < kChunks; ++c) {
+            acc[g * kChunks + c] = _mm512_mul_ps(acc[g * kChunks + c], va);
+          }
+        }
+        // The weighted values.
+        for (int64_t g = 0; g < group; ++g) {
+          __m512 a[kChunks];
+          for (int c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
+          for (int64_t t = 0; t < n; ++t) {
+            const __m512 pt = _mm512_set1_ps(probs[g * 16 + t]);
+            for (int c = 0; c < kChunks; ++c) {
+              a[c] = _mm512_fmadd_ps(pt, vf[t * kChunks + c], a[c]);
+            }
+          }
+          for (int c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
+        }
+      }
+      T* op = out + (b * kv_heads + h) * group * dim;
+      for (int64_t g = 0; g < group; ++g) {
+        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
+        alignas(64) float row[dim];
+        for (int c = 0; c < kChunks; ++c) {
+          const __m512 scaled = _mm512_mul_ps(acc[g * kChunks + c], _mm512_set1_ps(inv));
+          _mm512_store_ps(row + c * 16, scaled);
+        }
+        for (int64_t d = 0; d < dim; ++d) op[g * dim + d] = static_cast<T>(row[d]);
+      }
+    }
+  });
+}
+#endif
+
 }  // namespace
 
 // q: [B, Hkv, G, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64 block ids;
@@ -165,7 +320,17 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     auto run = [&](auto head_dim) {
-      decode_kernel<scalar_t, decltype(head_dim)::value>(
+      constexpr int64_t kDim = decltype(head_dim)::value;
+#if defined(__AVX512F__)
+      if constexpr (kDim > 0 && !std::is_same_v<scalar_t, double>) {
+        decode_kernel_avx512<scalar_t, kDim / 16>(
+            q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, out.data_ptr<scalar_t>(),
+            batch, kv_heads, group, tables.size(1), block_size, static_cast<float>(scale));
+        return;
+      }
+#endif
+      decode_kernel<scalar_t, kDim>(
           q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
           tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, out.data_ptr<scalar_t>(),
           batch, kv_heads, group, dim, tables.size(1), block_size, static_cast<float>(scale));

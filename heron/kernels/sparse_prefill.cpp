@@ -36,6 +36,8 @@
 #if HERON_SPARSE_PREFILL
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
 
 using bf16 = c10::BFloat16;
@@ -55,21 +57,7 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
 }
 
-// 2^t for t <= 0 (scores minus their running maximum, in log2 units): an integer power
-// (scalef, which also flushes very negative t to 0) times 2^f, |f| <= 1/2, by its degree-5
-// Taylor polynomial (relative error < 3e-6, far below the bf16 rounding of the
-// probabilities). libmvec's exp took more time than the block's two matrix products.
-inline __m512 exp2_neg(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.333355e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
+using heron_simd::exp2_neg;
 
 // One query's online-softmax step over ``width`` new scores ``s`` (keys past ``valid`` are
 // hidden): the probabilities, in bf16, into ``p`` for the P V product, and the running
