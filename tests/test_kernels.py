@@ -84,6 +84,21 @@ def test_paged_decode_sees_only_the_visible_slots():
     assert not torch.allclose(out[1:], plain[1:], atol=1e-3)  # the hidden slots mattered
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_rows_equals_index_copy(dtype):
+    """The cache write of a step's K (or V): a strided view of the fused projection into
+    scattered slots, as index_copy_ writes it; a slot outside the cache is refused."""
+    qkv = torch.randn(70, 9 + 2 * HKV, D).to(dtype)
+    k = qkv[:, 9 : 9 + HKV]  # strided, like the loop's narrow of the qkv output
+    slots = torch.randperm(500)[:70]
+    want = torch.zeros(500, HKV, D, dtype=dtype).index_copy_(0, slots, k)
+    got = torch.zeros(500, HKV, D, dtype=dtype)
+    kernels.write_rows_(got, slots, k)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.write_rows_(got, torch.full((70,), 500), k)
+
+
 def test_paged_attention_kernel_path_equals_torch_path():
     """The same decode step through paged_attention with and without ``decode_lens`` (the
     kernel's switch): identical outputs, and the step's new K/V are written either way."""

@@ -168,6 +168,13 @@ def paged_decode(
     return _module().paged_decode(q, k_cache, v_cache, tables, lens, visible, block_size, scale)
 
 
+def write_rows_(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """``cache[slots[t]] = x[t]``, what ``cache.index_copy_(0, slots, x)`` does, as plain row
+    copies: ``cache`` [rows, Hkv, D] contiguous, ``x`` [T, Hkv, D] of its dtype with D
+    contiguous, ``slots`` [T] int64 inside the cache."""
+    _module().write_rows_(cache, slots, x)
+
+
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,

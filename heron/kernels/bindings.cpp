@@ -3,6 +3,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "decode attention over a paged KV cache");
+  m.def("write_rows_", &write_rows_, "rows of x into the paged cache at their slots");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (returns [sum,] normed)");
   m.def("rotary_", &rotary_, "rotary embedding in place");
   m.def("sparse_prefill_supported", &sparse_prefill_supported,

@@ -105,8 +105,8 @@ torch::Tensor DecodeLayers::forward(torch::Tensor x, const torch::Tensor& cos,
             .view({t, -1, dim});
     rotary_(qkv.narrow(1, 0, heads + kv_heads), cos, sin);
     // paged_attention: the step's K/V into the cache, then the kernel over it.
-    k_caches[i].index_copy_(0, slots, qkv.narrow(1, heads, kv_heads));
-    v_caches[i].index_copy_(0, slots, qkv.narrow(1, heads + kv_heads, kv_heads));
+    write_rows_(k_caches[i], slots, qkv.narrow(1, heads, kv_heads));
+    write_rows_(v_caches[i], slots, qkv.narrow(1, heads + kv_heads, kv_heads));
     const torch::Tensor q = qkv.narrow(1, 0, heads).view({t, kv_heads, heads / kv_heads, dim});
     const torch::Tensor o =
         paged_decode(q, k_caches[i], v_caches[i], tables, lens, visible, block_size, scale_);

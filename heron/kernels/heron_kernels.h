@@ -12,6 +12,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
                            torch::Tensor tables, torch::Tensor lens,
                            std::optional<torch::Tensor> visible, int64_t block_size,
                            double scale);
+void write_rows_(torch::Tensor cache, torch::Tensor slots, torch::Tensor x);
 
 // layer_ops.cpp
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor> residual,

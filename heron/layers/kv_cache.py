@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from heron import kernels
 from heron.layers.kivi import KIVI_BITS, KiviSlots, kivi_block_bytes
 
 KV_CACHE_DTYPES = ("auto", "int8", *KIVI_BITS)
@@ -54,6 +55,10 @@ def write_slots(cache: Cache, slots: torch.Tensor, x: torch.Tensor) -> None:
         q, scale = quantize_int8(x)
         cache.data.index_copy_(0, slots, q)
         cache.scale.index_copy_(0, slots, scale)
+    elif (
+        kernels.usable(x) and cache.dtype == x.dtype and cache.is_contiguous() and x.stride(-1) == 1
+    ):
+        kernels.write_rows_(cache, slots, x)
     else:
         cache.index_copy_(0, slots, x)
 
