@@ -131,7 +131,7 @@ def test_engine_decodes_through_the_kernel_with_the_same_tokens(monkeypatch):
     monkeypatch.setattr(kernels, "paged_decode", lambda *a: calls.append(1) or original(*a))
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm.engine.runner.model.decode_loop_enabled = False  # its C++ calls bypass the wrapper
+    llm.engine.runner.model.decode_loop.enabled = False  # its C++ calls bypass the wrapper
     with_kernel = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert llm.engine.runner.decode_kernel and calls
     llm.engine.runner.decode_kernel = False
@@ -257,30 +257,25 @@ def test_engine_long_first_chunk_through_the_block_kernel(monkeypatch):
 
 
 def assert_decode_loop_matches_the_layers(llm: LLM, prompts: list) -> None:
-    """Every decode step the C++ loop (``kernels.decode_layers``) runs is run again through
-    the model's Python layers on the same input: the hidden states must be equal bit for bit
-    (the same ops in the same order), and the loop must have run."""
+    """Every decode step the C++ loop (``heron.models.decode_loop``) runs is run again
+    through the model's Python layers on the same input: the hidden states must be equal bit
+    for bit (the same ops in the same order), and the loop must have run."""
     model = llm.engine.runner.model
+    loop = model.decode_loop
     steps = []
+    run = loop.run
 
-    class Checked:
-        def __init__(self, loop):
-            self.loop = loop
+    def checked(x, rotary, kv_caches, meta, which):
+        got = run(x, rotary, kv_caches, meta, which)
+        want = x
+        for i in which:  # rewrites the same K/V at the same slots
+            layer = model.layers[i]
+            local = len(rotary) == 4 and layer.self_attn.sliding  # Gemma3's local layers
+            want = layer(want, tuple(rotary[2:] if local else rotary[:2]), kv_caches[i], meta)
+        steps.append(torch.equal(got, want))
+        return got
 
-        def forward(self, x, cos, sin, keys, values, slots, tables, lens, visible, bs, which):
-            got = self.loop.forward(
-                x, cos, sin, keys, values, slots, tables, lens, visible, bs, which
-            )
-            meta = AttentionMetadata(slots, bs, x.shape[0], tables, decode_lens=lens)
-            meta.decode_visible = visible
-            want = x
-            for i in which:  # rewrites the same K/V at the same slots
-                want = model.layers[i](want, (cos, sin), (keys[i], values[i]), meta)
-            steps.append(torch.equal(got, want))
-            return got
-
-    original = model._decode_loop
-    model._decode_loop = lambda *a: (loop := original(*a)) and Checked(loop)
+    loop.run = checked
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
     assert steps and all(steps), f"{steps.count(False)} of {len(steps)} steps differ"
@@ -295,7 +290,7 @@ def test_decode_loop_equals_the_python_layers(quantization, dtype):
     fp32 <-> bf16 conversions around it), alone and batched."""
     llm = make_llm(quantization=quantization, dtype=dtype, max_num_seqs=4)
     assert_decode_loop_matches_the_layers(llm, ["The capital of France is", "def f(x):", "Hi"])
-    assert type(llm.engine.runner.model._decode_layers[0]).__name__ == "DecodeLayers"
+    assert type(llm.engine.runner.model.decode_loop._built[0]).__name__ == "DecodeLayers"
 
 
 @pytest.mark.parametrize("quantization, big_batches", [("none", True), ("int8", False)])
@@ -304,17 +299,17 @@ def test_decode_loop_takes_decode_steps_only(quantization, big_batches):
     GEMV_MAX_ROWS rows where the weights are quantized (the loop replays the packed kernels
     only)."""
     llm = make_llm(quantization=quantization, max_num_seqs=20)
-    model = llm.engine.runner.model
+    loop = llm.engine.runner.model.decode_loop
     sizes = []
-    original = model._decode_loop
+    applies = loop.applies
 
     def spy(x, kv_caches, meta):
-        loop = original(x, kv_caches, meta)
-        if loop is not None:
+        found = applies(x, kv_caches, meta)
+        if found:
             sizes.append(x.shape[0])
-        return loop
+        return found
 
-    model._decode_loop = spy
+    loop.applies = spy
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     llm.generate([f"Tell me about {i}" for i in range(20)], params, use_tqdm=False)
     assert sizes == ([20, 20] if big_batches else [])  # the two decode steps

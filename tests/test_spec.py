@@ -293,16 +293,16 @@ def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
         monkeypatch.setattr(
             kernels, "paged_decode", lambda q, *a: kernel_rows.append(q.shape[0]) or original(q, *a)
         )
-        model = llm.engine.runner.model
-        loop = model._decode_loop
+        loop = llm.engine.runner.model.decode_loop
+        applies = loop.applies
 
         def spy(x, *a):
-            found = loop(x, *a)
-            if found is not None:
+            found = applies(x, *a)
+            if found:
                 kernel_rows.append(x.shape[0])
             return found
 
-        monkeypatch.setattr(model, "_decode_loop", spy)
+        monkeypatch.setattr(loop, "applies", spy)
     for i, p in enumerate(PROMPTS):
         out = llm.generate([p], GREEDY, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == reference[i], f"prompt {i} alone"

@@ -240,24 +240,50 @@ def decode_layer(
     post_norm: torch.Tensor,
     gate_up: object,
     down: object,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    pre_ff_norm: torch.Tensor | None = None,
+    post_ff_norm: torch.Tensor | None = None,
+    local: bool = False,
 ) -> object:
-    """One Llama-family decoder layer of :func:`decode_layers`: its two RMSNorm weights and
-    its four linears (:func:`decode_linear`)."""
-    return _module().DecodeLayer(input_norm, qkv, o, post_norm, gate_up, down)
+    """One decoder layer of :func:`decode_layers`: its RMSNorm weights and its four linears
+    (:func:`decode_linear`). Llama / Qwen2 layers have the first six; Gemma3 layers also have
+    q/k norms and sandwich norms (``pre_ff_norm``, ``post_ff_norm``; ``post_norm`` then
+    normalises the attention output), and ``local`` sliding-window layers."""
+    return _module().DecodeLayer(
+        input_norm,
+        qkv,
+        o,
+        post_norm,
+        gate_up,
+        down,
+        q_norm,
+        k_norm,
+        pre_ff_norm,
+        post_ff_norm,
+        local,
+    )
 
 
-def decode_layers(
-    layers: list[object],
+def decode_options(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
-    eps: float,
     scale: float,
+    eps: float,
+    offset: float,
+    gelu_tanh: bool,
 ) -> object:
-    """A Llama-family decoder as one C++ loop for decode steps. Its ``forward(x, cos, sin,
-    k_caches, v_caches, slot_mapping, tables, lens, visible, block_size, layer_indices)``
-    computes what ``LlamaDecoderLayer.forward`` computes layer after layer, op for op (so bit
-    for bit), for ``x`` [B, hidden], B decode rows of one query each (at most
-    ``GEMV_MAX_ROWS``) attending through :func:`paged_decode`. Call only where
-    :func:`available` is true."""
-    return _module().DecodeLayers(layers, num_heads, num_kv_heads, head_dim, eps, scale)
+    """What a model's layers share for :func:`decode_layers`: head counts and size, the
+    attention scale, RMSNorm's eps and weight offset, GeGLU (tanh) instead of SwiGLU."""
+    return _module().DecodeOptions(num_heads, num_kv_heads, head_dim, scale, eps, offset, gelu_tanh)
+
+
+def decode_layers(layers: list[object], options: object) -> object:
+    """A decoder as one C++ loop for decode steps (``heron.models.decode_loop``). Its
+    ``forward(x, rotary, k_caches, v_caches, slot_mapping, tables, lens, visible, block_size,
+    layer_indices)`` computes what the layers' forward computes layer after layer, op for op
+    (so bit for bit), for ``x`` [B, hidden], B decode rows of one query each attending through
+    :func:`paged_decode`; ``rotary``: [cos, sin] or [cos, sin, local cos, local sin]. Call only
+    where :func:`available` is true."""
+    return _module().DecodeLayers(layers, options)

@@ -18,10 +18,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeLinear>(m, "DecodeLinear")
       .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
                     std::optional<torch::Tensor>>());
+  using OptTensor = std::optional<torch::Tensor>;
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<torch::Tensor, DecodeLinear, DecodeLinear, torch::Tensor, DecodeLinear,
-                    DecodeLinear>());
+                    DecodeLinear, OptTensor, OptTensor, OptTensor, OptTensor, bool>());
+  py::class_<DecodeOptions>(m, "DecodeOptions")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, double, bool>());
   py::class_<DecodeLayers>(m, "DecodeLayers")
-      .def(py::init<std::vector<DecodeLayer>, int64_t, int64_t, int64_t, double, double>())
+      .def(py::init<std::vector<DecodeLayer>, DecodeOptions>())
       .def("forward", &DecodeLayers::forward, "the decoder layers of a step of decode rows");
 }

@@ -1,12 +1,13 @@
-// A decode step's decoder layers for the Llama family (Llama, SmolLM2, Qwen2) in one C++ loop.
+// A decode step's decoder layers (Llama, SmolLM2, Qwen2, Gemma3) in one C++ loop.
 //
 // At batch 1 a layer's matmuls take ~160 us and the ~20 ops around them ~5 us of work, but in
 // Python each op costs a dispatch, a module call and attribute lookups: ~70 us per layer, ~2 ms
-// of a ~10 ms step. This replays heron.models.llama.LlamaDecoderLayer.forward for a step of
-// plain decode rows (one query each, attending through paged_decode to a plain cache) with
-// the same ops in the same order, so its output equals the Python path's bit for bit: the
-// Python modules stay the reference and serve every other step (prefill, draft trees, KV
-// policies, quantized caches, big batches).
+// of a ~10 ms step. This replays the decoder layers' forward (heron.models.llama,
+// heron.models.gemma3) for a step of plain decode rows (one query each, attending through
+// paged_decode to a plain cache) with the same ops in the same order, so its output equals
+// the Python path's bit for bit: the Python modules stay the reference and serve every other
+// step (prefill chunks, quantized KV caches, KV policies, sliding windows that hide keys,
+// quantized weights beyond GEMV_MAX_ROWS rows). heron.models.decode_loop decides and builds.
 #include "heron_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -76,45 +77,66 @@ torch::Tensor DecodeLinear::operator()(const torch::Tensor& x) const {
   return {};
 }
 
-DecodeLayers::DecodeLayers(std::vector<DecodeLayer> layers, int64_t num_heads,
-                           int64_t num_kv_heads, int64_t head_dim, double eps, double scale)
-    : layers_(std::move(layers)), num_heads_(num_heads), num_kv_heads_(num_kv_heads),
-      head_dim_(head_dim), eps_(eps), scale_(scale) {
-  TORCH_CHECK(num_heads % num_kv_heads == 0, "DecodeLayers: whole GQA groups");
+DecodeLayers::DecodeLayers(std::vector<DecodeLayer> layers, DecodeOptions options)
+    : layers_(std::move(layers)), options_(options) {
+  TORCH_CHECK(options_.num_heads % options_.num_kv_heads == 0, "DecodeLayers: whole GQA groups");
 }
 
-torch::Tensor DecodeLayers::forward(torch::Tensor x, const torch::Tensor& cos,
-                                    const torch::Tensor& sin,
+torch::Tensor DecodeLayers::norm(const torch::Tensor& x, const torch::Tensor& weight) const {
+  return rms_norm(x, std::nullopt, weight, options_.eps, options_.offset)[0];
+}
+
+// GatedMLP.forward
+torch::Tensor DecodeLayers::mlp(const DecodeLayer& layer, const torch::Tensor& x) const {
+  const torch::Tensor gate_up = layer.gate_up(x);
+  if (!options_.gelu_tanh) return layer.down(silu_mul(gate_up));
+  const std::vector<torch::Tensor> halves = gate_up.chunk(2, -1);
+  return layer.down(at::gelu(halves[0], "tanh") * halves[1]);
+}
+
+// ``rotary``: the global layers' cos and sin, then the local layers' (Gemma3).
+torch::Tensor DecodeLayers::forward(torch::Tensor x, const std::vector<torch::Tensor>& rotary,
                                     const std::vector<torch::Tensor>& k_caches,
                                     const std::vector<torch::Tensor>& v_caches,
                                     const torch::Tensor& slots, const torch::Tensor& tables,
                                     const torch::Tensor& lens,
                                     const std::optional<torch::Tensor>& visible,
                                     int64_t block_size, const std::vector<int64_t>& which) const {
-  const int64_t t = x.size(0), heads = num_heads_, kv_heads = num_kv_heads_, dim = head_dim_;
+  const int64_t t = x.size(0), heads = options_.num_heads, kv_heads = options_.num_kv_heads;
+  const int64_t dim = options_.head_dim;
   TORCH_CHECK(x.dim() == 2 && tables.size(0) == t && lens.size(0) == t,
               "DecodeLayers: one decode row per sequence");
   TORCH_CHECK(k_caches.size() == layers_.size() && v_caches.size() == layers_.size(),
               "DecodeLayers: a cache per layer");
+  TORCH_CHECK(rotary.size() == 2 || rotary.size() == 4, "DecodeLayers: cos, sin [, local]");
   for (const int64_t i : which) {
     TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(layers_.size()), "DecodeLayers: layer ", i);
     const DecodeLayer& layer = layers_[i];
     // SelfAttention.forward
-    const torch::Tensor qkv =
-        layer.qkv(rms_norm(x, std::nullopt, layer.input_norm, eps_, 0.0)[0])
-            .view({t, -1, dim});
-    rotary_(qkv.narrow(1, 0, heads + kv_heads), cos, sin);
+    const torch::Tensor qkv = layer.qkv(norm(x, layer.input_norm)).view({t, -1, dim});
+    torch::Tensor qk = qkv.narrow(1, 0, heads + kv_heads);
+    if (layer.q_norm) {
+      qk = at::cat({norm(qk.narrow(1, 0, heads), *layer.q_norm),
+                    norm(qk.narrow(1, heads, kv_heads), *layer.k_norm)},
+                   1);
+    }
+    const size_t r = layer.local && rotary.size() == 4 ? 2 : 0;
+    rotary_(qk, rotary[r], rotary[r + 1]);
     // paged_attention: the step's K/V into the cache, then the kernel over it.
-    write_rows_(k_caches[i], slots, qkv.narrow(1, heads, kv_heads));
+    write_rows_(k_caches[i], slots, qk.narrow(1, heads, kv_heads));
     write_rows_(v_caches[i], slots, qkv.narrow(1, heads + kv_heads, kv_heads));
-    const torch::Tensor q = qkv.narrow(1, 0, heads).view({t, kv_heads, heads / kv_heads, dim});
-    const torch::Tensor o =
-        paged_decode(q, k_caches[i], v_caches[i], tables, lens, visible, block_size, scale_);
+    const torch::Tensor q = qk.narrow(1, 0, heads).view({t, kv_heads, heads / kv_heads, dim});
+    const torch::Tensor o = paged_decode(q, k_caches[i], v_caches[i], tables, lens, visible,
+                                         block_size, options_.scale);
     const torch::Tensor h = layer.o(o.view({t, heads * dim}));
-    // post_attention_layernorm.add_and_norm(h, x), then x + mlp(normed)
-    const std::vector<torch::Tensor> sum_normed =
-        rms_norm(h, x, layer.post_norm, eps_, 0.0);
-    x = sum_normed[0] + layer.down(silu_mul(layer.gate_up(sum_normed[1])));
+    if (layer.pre_ff_norm) {  // Gemma3DecoderLayer.forward
+      x = x + norm(h, layer.post_norm);
+      x = x + norm(mlp(layer, norm(x, *layer.pre_ff_norm)), *layer.post_ff_norm);
+    } else {  // LlamaDecoderLayer: post_attention_layernorm.add_and_norm(h, x), then the MLP
+      const std::vector<torch::Tensor> sum_normed =
+          rms_norm(h, x, layer.post_norm, options_.eps, options_.offset);
+      x = sum_normed[0] + mlp(layer, sum_normed[1]);
+    }
   }
   return x;
 }

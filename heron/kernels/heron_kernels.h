@@ -55,19 +55,31 @@ class DecodeLinear {
   std::optional<torch::Tensor> bias_;
 };
 
-// A Llama-family decoder layer's weights.
+// A decoder layer's weights. Llama / Qwen2: input_norm, attention, post_norm (added to the
+// residual first), SwiGLU MLP. Gemma3 also has q/k norms and sandwich norms: post_norm on the
+// attention output before the residual add, pre_ff_norm before the MLP and post_ff_norm on
+// its output; its local (sliding-window) layers take the local rotary tables.
 struct DecodeLayer {
   torch::Tensor input_norm;
   DecodeLinear qkv, o;
   torch::Tensor post_norm;
   DecodeLinear gate_up, down;
+  std::optional<torch::Tensor> q_norm, k_norm, pre_ff_norm, post_ff_norm;
+  bool local;
+};
+
+// What the families' layers differ in besides their weights.
+struct DecodeOptions {
+  int64_t num_heads, num_kv_heads, head_dim;
+  double scale;        // attention scale
+  double eps, offset;  // RMSNorm: x / rms(x) * (weight + offset)
+  bool gelu_tanh;      // GeGLU (tanh GELU) instead of SwiGLU
 };
 
 class DecodeLayers {
  public:
-  DecodeLayers(std::vector<DecodeLayer> layers, int64_t num_heads, int64_t num_kv_heads,
-               int64_t head_dim, double eps, double scale);
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin,
+  DecodeLayers(std::vector<DecodeLayer> layers, DecodeOptions options);
+  torch::Tensor forward(torch::Tensor x, const std::vector<torch::Tensor>& rotary,
                         const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slots,
                         const torch::Tensor& tables, const torch::Tensor& lens,
@@ -75,7 +87,9 @@ class DecodeLayers {
                         const std::vector<int64_t>& which) const;
 
  private:
+  torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight) const;
+  torch::Tensor mlp(const DecodeLayer& layer, const torch::Tensor& x) const;
+
   std::vector<DecodeLayer> layers_;
-  int64_t num_heads_, num_kv_heads_, head_dim_;
-  double eps_, scale_;
+  DecodeOptions options_;
 };

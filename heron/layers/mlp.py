@@ -11,6 +11,11 @@ from torch import nn
 from heron import kernels
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Gemma3's GeGLU)."""
+    return F.gelu(x, approximate="tanh")
+
+
 class GatedMLP(nn.Module):
     def __init__(
         self,

@@ -20,16 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from heron.errors import ModelLoadError
 from heron.layers.attention import AttentionMetadata
-from heron.layers.mlp import GatedMLP
+from heron.layers.mlp import GatedMLP, gelu_tanh
 from heron.layers.norm import RMSNorm
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
+from heron.models.decode_loop import DecodeLoop
 from heron.models.weights import load_fused_weights
 
 # Every sixth layer is global, the others local (transformers' and llama.cpp's default).
@@ -158,7 +158,7 @@ class Gemma3DecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(h, eps, offset=1.0)
         self.pre_feedforward_layernorm = RMSNorm(h, eps, offset=1.0)
-        self.mlp = GatedMLP(h, cfg.intermediate_size, _gelu_tanh)
+        self.mlp = GatedMLP(h, cfg.intermediate_size, gelu_tanh)
         self.post_feedforward_layernorm = RMSNorm(h, eps, offset=1.0)
 
     def forward(self, x, cos_sin, kv_cache, meta) -> torch.Tensor:
@@ -203,6 +203,8 @@ class Gemma3ForCausalLM(nn.Module):
         )
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Decode steps run the layers in one C++ loop where they may (heron.models.decode_loop).
+        self.decode_loop = DecodeLoop(self.layers, "gelu_tanh")
 
     def forward(
         self,
@@ -219,7 +221,10 @@ class Gemma3ForCausalLM(nn.Module):
         x = x * torch.tensor(self.embed_scale).to(x.dtype)
         local = self.rotary_local(positions, x.dtype)
         glob = self.rotary_global(positions, x.dtype)
-        for i in range(len(self.layers)) if layers is None else layers:
+        which = range(len(self.layers)) if layers is None else layers
+        if self.decode_loop.applies(x, kv_caches, meta):
+            return self.norm(self.decode_loop.run(x, (*glob, *local), kv_caches, meta, which))
+        for i in which:
             layer = self.layers[i]
             x = layer(x, local if layer.sliding else glob, kv_caches[i], meta)
         return self.norm(x)
@@ -238,7 +243,3 @@ class Gemma3ForCausalLM(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         load_fused_weights(self, weights, self.config)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")

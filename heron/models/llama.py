@@ -5,22 +5,19 @@ network with Q/K/V biases (``qwen2.py``)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron import kernels
 from heron.layers.attention import AttentionMetadata
 from heron.layers.mlp import GatedMLP
 from heron.layers.norm import RMSNorm
-from heron.layers.quantized_linear import GEMV_MAX_ROWS, decode_spec
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
+from heron.models.decode_loop import DecodeLoop
 from heron.models.weights import load_fused_weights
 
 
@@ -64,11 +61,8 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Decode steps through heron's C++ layer loop where it applies (``_decode_loop``);
-        # off: always the Python layers (the loop's tests compare the two).
-        self.decode_loop_enabled = True
-        # (the loop, the most rows it takes), built on first use; False: not possible here
-        self._decode_layers: tuple[object, int] | Literal[False] | None = None
+        # Decode steps run the layers in one C++ loop where they may (heron.models.decode_loop).
+        self.decode_loop = DecodeLoop(self.layers, "silu")
 
     def forward(
         self,
@@ -83,50 +77,12 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, x.dtype)
         which = range(len(self.layers)) if layers is None else layers
-        loop = self._decode_loop(x, kv_caches, meta)
-        if loop is not None:
-            keys, values = zip(*kv_caches, strict=True)
-            x = loop.forward(
-                x,
-                *cos_sin,
-                keys,
-                values,
-                meta.slot_mapping,
-                meta.decode_blocks,
-                meta.decode_lens,
-                meta.decode_visible,
-                meta.block_size,
-                list(which),
-            )
+        if self.decode_loop.applies(x, kv_caches, meta):
+            x = self.decode_loop.run(x, cos_sin, kv_caches, meta, which)
         else:
             for i in which:
                 x = self.layers[i](x, cos_sin, kv_caches[i], meta)
         return self.norm(x)
-
-    def _decode_loop(
-        self,
-        x: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
-    ) -> object | None:
-        """heron's C++ loop over the layers (``kernels.DecodeLayers``, the same ops as the
-        layers' forward, without Python between them) where it applies: a step of plain
-        decode rows on CPU with a plain KV cache, at most ``GEMV_MAX_ROWS`` of them with
-        quantized weights (more take the dequantizing path); built on the first such step.
-        None: run the layers in Python."""
-        if not (
-            self.decode_loop_enabled
-            and meta.plain_decodes(x.shape[0])
-            and isinstance(kv_caches[0][0], torch.Tensor)
-            and kernels.usable(x)
-        ):
-            return None
-        if self._decode_layers is None:
-            self._decode_layers = _build_decode_layers(self) or False
-        if not self._decode_layers:
-            return None
-        loop, max_rows = self._decode_layers
-        return loop if x.shape[0] <= max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -142,34 +98,6 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         load_fused_weights(self, weights, self.config)
-
-
-def _build_decode_layers(model: LlamaForCausalLM) -> tuple[object, int] | None:
-    """The C++ decode loop over ``model``'s layers and the most rows it takes, or None where a
-    layer holds something it does not replay (a linear of another kind, an activation other
-    than SiLU, a norm with a weight offset)."""
-    cfg = model.config
-    layers, kinds = [], set()
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        specs = [decode_spec(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj)]
-        specs.append(decode_spec(mlp.down_proj))
-        if (
-            None in specs
-            or mlp.act is not F.silu
-            or attn.q_norm is not None
-            or any(n.offset or n.eps != cfg.rms_norm_eps for n in norms)
-        ):
-            return None
-        kinds.update(spec[0] for spec in specs)
-        qkv, o, gate_up, down = (kernels.decode_linear(*spec) for spec in specs)
-        layers.append(kernels.decode_layer(norms[0].weight, qkv, o, norms[1].weight, gate_up, down))
-    scale = model.layers[0].self_attn.scale
-    loop = kernels.decode_layers(
-        layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps, scale
-    )
-    return loop, GEMV_MAX_ROWS if kinds & {"int8", "int4"} else sys.maxsize
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
