@@ -399,11 +399,9 @@ class ModelRunner:
         meta.decode_window_mask = None if window_mask is None else window_mask[:, None].to(dev)
         if m == 1 and self.decode_kernel:
             meta.decode_lens = torch.tensor(lens, dtype=torch.long)
-            if tree_rows:
-                vis = torch.tensor([[n, 0] for n in lens], dtype=torch.long)
-                for i, (start, bits) in tree_rows:
-                    vis[i] = torch.tensor([start, bits])
-                meta.decode_visible = vis
+            if tree_rows:  # other rows: (their length, no bits), every slot seen
+                rows = [(n, 0) if v is None else v for v, n in zip(visible, lens, strict=True)]
+                meta.decode_visible = torch.tensor(rows, dtype=torch.long)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if self.kivi is not None:
