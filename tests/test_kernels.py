@@ -14,7 +14,7 @@ from conftest import make_llm
 from heron import LLM, SamplingParams, kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
-from heron.layers.quantized_linear import Int4Linear
+from heron.layers.quantized_linear import Int4Linear, Int8Linear
 from heron.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
@@ -331,3 +331,63 @@ def test_dequantize_int4_equals_the_torch_path(out_f, in_f, group, monkeypatch):
     assert calls
     monkeypatch.setattr(kernels, "usable", lambda x: False)
     assert torch.equal(fused, linear.dequantize(torch.bfloat16))
+
+
+def _linear_case(kind: str, out_f: int, in_f: int, group: int, rows: int):
+    """A packed linear, bf16 activations with a group of zeros and a group holding an outlier,
+    the fp32 product with the dequantized weight, and how far from it each output may be: half
+    a bf16 ulp (<= 2^-8 of it), fp32-level accumulation, and for int4 the rounding of the
+    activations to integers (each group scaled to +-16256 by its largest value: at most half
+    a step per input)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    packed = Int8Linear(linear) if kind == "int8" else Int4Linear(linear, group)
+    x = torch.randn(rows, in_f)
+    x[0, :group] = 0
+    x[-1, group + 3] = 200.0
+    x = x.bfloat16().float()
+    if kind == "int8":  # the kernels take the bf16 copy of the scales
+        weight = packed.qweight.float() * packed.kernel_scale.float()[:, None]
+        steps = torch.zeros(rows, out_f)
+    else:
+        weight = packed.dequantize(torch.float32)
+        half_step = x.view(rows, -1, group).abs().amax(-1) / 16256 / 2  # [rows, groups]
+        steps = half_step @ weight.abs().view(out_f, -1, group).sum(-1).t()
+    ref = x @ weight.t()
+    bound = ref.abs() * 2**-8 + ref.abs().max() * 1e-5 + steps * 1.01
+    return packed, x.bfloat16(), ref, bound
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("out_f, in_f, group", [(960, 576, 32), (576, 1536, 64), (128, 256, 128)])
+def test_quantized_gemv_matches_the_torch_kernels(kind, rows, out_f, in_f, group, monkeypatch):
+    """heron's int8 / int4 few-row products agree with PyTorch's packed kernels within bf16
+    rounding of the output, and they are what the modules run here."""
+    runs = kernels.int8_gemv_runs() if kind == "int8" else kernels.int4_gemv_runs()
+    if not runs:
+        pytest.skip("needs AVX-512 (int4: VNNI and VBMI)")
+    packed, x, ref, bound = _linear_case(kind, out_f, in_f, group, rows)
+    if kind == "int8":
+        ours = kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
+        theirs = torch._weight_int8pack_mm(x, packed.qweight, packed.kernel_scale)
+    else:
+        ours = kernels.int4_gemv(x, packed.packed, packed.scale_zero, group, out_f)
+        theirs = torch._weight_int4pack_mm_for_cpu(x, packed.packed, group, packed.scale_zero)
+    assert ours.shape == theirs.shape == (rows, out_f) and ours.dtype == torch.bfloat16
+    assert ((ours.float() - ref).abs() <= bound).all()
+    assert ((theirs.float() - ref).abs() <= ref.abs() * 2**-8 + ref.abs().max() * 1e-5).all()
+    name = f"{kind}_gemv"
+    calls = []
+    original = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or original(*a))
+    assert packed.heron_gemv and torch.equal(packed(x), ours) and calls
+
+
+def test_int8_gemv_takes_any_shape():
+    """Output rows that do not fill a 4-row step, inputs that end mid-way through 16."""
+    if not kernels.int8_gemv_runs():
+        pytest.skip("needs AVX-512")
+    packed, x, ref, bound = _linear_case("int8", 99, 77, 16, 5)
+    y = kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
+    assert ((y.float() - ref).abs() <= bound).all()

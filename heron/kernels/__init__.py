@@ -25,6 +25,7 @@ _SOURCES = [
         "layer_ops.cpp",
         "sparse_prefill.cpp",
         "dequantize.cpp",
+        "quantized_gemv.cpp",
         "decode_layers.cpp",
         "bindings.cpp",
     )
@@ -220,6 +221,40 @@ def dequantize_int4(
     return _module().dequantize_int4(
         packed, scale_zero, out_features, in_features, group_size, block_n
     )
+
+
+@functools.cache
+def int8_gemv_runs() -> bool:
+    """Whether :func:`int8_gemv` runs here (kernels built with AVX-512)."""
+    return available() and _module().int8_gemv_supported()
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T * scale`` for a few bf16 rows ``x`` [M, K], an int8 ``weight`` [N, K]
+    and one scale per output row: what ``torch._weight_int8pack_mm`` computes (fp32
+    accumulation, one bf16 rounding), faster where the weight is not in cache. Call only
+    where :func:`int8_gemv_runs` is true."""
+    return _module().int8_gemv(x, weight, scale)
+
+
+@functools.cache
+def int4_gemv_runs() -> bool:
+    """Whether :func:`int4_gemv` runs here (kernels built with AVX-512 VNNI and VBMI)."""
+    return available() and _module().int4_gemv_supported()
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_zero: torch.Tensor,
+    group_size: int,
+    out_features: int,
+) -> torch.Tensor:
+    """What ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)``
+    computes for up to 16 bf16 rows ``x`` [M, K] (within bf16 rounding), several times
+    faster per weight: ``packed`` in PyTorch's AVX-512 layout (blocks of 64 rows),
+    ``out_features`` a multiple of 64. Call only where :func:`int4_gemv_runs` is true."""
+    return _module().int4_gemv(x, packed, scale_zero, group_size, out_features)
 
 
 def decode_linear(

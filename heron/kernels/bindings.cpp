@@ -12,6 +12,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("int8_gemv_supported", &int8_gemv_supported, "whether int8_gemv runs here (AVX-512)");
+  m.def("int8_gemv", &int8_gemv, "int8 weight-only product of a few bf16 rows");
+  m.def("int4_gemv_supported", &int4_gemv_supported,
+        "whether int4_gemv runs here (AVX-512 VNNI and VBMI)");
+  m.def("int4_gemv", &int4_gemv, "int4 weight-only product of a few bf16 rows");
   m.def("dequantize_int4_supported", &dequantize_int4_supported,
         "whether dequantize_int4 runs here (AVX-512 bf16)");
   m.def("dequantize_int4", &dequantize_int4, "PyTorch's CPU int4 pack back to a bf16 weight");

@@ -47,9 +47,12 @@ DecodeLinear::DecodeLinear(std::string kind, torch::Tensor weight,
     kind_ = Kind::kDense;
   } else if (kind == "mkldnn") {
     kind_ = Kind::kMkldnn;
-  } else if (kind == "int8" || kind == "int4") {
+  } else if (kind == "int8" || kind == "int4" || kind == "int8_aten" || kind == "int4_aten") {
     TORCH_CHECK(scales_.has_value(), "DecodeLinear: ", kind, " needs its scales");
-    kind_ = kind == "int8" ? Kind::kInt8 : Kind::kInt4;
+    kind_ = kind == "int8"        ? Kind::kInt8
+            : kind == "int4"      ? Kind::kInt4
+            : kind == "int8_aten" ? Kind::kInt8Aten
+                                  : Kind::kInt4Aten;
   } else {
     TORCH_CHECK(false, "DecodeLinear: unknown kind ", kind);
   }
@@ -65,11 +68,24 @@ torch::Tensor DecodeLinear::operator()(const torch::Tensor& x) const {
     case Kind::kMkldnn:
       return onednn_packed_linear(x, weight_, bias_);
     case Kind::kInt8:
-    case Kind::kInt4: {
+    case Kind::kInt4:
+    case Kind::kInt8Aten:
+    case Kind::kInt4Aten: {
       const torch::Tensor xk = x.scalar_type() == at::kBFloat16 ? x : x.to(at::kBFloat16);
-      torch::Tensor y = kind_ == Kind::kInt8
-                            ? at::_weight_int8pack_mm(xk, weight_, *scales_)
-                            : at::_weight_int4pack_mm_for_cpu(xk, weight_, group_size_, *scales_);
+      torch::Tensor y;
+      switch (kind_) {
+        case Kind::kInt8:
+          y = int8_gemv(xk, weight_, *scales_);
+          break;
+        case Kind::kInt4:
+          y = int4_gemv(xk, weight_, *scales_, group_size_, weight_.numel() * 2 / x.size(1));
+          break;
+        case Kind::kInt8Aten:
+          y = at::_weight_int8pack_mm(xk, weight_, *scales_);
+          break;
+        default:
+          y = at::_weight_int4pack_mm_for_cpu(xk, weight_, group_size_, *scales_);
+      }
       if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
       return bias_ ? y.add_(*bias_) : y;
     }

@@ -37,9 +37,17 @@ torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
                               int64_t out_features, int64_t in_features, int64_t group_size,
                               int64_t block_n);
 
+// quantized_gemv.cpp
+bool int8_gemv_supported();
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale);
+bool int4_gemv_supported();
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
+                        int64_t group_size, int64_t out_features);
+
 // decode_layers.cpp
 // One linear as its module computes it for a decode step's few rows: "dense" (F.linear),
-// "mkldnn" (a oneDNN-packed bf16 weight), "int8" / "int4" (PyTorch's packed CPU kernels).
+// "mkldnn" (a oneDNN-packed bf16 weight), "int8" / "int4" (int8_gemv / int4_gemv above),
+// "int8_aten" / "int4_aten" (PyTorch's packed CPU kernels).
 class DecodeLinear {
  public:
   DecodeLinear(std::string kind, torch::Tensor weight, std::optional<torch::Tensor> scales,
@@ -47,7 +55,7 @@ class DecodeLinear {
   torch::Tensor operator()(const torch::Tensor& x) const;
 
  private:
-  enum class Kind { kDense, kMkldnn, kInt8, kInt4 };
+  enum class Kind { kDense, kMkldnn, kInt8, kInt4, kInt8Aten, kInt4Aten };
   Kind kind_;
   torch::Tensor weight_;
   std::optional<torch::Tensor> scales_;

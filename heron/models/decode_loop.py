@@ -122,4 +122,5 @@ class DecodeLoop:
             self.activation == "gelu_tanh",
         )
         loop = kernels.decode_layers(layers, options)
-        return loop, GEMV_MAX_ROWS if kinds & {"int8", "int4"} else sys.maxsize
+        quantized = kinds - {"dense", "mkldnn"}  # packed int8 / int4: few-row kernels
+        return loop, GEMV_MAX_ROWS if quantized else sys.maxsize
