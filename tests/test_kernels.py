@@ -85,6 +85,43 @@ def test_paged_decode_sees_only_the_visible_slots():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("context", [5, 37, 300])
+def test_a_draft_trees_rows_attend_as_each_would_alone(dtype, context):
+    """The rows of one draft tree (one block table, one ``from``) share a task that loads each
+    key once for all of them; each row's output is still exactly what it gets alone, next to
+    plain rows too, and matches attention over its visible slots."""
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(60 * BS, HKV, D, generator=g).to(dtype)
+    v_cache = torch.randn(60 * BS, HKV, D, generator=g).to(dtype)
+    table = torch.randperm(60, generator=g)[: (context + 20) // BS + 1]
+    parents = [-1, 0, 0, 1, 2, 3, -1, 6, 4, 8, 9, 3, 11]  # 13 drafts: rows 1..13
+    bits = []
+    for i in range(len(parents) + 1):  # row i: itself and its ancestors (row 0: the root)
+        b, j = 1 | (1 << i), i - 1
+        while j >= 0:
+            b, j = b | (1 << (j + 1)), parents[j]
+        bits.append(b)
+    rows = len(bits)
+    q = torch.randn(rows + 2, HKV, GROUP, D, generator=g).to(dtype)
+    tables = table[None].repeat(rows + 2, 1)
+    lens = torch.tensor([context + 1] + [context + i + 1 for i in range(rows)] + [context + 1])
+    visible = torch.tensor([[context + 1, 0]] + [[context, b] for b in bits] + [[context + 1, 0]])
+    together = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5, visible)
+    for i in range(rows + 2):
+        one = slice(i, i + 1)
+        alone = kernels.paged_decode(
+            q[one], k_cache, v_cache, tables[one], lens[one], BS, D**-0.5, visible[one]
+        )
+        assert torch.equal(together[one], alone), i
+    pos = torch.arange(tables.shape[1] * BS)[None, :]
+    j = (pos - visible[:, :1]).clamp(0, 62)
+    seen = (pos < visible[:, :1]) | ((visible[:, 1:] >> j) & 1).bool()
+    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5, seen & (pos < lens[:, None]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(together.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_rows_equals_index_copy(dtype):
     """The cache write of a step's K (or V): a strided view of the fused projection into
     scattered slots, as index_copy_ writes it; a slot outside the cache is refused."""

@@ -176,6 +176,45 @@ inline __m512 sum_lanes16(const __m512* v) {
   return _mm512_permutexvar_ps(order, z);
 }
 
+// Consecutive rows that attend to one context: a draft tree's rows laid out as decode rows
+// (the same block table and the same `from`, before their lengths). A task takes such a run
+// of rows together, so each key and value is loaded and widened once for all their queries.
+struct RowRun {
+  int64_t first, count;
+};
+
+constexpr int64_t kMaxRun = 16;  // rows per run: bounds a task's per-query state
+
+std::vector<RowRun> row_runs(const int64_t* tables, const int64_t* lens, const int64_t* visible,
+                             int64_t batch, int64_t width, int64_t kv_heads) {
+  std::vector<RowRun> runs;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool tree = visible != nullptr && visible[2 * b] < lens[b];
+    if (tree && !runs.empty()) {
+      RowRun& run = runs.back();
+      const int64_t a = run.first;
+      if (run.count < kMaxRun && visible[2 * a] < lens[a] && visible[2 * a] == visible[2 * b] &&
+          std::memcmp(tables + a * width, tables + b * width, width * sizeof(int64_t)) == 0) {
+        ++run.count;
+        continue;
+      }
+    }
+    runs.push_back({b, 1});
+  }
+  // Keep both cores busy: at batch 1 one tree's run is all the work there is.
+  const int64_t wanted = 2 * at::get_num_threads();
+  while (static_cast<int64_t>(runs.size()) * kv_heads < wanted) {
+    auto largest = std::max_element(runs.begin(), runs.end(), [](const RowRun& x, const RowRun& y) {
+      return x.count < y.count;
+    });
+    if (largest->count == 1) break;
+    const RowRun second{largest->first + largest->count / 2, largest->count - largest->count / 2};
+    largest->count /= 2;
+    runs.insert(largest + 1, second);
+  }
+  return runs;
+}
+
 template <typename T, int kChunks>
 void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                           const int64_t* lens, const int64_t* visible, T* out, int64_t batch,
@@ -183,29 +222,44 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
                           float scale) {
   constexpr int64_t dim = 16 * kChunks;
   const float sc2 = scale * 1.44269504f;  // scores in log2 units
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<__m512> qf(group * kChunks), acc(group * kChunks), part(group * 16);
-    std::vector<__m512> vf(16 * kChunks);
-    std::vector<float> probs(group * 16), row_max(group), row_sum(group);
+  const std::vector<RowRun> runs = row_runs(tables, lens, visible, batch, width, kv_heads);
+  int64_t most = 1;
+  for (const RowRun& run : runs) most = std::max(most, run.count);
+  const int64_t max_queries = most * group;
+  at::parallel_for(0, static_cast<int64_t>(runs.size()) * kv_heads, 1, [&](int64_t begin,
+                                                                           int64_t end) {
+    std::vector<__m512> qf(max_queries * kChunks), acc(max_queries * kChunks);
+    std::vector<__m512> part(max_queries * 16), vf(16 * kChunks);
+    std::vector<float> probs(max_queries * 16), row_max(max_queries), row_sum(max_queries);
+    std::vector<int64_t> row_len(most);
+    std::vector<uint64_t> row_bits(most);
+    std::vector<__mmask16> live(most);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      const int64_t len = std::min(lens[b], width * block_size);
-      // The row's visibility (``seen``).
-      const int64_t from = visible != nullptr ? visible[2 * b] : len;
-      const uint64_t bits = visible != nullptr ? static_cast<uint64_t>(visible[2 * b + 1]) : 0;
-      const T* qp = q + (b * kv_heads + h) * group * dim;
-      for (int64_t i = 0; i < group * kChunks; ++i) {
-        qf[i] = _mm512_mul_ps(load16(qp + i * 16), _mm512_set1_ps(sc2));
-        acc[i] = _mm512_setzero_ps();
+      const RowRun run = runs[task / kv_heads];
+      const int64_t h = task % kv_heads, b0 = run.first, queries = run.count * group;
+      // The rows' visibility (``seen``); the run reads the keys up to its longest row.
+      const int64_t from = visible != nullptr ? visible[2 * b0] : lens[b0];
+      int64_t len = 0;
+      for (int64_t r = 0; r < run.count; ++r) {
+        row_len[r] = std::min(lens[b0 + r], width * block_size);
+        row_bits[r] = visible != nullptr ? static_cast<uint64_t>(visible[2 * (b0 + r) + 1]) : 0;
+        len = std::max(len, row_len[r]);
       }
-      std::fill(row_max.begin(), row_max.end(), kNoScore);
-      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      for (int64_t r = 0; r < run.count; ++r) {
+        const T* qp = q + ((b0 + r) * kv_heads + h) * group * dim;
+        for (int64_t i = 0; i < group * kChunks; ++i) {
+          qf[r * group * kChunks + i] = _mm512_mul_ps(load16(qp + i * 16), _mm512_set1_ps(sc2));
+        }
+      }
+      std::fill(acc.begin(), acc.begin() + queries * kChunks, _mm512_setzero_ps());
+      std::fill(row_max.begin(), row_max.begin() + queries, kNoScore);
+      std::fill(row_sum.begin(), row_sum.begin() + queries, 0.f);
       // Up to 16 positions at a time, within one cache block: n from p0 on, at cache row
       // row0 (row of head h), whose keys and values ask for the next run's while computing.
       auto run_at = [&](int64_t p, int64_t& n) {
         const int64_t off = p % block_size;
         n = std::min<int64_t>({16, len - p, block_size - off});
-        return (tables[b * width + p / block_size] * block_size + off) * kv_heads + h;
+        return (tables[b0 * width + p / block_size] * block_size + off) * kv_heads + h;
       };
       int64_t n = 0;
       for (int64_t p0 = 0; p0 < len; p0 += n) {
@@ -222,20 +276,25 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
             }
           }
         }
-        __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
-        for (int64_t t = std::max<int64_t>(0, from - p0); t < n; ++t) {
-          if (!seen(p0 + t, from, bits)) live &= static_cast<__mmask16>(~(1u << t));
+        // Each row's keys in this run: below its length, and seen.
+        for (int64_t r = 0; r < run.count; ++r) {
+          const int64_t own = std::clamp<int64_t>(row_len[r] - p0, 0, n);
+          __mmask16 mask = static_cast<__mmask16>((1u << own) - 1);
+          for (int64_t t = std::max<int64_t>(0, from - p0); t < own; ++t) {
+            if (!seen(p0 + t, from, row_bits[r])) mask &= static_cast<__mmask16>(~(1u << t));
+          }
+          live[r] = mask;
         }
-        // Scores: each key's G dot products as 16-lane partial sums.
+        // Scores: each key's dot products with every query, as 16-lane partial sums.
         for (int64_t t = 0; t < 16; ++t) {
           if (t >= n) {
-            for (int64_t g = 0; g < group; ++g) part[g * 16 + t] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < queries; ++g) part[g * 16 + t] = _mm512_setzero_ps();
             continue;
           }
           const T* kp = k_cache + (row0 + t * kv_heads) * dim;
           __m512 kv[kChunks];
           for (int c = 0; c < kChunks; ++c) kv[c] = load16(kp + c * 16);
-          for (int64_t g = 0; g < group; ++g) {
+          for (int64_t g = 0; g < queries; ++g) {
             __m512 s = _mm512_mul_ps(qf[g * kChunks], kv[0]);
             for (int c = 1; c < kChunks; ++c) {
               s = _mm512_fmadd_ps(qf[g * kChunks + c], kv[c], s);
@@ -245,13 +304,15 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
           const T* vp = v_cache + (row0 + t * kv_heads) * dim;
           for (int c = 0; c < kChunks; ++c) vf[t * kChunks + c] = load16(vp + c * 16);
         }
-        // Online softmax over the 16 scores of each query.
-        for (int64_t g = 0; g < group; ++g) {
+        // Online softmax over the 16 scores of each query. A row's keys past its own length
+        // are masked out: zero weight, so its sums are those of a run of its own.
+        for (int64_t g = 0; g < queries; ++g) {
+          const __mmask16 seen_here = live[g / group];
           const __m512 s = sum_lanes16(&part[g * 16]);
-          const float m = std::max(row_max[g], _mm512_mask_reduce_max_ps(live, s));
+          const float m = std::max(row_max[g], _mm512_mask_reduce_max_ps(seen_here, s));
           const float alpha = exp2f(row_max[g] - m);
           const __m512 e =
-              _mm512_maskz_mov_ps(live, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(m))));
+              _mm512_maskz_mov_ps(seen_here, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(m))));
           row_sum[g] = row_sum[g] * alpha + _mm512_reduce_add_ps(e);
           row_max[g] = m;
           _mm512_storeu_ps(&probs[g * 16], e);
@@ -261,10 +322,11 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
           }
         }
         // The weighted values.
-        for (int64_t g = 0; g < group; ++g) {
+        for (int64_t g = 0; g < queries; ++g) {
+          const int64_t own = std::clamp<int64_t>(row_len[g / group] - p0, 0, n);
           __m512 a[kChunks];
           for (int c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = 0; t < own; ++t) {
             const __m512 pt = _mm512_set1_ps(probs[g * 16 + t]);
             for (int c = 0; c < kChunks; ++c) {
               a[c] = _mm512_fmadd_ps(pt, vf[t * kChunks + c], a[c]);
@@ -273,15 +335,16 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
           for (int c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
         }
       }
-      T* op = out + (b * kv_heads + h) * group * dim;
-      for (int64_t g = 0; g < group; ++g) {
+      for (int64_t g = 0; g < queries; ++g) {
+        const int64_t r = g / group;
+        T* op = out + ((b0 + r) * kv_heads + h) * group * dim + (g % group) * dim;
         const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
         alignas(64) float row[dim];
         for (int c = 0; c < kChunks; ++c) {
           const __m512 scaled = _mm512_mul_ps(acc[g * kChunks + c], _mm512_set1_ps(inv));
           _mm512_store_ps(row + c * 16, scaled);
         }
-        for (int64_t d = 0; d < dim; ++d) op[g * dim + d] = static_cast<T>(row[d]);
+        for (int64_t d = 0; d < dim; ++d) op[d] = static_cast<T>(row[d]);
       }
     }
   });
