@@ -25,7 +25,8 @@ def _linear(in_f: int, out_f: int, bias: bool) -> nn.Linear:
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 5, ql.GEMV_MAX_ROWS + 7])  # packed kernel, then dense
+# packed kernels (PyTorch's up to GEMV_MAX_ROWS, heron's further), then dense
+@pytest.mark.parametrize("rows", [1, 5, ql.GEMV_MAX_ROWS + 7, ql.HERON_INT4_MAX_ROWS + 7])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_matches_dequantized_reference(kind, rows, bias, dtype):

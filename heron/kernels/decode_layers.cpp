@@ -7,7 +7,8 @@
 // paged_decode to a plain cache) with the same ops in the same order, so its output equals
 // the Python path's bit for bit: the Python modules stay the reference and serve every other
 // step (prefill chunks, quantized KV caches, KV policies, sliding windows that hide keys,
-// quantized weights beyond GEMV_MAX_ROWS rows). heron.models.decode_loop decides and builds.
+// quantized weights beyond their few-row kernels' rows). heron.models.decode_loop decides and
+// builds.
 #include "heron_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -58,7 +59,7 @@ DecodeLinear::DecodeLinear(std::string kind, torch::Tensor weight,
   }
 }
 
-// What the module's forward computes for a 2-D x of at most GEMV_MAX_ROWS rows: the packed
+// What the module's forward computes for a 2-D x of at most its max_gemv_rows rows: the packed
 // kernels take bf16 activations and give bf16, converted back to x's dtype, then the bias
 // added in place (heron.layers.quantized_linear's _in_kernel_dtype and _finish).
 torch::Tensor DecodeLinear::operator()(const torch::Tensor& x) const {

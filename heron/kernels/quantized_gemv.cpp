@@ -98,7 +98,7 @@ constexpr int64_t kBlockN = 64;     // PyTorch's AVX-512 int4 pack: blocks of 64
 constexpr int64_t kInt4XRows = 2;   // activation rows per pass (4 x 2 x 2 accumulators)
 constexpr int64_t kInt4Ahead = 4096;  // prefetch distance, bytes
 constexpr float kLevels = 16256.f;  // 127 * 128: hi in [-127, 127], lo in [-64, 63]
-constexpr int64_t kInt4MaxRows = 16;  // GEMV_MAX_ROWS
+constexpr int64_t kInt4ChunkRows = 16;  // rows a block keeps outputs for at once
 
 // Byte i of gather order h: the nibble of row 16 * h + i / 4 at input k + i % 4, from the
 // 128 bytes of inputs k .. k + 3 (32 bytes each) that two loads hold.
@@ -157,18 +157,20 @@ void to_int_rows(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, Int
   }
 }
 
-// Output rows [b * 64, b * 64 + 64) of the int4 product. Packed byte [b, k, j] holds row j
-// (low nibble) and row 32 + j (high nibble) of input k; scale_zero [groups, N] holds
-// (scale, zero) bf16 pairs: w = (q - 8) * scale + zero.
+// Output columns [b * 64, b * 64 + 64) of the int4 product for activation rows
+// [m_begin, m_begin + M), M <= kInt4ChunkRows. Packed byte [b, k, j] holds row j (low nibble)
+// and row 32 + j (high nibble) of input k; scale_zero [groups, N] holds (scale, zero) bf16
+// pairs: w = (q - 8) * scale + zero.
 void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_zero,
-                at::BFloat16* y, int64_t M, int64_t K, int64_t N, int64_t group, int64_t b) {
+                at::BFloat16* y, int64_t m_begin, int64_t M, int64_t K, int64_t N,
+                int64_t group, int64_t b) {
   const int64_t G = K / group;
   static const GatherOrder order;
   const __m512i gather0 = _mm512_load_si512(order.bytes[0]);
   const __m512i gather1 = _mm512_load_si512(order.bytes[1]);
   const __m512i nibble = _mm512_set1_epi8(15);
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  alignas(64) float out[kInt4MaxRows][kBlockN] = {};
+  alignas(64) float out[kInt4ChunkRows][kBlockN] = {};
   const uint8_t* base = packed + b * K * (kBlockN / 2);
   for (int64_t g = 0; g < G; ++g) {
     __m512 scale[4], zero[4];  // zero - 8 * scale: the level offset folded in
@@ -185,7 +187,7 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
         for (int64_t r = 0; r < 4; ++r) hi[i][r] = lo[i][r] = _mm512_setzero_si512();
       for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
         const uint8_t* p = base + k * (kBlockN / 2);
-        if (m0 == 0) {
+        if (m_begin == 0 && m0 == 0) {
           _mm_prefetch(reinterpret_cast<const char*>(p + kInt4Ahead), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(p + kInt4Ahead + 64), _MM_HINT_T0);
         }
@@ -200,8 +202,8 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
         for (int64_t i = 0; i < kInt4XRows; ++i) {
           if (i == mm) break;
           int32_t x_hi, x_lo;
-          std::memcpy(&x_hi, xs.hi.data() + (m0 + i) * K + k, 4);
-          std::memcpy(&x_lo, xs.lo.data() + (m0 + i) * K + k, 4);
+          std::memcpy(&x_hi, xs.hi.data() + (m_begin + m0 + i) * K + k, 4);
+          std::memcpy(&x_lo, xs.lo.data() + (m_begin + m0 + i) * K + k, 4);
           const __m512i vh = _mm512_set1_epi32(x_hi), vl = _mm512_set1_epi32(x_lo);
           for (int64_t r = 0; r < 4; ++r) {
             hi[i][r] = _mm512_dpbusd_epi32(hi[i][r], w[r], vh);
@@ -210,7 +212,7 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
         }
       }
       for (int64_t i = 0; i < mm; ++i) {
-        const int64_t row = (m0 + i) * G + g;
+        const int64_t row = (m_begin + m0 + i) * G + g;
         const __m512 x_scale = _mm512_set1_ps(xs.scale[row]);
         const __m512 x_sum = _mm512_set1_ps(xs.sum[row]);
         for (int64_t r = 0; r < 4; ++r) {
@@ -225,7 +227,7 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
   }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t r = 0; r < 4; ++r)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + b * kBlockN + 16 * r),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m_begin + m) * N + b * kBlockN + 16 * r),
                           reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(
                               _mm512_load_ps(&out[m][16 * r]))));
 }
@@ -267,7 +269,6 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 #if HERON_INT4_GEMV
   const int64_t K = x.size(1), N = out_features;
   check_rows(x, K, "int4_gemv");
-  TORCH_CHECK(x.size(0) <= kInt4MaxRows, "int4_gemv: at most ", kInt4MaxRows, " rows");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
                   packed.numel() * 2 == N * K,
               "int4_gemv: packed must be contiguous uint8 holding out * in nibbles");
@@ -285,7 +286,12 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const uint32_t* szp = reinterpret_cast<const uint32_t*>(scale_zero.data_ptr<at::BFloat16>());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) int4_block(xs, pp, szp, yp, M, K, N, group_size, b);
+    for (int64_t b = begin; b < end; ++b) {
+      // Rows beyond one chunk re-read the block's weights from cache, not memory.
+      for (int64_t m0 = 0; m0 < M; m0 += kInt4ChunkRows) {
+        int4_block(xs, pp, szp, yp, m0, std::min(kInt4ChunkRows, M - m0), K, N, group_size, b);
+      }
+    }
   });
   return y;
 #else

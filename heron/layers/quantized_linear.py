@@ -6,8 +6,9 @@ activations and run through heron's kernels (``heron.kernels.int8_gemv`` / ``int
 PyTorch's packed layouts, ~1.4-1.6x faster per weight here) where the CPU has AVX-512 (VNNI
 and VBMI for int4), else PyTorch's packed CPU kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``). Many-row products (prefill chunks, big decode batches) are
-compute-bound and those kernels are slow there, so above ``GEMV_MAX_ROWS`` rows the weight
-is dequantized to the activations' dtype for the call and the dense GEMM does the work.
+compute-bound and those kernels are slow there, so above a module's ``max_gemv_rows`` rows
+the weight is dequantized to the activations' dtype for the call and the dense GEMM does the
+work.
 
 - int8: symmetric, one scale per output channel (``w = q * scale``).
 - int4: asymmetric, one scale and zero per ``group_size`` inputs of each output channel
@@ -29,14 +30,19 @@ from heron.errors import InvalidRequestError
 from heron.platform import cpu_has_fast_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Rows up to which the packed kernels beat dequantize + dense GEMM (measured on a 2-core
-# AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32).
+# Rows up to which the packed kernels beat dequantize + dense GEMM. PyTorch's (measured on a
+# 2-core AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32):
 GEMV_MAX_ROWS = 16
+# heron's (SmolLM2's 120 layer products, cold, bf16, 2-core AVX-512 CPU; dequantize + GEMM
+# takes 60-110 ms whatever the rows): int8 at 32 rows 89 ms, at 48 140; int4 at 48 rows 61 ms,
+# at 64 83 (85 dequantized).
+HERON_INT8_MAX_ROWS = 32
+HERON_INT4_MAX_ROWS = 48
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed kernels take bf16 activations and scales
 # How heron's C++ decode loop computes a linear (heron.kernels.DecodeLinear's arguments):
 # (kind, weight, scales, group size, bias), the same product as the module's forward for up
-# to GEMV_MAX_ROWS rows.
+# to its max_gemv_rows rows.
 LinearSpec = tuple[str, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]
 
 
@@ -51,6 +57,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("kernel_scale", scale.to(_KERNEL_DTYPE))
         self.bias = _bias(linear)
         self.heron_gemv = kernels.usable(self.qweight) and kernels.int8_gemv_runs()
+        self.max_gemv_rows = HERON_INT8_MAX_ROWS if self.heron_gemv else GEMV_MAX_ROWS
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
@@ -61,7 +68,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
-        if rows.shape[0] > GEMV_MAX_ROWS or rows.device.type != "cpu":
+        if rows.shape[0] > self.max_gemv_rows or rows.device.type != "cpu":
             return _dense(self, x)
         int8_mm = kernels.int8_gemv if self.heron_gemv else torch._weight_int8pack_mm
         y = int8_mm(_in_kernel_dtype(rows), self.qweight, self.kernel_scale)
@@ -84,6 +91,7 @@ class Int4Linear(nn.Module):
         self.heron_gemv = (
             block_n == 64 and self.out_features % 64 == 0 and group_size % 16 == 0
         ) and kernels.int4_gemv_runs()
+        self.max_gemv_rows = HERON_INT4_MAX_ROWS if self.heron_gemv else GEMV_MAX_ROWS
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         out_f, in_f = self.out_features, self.in_features
@@ -101,10 +109,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
-        if rows.shape[0] > GEMV_MAX_ROWS and self.dequantizable:
+        if rows.shape[0] > self.max_gemv_rows and self.dequantizable:
             return _dense(self, x)
         xk = _in_kernel_dtype(rows)
-        if self.heron_gemv:  # implies dequantizable: at most GEMV_MAX_ROWS rows here
+        if self.heron_gemv:  # implies dequantizable: at most max_gemv_rows rows here
             y = kernels.int4_gemv(
                 xk, self.packed, self.scale_zero, self.group_size, self.out_features
             )

@@ -21,7 +21,7 @@ from heron import kernels
 from heron.layers.attention import AttentionMetadata
 from heron.layers.mlp import gelu_tanh
 from heron.layers.norm import RMSNorm
-from heron.layers.quantized_linear import GEMV_MAX_ROWS, decode_spec
+from heron.layers.quantized_linear import decode_spec
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
 
@@ -81,7 +81,7 @@ class DecodeLoop:
         attn = self.layers[0].self_attn
         norm = self.layers[0].input_layernorm
         act = _ACTIVATIONS[self.activation]
-        layers, kinds = [], set()
+        layers, max_rows = [], sys.maxsize
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -94,7 +94,8 @@ class DecodeLoop:
                 or any(n.offset != norm.offset or n.eps != norm.eps for n in norms)
             ):
                 return None
-            kinds.update(spec[0] for spec in specs)
+            # Packed int8 / int4 linears run their few-row kernels only up to a row count.
+            max_rows = min([max_rows, *(getattr(m, "max_gemv_rows", sys.maxsize) for m in linears)])
             qkv, o, gate_up, down = (kernels.decode_linear(*spec) for spec in specs)
             sandwich = hasattr(layer, "pre_feedforward_layernorm")
             layers.append(
@@ -122,5 +123,4 @@ class DecodeLoop:
             self.activation == "gelu_tanh",
         )
         loop = kernels.decode_layers(layers, options)
-        quantized = kinds - {"dense", "mkldnn"}  # packed int8 / int4: few-row kernels
-        return loop, GEMV_MAX_ROWS if quantized else sys.maxsize
+        return loop, max_rows
