@@ -357,7 +357,7 @@ def test_decode_loop_takes_decode_steps_only(quantization):
     assert sizes == [1, 1]
 
 
-@pytest.mark.skipif(not kernels.dequantize_int4_runs(), reason="needs AVX-512 bf16")
+@pytest.mark.skipif(not kernels.dequantize_runs(), reason="needs AVX-512 bf16")
 @pytest.mark.parametrize("out_f, in_f, group", [(960, 576, 32), (576, 1536, 64), (256, 128, 128)])
 def test_dequantize_int4_equals_the_torch_path(out_f, in_f, group, monkeypatch):
     """The one-pass bf16 dequantization gives the PyTorch ops' bits (rounded after the scale
@@ -366,6 +366,21 @@ def test_dequantize_int4_equals_the_torch_path(out_f, in_f, group, monkeypatch):
     calls = []
     original = kernels.dequantize_int4
     monkeypatch.setattr(kernels, "dequantize_int4", lambda *a: calls.append(1) or original(*a))
+    fused = linear.dequantize(torch.bfloat16)
+    assert calls
+    monkeypatch.setattr(kernels, "usable", lambda x: False)
+    assert torch.equal(fused, linear.dequantize(torch.bfloat16))
+
+
+@pytest.mark.skipif(not kernels.dequantize_runs(), reason="needs AVX-512 bf16")
+@pytest.mark.parametrize("out_f, in_f", [(960, 576), (99, 77)])
+def test_dequantize_int8_equals_the_torch_path(out_f, in_f, monkeypatch):
+    """The one-pass int8 -> bf16 dequantization gives the PyTorch ops' bits (inputs that end
+    mid-way through 16 too), and it is what Int8Linear.dequantize runs."""
+    linear = Int8Linear(torch.nn.Linear(in_f, out_f, bias=False))
+    calls = []
+    original = kernels.dequantize_int8
+    monkeypatch.setattr(kernels, "dequantize_int8", lambda *a: calls.append(1) or original(*a))
     fused = linear.dequantize(torch.bfloat16)
     assert calls
     monkeypatch.setattr(kernels, "usable", lambda x: False)

@@ -201,9 +201,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def dequantize_int4_runs() -> bool:
-    """Whether :func:`dequantize_int4` runs here (kernels built with AVX-512 bf16)."""
-    return available() and _module().dequantize_int4_supported()
+def dequantize_runs() -> bool:
+    """Whether :func:`dequantize_int4` and :func:`dequantize_int8` run here (kernels built
+    with AVX-512 bf16)."""
+    return available() and _module().dequantize_supported()
 
 
 def dequantize_int4(
@@ -213,14 +214,26 @@ def dequantize_int4(
     in_features: int,
     group_size: int,
     block_n: int,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The bf16 [out, in] weight held in PyTorch's CPU int4 pack (rows in blocks of
     ``block_n``) with its bf16 scales and zeros [in / group, out, 2]: what
-    ``heron.layers.quantized_linear.Int4Linear.dequantize`` computes in bf16, bit for bit.
-    Call only where :func:`dequantize_int4_runs` is true."""
+    ``heron.layers.quantized_linear.Int4Linear.dequantize`` computes in bf16, bit for bit;
+    written into ``into`` (contiguous bf16 [out, in]) when given. Call only where
+    :func:`dequantize_runs` is true."""
     return _module().dequantize_int4(
-        packed, scale_zero, out_features, in_features, group_size, block_n
+        packed, scale_zero, out_features, in_features, group_size, block_n, into
     )
+
+
+def dequantize_int8(
+    weight: torch.Tensor, scale: torch.Tensor, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The bf16 [out, in] weight of an int8 ``weight`` and its bf16 ``scale`` per output row:
+    ``weight.to(bf16) * scale[:, None]`` bit for bit, in one pass; written into ``into``
+    (contiguous bf16 [out, in]) when given. Call only where :func:`dequantize_runs` is
+    true."""
+    return _module().dequantize_int8(weight, scale, into)
 
 
 @functools.cache

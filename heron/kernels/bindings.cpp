@@ -17,9 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv_supported", &int4_gemv_supported,
         "whether int4_gemv runs here (AVX-512 VNNI and VBMI)");
   m.def("int4_gemv", &int4_gemv, "int4 weight-only product of a few bf16 rows");
-  m.def("dequantize_int4_supported", &dequantize_int4_supported,
+  m.def("dequantize_supported", &dequantize_supported,
         "whether dequantize_int4 runs here (AVX-512 bf16)");
   m.def("dequantize_int4", &dequantize_int4, "PyTorch's CPU int4 pack back to a bf16 weight");
+  m.def("dequantize_int8", &dequantize_int8, "an int8 weight and its scales as bf16");
   py::class_<DecodeLinear>(m, "DecodeLinear")
       .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
                     std::optional<torch::Tensor>>());

@@ -32,10 +32,12 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
 torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0);
 
 // dequantize.cpp
-bool dequantize_int4_supported();
+bool dequantize_supported();
 torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
                               int64_t out_features, int64_t in_features, int64_t group_size,
-                              int64_t block_n);
+                              int64_t block_n, std::optional<torch::Tensor> into);
+torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
+                              std::optional<torch::Tensor> into);
 
 // quantized_gemv.cpp
 bool int8_gemv_supported();

@@ -19,6 +19,7 @@ work.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -31,12 +32,11 @@ from heron.platform import cpu_has_fast_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
 # Rows up to which the packed kernels beat dequantize + dense GEMM. PyTorch's (measured on a
-# 2-core AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32):
+# 2-core AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32), and
+# heron's int8 (2-core AVX-512 CPU, SmolLM2's 120 layer products cold: even at 16 rows, 59 vs
+# 60 ms; its int8 head 9.8 vs 11.0 ms):
 GEMV_MAX_ROWS = 16
-# heron's (SmolLM2's 120 layer products, cold, bf16, 2-core AVX-512 CPU; dequantize + GEMM
-# takes 60-110 ms whatever the rows): int8 at 32 rows 89 ms, at 48 140; int4 at 48 rows 61 ms,
-# at 64 83 (85 dequantized).
-HERON_INT8_MAX_ROWS = 32
+# heron's int4, which does not widen weights to floats: 34 vs 74 ms at 16 rows, 76 vs 86 at 48.
 HERON_INT4_MAX_ROWS = 48
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed kernels take bf16 activations and scales
@@ -57,9 +57,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("kernel_scale", scale.to(_KERNEL_DTYPE))
         self.bias = _bias(linear)
         self.heron_gemv = kernels.usable(self.qweight) and kernels.int8_gemv_runs()
-        self.max_gemv_rows = HERON_INT8_MAX_ROWS if self.heron_gemv else GEMV_MAX_ROWS
+        self.max_gemv_rows = GEMV_MAX_ROWS
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The [out, in] weight in ``dtype``; heron's kernel may write it into ``into`` (a bf16
+        buffer of that shape), so use the returned tensor."""
+        if dtype == torch.bfloat16 and _fast_dequantize(self.qweight):
+            return kernels.dequantize_int8(self.qweight, self.kernel_scale, into)
         return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
 
     def decode_spec(self) -> LinearSpec:
@@ -93,11 +97,12 @@ class Int4Linear(nn.Module):
         ) and kernels.int4_gemv_runs()
         self.max_gemv_rows = HERON_INT4_MAX_ROWS if self.heron_gemv else GEMV_MAX_ROWS
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`Int8Linear.dequantize`."""
         out_f, in_f = self.out_features, self.in_features
         if dtype == torch.bfloat16 and self.dequantizable and _fast_dequantize(self.packed):
             return kernels.dequantize_int4(
-                self.packed, self.scale_zero, out_f, in_f, self.group_size, _int4_block_n()
+                self.packed, self.scale_zero, out_f, in_f, self.group_size, _int4_block_n(), into
             )
         w = unpack_int4(self.packed, out_f, in_f, dtype).view(out_f, -1, self.group_size)
         scale, zero = self.scale_zero.to(dtype).permute(2, 1, 0)[..., None]  # [out, groups, 1]
@@ -150,10 +155,11 @@ def unpack_int4(
     return out.view(out_features, in_features)
 
 
-def _fast_dequantize(packed: torch.Tensor) -> bool:
-    """Whether heron's one-pass kernel dequantizes this int4 weight (same bits, ~10x fewer
-    passes than the PyTorch ops below)."""
-    return kernels.usable(packed) and kernels.dequantize_int4_runs()
+def _fast_dequantize(weight: torch.Tensor) -> bool:
+    """Whether heron's one-pass kernels dequantize this packed weight to bf16 (the same bits
+    as the modules' PyTorch ops, which take several passes: ~10x slower for int4, ~8x for
+    int8)."""
+    return kernels.usable(weight) and kernels.dequantize_runs()
 
 
 @functools.cache
@@ -231,7 +237,25 @@ def _dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
     if dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16():
         dtype = torch.float32
     bias = None if layer.bias is None else layer.bias.to(dtype)
-    return F.linear(x.to(dtype), layer.dequantize(dtype), bias).to(x.dtype)
+    into = None
+    if dtype == torch.bfloat16 and x.device.type == "cpu":
+        into = _scratch(layer.out_features * layer.in_features)
+        into = into[: layer.out_features * layer.in_features].view(layer.out_features, -1)
+    return F.linear(x.to(dtype), layer.dequantize(dtype, into), bias).to(x.dtype)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """This thread's bf16 buffer for dequantized weights, grown to ``numel``: reused by every
+    many-row product (a fresh tensor of the weight's size page-faults its memory in every
+    time: SmolLM2's int8 head dequantizes in 25 ms into a new tensor, ~5 ms into this). It
+    holds the largest weight the thread dequantized."""
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer
 
 
 def _bias(linear: nn.Linear) -> nn.Parameter | None:
