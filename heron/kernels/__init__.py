@@ -264,9 +264,9 @@ def int4_gemv(
     out_features: int,
 ) -> torch.Tensor:
     """What ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)``
-    computes for up to 16 bf16 rows ``x`` [M, K] (within bf16 rounding), several times
-    faster per weight: ``packed`` in PyTorch's AVX-512 layout (blocks of 64 rows),
-    ``out_features`` a multiple of 64. Call only where :func:`int4_gemv_runs` is true."""
+    computes for a few bf16 rows ``x`` [M, K] (within bf16 rounding), faster per weight:
+    ``packed`` in PyTorch's AVX-512 layout (blocks of 64 rows), ``out_features`` a multiple
+    of 64. Call only where :func:`int4_gemv_runs` is true."""
     return _module().int4_gemv(x, packed, scale_zero, group_size, out_features)
 
 
