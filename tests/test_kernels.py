@@ -358,33 +358,32 @@ def test_decode_loop_takes_decode_steps_only(quantization):
 
 
 @pytest.mark.skipif(not kernels.dequantize_runs(), reason="needs AVX-512 bf16")
-@pytest.mark.parametrize("out_f, in_f, group", [(960, 576, 32), (576, 1536, 64), (256, 128, 128)])
-def test_dequantize_int4_equals_the_torch_path(out_f, in_f, group, monkeypatch):
-    """The one-pass bf16 dequantization gives the PyTorch ops' bits (rounded after the scale
-    and after the zero), and it is what Int4Linear.dequantize runs."""
-    linear = Int4Linear(torch.nn.Linear(in_f, out_f, bias=False), group)
+@pytest.mark.parametrize(
+    "kind, out_f, in_f, group",
+    [
+        ("int4", 960, 576, 32),
+        ("int4", 576, 1536, 64),
+        ("int4", 256, 128, 128),
+        ("int8", 960, 576, 0),
+        ("int8", 99, 77, 0),  # inputs that end mid-way through 16
+    ],
+)
+def test_dequantize_equals_the_torch_path(kind, out_f, in_f, group, monkeypatch):
+    """The one-pass bf16 dequantization gives the PyTorch ops' bits (int4: rounded after the
+    scale and after the zero), into a given buffer too, and it is what the module runs."""
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    packed = Int4Linear(linear, group) if kind == "int4" else Int8Linear(linear)
+    name = f"dequantize_{kind}"
     calls = []
-    original = kernels.dequantize_int4
-    monkeypatch.setattr(kernels, "dequantize_int4", lambda *a: calls.append(1) or original(*a))
-    fused = linear.dequantize(torch.bfloat16)
-    assert calls
+    original = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or original(*a))
+    fused = packed.dequantize(torch.bfloat16)
+    into = torch.empty(out_f, in_f, dtype=torch.bfloat16)
+    written = packed.dequantize(torch.bfloat16, into)
+    assert len(calls) == 2 and written.data_ptr() == into.data_ptr()
+    assert torch.equal(written, fused)
     monkeypatch.setattr(kernels, "usable", lambda x: False)
-    assert torch.equal(fused, linear.dequantize(torch.bfloat16))
-
-
-@pytest.mark.skipif(not kernels.dequantize_runs(), reason="needs AVX-512 bf16")
-@pytest.mark.parametrize("out_f, in_f", [(960, 576), (99, 77)])
-def test_dequantize_int8_equals_the_torch_path(out_f, in_f, monkeypatch):
-    """The one-pass int8 -> bf16 dequantization gives the PyTorch ops' bits (inputs that end
-    mid-way through 16 too), and it is what Int8Linear.dequantize runs."""
-    linear = Int8Linear(torch.nn.Linear(in_f, out_f, bias=False))
-    calls = []
-    original = kernels.dequantize_int8
-    monkeypatch.setattr(kernels, "dequantize_int8", lambda *a: calls.append(1) or original(*a))
-    fused = linear.dequantize(torch.bfloat16)
-    assert calls
-    monkeypatch.setattr(kernels, "usable", lambda x: False)
-    assert torch.equal(fused, linear.dequantize(torch.bfloat16))
+    assert torch.equal(fused, packed.dequantize(torch.bfloat16))
 
 
 def _linear_case(kind: str, out_f: int, in_f: int, group: int, rows: int):

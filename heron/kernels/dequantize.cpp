@@ -23,6 +23,17 @@
 
 bool dequantize_supported() { return HERON_DEQUANTIZE; }
 
+void check_int4_pack(const torch::Tensor& packed, const torch::Tensor& scale_zero,
+                     int64_t out_features, int64_t in_features, int64_t group_size,
+                     const char* op) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() * 2 == out_features * in_features,
+              op, ": packed must be contiguous uint8 holding out * in nibbles");
+  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous() &&
+                  scale_zero.numel() == in_features / group_size * out_features * 2,
+              op, ": scale_zero must be contiguous bf16 [in / group, out, 2]");
+}
+
 namespace {
 
 // `into` when given (a reused buffer: a fresh tensor of a big weight's size costs a page
@@ -42,12 +53,7 @@ torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
                               int64_t out_features, int64_t in_features, int64_t group_size,
                               int64_t block_n, std::optional<torch::Tensor> into) {
 #if HERON_DEQUANTIZE
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() * 2 == out_features * in_features,
-              "dequantize_int4: packed must be contiguous uint8 holding out * in nibbles");
-  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous() &&
-                  scale_zero.numel() == in_features / group_size * out_features * 2,
-              "dequantize_int4: scale_zero must be contiguous bf16 [in / group, out, 2]");
+  check_int4_pack(packed, scale_zero, out_features, in_features, group_size, "dequantize_int4");
   TORCH_CHECK(block_n % 8 == 0 && out_features % block_n == 0 && in_features % 16 == 0 &&
                   group_size % 16 == 0 && in_features % group_size == 0,
               "dequantize_int4: block, group and input sizes must tile the weight");

@@ -33,6 +33,10 @@ torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0)
 
 // dequantize.cpp
 bool dequantize_supported();
+// The checks both int4 kernels make of PyTorch's CPU int4 pack and its scales and zeros.
+void check_int4_pack(const torch::Tensor& packed, const torch::Tensor& scale_zero,
+                     int64_t out_features, int64_t in_features, int64_t group_size,
+                     const char* op);
 torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
                               int64_t out_features, int64_t in_features, int64_t group_size,
                               int64_t block_n, std::optional<torch::Tensor> into);

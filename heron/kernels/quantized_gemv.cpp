@@ -269,12 +269,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 #if HERON_INT4_GEMV
   const int64_t K = x.size(1), N = out_features;
   check_rows(x, K, "int4_gemv");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-                  packed.numel() * 2 == N * K,
-              "int4_gemv: packed must be contiguous uint8 holding out * in nibbles");
-  TORCH_CHECK(scale_zero.scalar_type() == at::kBFloat16 && scale_zero.is_contiguous() &&
-                  scale_zero.numel() == K / group_size * N * 2,
-              "int4_gemv: scale_zero must be contiguous bf16 [in / group, out, 2]");
+  check_int4_pack(packed, scale_zero, N, K, group_size, "int4_gemv");
   TORCH_CHECK(N % kBlockN == 0 && group_size % 16 == 0 && K % group_size == 0,
               "int4_gemv: out must be a multiple of 64 and groups of 16k inputs tile in");
   const int64_t M = x.size(0);
