@@ -1,5 +1,5 @@
 // Weight-only int8 and int4 products for a decode step's few rows (Int8Linear / Int4Linear up
-// to GEMV_MAX_ROWS rows, and the int8 LM head that int4 models keep).
+// to their max_gemv_rows, and the int8 LM head that int4 models keep).
 //
 // At batch 1 these products are most of a step and their weights are not in cache (a step
 // reads ~80 MB of int4 layers and int8 head), where a plain read of memory runs at ~19 GB/s
