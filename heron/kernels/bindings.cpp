@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int4_gemv runs here (AVX-512 VNNI and VBMI)");
   m.def("int4_gemv", &int4_gemv, "int4 weight-only product of a few bf16 rows");
   m.def("dequantize_supported", &dequantize_supported,
-        "whether dequantize_int4 runs here (AVX-512 bf16)");
+        "whether dequantize_int4 and dequantize_int8 run here (AVX-512 bf16)");
   m.def("dequantize_int4", &dequantize_int4, "PyTorch's CPU int4 pack back to a bf16 weight");
   m.def("dequantize_int8", &dequantize_int8, "an int8 weight and its scales as bf16");
   py::class_<DecodeLinear>(m, "DecodeLinear")

@@ -14,9 +14,10 @@
 
 #include <cstdint>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__)
 #define HERON_DEQUANTIZE 1
-#include <immintrin.h>
+#include "simd.h"
 #else
 #define HERON_DEQUANTIZE 0
 #endif
@@ -131,8 +132,7 @@ torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
       const __m512 sv = _mm512_set1_ps(s[r]);
       for (int64_t k = 0; k < cols; k += 16) {
         const __mmask16 mask = cols - k >= 16 ? 0xFFFF : (1u << (cols - k)) - 1;
-        const __m512 q =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + r * cols + k)));
+        const __m512 q = heron_simd::load16(w + r * cols + k, mask);
         const __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(q, sv));
         _mm256_mask_storeu_epi16(o + r * cols + k, mask, reinterpret_cast<__m256i>(v));
       }

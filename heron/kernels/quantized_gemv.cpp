@@ -28,9 +28,9 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define HERON_INT8_GEMV 1
-#include <immintrin.h>
+#include "simd.h"
 #else
 #define HERON_INT8_GEMV 0
 #endif
@@ -45,20 +45,17 @@ bool int4_gemv_supported() { return HERON_INT4_GEMV; }
 
 namespace {
 
+#if HERON_INT8_GEMV
 void check_rows(const torch::Tensor& x, int64_t in_features, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == in_features,
               op, ": x must be bf16 [rows, in_features]");
 }
 
-#if HERON_INT8_GEMV
 constexpr int64_t kRows = 4;     // int8 weight rows per step: each converted once per 4 x rows
 constexpr int64_t kXRows = 4;    // activation rows per pass over a weight row block
 constexpr int64_t kAhead = 8;    // int8 prefetch distance, in weight rows
 
-// 16 int8 weights (fewer where `mask` clears lanes) as fp32.
-inline __m512 widen(const int8_t* p, __mmask16 mask) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
-}
+using heron_simd::load16;
 
 // Output rows [n, n + Rows) of y = x w^T * scale (Rows a constant, so the accumulators
 // stay in registers).
@@ -79,7 +76,7 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16
         for (int64_t r = 0; r < Rows; ++r)
           if (ahead + r * K + k < end) _mm_prefetch(ahead + r * K + k, _MM_HINT_T0);
       __m512 wv[Rows];
-      for (int64_t r = 0; r < Rows; ++r) wv[r] = widen(w0 + r * K + k, mask);
+      for (int64_t r = 0; r < Rows; ++r) wv[r] = load16(w0 + r * K + k, mask);
       for (int64_t i = 0; i < kXRows; ++i) {
         if (i == mm) break;
         const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + i) * K + k);
@@ -110,11 +107,6 @@ struct GatherOrder {
   }
 };
 
-inline __m512 bf16x16(const at::BFloat16* p) {  // exact
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
 // Activations as integers per weight group: x ~= scale_g * (hi * 128 + lo), and each group's
 // exact fp32 sum (for the zeros).
 struct IntRows {
@@ -133,7 +125,7 @@ void to_int_rows(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, Int
       const int64_t k0 = m * K + g * group;
       __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
       for (int64_t k = 0; k < group; k += 16) {
-        const __m512 v = bf16x16(x + k0 + k);
+        const __m512 v = load16(x + k0 + k);
         amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
         sum = _mm512_add_ps(sum, v);
       }
@@ -142,7 +134,7 @@ void to_int_rows(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, Int
       out.sum[m * G + g] = _mm512_reduce_add_ps(sum);
       const __m512 inv = _mm512_set1_ps(largest > 0.f ? kLevels / largest : 0.f);
       for (int64_t k = 0; k < group; k += 16) {
-        const __m512i level = _mm512_cvtps_epi32(_mm512_mul_ps(bf16x16(x + k0 + k), inv));
+        const __m512i level = _mm512_cvtps_epi32(_mm512_mul_ps(load16(x + k0 + k), inv));
         const __m512i lo = _mm512_sub_epi32(
             _mm512_and_si512(_mm512_add_epi32(level, _mm512_set1_epi32(64)),
                              _mm512_set1_epi32(127)),

@@ -1,9 +1,11 @@
-// AVX-512 helpers shared by the attention kernels (included only in AVX-512 builds).
+// AVX-512 helpers shared by heron's kernels (included only in AVX-512 builds).
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace heron_simd {
 
@@ -32,5 +34,11 @@ inline __m512 load16(const c10::BFloat16* p) {
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+// 16 int8s as fp32 (exact); lanes cleared in `mask` read nothing and are 0.
+inline __m512 load16(const int8_t* p, __mmask16 mask) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+#endif
 
 }  // namespace heron_simd

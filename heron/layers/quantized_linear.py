@@ -239,23 +239,23 @@ def _dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.to(dtype)
     into = None
     if dtype == torch.bfloat16 and x.device.type == "cpu":
-        into = _scratch(layer.out_features * layer.in_features)
-        into = into[: layer.out_features * layer.in_features].view(layer.out_features, -1)
+        into = _scratch(layer.out_features, layer.in_features)
     return F.linear(x.to(dtype), layer.dequantize(dtype, into), bias).to(x.dtype)
 
 
 _SCRATCH = threading.local()
 
 
-def _scratch(numel: int) -> torch.Tensor:
-    """This thread's bf16 buffer for dequantized weights, grown to ``numel``: reused by every
+def _scratch(rows: int, cols: int) -> torch.Tensor:
+    """A [rows, cols] view of this thread's bf16 buffer for dequantized weights: reused by every
     many-row product (a fresh tensor of the weight's size page-faults its memory in every
     time: SmolLM2's int8 head dequantizes in 25 ms into a new tensor, ~5 ms into this). It
     holds the largest weight the thread dequantized."""
+    numel = rows * cols
     buffer = getattr(_SCRATCH, "buffer", None)
     if buffer is None or buffer.numel() < numel:
         buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.bfloat16)
-    return buffer
+    return buffer[:numel].view(rows, cols)
 
 
 def _bias(linear: nn.Linear) -> nn.Parameter | None:
