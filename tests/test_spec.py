@@ -461,6 +461,21 @@ def test_bench_spec_runs_and_stays_lossless(tmp_path):
     assert (tmp_path / "spec.json").stat().st_size > 0
 
 
+def test_copy_bound_steps():
+    """A perfect lookup copies the longest earlier span each step, then adds one token."""
+    from heron.bench.spec import copy_bound_steps
+
+    # [1 2 3] copied + 9; then [4] copied (the last token is always the target's) + 5
+    assert copy_bound_steps([1, 2, 3, 4, 5], [1, 2, 3, 9, 4, 5]) == 2
+    # nothing to copy: one token per step
+    assert copy_bound_steps([1, 2], [7, 8, 9]) == 3
+    # the output's own earlier tokens count: [5 6] repeats [5 6] from the output
+    assert copy_bound_steps([1], [5, 6, 5, 6, 0]) == 3
+    # a span must lie wholly before the step: after [1], [1 1 1 1] takes 1 copied + 1, then
+    # 1 copied (capped: the last token is the target's) + 1
+    assert copy_bound_steps([1], [1, 1, 1, 1]) == 2
+
+
 def test_bench_spec_bad_settings():
     from heron.bench.spec import SpecBenchConfig
 
@@ -470,3 +485,5 @@ def test_bench_spec_bad_settings():
         SpecBenchConfig(methods=("draft",)).validate()
     with pytest.raises(InvalidRequestError, match="--tasks"):
         SpecBenchConfig(tasks=("poetry",)).validate()
+    with pytest.raises(InvalidRequestError, match="--repeats"):
+        SpecBenchConfig(repeats=0).validate()

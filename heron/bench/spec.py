@@ -14,6 +14,16 @@ baseline's (it must: speculation is lossless). Each engine is warmed up before i
 and a proposer that learns from earlier requests (lookahead's shared trie) starts each timed
 run clean, so no run drafts from the outputs of the run before it.
 
+All engines are built first and take turns on each (task, batch), ``repeats`` times in a
+rotating order, so that a machine whose speed drifts over minutes (a shared VM) slows the
+baseline and the proposers alike instead of whichever ran last.
+
+``copy bound``: the tokens per step a perfect lookup proposer would reach on the baseline's
+outputs (each step accepts the longest span of what follows that occurs earlier in the prompt
+or output, plus the target's own token). It bounds every lookup proposer's tokens per verify
+step, and so its speed-up even if verifying were free: where it is low, the task, not the
+proposer, limits the speed-up.
+
 In bfloat16 a batch's numerics depend on its shape (a verify pass has more rows than a plain
 step), so where two tokens are nearly tied the greedy choice can flip and the texts part; in
 float32 they do not (the tests hold the engine to that). For each output that differs, the
@@ -33,6 +43,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from heron.bench.data import package_dir, paul_graham_essays
 from heron.bench.plot import pyplot
@@ -67,6 +79,7 @@ class SpecBenchConfig:
     batch_size: int = 8  # prompts per task; batch 1 times the first batch1_prompts alone
     batch1_prompts: int = 2
     max_tokens: int = 128
+    repeats: int = 2  # timed turns of every engine per (task, batch)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -80,7 +93,13 @@ class SpecBenchConfig:
         for t in self.tasks:
             if t not in TASKS:
                 raise InvalidRequestError(f"--tasks: unknown {t!r}; known: {', '.join(TASKS)}")
-        for name in ("batch_size", "batch1_prompts", "max_tokens", "num_speculative_tokens"):
+        for name in (
+            "batch_size",
+            "batch1_prompts",
+            "max_tokens",
+            "num_speculative_tokens",
+            "repeats",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
                 raise InvalidRequestError(f"{flag}: must be >= 1, got {getattr(self, name)}")
@@ -149,6 +168,7 @@ class Run:
     accepted_tokens: int = 0
     verify_steps: int = 0
     identical: int | None = None  # outputs equal to the baseline's (None for the baseline)
+    copy_bound: float | None = None  # a perfect lookup proposer's tokens per step (see above)
     # the target's top-2 logprob gap where each differing output left the baseline's
     tie_gaps: list[float] = field(default_factory=list)
     speedup: float | None = None
@@ -182,60 +202,87 @@ def _time(llm, prompts: list[list[int]], params, batched: bool):
     return [o.outputs[0].token_ids for o in outs], secs, spec
 
 
-def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
+def copy_bound_steps(prompt: list[int], output: list[int]) -> int:
+    """Verify steps a perfect lookup proposer needs to produce ``output`` after ``prompt``:
+    each step accepts the longest span of the tokens still to come that occurs in full
+    earlier in the prompt or output (what a lookup can draft from), then adds one token."""
+    seq = np.asarray(prompt + output)
+    j, end, steps = len(prompt), len(seq), 0
+    while j < end:
+        starts = np.arange(j)  # where a copied span could start
+        accepted = 0
+        while accepted < end - j - 1:  # the step's last token is the target's own
+            starts = starts[(starts + accepted < j) & (seq[starts + accepted] == seq[j + accepted])]
+            if starts.size == 0:
+                break
+            accepted += 1
+        j += accepted + 1
+        steps += 1
+    return steps
+
+
+def _engine(cfg: SpecBenchConfig, method: str):
     from heron import LLM, SamplingParams
+
+    kwargs = dict(cfg.engine_kwargs)
+    if method != "none":
+        kwargs.update(speculative_method=method, num_speculative_tokens=cfg.num_speculative_tokens)
+        if method == "draft":
+            kwargs["draft_model"] = cfg.draft_model
+        if method in ("draft", "layer_skip") and cfg.draft_num_layers is not None:
+            kwargs["draft_num_layers"] = cfg.draft_num_layers
+    llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **kwargs)
+    llm.generate(["Hello there, how are you?"], SamplingParams(max_tokens=8), use_tqdm=False)
+    return llm
+
+
+def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
+    from heron import SamplingParams
 
     cfg.validate()
     chats = {t: _PROMPTS[t](cfg.batch_size) for t in cfg.tasks}
     params = SamplingParams(temperature=0, max_tokens=cfg.max_tokens)
-    runs: list[Run] = []
-    # (task, batch) -> plain decoding's outputs and run, which the proposers are held to
-    baseline: dict[tuple[str, int], tuple[list[list[int]], Run]] = {}
-    info: dict[str, Any] = {}
-    for method in ("none", *cfg.methods):
-        kwargs = dict(cfg.engine_kwargs)
-        if method != "none":
-            kwargs.update(
-                speculative_method=method, num_speculative_tokens=cfg.num_speculative_tokens
-            )
-            if method == "draft":
-                kwargs["draft_model"] = cfg.draft_model
-            if method in ("draft", "layer_skip") and cfg.draft_num_layers is not None:
-                kwargs["draft_num_layers"] = cfg.draft_num_layers
-        llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **kwargs)
-        tok = llm.get_tokenizer()
-        info = {"model_path": str(llm.engine.model_path), "dtype": str(llm.engine.dtype)}
-        llm.generate(["Hello there, how are you?"], SamplingParams(max_tokens=8), use_tqdm=False)
-        for task in cfg.tasks:
-            prompts = [tok.encode_chat(m)[1] for m in chats[task]]
-            for batch, subset in ((1, prompts[: cfg.batch1_prompts]), (len(prompts), prompts)):
-                logger.info("%s / %s / batch %d", method, task, batch)
-                tokens, secs, spec = _time(llm, subset, params, batched=batch > 1)
-                run = Run(
-                    method,
-                    task,
-                    batch,
-                    len(subset),
-                    sum(map(len, tokens)),
-                    secs,
-                    spec.get("spec_draft_tokens", 0),
-                    spec.get("spec_accepted_tokens", 0),
-                    spec.get("spec_verify_steps", 0),
-                )
+    methods = ("none", *cfg.methods)
+    engines = {m: _engine(cfg, m) for m in methods}
+    base_llm = engines["none"]
+    tok = base_llm.get_tokenizer()
+    runs: dict[tuple[str, str, int], Run] = {}
+    for task in cfg.tasks:
+        prompts = [tok.encode_chat(m)[1] for m in chats[task]]
+        for batch, subset in ((1, prompts[: cfg.batch1_prompts]), (len(prompts), prompts)):
+            outputs: dict[str, list[list[int]]] = {}
+            for rep in range(cfg.repeats):
+                for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
+                    logger.info("%s / %s / batch %d / turn %d", method, task, batch, rep + 1)
+                    tokens, secs, spec = _time(engines[method], subset, params, batch > 1)
+                    run = runs.setdefault(
+                        (method, task, batch), Run(method, task, batch, len(subset), 0, 0.0)
+                    )
+                    run.generated_tokens += sum(map(len, tokens))
+                    run.seconds += secs
+                    run.draft_tokens += spec.get("spec_draft_tokens", 0)
+                    run.accepted_tokens += spec.get("spec_accepted_tokens", 0)
+                    run.verify_steps += spec.get("spec_verify_steps", 0)
+                    outputs[method] = tokens
+            ref = outputs["none"]
+            steps = sum(copy_bound_steps(p, o) for p, o in zip(subset, ref, strict=True))
+            base = runs[("none", task, batch)]
+            for method in methods:
+                run = runs[(method, task, batch)]
+                run.copy_bound = sum(map(len, ref)) / max(1, steps)
                 if method == "none":
-                    baseline[(task, batch)] = tokens, run
-                else:
-                    ref, base = baseline[(task, batch)]
-                    run.identical = sum(a == b for a, b in zip(tokens, ref, strict=True))
-                    run.tie_gaps = [
-                        _gap_where_parted(llm, p, a, b)
-                        for p, a, b in zip(subset, tokens, ref, strict=True)
-                        if a != b
-                    ]
-                    run.speedup = run.tokens_per_second / base.tokens_per_second
-                runs.append(run)
-        del llm
-        gc.collect()
+                    continue
+                run.identical = sum(a == b for a, b in zip(outputs[method], ref, strict=True))
+                run.tie_gaps = [
+                    _gap_where_parted(engines[method], p, a, b)
+                    for p, a, b in zip(subset, outputs[method], ref, strict=True)
+                    if a != b
+                ]
+                run.speedup = run.tokens_per_second / base.tokens_per_second
+    info = {"model_path": str(base_llm.engine.model_path), "dtype": str(base_llm.engine.dtype)}
+    del engines, base_llm
+    gc.collect()
+    order = {m: i for i, m in enumerate(methods)}
     return {
         "config": asdict(cfg),
         **info,
@@ -246,7 +293,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
                 "tokens_per_verify_step": r.tokens_per_verify_step,
                 "acceptance_rate": r.acceptance_rate,
             }
-            for r in runs
+            for r in sorted(runs.values(), key=lambda r: order[r.method])
         ],
     }
 
@@ -273,6 +320,7 @@ def format_table(result: dict[str, Any]) -> str:
         "tok/s",
         "speed-up",
         "tok/verify",
+        "copy bound",
         "accept",
         "identical",
         "gap where parted",
@@ -291,6 +339,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{r['tokens_per_second']:.1f}",
                 fmt(r["speedup"], ".2f"),
                 fmt(r["tokens_per_verify_step"], ".2f"),
+                fmt(r.get("copy_bound"), ".2f"),
                 fmt(r["acceptance_rate"], ".0%"),
                 "-" if r["identical"] is None else f"{r['identical']}/{r['requests']}",
                 " ".join(f"{g:.3f}" for g in r["tie_gaps"]) or "-",
