@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
+import numpy as np
 import torch
 
 from heron.errors import InvalidRequestError
@@ -60,3 +62,16 @@ def free_memory_bytes(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor for a large cache. On CPU its memory comes from calloc (through
+    numpy), whose fresh pages the OS zeroes on first touch: ``torch.zeros`` writes every byte up
+    front (~8 s for a 5 GB KV cache on a 2-core VM) and makes all of it resident, where this
+    costs nothing until used. 64-byte aligned, like PyTorch's own allocations."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
+    start = -raw.data_ptr() % 64
+    return raw[start : start + nbytes].view(dtype).view(shape)

@@ -19,6 +19,7 @@ from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
+from heron.platform import lazy_zeros
 from heron.spec.verify import chain_parents
 
 logger = logging.getLogger(__name__)
@@ -88,14 +89,14 @@ class ModelRunner:
             )
             self.kv_caches = [self.kivi.layer(i) for i in range(num_layers)]
         elif kv_cache_dtype == "int8":
-            self.kv_cache = torch.zeros(shape, dtype=torch.int8, device=device)
-            self.kv_scales = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.kv_cache = lazy_zeros(shape, torch.int8, device)
+            self.kv_scales = lazy_zeros(shape[:-1], torch.float32, device)
             self.kv_caches = [
                 tuple(Int8Slots(d, s, dtype) for d, s in zip(data, scales, strict=True))
                 for data, scales in zip(self.kv_cache, self.kv_scales, strict=True)
             ]
         else:
-            self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+            self.kv_cache = lazy_zeros(shape, dtype, device)
             self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
         attns = [m for m in model.modules() if isinstance(m, SelfAttention)]
         for i, attn in enumerate(attns):

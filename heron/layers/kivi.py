@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from heron.platform import lazy_zeros
+
 KIVI_BITS = {"int4": 4, "int2": 2}
 KIVI_BLOCK_SIZE = 32  # tokens per key group = per block
 VALUE_GROUP = 32  # channels per value group
@@ -117,14 +119,11 @@ class KiviCache:
         self.block_size, self.dtype = block_size, dtype
         self.group = value_group(dim)
         packed = (num_layers, num_blocks, block_size, heads, dim * self.bits // 8)
-        self.codes = torch.zeros((2, *packed), dtype=torch.uint8, device=device)  # K, V
-        self.key_params = torch.zeros(  # scale, minimum per block and channel
-            (2, num_layers, num_blocks, heads, dim), dtype=torch.float16, device=device
-        )
-        self.value_params = torch.zeros(  # scale, minimum per token and channel group
-            (2, num_layers, num_blocks, block_size, heads, dim // self.group),
-            dtype=torch.float16,
-            device=device,
+        self.codes = lazy_zeros((2, *packed), torch.uint8, device)  # K, V
+        # scale, minimum per block and channel
+        self.key_params = lazy_zeros((2, num_layers, num_blocks, heads, dim), torch.float16, device)
+        self.value_params = lazy_zeros(  # scale, minimum per token and channel group
+            (2, num_layers, num_blocks, block_size, heads, dim // self.group), torch.float16, device
         )
         self.row_of = torch.full((num_blocks,), -1, dtype=torch.long, device=device)
         self.rows: dict[int, int] = {}  # block -> staging row

@@ -4,7 +4,8 @@ gguf's ``GGUFReader`` makes a numpy view of every element of every metadata arra
 takes 20-30 s on this machine for a 262k-token vocabulary (Gemma 3) and ~15 s for 152k
 (Qwen2). Loading needs the scalar metadata and the tensors, not the vocabulary (the tokenizer
 reads that itself, once, and is cached), so this reader steps over the ``tokenizer.ggml.*``
-arrays by their lengths. Tensor bytes are memory-mapped; ``gguf.quants`` dequantizes them."""
+arrays by their lengths. Tensor bytes are memory-mapped; heron.models.gguf_dequant dequantizes
+them."""
 
 from __future__ import annotations
 

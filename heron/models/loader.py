@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +16,7 @@ from heron.errors import ModelLoadError
 from heron.layers.packed_linear import pack_linears
 from heron.layers.quantized_linear import quantize_linears
 from heron.models.config import ModelConfig
+from heron.models.gguf_dequant import dequantize
 from heron.models.gguf_file import GGUFFile
 from heron.models.registry import HF_ARCHITECTURES, get_model_class
 
@@ -128,8 +128,6 @@ def _open_gguf(path: Path) -> GGUFFile:
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
     gguf = _open_gguf(path)
     meta = gguf.metadata
     arch = meta.get("general.architecture")
@@ -173,12 +171,11 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             logger.debug("skipping GGUF tensor %s", t.name)
             continue
         try:
-            arr = dequantize(gguf.raw(t), t.qtype)
+            tensor = dequantize(gguf.raw(t), t.qtype).reshape(t.shape)
         except (NotImplementedError, ValueError, KeyError) as e:
             raise ModelLoadError(
                 f"{path}: tensor {t.name} has type {t.qtype.name}, which heron cannot read ({e})"
             ) from None
-        tensor = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(t.shape))
         weights[hf_name] = cls.gguf_tensor_fixup(hf_name, tensor, cfg)
     return cfg, weights
 

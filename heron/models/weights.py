@@ -25,7 +25,9 @@ def fuse_projections(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 def load_state_dict_strict(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the module; a missing or unexpected tensor is a load error."""
+    """Make the tensors the module's parameters (no copy: they become its memory, which saves
+    writing a model's worth of fresh pages); a missing or unexpected tensor is a load error.
+    A parameter shared by several modules (tied embeddings) stays shared."""
     params = dict(module.named_parameters())
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
@@ -36,14 +38,19 @@ def load_state_dict_strict(module: nn.Module, weights: dict[str, torch.Tensor]) 
             f"weights do not match the {module.__class__.__name__} layout: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            w = weights[name]
-            if tuple(w.shape) != tuple(p.shape):
-                raise ModelLoadError(
-                    f"tensor {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
-                )
-            p.copy_(w)
+    for name, p in params.items():
+        w = weights[name]
+        if tuple(w.shape) != tuple(p.shape):
+            raise ModelLoadError(
+                f"tensor {name} has shape {tuple(w.shape)}, expected {tuple(p.shape)}"
+            )
+    new = {
+        id(p): nn.Parameter(weights[name].to(p.dtype).contiguous(), requires_grad=False)
+        for name, p in params.items()
+    }
+    for name, p in list(module.named_parameters(remove_duplicate=False)):
+        owner, _, leaf = name.rpartition(".")
+        setattr(module.get_submodule(owner), leaf, new[id(p)])
 
 
 def load_fused_weights(
