@@ -30,7 +30,7 @@ from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 from heron.models.decode_loop import DecodeLoop
-from heron.models.weights import load_fused_weights
+from heron.models.weights import empty_embedding, load_fused_weights
 
 # Every sixth layer is global, the others local (transformers' and llama.cpp's default).
 _SLIDING_WINDOW_PATTERN = 6
@@ -186,7 +186,7 @@ class Gemma3ForCausalLM(nn.Module):
             )
         self.sliding_window = s.sliding_window
         self.embed_scale = cfg.hidden_size**0.5
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = empty_embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(cfg, s, sliding) for sliding in s.sliding_layers
         )

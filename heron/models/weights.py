@@ -9,6 +9,13 @@ from heron.errors import ModelLoadError
 from heron.models.config import ModelConfig
 
 
+def empty_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An embedding whose weight the loader sets, built without the random init: besides
+    being wasted work, ``normal_`` on the meta device (where models are built) imports
+    ``torch._dynamo``, ~2 s of every process's start-up."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 def fuse_projections(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """HF names -> heron names: strip the ``model.`` prefix and fuse qkv / gate_up."""
     out = {k.removeprefix("model."): v for k, v in weights.items()}
