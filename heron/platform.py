@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -52,26 +53,41 @@ def resolve_dtype(dtype: str, device: torch.device, quantized: bool = False) -> 
 
 
 def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new KV cache may take: on CPU, the OS's available memory less what this
+    process's live ``lazy_zeros`` caches may still touch (counted whole, as if resident)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return max(0, int(line.split()[1]) * 1024 - _lazy_bytes[0])
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(0, avail - _lazy_bytes[0])
+
+
+_lazy_bytes = [0]  # bytes of the live lazy_zeros tensors of this process
+
+
+def _release(nbytes: int) -> None:
+    _lazy_bytes[0] -= nbytes
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled tensor for a large cache. On CPU its memory comes from calloc (through
     numpy), whose fresh pages the OS zeroes on first touch: ``torch.zeros`` writes every byte up
     front (~8 s for a 5 GB KV cache on a 2-core VM) and makes all of it resident, where this
-    costs nothing until used. 64-byte aligned, like PyTorch's own allocations."""
+    costs nothing until used. 64-byte aligned, like PyTorch's own allocations. Until the
+    memory is freed, ``free_memory_bytes`` counts it as taken, so a second engine in the same
+    process sizes its cache as it did when the first one's was resident."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.from_numpy(np.zeros(nbytes + 64, dtype=np.uint8))
+    array = np.zeros(nbytes + 64, dtype=np.uint8)
+    _lazy_bytes[0] += array.nbytes
+    weakref.finalize(array, _release, array.nbytes)
+    raw = torch.from_numpy(array)
     start = -raw.data_ptr() % 64
     return raw[start : start + nbytes].view(dtype).view(shape)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 import torch
 
-from heron.platform import lazy_zeros
+from heron.platform import free_memory_bytes, lazy_zeros
 
 
 def _resident_bytes() -> int:
@@ -34,3 +35,17 @@ def test_lazy_zeros_costs_no_memory_until_touched():
     x[: 1 << 20].fill_(1)  # touching 2 MiB makes about that much resident
     assert _resident_bytes() - before < 128 << 20
     assert x[(1 << 20) - 1].item() == 1 and x[1 << 20].item() == 0
+
+
+def test_free_memory_counts_live_lazy_caches():
+    """A second engine must not promise itself the memory the first one's cache may still
+    touch: free_memory_bytes counts a live lazy_zeros tensor as taken, until it is freed."""
+    cpu = torch.device("cpu")
+    before = free_memory_bytes(cpu)
+    x = lazy_zeros((1 << 30,), torch.uint8, cpu)
+    view = x[1:]
+    del x
+    assert before - free_memory_bytes(cpu) > 0.9 * (1 << 30)
+    del view  # the last reference
+    gc.collect()
+    assert abs(free_memory_bytes(cpu) - before) < 0.1 * (1 << 30)
