@@ -28,6 +28,7 @@ from torch import nn
 
 from heron import kernels
 from heron.errors import InvalidRequestError
+from heron.layers.workspace import Workspace
 from heron.platform import cpu_has_fast_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -237,25 +238,25 @@ def _dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
     if dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16():
         dtype = torch.float32
     bias = None if layer.bias is None else layer.bias.to(dtype)
+    xd = x.to(dtype)
     into = None
     if dtype == torch.bfloat16 and x.device.type == "cpu":
-        into = _scratch(layer.out_features, layer.in_features)
-    return F.linear(x.to(dtype), layer.dequantize(dtype, into), bias).to(x.dtype)
+        into = _workspace().get("dequantized", (layer.out_features, layer.in_features), xd)
+    return F.linear(xd, layer.dequantize(dtype, into), bias).to(x.dtype)
 
 
-_SCRATCH = threading.local()
+_WORKSPACES = threading.local()
 
 
-def _scratch(rows: int, cols: int) -> torch.Tensor:
-    """A [rows, cols] view of this thread's bf16 buffer for dequantized weights: reused by every
-    many-row product (a fresh tensor of the weight's size page-faults its memory in every
-    time: SmolLM2's int8 head dequantizes in 25 ms into a new tensor, ~5 ms into this). It
-    holds the largest weight the thread dequantized."""
-    numel = rows * cols
-    buffer = getattr(_SCRATCH, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _SCRATCH.buffer = torch.empty(numel, dtype=torch.bfloat16)
-    return buffer[:numel].view(rows, cols)
+def _workspace() -> Workspace:
+    """This thread's buffers. Every many-row product dequantizes into the same one (a fresh
+    tensor of the weight's size page-faults its memory in every time: SmolLM2's int8 head
+    dequantizes in 25 ms into a new tensor, ~5 ms into a reused one); it holds the largest
+    weight the thread dequantized."""
+    ws = getattr(_WORKSPACES, "ws", None)
+    if ws is None:
+        ws = _WORKSPACES.ws = Workspace()
+    return ws
 
 
 def _bias(linear: nn.Linear) -> nn.Parameter | None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from heron.layers.kv_cache import ContextKV
+from heron.layers.workspace import Workspace
 from heron.sparse.attention import (
-    Workspace,
     block_sparse_attention,
     causal_block_mask,
     enforce_always_kept,

@@ -19,6 +19,7 @@ import torch
 
 from heron import kernels
 from heron.layers.kv_cache import ContextKV
+from heron.layers.workspace import Workspace
 
 # Elements of the gathered keys of one SDPA call; bounds memory.
 _TILE_BUDGET = 1 << 25
@@ -54,29 +55,6 @@ def with_diagonal(mask: torch.Tensor, q_start: int, block: int, keep: bool) -> t
         :, torch.arange(nqb, device=mask.device), torch.arange(qb0, qb0 + nqb, device=mask.device)
     ] = keep
     return out
-
-
-class Workspace:
-    """Buffers reused across calls. Fresh large CPU allocations are page-faulted on first
-    touch, which costs as much as the gathers themselves; reusing them avoids that."""
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        buf = self._bufs.get(name)
-        if (
-            buf is None
-            or buf.numel() < numel
-            or buf.dtype != like.dtype
-            or buf.device != like.device
-        ):
-            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self._bufs[name] = buf
-        return buf[:numel].view(shape)
 
 
 def block_sparse_attention(
