@@ -131,7 +131,7 @@ torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
     for (int64_t r = begin; r < end; ++r) {
       const __m512 sv = _mm512_set1_ps(s[r]);
       for (int64_t k = 0; k < cols; k += 16) {
-        const __mmask16 mask = cols - k >= 16 ? 0xFFFF : (1u << (cols - k)) - 1;
+        const __mmask16 mask = heron_simd::tail_mask(cols - k);
         const __m512 q = heron_simd::load16(w + r * cols + k, mask);
         const __m256bh v = _mm512_cvtneps_pbh(_mm512_mul_ps(q, sv));
         _mm256_mask_storeu_epi16(o + r * cols + k, mask, reinterpret_cast<__m256i>(v));

@@ -71,7 +71,7 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16
     for (auto& a : acc)
       for (auto& r : a) r = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mask = K - k >= 16 ? 0xFFFF : (1u << (K - k)) - 1;
+      const __mmask16 mask = heron_simd::tail_mask(K - k);
       if (m0 == 0 && k % 64 == 0)
         for (int64_t r = 0; r < Rows; ++r)
           if (ahead + r * K + k < end) _mm_prefetch(ahead + r * K + k, _MM_HINT_T0);

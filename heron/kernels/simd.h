@@ -9,6 +9,11 @@
 
 namespace heron_simd {
 
+// Lanes [0, n) of a 16-lane vector (all for n >= 16): the tail of a row not a multiple of 16.
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // 2^t for t <= 0 (scores minus their running maximum, in log2 units): an integer power
 // (scalef, which also flushes very negative t to 0) times 2^f, |f| <= 1/2, by its degree-5
 // Taylor polynomial (relative error < 3e-6, far below the bf16 rounding of the

@@ -52,12 +52,8 @@ constexpr float kNoScore = -1e30f;
 constexpr int64_t kChunk = 2;
 constexpr int64_t kRows = 64;
 
-// Lanes [0, n) of a 16-lane vector (all for n >= 16).
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
-
 using heron_simd::exp2_neg;
+using heron_simd::tail_mask;
 
 // One query's online-softmax step over ``width`` new scores ``s`` (keys past ``valid`` are
 // hidden): the probabilities, in bf16, into ``p`` for the P V product, and the running
