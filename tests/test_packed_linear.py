@@ -1,6 +1,7 @@
-"""bf16 linears pre-packed for oneDNN (heron.layers.packed_linear): the same bits as
-F.linear at every row count, every linear of a bf16 CPU model packed at load (none in
-float32), and the engine's greedy tokens unchanged by it."""
+"""Linears pre-packed for oneDNN (heron.layers.packed_linear): in bf16 the same bits as
+F.linear at every row count, in float32 the same within rounding; every linear of a bf16 CPU
+model packed at load, of a float32 one only off Intel CPUs; the engine's greedy tokens
+unchanged by it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from heron.layers import packed_linear
 from heron.layers.packed_linear import PackedLinear, pack_linears
 from heron.models import loader
 
-pytestmark = pytest.mark.skipif(
-    not packed_linear._packs_exactly(), reason="no oneDNN weight packing in this PyTorch"
-)
+
+def _needs_packing(dtype: torch.dtype) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        not packed_linear._packs_correctly(dtype),
+        reason=f"no oneDNN {dtype} weight packing (matching F.linear) here",
+    )
 
 
+@_needs_packing(torch.bfloat16)
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_gives_f_linear_bits(rows, bias):
@@ -31,24 +36,50 @@ def test_packed_linear_gives_f_linear_bits(rows, bias):
         assert torch.equal(PackedLinear(linear)(x), linear(x))
 
 
-def test_bf16_models_pack_every_linear_and_float32_none():
+@_needs_packing(torch.float32)
+@pytest.mark.parametrize("rows", [1, 5, 300])
+def test_packed_float32_linear_is_f_linear_within_rounding(rows):
+    g = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(576, 960)
+    x = torch.randn(rows, 576, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@_needs_packing(torch.bfloat16)
+def test_bf16_models_pack_every_linear():
     bf16 = make_llm(dtype="bfloat16").engine.runner.model
     assert not any(isinstance(m, nn.Linear) for m in bf16.modules())
     packed = [m for m in bf16.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * bf16.config.num_layers + 1  # + the LM head
+
+
+@_needs_packing(torch.float32)
+@pytest.mark.parametrize("intel", [True, False])
+def test_float32_is_packed_only_off_intel(monkeypatch, intel):
+    monkeypatch.setattr(packed_linear, "cpu_is_intel", lambda: intel)
     fp32 = nn.Sequential(nn.Linear(8, 8))
     pack_linears(fp32)
-    assert isinstance(fp32[0], nn.Linear)
+    assert isinstance(fp32[0], PackedLinear) != intel
+    bf16 = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16))
+    pack_linears(bf16)
+    assert isinstance(bf16[0], PackedLinear) == packed_linear._packs_correctly(torch.bfloat16)
 
 
-def test_engine_tokens_are_the_same_packed_and_unpacked(monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_engine_tokens_are_the_same_packed_and_unpacked(monkeypatch, dtype):
+    if not (
+        packed_linear.packs(getattr(torch, dtype))
+        and packed_linear._packs_correctly(getattr(torch, dtype))
+    ):
+        pytest.skip(f"{dtype} linears are not packed on this CPU")
     prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     runs = []
     for pack in (True, False):
         if not pack:
             monkeypatch.setattr(loader, "pack_linears", lambda model: None)
-        llm = make_llm(dtype="bfloat16")
+        llm = make_llm(dtype=dtype)
         model = llm.engine.runner.model
         assert any(isinstance(m, PackedLinear) for m in model.modules()) == pack
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])

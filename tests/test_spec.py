@@ -303,8 +303,8 @@ def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
             return found
 
         monkeypatch.setattr(loop, "applies", spy)
-    for i, p in enumerate(PROMPTS):
-        out = llm.generate([p], GREEDY, use_tqdm=False)[0]
+    alone = [llm.generate([p], GREEDY, use_tqdm=False)[0] for p in PROMPTS]
+    for i, out in enumerate(alone):
         assert out.outputs[0].token_ids == reference[i], f"prompt {i} alone"
     alone_rows = list(kernel_rows)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -318,8 +318,10 @@ def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
         draft_blocks = llm.engine.speculator.proposer.block_manager
         assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
     if spec["speculative_method"] == "ngram":
-        copy = outs[0].metrics
-        assert copy["spec_acceptance_rate"] > 0.3, copy  # the copy prompt is easy to draft
+        # The copy prompt is easy to draft. Alone: in the batch, where a drafted row costs
+        # more, the step-time budget may leave it no drafts on a slow CPU.
+        copy = alone[0].metrics
+        assert copy["spec_acceptance_rate"] > 0.3, copy
         # A chain's verify rows attend as plain decode rows: alone, a kernel call (or a C++
         # loop step) of several rows can only be one sequence's drafts.
         assert not kernels.available() or max(alone_rows) > 1

@@ -1,11 +1,18 @@
-"""bf16 linears with their weight pre-packed for oneDNN (CPU, ``quantization="none"``).
+"""Linears with their weight pre-packed for oneDNN (CPU, ``quantization="none"``).
 
 ``F.linear`` on a plain bf16 weight lets oneDNN re-block the weight on every call; packed
 once at load time (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU weight
 prepacking uses), the same products are bit-identical and, measured on a 2-core AVX-512 BF16 /
 AMX CPU with SmolLM2's shapes, 25-50% faster up to a few hundred rows (the 49k-vocab head at
-64 rows: 5.6 -> 2.8 ms) and within 10% either way at 2,048 rows. float32 is not packed: there
-the packed kernel is neither faster nor bit-identical.
+64 rows: 5.6 -> 2.8 ms) and within 10% either way at 2,048 rows.
+
+float32 goes through MKL, which is fast on Intel CPUs (there the packed kernel was neither
+faster nor bit-identical, so float32 stays unpacked) and slow elsewhere: on a 2-core AMD EPYC
+(AVX2) SmolLM2's products took 39 / 88 / 198 / 428 ms at 1 / 2 / 16 / 64 rows through MKL and
+31 / 34 / 67 / 202 ms packed, 10-20% less at 512-2,048 rows. So on other vendors' CPUs
+float32 linears are packed too; their outputs then differ from F.linear's by rounding
+(~1e-6 relative), and each row's result no longer depends on how many rows share the call
+(MKL's does).
 
 The tied LM head gets its own packed copy (the embedding keeps the plain weight): one more
 embedding-sized tensor in memory."""
@@ -18,6 +25,7 @@ import torch
 from torch import nn
 
 from heron.layers.quantized_linear import LinearSpec, replace_linears
+from heron.platform import cpu_is_intel
 
 logger = logging.getLogger(__name__)
 
@@ -43,25 +51,35 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> None:
-    """Replace every ``nn.Linear`` of a bf16 CPU model with a :class:`PackedLinear`; a no-op
-    for other dtypes and devices, or where this PyTorch has no oneDNN (logged)."""
+    """Replace every ``nn.Linear`` of a CPU model with a :class:`PackedLinear` where that is
+    faster: bf16 always, float32 on CPUs other than Intel's; a no-op for other dtypes and
+    devices, or where this PyTorch has no oneDNN (logged)."""
     first = next(model.parameters())
-    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
+    if first.device.type != "cpu" or not packs(first.dtype):
         return
-    if not (torch.backends.mkldnn.is_available() and _packs_exactly()):
-        logger.info("oneDNN weight packing unavailable here: bf16 linears run unpacked")
+    if not (torch.backends.mkldnn.is_available() and _packs_correctly(first.dtype)):
+        logger.info("oneDNN weight packing unavailable here: %s linears run unpacked", first.dtype)
         return
     replace_linears(model, lambda name, linear: PackedLinear(linear))
 
 
-def _packs_exactly() -> bool:
-    """Whether the packed op runs here and gives F.linear's bits (a probe, once per load)."""
+def packs(dtype: torch.dtype) -> bool:
+    """Whether CPU linears of ``dtype`` are worth packing here (see the module's docstring)."""
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and not cpu_is_intel())
+
+
+def _packs_correctly(dtype: torch.dtype) -> bool:
+    """Whether the packed op runs here and gives F.linear's result: its very bits in bf16,
+    within rounding in float32 (a probe, once per load)."""
     g = torch.Generator().manual_seed(0)
-    linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
-    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    linear = nn.Linear(64, 48, bias=True).to(dtype)
+    x = torch.randn(5, 64, generator=g).to(dtype)
     try:
         with torch.inference_mode():
-            return torch.equal(PackedLinear(linear)(x), linear(x))
+            got, want = PackedLinear(linear)(x), linear(x)
     except (RuntimeError, AttributeError) as e:
         logger.debug("oneDNN packing probe failed: %s", e)
         return False
+    if dtype == torch.bfloat16:
+        return torch.equal(got, want)
+    return torch.allclose(got, want, rtol=1e-5, atol=1e-5)
