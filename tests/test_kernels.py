@@ -357,7 +357,7 @@ def test_decode_loop_takes_decode_steps_only(quantization):
     assert sizes == [1, 1]
 
 
-@pytest.mark.skipif(not kernels.dequantize_runs(), reason="needs AVX-512 bf16")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "kind, out_f, in_f, group",
     [
@@ -368,22 +368,27 @@ def test_decode_loop_takes_decode_steps_only(quantization):
         ("int8", 99, 77, 0),  # inputs that end mid-way through 16
     ],
 )
-def test_dequantize_equals_the_torch_path(kind, out_f, in_f, group, monkeypatch):
-    """The one-pass bf16 dequantization gives the PyTorch ops' bits (int4: rounded after the
-    scale and after the zero), into a given buffer too, and it is what the module runs."""
+def test_dequantize_equals_the_torch_path(kind, out_f, in_f, group, dtype, monkeypatch):
+    """The one-pass dequantization gives the PyTorch ops' bits (int4: rounded after the scale
+    and after the zero), into a given buffer too, and it is what the module runs: in bf16
+    with AVX-512, in float32 wherever the kernels build."""
+    if dtype == torch.bfloat16 and not kernels.dequantize_runs():
+        pytest.skip("needs AVX-512 bf16")
+    if not kernels.available():
+        pytest.skip("no compiled kernels")
     linear = torch.nn.Linear(in_f, out_f, bias=False)
     packed = Int4Linear(linear, group) if kind == "int4" else Int8Linear(linear)
-    name = f"dequantize_{kind}"
+    name = f"dequantize_{kind}" + ("_float" if dtype == torch.float32 else "")
     calls = []
     original = getattr(kernels, name)
     monkeypatch.setattr(kernels, name, lambda *a: calls.append(1) or original(*a))
-    fused = packed.dequantize(torch.bfloat16)
-    into = torch.empty(out_f, in_f, dtype=torch.bfloat16)
-    written = packed.dequantize(torch.bfloat16, into)
+    fused = packed.dequantize(dtype)
+    into = torch.empty(out_f, in_f, dtype=dtype)
+    written = packed.dequantize(dtype, into)
     assert len(calls) == 2 and written.data_ptr() == into.data_ptr()
     assert torch.equal(written, fused)
     monkeypatch.setattr(kernels, "usable", lambda x: False)
-    assert torch.equal(fused, packed.dequantize(torch.bfloat16))
+    assert torch.equal(fused, packed.dequantize(dtype))
 
 
 def _linear_case(kind: str, out_f: int, in_f: int, group: int, rows: int):
@@ -419,7 +424,7 @@ def test_quantized_gemv_matches_the_torch_kernels(kind, rows, out_f, in_f, group
     rounding of the output, and they are what the modules run here."""
     runs = kernels.int8_gemv_runs() if kind == "int8" else kernels.int4_gemv_runs()
     if not runs:
-        pytest.skip("needs AVX-512 (int4: VNNI and VBMI)")
+        pytest.skip("needs AVX-512 (int4: VNNI and VBMI) or AVX2")
     packed, x, ref, bound = _linear_case(kind, out_f, in_f, group, rows)
     if kind == "int8":
         ours = kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
@@ -445,7 +450,7 @@ def test_quantized_gemv_matches_the_torch_kernels(kind, rows, out_f, in_f, group
 def test_int8_gemv_takes_any_shape():
     """Output rows that do not fill a 4-row step, inputs that end mid-way through 16."""
     if not kernels.int8_gemv_runs():
-        pytest.skip("needs AVX-512")
+        pytest.skip("needs AVX-512 or AVX2")
     packed, x, ref, bound = _linear_case("int8", 99, 77, 16, 5)
     y = kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
     assert ((y.float() - ref).abs() <= bound).all()

@@ -236,9 +236,33 @@ def dequantize_int8(
     return _module().dequantize_int8(weight, scale, into)
 
 
+def dequantize_int4_float(
+    packed: torch.Tensor,
+    scale_zero: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    group_size: int,
+    block_n: int,
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`dequantize_int4` in float32 (any CPU the kernels build on): what
+    ``Int4Linear.dequantize(torch.float32)`` computes, bit for bit."""
+    return _module().dequantize_int4_float(
+        packed, scale_zero, out_features, in_features, group_size, block_n, into
+    )
+
+
+def dequantize_int8_float(
+    weight: torch.Tensor, scale: torch.Tensor, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`dequantize_int8` in float32 with float32 scales (any CPU the kernels build on):
+    ``weight.float() * scale[:, None]``, bit for bit."""
+    return _module().dequantize_int8_float(weight, scale, into)
+
+
 @functools.cache
 def int8_gemv_runs() -> bool:
-    """Whether :func:`int8_gemv` runs here (kernels built with AVX-512)."""
+    """Whether :func:`int8_gemv` runs here (kernels built with AVX-512 or AVX2)."""
     return available() and _module().int8_gemv_supported()
 
 
@@ -252,8 +276,15 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 
 @functools.cache
 def int4_gemv_runs() -> bool:
-    """Whether :func:`int4_gemv` runs here (kernels built with AVX-512 VNNI and VBMI)."""
+    """Whether :func:`int4_gemv` runs here (kernels built with AVX-512 VNNI and VBMI, or
+    AVX2)."""
     return available() and _module().int4_gemv_supported()
+
+
+def int4_gemv_block() -> int:
+    """The row block of PyTorch's int4 pack that :func:`int4_gemv` reads (64: the AVX-512
+    layout, 32: the AVX2 one); call only where :func:`int4_gemv_runs` is true."""
+    return _module().int4_gemv_block()
 
 
 def int4_gemv(
@@ -265,8 +296,9 @@ def int4_gemv(
 ) -> torch.Tensor:
     """What ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)``
     computes for a few bf16 rows ``x`` [M, K] (within bf16 rounding), faster per weight:
-    ``packed`` in PyTorch's AVX-512 layout (blocks of 64 rows), ``out_features`` a multiple
-    of 64. Call only where :func:`int4_gemv_runs` is true."""
+    ``packed`` in PyTorch's layout with blocks of :func:`int4_gemv_block` rows,
+    ``out_features`` a multiple of that, groups a multiple of 32 inputs. Call only where
+    :func:`int4_gemv_runs` is true."""
     return _module().int4_gemv(x, packed, scale_zero, group_size, out_features)
 
 

@@ -1,5 +1,5 @@
-// Packed weights back to bf16 for the many-row (prefill) path of Int4Linear / Int8Linear, in
-// one pass each.
+// Packed weights back to bf16 (AVX-512 builds) or float32 (any build) for the many-row
+// (prefill) path of Int4Linear / Int8Linear, in one pass each.
 //
 // PyTorch's CPU int4 pack is [out / block_n, in, block_n / 2] bytes: byte [b, k, j] holds
 // row b * block_n + j in its low nibble and row b * block_n + block_n / 2 + j in its high one.
@@ -143,4 +143,85 @@ torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
   TORCH_CHECK(false, "dequantize_int8: needs AVX-512 with bf16 conversions");
   return {};
 #endif
+}
+
+// The float32 forms, for CPUs that only emulate bf16 matmul (the many-row path runs its GEMM in
+// float32 there): plain loops the compiler vectorizes for the machine, rounding where the
+// PyTorch ops of Int4Linear / Int8Linear.dequantize(float32) round, so the same bits. Those
+// ops took ~9 ms for a 3072 x 576 int4 weight on a 2-core AMD EPYC (six passes over it).
+namespace {
+
+torch::Tensor float_output(const std::optional<torch::Tensor>& into, int64_t rows, int64_t cols,
+                           const torch::Tensor& like) {
+  if (!into.has_value()) return torch::empty({rows, cols}, like.options().dtype(at::kFloat));
+  TORCH_CHECK(into->scalar_type() == at::kFloat && into->is_contiguous() && into->dim() == 2 &&
+                  into->size(0) == rows && into->size(1) == cols,
+              "dequantize: `into` must be a contiguous float32 [out, in] tensor");
+  return *into;
+}
+
+// (level - 8) * scale, rounded, then + zero, rounded: two roundings, never one fused
+// multiply-add.
+__attribute__((optimize("fp-contract=off"))) void int4_row_float(
+    const uint8_t* bytes, int64_t stride, int shift, const float* scale, const float* zero,
+    int64_t group_size, int64_t cols, float* out) {
+  for (int64_t k0 = 0, g = 0; k0 < cols; k0 += group_size, ++g) {
+    const float s = scale[g], z = zero[g];
+    for (int64_t k = k0; k < k0 + group_size; ++k) {
+      const float level = static_cast<float>((bytes[k * stride] >> shift) & 15);
+      const float scaled = (level - 8.f) * s;
+      out[k] = scaled + z;
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor dequantize_int4_float(torch::Tensor packed, torch::Tensor scale_zero,
+                                    int64_t out_features, int64_t in_features,
+                                    int64_t group_size, int64_t block_n,
+                                    std::optional<torch::Tensor> into) {
+  check_int4_pack(packed, scale_zero, out_features, in_features, group_size,
+                  "dequantize_int4_float");
+  TORCH_CHECK(block_n % 2 == 0 && out_features % block_n == 0 && in_features % group_size == 0,
+              "dequantize_int4_float: block, group and input sizes must tile the weight");
+  torch::Tensor out = float_output(into, out_features, in_features, packed);
+  // [in / group, out, 2] -> per row: its scales and zeros over the groups, as float32.
+  const torch::Tensor sz = scale_zero.view({in_features / group_size, out_features, 2})
+                               .permute({1, 2, 0})
+                               .to(at::kFloat)
+                               .contiguous();  // [out, 2, groups]
+  const int64_t groups = in_features / group_size, half = block_n / 2;
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* szp = sz.data_ptr<float>();
+  float* w = out.data_ptr<float>();
+  at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / block_n, j = r % block_n;
+      const uint8_t* bytes = p + b * in_features * half + j % half;
+      const float* s = szp + r * 2 * groups;
+      int4_row_float(bytes, half, j < half ? 0 : 4, s, s + groups, group_size, in_features,
+                     w + r * in_features);
+    }
+  });
+  return out;
+}
+
+torch::Tensor dequantize_int8_float(torch::Tensor weight, torch::Tensor scale,
+                                    std::optional<torch::Tensor> into) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "dequantize_int8_float: weight must be contiguous int8 [out, in]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == weight.size(0),
+              "dequantize_int8_float: one float32 scale per output row");
+  const int64_t rows = weight.size(0), cols = weight.size(1);
+  torch::Tensor out = float_output(into, rows, cols, weight);
+  const torch::Tensor sf = scale.contiguous();
+  const int8_t* q = weight.data_ptr<int8_t>();
+  const float* s = sf.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t k = 0; k < cols; ++k) o[r * cols + k] = static_cast<float>(q[r * cols + k]) * s[r];
+  });
+  return out;
 }

@@ -42,11 +42,18 @@ torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
                               int64_t block_n, std::optional<torch::Tensor> into);
 torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
                               std::optional<torch::Tensor> into);
+torch::Tensor dequantize_int4_float(torch::Tensor packed, torch::Tensor scale_zero,
+                                    int64_t out_features, int64_t in_features,
+                                    int64_t group_size, int64_t block_n,
+                                    std::optional<torch::Tensor> into);
+torch::Tensor dequantize_int8_float(torch::Tensor weight, torch::Tensor scale,
+                                    std::optional<torch::Tensor> into);
 
 // quantized_gemv.cpp
 bool int8_gemv_supported();
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale);
 bool int4_gemv_supported();
+int64_t int4_gemv_block();
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
                         int64_t group_size, int64_t out_features);
 

@@ -61,10 +61,12 @@ class Int8Linear(nn.Module):
         self.max_gemv_rows = GEMV_MAX_ROWS
 
     def dequantize(self, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The [out, in] weight in ``dtype``; heron's kernel may write it into ``into`` (a bf16
-        buffer of that shape), so use the returned tensor."""
+        """The [out, in] weight in ``dtype``; heron's kernels may write it into ``into`` (a
+        buffer of that shape and dtype), so use the returned tensor."""
         if dtype == torch.bfloat16 and _fast_dequantize(self.qweight):
             return kernels.dequantize_int8(self.qweight, self.kernel_scale, into)
+        if dtype == torch.float32 and kernels.usable(self.qweight):
+            return kernels.dequantize_int8_float(self.qweight, self.scale, into)
         return self.qweight.to(dtype).mul_(self.scale[:, None].to(dtype))
 
     def decode_spec(self) -> LinearSpec:
@@ -94,8 +96,11 @@ class Int4Linear(nn.Module):
         block_n = _int4_block_n()
         self.dequantizable = block_n is not None and self.out_features % block_n == 0
         self.heron_gemv = (
-            block_n == 64 and self.out_features % 64 == 0 and group_size % 16 == 0
-        ) and kernels.int4_gemv_runs()
+            kernels.int4_gemv_runs()
+            and block_n == kernels.int4_gemv_block()
+            and self.out_features % block_n == 0
+            and group_size % 32 == 0
+        )
         self.max_gemv_rows = HERON_INT4_MAX_ROWS if self.heron_gemv else GEMV_MAX_ROWS
 
     def dequantize(self, dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,6 +108,10 @@ class Int4Linear(nn.Module):
         out_f, in_f = self.out_features, self.in_features
         if dtype == torch.bfloat16 and self.dequantizable and _fast_dequantize(self.packed):
             return kernels.dequantize_int4(
+                self.packed, self.scale_zero, out_f, in_f, self.group_size, _int4_block_n(), into
+            )
+        if dtype == torch.float32 and self.dequantizable and kernels.usable(self.packed):
+            return kernels.dequantize_int4_float(
                 self.packed, self.scale_zero, out_f, in_f, self.group_size, _int4_block_n(), into
             )
         w = unpack_int4(self.packed, out_f, in_f, dtype).view(out_f, -1, self.group_size)
@@ -240,7 +249,7 @@ def _dense(layer: Int8Linear | Int4Linear, x: torch.Tensor) -> torch.Tensor:
     bias = None if layer.bias is None else layer.bias.to(dtype)
     xd = x.to(dtype)
     into = None
-    if dtype == torch.bfloat16 and x.device.type == "cpu":
+    if dtype in (torch.bfloat16, torch.float32) and x.device.type == "cpu":
         into = _workspace().get("dequantized", (layer.out_features, layer.in_features), xd)
     return F.linear(xd, layer.dequantize(dtype, into), bias).to(x.dtype)
 
