@@ -12,7 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
-  m.def("int8_gemv_supported", &int8_gemv_supported, "whether int8_gemv runs here (AVX-512 or AVX2)");
+  m.def("int8_gemv_supported", &int8_gemv_supported,
+        "whether int8_gemv runs here (AVX-512 or AVX2)");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product of a few bf16 rows");
   m.def("int4_gemv_supported", &int4_gemv_supported,
         "whether int4_gemv runs here (AVX-512 VNNI and VBMI, or AVX2)");
@@ -24,7 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_int8", &dequantize_int8, "an int8 weight and its scales as bf16");
   m.def("dequantize_int4_float", &dequantize_int4_float,
         "PyTorch's CPU int4 pack back to a float32 weight");
-  m.def("dequantize_int8_float", &dequantize_int8_float, "an int8 weight and its scales as float32");
+  m.def("dequantize_int8_float", &dequantize_int8_float,
+        "an int8 weight and its scales as float32");
   py::class_<DecodeLinear>(m, "DecodeLinear")
       .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
                     std::optional<torch::Tensor>>());

@@ -221,7 +221,8 @@ torch::Tensor dequantize_int8_float(torch::Tensor weight, torch::Tensor scale,
   float* o = out.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
-      for (int64_t k = 0; k < cols; ++k) o[r * cols + k] = static_cast<float>(q[r * cols + k]) * s[r];
+      for (int64_t k = 0; k < cols; ++k)
+        o[r * cols + k] = static_cast<float>(q[r * cols + k]) * s[r];
   });
   return out;
 }

@@ -72,7 +72,6 @@ void check_rows(const torch::Tensor& x, int64_t in_features, const char* op) {
 }
 
 #if HERON_INT8_GEMV
-
 constexpr int64_t kRows = 4;     // int8 weight rows per step: each converted once per 4 x rows
 constexpr int64_t kXRows = 4;    // activation rows per pass over a weight row block
 constexpr int64_t kAhead = 8;    // int8 prefetch distance, in weight rows
@@ -247,7 +246,6 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
 }
 #endif
 
-
 #if HERON_GEMV_AVX2
 constexpr int64_t kRows2 = 4;       // int8 weight rows per step
 constexpr int64_t kXRows2 = 2;      // activation rows per pass (8 accumulators + 4 weights)
@@ -265,7 +263,8 @@ inline float hsum8(__m256 v) {
 
 // 8 int8s as fp32 (exact).
 inline __m256 load8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
 }
 
 // Output rows [n, n + Rows) of y = x w^T * scale for activation rows [m0, m0 + mm).
@@ -308,7 +307,8 @@ struct IntRows2 {
   std::vector<float> scale, sum;
 };
 
-void to_int_rows_avx2(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, IntRows2& out) {
+void to_int_rows_avx2(const at::BFloat16* x, int64_t M, int64_t K, int64_t group,
+                      IntRows2& out) {
   const int64_t G = K / group;
   out.hi.resize(M * K);
   out.lo.resize(M * K);
