@@ -411,7 +411,7 @@ void int4_block_avx2(const IntRows2& xs, const uint8_t* packed, const uint32_t* 
 }  // namespace
 
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor scale) {
-#if HERON_INT8_GEMV
+#if HERON_INT8_GEMV || HERON_GEMV_AVX2
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
               "int8_gemv: weight must be contiguous int8 [out, in]");
   check_rows(x, weight.size(1), "int8_gemv");
@@ -424,6 +424,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   const int8_t* wp = weight.data_ptr<int8_t>();
   const float* sp = sf.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#if HERON_INT8_GEMV
   at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       if ((b + 1) * kRows <= N) {
@@ -433,20 +434,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
       }
     }
   });
-  return y;
-#elif HERON_GEMV_AVX2
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
-              "int8_gemv: weight must be contiguous int8 [out, in]");
-  check_rows(x, weight.size(1), "int8_gemv");
-  TORCH_CHECK(scale.numel() == weight.size(0), "int8_gemv: one scale per output row");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const torch::Tensor xf = x.to(at::kFloat).contiguous();
-  const torch::Tensor sf = scale.to(at::kFloat).contiguous();
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = weight.data_ptr<int8_t>();
-  const float* sp = sf.data_ptr<float>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#else
   at::parallel_for(0, (N + kRows2 - 1) / kRows2, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t m0 = 0; m0 < M; m0 += kXRows2) {
@@ -460,6 +448,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
       }
     }
   });
+#endif
   return y;
 #else
   TORCH_CHECK(false, "int8_gemv: built without AVX-512 or AVX2");
