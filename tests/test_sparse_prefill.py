@@ -22,7 +22,7 @@ from heron.sparse import (
     enforce_always_kept,
     get_pattern,
 )
-from heron.sparse.attention import flex_block_sparse_attention
+from heron.sparse.attention import causal_chunk_attention, flex_block_sparse_attention
 
 H, HKV, D, B = 9, 3, 64, 128
 SCALE = D**-0.5
@@ -146,6 +146,20 @@ def test_kernel_computes_only_kept_blocks(attention, dtype, q_start):
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     dense = _dense(q.float(), k.float(), v.float(), q_start)
     assert (out - dense).abs().max() > 0.1  # dropping blocks changed the output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("q_start", "q_len"), [(0, 300), (200, 37), (384, 300)])
+def test_causal_chunk_attention_is_dense(q_start, q_len, dtype):
+    """A dense prefill chunk after cached tokens (the compiled kernel where it runs, else the
+    earlier context and the chunk's own keys merged by their log-sum-exps) equals causal SDPA
+    over the whole context."""
+    q, k, v = (x.to(dtype) for x in _random(q_start + q_len, seed=4))
+    q = q[:, q_start:]
+    out = causal_chunk_attention(q.transpose(0, 1), _ctx(k, v), q_start, SCALE).transpose(0, 1)
+    ref = _dense(q.float(), k.float(), v.float(), q_start)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_bf16_takes_the_compiled_kernel(monkeypatch):

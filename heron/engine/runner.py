@@ -335,24 +335,26 @@ class ModelRunner:
             if window is not None and n > window:
                 window_mask = _context_mask(0, n, n, dev) & _in_window(q_pos, q_pos, window)
             kernel = self.chunk_kernel and n >= _KERNEL_MIN_FIRST_CHUNK
-            return PrefillSpan(row, row + n, None, None, window_mask, causal_kernel=kernel)
+            return PrefillSpan(row, row + n, None, None, window_mask, causal_chunk=kernel)
         bs = self.block_size
         width = -(-(start + n) // bs)
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
         windowed = window is not None and start + n > window
         # SDPA with the chunk's mask computes every masked score (the block kernel was ~1.4x
-        # faster at 8k tokens), and building and converting the mask took 1-2% of a prefill:
-        # where the kernel runs, only sliding-window layers need it.
+        # faster at 8k tokens; the two flash calls of causal_chunk_attention ~1.4x on a 2k
+        # chunk after 6k tokens), and building and converting the mask took 1-2% of a
+        # prefill: on a CPU only sliding-window layers need it.
+        split = self.chunk_kernel or dev.type == "cpu"
         causal = None
-        if windowed or not self.chunk_kernel:
+        if windowed or not split:
             causal = _context_mask(start, n, width * bs, dev)
         window_mask = None
         if windowed:
             pos = torch.arange(width * bs, device=dev)
             window_mask = causal & _in_window(q_pos, pos, window)
-        mask = None if self.chunk_kernel else causal
+        mask = None if split else causal
         return PrefillSpan(
-            row, row + n, blocks, mask, window_mask, q_start=start, causal_kernel=self.chunk_kernel
+            row, row + n, blocks, mask, window_mask, q_start=start, causal_chunk=split
         )
 
     def _decode_tables(

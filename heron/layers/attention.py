@@ -39,7 +39,7 @@ class PrefillSpan:
     context_blocks: torch.Tensor | None
     # [Lq, blocks * bs] bool (True = attend) when the chunk starts after cached tokens and
     # attends through SDPA, an additive bias once the step is built (``make_masks_additive``);
-    # None = causal (``causal_kernel``, or SDPA's causal flash for a chunk alone).
+    # None = causal (``causal_chunk``, or SDPA's causal flash for a chunk alone).
     mask: torch.Tensor | None
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
@@ -47,9 +47,10 @@ class PrefillSpan:
     # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
     sparse: object | None = None
     q_start: int = 0  # slot of the chunk's first token
-    # Causal attention through the compiled block kernel (``causal_chunk_attention``), where
-    # it runs and pays: every chunk after cached tokens, a first chunk of many tokens.
-    causal_kernel: bool = False
+    # Causal attention through ``causal_chunk_attention`` (the compiled block kernel where it
+    # runs, else two flash calls): on a CPU every chunk after cached tokens, and a first chunk
+    # of many tokens where the kernel runs.
+    causal_chunk: bool = False
     # KV compression with layer-varying budgets: ``mask`` per layer ([L, Lq, Lk]), or None.
     layer_masks: torch.Tensor | None = None
 
@@ -209,7 +210,7 @@ def paged_attention(
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         if span.layer_masks is not None:
             mask = span.layer_masks[layer]
-        if mask is None and span.causal_kernel:
+        if mask is None and span.causal_chunk:
             out[span.start : span.end] = causal_chunk_attention(qs, ctx, span.q_start, scale)
             continue
         if mask is not None:
