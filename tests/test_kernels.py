@@ -65,6 +65,28 @@ def test_paged_decode_equals_gathered_attention(dtype, tol, bs):
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_paged_decode_long_contexts_in_parts(dtype, tol):
+    """Contexts longer than one part (256 tokens) are attended in parts merged by their softmax
+    statistics, the parts fixed by each sequence's length: the result matches attention over
+    the whole context, and a sequence's output is the same alone as beside others."""
+    g = torch.Generator().manual_seed(5)
+    width = 1100 // BS + 1
+    blocks = 2 * width + 7
+    k_cache = torch.randn(blocks * BS, HKV, D, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * BS, HKV, D, generator=g).to(dtype)
+    tables = torch.randperm(blocks, generator=g)[: 2 * width].view(2, width)
+    lens = torch.tensor([1100, 257])  # 5 parts, the last of 76 tokens; 2 parts of 256 + 1
+    q = torch.randn(2, HKV, GROUP, D, generator=g).to(dtype)
+    out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5)
+    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+    for i in range(2):
+        one = slice(i, i + 1)
+        alone = kernels.paged_decode(q[one], k_cache, v_cache, tables[one], lens[one], BS, D**-0.5)
+        assert torch.equal(out[one], alone), i
+
+
 def test_paged_decode_sees_only_the_visible_slots():
     """A draft-tree row laid out as a decode row: from slot ``start`` on, it sees only the
     slots whose bit is set (its ancestors and itself)."""

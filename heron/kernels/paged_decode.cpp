@@ -50,20 +50,52 @@ inline bool seen(int64_t pos, int64_t from, uint64_t bits) {
   return j < 0 || (j < 64 && ((bits >> j) & 1u));
 }
 
+// A sequence's blocks are attended in parts of this many tokens, one task per (part, KV head),
+// merged afterwards: at batch 1 SmolLM2's 3 KV heads ran on 2 threads as 2 + 1 heads, Gemma 3's
+// single KV head on one thread. The parts depend only on the sequence's length, so its output
+// does not depend on what else is in the batch.
+constexpr int64_t kPartTokens = 256;
+
+// The (sequence, first block) of every part, in sequence order.
+struct Parts {
+  std::vector<int64_t> seq, first, begin;  // begin[b]: sequence b's first part
+  int64_t blocks_per_part;
+};
+
+Parts decode_parts(const int64_t* lens, int64_t batch, int64_t width, int64_t block_size) {
+  Parts parts;
+  parts.blocks_per_part = std::max<int64_t>(1, kPartTokens / block_size);
+  for (int64_t b = 0; b < batch; ++b) {
+    parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
+    const int64_t blocks = std::min(width, (lens[b] + block_size - 1) / block_size);
+    for (int64_t first = 0; first == 0 || first < blocks; first += parts.blocks_per_part) {
+      parts.seq.push_back(b);
+      parts.first.push_back(first);
+    }
+  }
+  parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
+  return parts;
+}
+
 // kDim > 0: the head dimension as a compile-time constant (the common ones), which lets the
 // compiler unroll the per-row loops without remainder code; 0: read from ``head_dim``.
+// Each task, a (part, KV head), leaves its unnormalised sums and softmax statistics in
+// ``partial`` (fp32, [parts, Hkv, G, D + 2]) for merge_parts.
 template <typename T, int64_t kDim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
-                   const int64_t* lens, const int64_t* visible, T* out, int64_t batch,
-                   int64_t kv_heads, int64_t group, int64_t head_dim, int64_t width,
-                   int64_t block_size, float scale) {
+                   const int64_t* lens, const int64_t* visible, const Parts& parts,
+                   float* partial, int64_t kv_heads, int64_t group, int64_t head_dim,
+                   int64_t width, int64_t block_size, float scale) {
   const int64_t dim = kDim > 0 ? kDim : head_dim;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_parts = static_cast<int64_t>(parts.seq.size());
+  at::parallel_for(0, num_parts * kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * dim), acc(group * dim), scores(group * block_size);
     std::vector<float> row_max(group), row_sum(group), kf(dim), vf(dim);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t pi = task / kv_heads, h = task % kv_heads, b = parts.seq[pi];
       const int64_t len = lens[b];
+      const int64_t blocks = std::min(width, (len + block_size - 1) / block_size);
+      const int64_t blk_end = std::min(blocks, parts.first[pi] + parts.blocks_per_part);
       // The row's visibility (``seen``).
       const int64_t from = visible != nullptr ? visible[2 * b] : len;
       const uint64_t bits = visible != nullptr ? static_cast<uint64_t>(visible[2 * b + 1]) : 0;
@@ -73,10 +105,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(row_max.begin(), row_max.end(), kNoScore);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      for (int64_t blk = 0; blk * block_size < len && blk < width; ++blk) {
+      for (int64_t blk = parts.first[pi]; blk < blk_end; ++blk) {
         const int64_t base = tables[b * width + blk] * block_size;
         const int64_t n = std::min(block_size, len - blk * block_size);
-        if ((blk + 1) * block_size < len && blk + 1 < width) {
+        if (blk + 1 < blk_end) {
           // The blocks of a table lie anywhere in the cache: ask for the next one's rows now,
           // so that their loads overlap this block's arithmetic.
           const int64_t next = tables[b * width + blk + 1] * block_size;
@@ -132,11 +164,42 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
           }
         }
       }
-      T* op = out + (b * kv_heads + h) * group * dim;
       for (int64_t g = 0; g < group; ++g) {
-        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        for (int64_t d = 0; d < dim; ++d) op[g * dim + d] = static_cast<T>(acc[g * dim + d] * inv);
+        float* dst = partial + (task * group + g) * (dim + 2);
+        std::copy(acc.begin() + g * dim, acc.begin() + (g + 1) * dim, dst);
+        dst[dim] = row_max[g];
+        dst[dim + 1] = row_sum[g];
       }
+    }
+  });
+}
+
+// The output [B, Hkv, G, D] from decode_kernel's ``partial``: one softmax over all parts of a
+// sequence, each part's sums rescaled from its own running maximum to the sequence's (a
+// single part's weight is exactly 1: the same bits as normalising it alone).
+template <typename T>
+void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch,
+                 int64_t kv_heads, int64_t group, int64_t dim) {
+  at::parallel_for(0, batch * kv_heads * group, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(dim);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (kv_heads * group), hg = row % (kv_heads * group);
+      const auto part = [&](int64_t i) {
+        return partial + (i * kv_heads * group + hg) * (dim + 2);
+      };
+      float m = kNoScore;
+      for (int64_t i = parts.begin[b]; i < parts.begin[b + 1]; ++i) m = std::max(m, part(i)[dim]);
+      float total = 0.f;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t i = parts.begin[b]; i < parts.begin[b + 1]; ++i) {
+        const float* p = part(i);
+        const float w = p[dim + 1] > 0.f ? std::exp(p[dim] - m) : 0.f;
+        total += w * p[dim + 1];
+        for (int64_t d = 0; d < dim; ++d) acc[d] += w * p[d];
+      }
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      T* op = out + row * dim;
+      for (int64_t d = 0; d < dim; ++d) op[d] = static_cast<T>(acc[d] * inv);
     }
   });
 }
@@ -396,10 +459,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         return;
       }
 #endif
+      const Parts parts = decode_parts(lens.data_ptr<int64_t>(), batch, tables.size(1),
+                                       block_size);
+      std::vector<float> partial(parts.seq.size() * kv_heads * group * (dim + 2));
       decode_kernel<scalar_t, kDim>(
           q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, out.data_ptr<scalar_t>(),
-          batch, kv_heads, group, dim, tables.size(1), block_size, static_cast<float>(scale));
+          tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, parts, partial.data(),
+          kv_heads, group, dim, tables.size(1), block_size, static_cast<float>(scale));
+      merge_parts(partial.data(), parts, out.data_ptr<scalar_t>(), batch, kv_heads, group, dim);
     };
     switch (dim) {
       case 64: run(std::integral_constant<int64_t, 64>{}); break;

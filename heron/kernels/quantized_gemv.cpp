@@ -300,12 +300,30 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, at::BFl
 }
 
 // Activations as integers per weight group, as the AVX-512 kernel's to_int_rows: x ~=
-// scale_g * (hi * 128 + lo), plus each group's exact fp32 sum. Plain loops the compiler
-// vectorizes.
+// scale_g * (hi * 128 + lo), plus each group's fp32 sum.
 struct IntRows2 {
   std::vector<int8_t> hi, lo;
   std::vector<float> scale, sum;
 };
+
+inline float hmax8(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+// 8 bf16s as fp32 (the top halves: a widening shift).
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// The 8 int32 lanes of v (each within int8) as 8 bytes at p.
+inline void store8_int8(int8_t* p, __m256i v) {
+  const __m128i words =
+      _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(words, words));
+}
 
 void to_int_rows_avx2(const at::BFloat16* x, int64_t M, int64_t K, int64_t group,
                       IntRows2& out) {
@@ -314,24 +332,27 @@ void to_int_rows_avx2(const at::BFloat16* x, int64_t M, int64_t K, int64_t group
   out.lo.resize(M * K);
   out.scale.resize(M * G);
   out.sum.resize(M * G);
-  std::vector<float> xf(group);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i c64 = _mm256_set1_epi32(64), c127 = _mm256_set1_epi32(127);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = m * K + g * group;
-      float largest = 0.f, sum = 0.f;
-      for (int64_t k = 0; k < group; ++k) {
-        xf[k] = static_cast<float>(x[k0 + k]);
-        largest = std::max(largest, std::abs(xf[k]));
-        sum += xf[k];
+      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t k = 0; k < group; k += 8) {
+        const __m256 v = load8(x + k0 + k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        sum = _mm256_add_ps(sum, v);
       }
+      const float largest = hmax8(amax);
       out.scale[m * G + g] = largest / kLevels2;
-      out.sum[m * G + g] = sum;
-      const float inv = largest > 0.f ? kLevels2 / largest : 0.f;
-      for (int64_t k = 0; k < group; ++k) {
-        const int32_t level = static_cast<int32_t>(std::nearbyint(xf[k] * inv));
-        const int32_t lo = ((level + 64) & 127) - 64;
-        out.lo[k0 + k] = static_cast<int8_t>(lo);
-        out.hi[k0 + k] = static_cast<int8_t>((level - lo) >> 7);
+      out.sum[m * G + g] = hsum8(sum);
+      const __m256 inv = _mm256_set1_ps(largest > 0.f ? kLevels2 / largest : 0.f);
+      for (int64_t k = 0; k < group; k += 8) {
+        const __m256i level = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x + k0 + k), inv));
+        const __m256i lo =
+            _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(level, c64), c127), c64);
+        store8_int8(out.lo.data() + k0 + k, lo);
+        store8_int8(out.hi.data() + k0 + k, _mm256_srai_epi32(_mm256_sub_epi32(level, lo), 7));
       }
     }
   }
