@@ -111,12 +111,29 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16
 }
 #endif
 
+#if HERON_INT4_GEMV || HERON_GEMV_AVX2
+// Activations as integers per weight group: x ~= scale_g * (hi * 128 + lo), and each group's
+// fp32 sum (for the zeros). Each ISA's to_int_rows fills it.
+struct IntRows {
+  std::vector<int8_t> hi, lo;
+  std::vector<float> scale, sum;
+
+  void resize(int64_t M, int64_t K, int64_t G) {
+    hi.resize(M * K);
+    lo.resize(M * K);
+    scale.resize(M * G);
+    sum.resize(M * G);
+  }
+};
+#endif
+
 #if HERON_INT4_GEMV
 constexpr int64_t kBlockN = 64;     // PyTorch's AVX-512 int4 pack: blocks of 64 rows
 constexpr int64_t kInt4XRows = 2;   // activation rows per pass (4 x 2 x 2 accumulators)
 constexpr int64_t kInt4Ahead = 4096;  // prefetch distance, bytes
 constexpr float kLevels = 16256.f;  // 127 * 128: hi in [-127, 127], lo in [-64, 63]
 constexpr int64_t kInt4ChunkRows = 16;  // rows a block keeps outputs for at once
+constexpr int64_t kInt4Span = 16;   // the inputs a group's size must be a multiple of
 
 // Byte i of gather order h: the nibble of row 16 * h + i / 4 at input k + i % 4, from the
 // 128 bytes of inputs k .. k + 3 (32 bytes each) that two loads hold.
@@ -128,19 +145,9 @@ struct GatherOrder {
   }
 };
 
-// Activations as integers per weight group: x ~= scale_g * (hi * 128 + lo), and each group's
-// exact fp32 sum (for the zeros).
-struct IntRows {
-  std::vector<int8_t> hi, lo;
-  std::vector<float> scale, sum;
-};
-
 void to_int_rows(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, IntRows& out) {
   const int64_t G = K / group;
-  out.hi.resize(M * K);
-  out.lo.resize(M * K);
-  out.scale.resize(M * G);
-  out.sum.resize(M * G);
+  out.resize(M, K, G);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       const int64_t k0 = m * K + g * group;
@@ -253,6 +260,7 @@ constexpr int64_t kAhead2 = 8;      // int8 prefetch distance, in weight rows
 constexpr int64_t kInt4Ahead2 = 4096;  // int4 prefetch distance, bytes
 constexpr int64_t kBlockN2 = 32;    // PyTorch's AVX2 int4 pack: blocks of 32 rows
 constexpr int64_t kSpan2 = 32;      // inputs summed in int16 before widening (8 x 4)
+constexpr int64_t kInt4Span = kSpan2;  // the inputs a group's size must be a multiple of
 constexpr float kLevels2 = 16256.f;  // as the AVX-512 kernel: hi in [-127, 127], lo in [-64, 63]
 
 inline float hsum8(__m256 v) {
@@ -299,13 +307,6 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, at::BFl
   }
 }
 
-// Activations as integers per weight group, as the AVX-512 kernel's to_int_rows: x ~=
-// scale_g * (hi * 128 + lo), plus each group's fp32 sum.
-struct IntRows2 {
-  std::vector<int8_t> hi, lo;
-  std::vector<float> scale, sum;
-};
-
 inline float hmax8(__m256 v) {
   const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -325,13 +326,10 @@ inline void store8_int8(int8_t* p, __m256i v) {
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(words, words));
 }
 
-void to_int_rows_avx2(const at::BFloat16* x, int64_t M, int64_t K, int64_t group,
-                      IntRows2& out) {
+// The AVX-512 kernel's to_int_rows with 8 lanes.
+void to_int_rows(const at::BFloat16* x, int64_t M, int64_t K, int64_t group, IntRows& out) {
   const int64_t G = K / group;
-  out.hi.resize(M * K);
-  out.lo.resize(M * K);
-  out.scale.resize(M * G);
-  out.sum.resize(M * G);
+  out.resize(M, K, G);
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i c64 = _mm256_set1_epi32(64), c127 = _mm256_set1_epi32(127);
   for (int64_t m = 0; m < M; ++m) {
@@ -372,7 +370,7 @@ inline __m256i widen_rows(__m256i hi, __m256i lo, __m256i acc) {
 // Output columns [b * 32, b * 32 + 32) of the int4 product for activation rows [0, M), into
 // the fp32 `out` [M, 32]. Packed byte [b, k, j] holds row j (low nibble) and row 16 + j (high
 // nibble) of input k; scale_zero [groups, N] holds (scale, zero) bf16 pairs.
-void int4_block_avx2(const IntRows2& xs, const uint8_t* packed, const uint32_t* scale_zero,
+void int4_block_avx2(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_zero,
                      float* out, int64_t M, int64_t K, int64_t N, int64_t group, int64_t b) {
   const int64_t G = K / group;
   const __m256i nibble = _mm256_set1_epi8(15);
@@ -478,12 +476,13 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
 
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
                         int64_t group_size, int64_t out_features) {
-#if HERON_INT4_GEMV
-  const int64_t K = x.size(1), N = out_features;
+#if HERON_INT4_GEMV || HERON_GEMV_AVX2
+  const int64_t K = x.size(1), N = out_features, block_n = int4_gemv_block();
   check_rows(x, K, "int4_gemv");
   check_int4_pack(packed, scale_zero, N, K, group_size, "int4_gemv");
-  TORCH_CHECK(N % kBlockN == 0 && group_size % 16 == 0 && K % group_size == 0,
-              "int4_gemv: out must be a multiple of 64 and groups of 16k inputs tile in");
+  TORCH_CHECK(N % block_n == 0 && group_size % kInt4Span == 0 && K % group_size == 0,
+              "int4_gemv: out must be a multiple of ", block_n, " and groups of ", kInt4Span,
+              "k inputs tile in");
   const int64_t M = x.size(0);
   static thread_local IntRows buffers;
   IntRows& xs = buffers;  // the workers below read this thread's buffers, not their own
@@ -492,6 +491,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const uint32_t* szp = reinterpret_cast<const uint32_t*>(scale_zero.data_ptr<at::BFloat16>());
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#if HERON_INT4_GEMV
   at::parallel_for(0, N / kBlockN, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       // Rows beyond one chunk re-read the block's weights from cache, not memory.
@@ -500,21 +500,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       }
     }
   });
-  return y;
-#elif HERON_GEMV_AVX2
-  const int64_t K = x.size(1), N = out_features;
-  check_rows(x, K, "int4_gemv");
-  check_int4_pack(packed, scale_zero, N, K, group_size, "int4_gemv");
-  TORCH_CHECK(N % kBlockN2 == 0 && group_size % kSpan2 == 0 && K % group_size == 0,
-              "int4_gemv: out must be a multiple of 32 and groups of 32k inputs tile in");
-  const int64_t M = x.size(0);
-  static thread_local IntRows2 buffers;
-  IntRows2& xs = buffers;  // the workers below read this thread's buffers, not their own
-  to_int_rows_avx2(x.contiguous().data_ptr<at::BFloat16>(), M, K, group_size, xs);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const uint32_t* szp = reinterpret_cast<const uint32_t*>(scale_zero.data_ptr<at::BFloat16>());
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+#else
   at::parallel_for(0, N / kBlockN2, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> out(M * kBlockN2);
     for (int64_t b = begin; b < end; ++b) {
@@ -524,6 +510,7 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
           yp[m * N + b * kBlockN2 + j] = at::BFloat16(out[m * kBlockN2 + j]);
     }
   });
+#endif
   return y;
 #else
   TORCH_CHECK(false, "int4_gemv: built without AVX-512 (VNNI, VBMI) or AVX2");
