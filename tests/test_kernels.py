@@ -39,17 +39,17 @@ def _paged_case(dtype: torch.dtype, seed: int = 0, bs: int = BS):
 def _reference(q, k_cache, v_cache, tables, lens, scale, valid=None, bs=BS):
     """Gather every sequence's blocks and run SDPA over the valid slots (``valid`` [B, slots],
     default: those below each length), per query head."""
-    b, width = tables.shape
-    kd = k_cache.view(-1, bs, HKV, D)[tables.reshape(-1)].view(b, width * bs, HKV, D)
-    vd = v_cache.view(-1, bs, HKV, D)[tables.reshape(-1)].view(b, width * bs, HKV, D)
-    kd = kd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
-    vd = vd.repeat_interleave(GROUP, 2).permute(0, 2, 1, 3).float()
+    (b, width), (hkv, group, d) = tables.shape, q.shape[1:]
+    kd = k_cache.view(-1, bs, hkv, d)[tables.reshape(-1)].view(b, width * bs, hkv, d)
+    vd = v_cache.view(-1, bs, hkv, d)[tables.reshape(-1)].view(b, width * bs, hkv, d)
+    kd = kd.repeat_interleave(group, 2).permute(0, 2, 1, 3).float()
+    vd = vd.repeat_interleave(group, 2).permute(0, 2, 1, 3).float()
     if valid is None:
         valid = torch.arange(width * bs)[None, :] < lens[:, None]
     out = F.scaled_dot_product_attention(
-        q.reshape(b, HKV * GROUP, 1, D).float(), kd, vd, attn_mask=valid[:, None, None], scale=scale
+        q.reshape(b, hkv * group, 1, d).float(), kd, vd, attn_mask=valid[:, None, None], scale=scale
     )
-    return out.view(b, HKV, GROUP, D)
+    return out.view(b, hkv, group, d)
 
 
 @pytest.mark.parametrize("bs", [16, 8, 40])
@@ -85,6 +85,26 @@ def test_paged_decode_long_contexts_in_parts(dtype, tol):
         one = slice(i, i + 1)
         alone = kernels.paged_decode(q[one], k_cache, v_cache, tables[one], lens[one], BS, D**-0.5)
         assert torch.equal(out[one], alone), i
+
+
+@pytest.mark.parametrize("hkv, group, d", [(1, 4, 256), (2, 2, 128), (2, 3, 80)])
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+def test_paged_decode_other_head_shapes(hkv, group, d, dtype, tol):
+    """Gemma 3's single KV head of 256 dims, heads of 128, and a head dim that the vectorized
+    kernels do not specialise (80: the generic loop), at lengths within and across parts."""
+    g = torch.Generator().manual_seed(7)
+    lens = torch.tensor([1, 37, 300, 530])
+    width = 530 // BS + 1
+    blocks = 4 * width + 3
+    k_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    tables = torch.randperm(blocks, generator=g)[: 4 * width].view(4, width)
+    q = torch.randn(4, hkv, group, d, generator=g).to(dtype)
+    out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, d**-0.5)
+    want = _reference(q, k_cache, v_cache, tables, lens, d**-0.5)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
 def test_paged_decode_sees_only_the_visible_slots():

@@ -54,7 +54,7 @@
 #endif
 #if !HERON_INT8_GEMV && defined(__AVX2__) && defined(__FMA__)
 #define HERON_GEMV_AVX2 1
-#include <immintrin.h>
+#include "simd.h"
 #else
 #define HERON_GEMV_AVX2 0
 #endif
@@ -263,11 +263,9 @@ constexpr int64_t kSpan2 = 32;      // inputs summed in int16 before widening (8
 constexpr int64_t kInt4Span = kSpan2;  // the inputs a group's size must be a multiple of
 constexpr float kLevels2 = 16256.f;  // as the AVX-512 kernel: hi in [-127, 127], lo in [-64, 63]
 
-inline float hsum8(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
-}
+using heron_simd::hmax8;
+using heron_simd::hsum8;
+using heron_simd::load8;
 
 // 8 int8s as fp32 (exact).
 inline __m256 load8(const int8_t* p) {
@@ -305,18 +303,6 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, at::BFl
       y[(m0 + i) * N + n + r] = at::BFloat16(total * scale[n + r]);
     }
   }
-}
-
-inline float hmax8(__m256 v) {
-  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-}
-
-// 8 bf16s as fp32 (the top halves: a widening shift).
-inline __m256 load8(const at::BFloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
 }
 
 // The 8 int32 lanes of v (each within int8) as 8 bytes at p.

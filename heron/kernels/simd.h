@@ -1,4 +1,6 @@
-// AVX-512 helpers shared by heron's kernels (included only in AVX-512 builds).
+// SIMD helpers shared by heron's kernels: an AVX-512 set (16 lanes) and an AVX2 + FMA set (8
+// lanes, for CPUs without AVX-512 such as AMD Zen 3); each exists only where the build's
+// -march=native has its instructions.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -8,6 +10,8 @@
 #include <cstdint>
 
 namespace heron_simd {
+
+#if defined(__AVX512F__)
 
 // Lanes [0, n) of a 16-lane vector (all for n >= 16): the tail of a row not a multiple of 16.
 inline __mmask16 tail_mask(int64_t n) {
@@ -45,5 +49,64 @@ inline __m512 load16(const int8_t* p, __mmask16 mask) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
 }
 #endif
+#endif  // __AVX512F__
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+inline float hmax8(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+}
+
+// Lane t = the sum of v[t]'s 8 lanes: two rounds of pairwise adds within 128-bit halves give
+// each vector's low-half and high-half sums side by side; one cross-half add finishes.
+inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// exp2_neg with 8 lanes: no scalef here, so 2^n is built in the exponent field, with t
+// clamped at -126 (a weight of 2^-126 instead of 0: callers mask the lanes that must be 0).
+inline __m256 exp2_neg8(__m256 t) {
+  t = _mm256_max_ps(t, _mm256_set1_ps(-126.f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.333355e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550411e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+
+// All-ones lanes where bit t of ``bits`` is set (t < 8).
+inline __m256 lane_mask8(unsigned bits) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), lane_bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, lane_bit));
+}
+
+// 8 elements as fp32 (bf16: the top halves, a widening shift).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+#if defined(__F16C__)
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+#endif  // __AVX2__ && __FMA__
 
 }  // namespace heron_simd
