@@ -659,7 +659,6 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       const auto* vp = v_cache.data_ptr<scalar_t>();
       const int64_t* tp = tables.data_ptr<int64_t>();
       const int64_t* lp = lens.data_ptr<int64_t>();
-      bool done = false;
 #if HERON_DECODE_AVX2
       constexpr bool kAvx2Type = std::is_same_v<scalar_t, float> ||
                                  std::is_same_v<scalar_t, c10::BFloat16>
@@ -671,10 +670,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
         decode_kernel_avx2<scalar_t, kDim / 16>(qp, kp, vp, tp, lp, vis, parts, partial.data(),
                                                 kv_heads, group, tables.size(1), block_size,
                                                 static_cast<float>(scale));
-        done = true;
-      }
+      } else
 #endif
-      if (!done) {
+      {
         decode_kernel<scalar_t, kDim>(qp, kp, vp, tp, lp, vis, parts, partial.data(), kv_heads,
                                       group, dim, tables.size(1), block_size,
                                       static_cast<float>(scale));

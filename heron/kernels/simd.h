@@ -11,6 +11,11 @@
 
 namespace heron_simd {
 
+// 2^f for |f| <= 1/2 by its degree-5 Taylor polynomial, highest degree first (Horner): the
+// fractional part of exp2_neg and exp2_neg8.
+constexpr float kExp2Taylor[6] = {1.333355e-3f, 9.618129e-3f, 5.550411e-2f,
+                                  2.402265e-1f, 6.931472e-1f, 1.f};
+
 #if defined(__AVX512F__)
 
 // Lanes [0, n) of a 16-lane vector (all for n >= 16): the tail of a row not a multiple of 16.
@@ -25,12 +30,8 @@ inline __mmask16 tail_mask(int64_t n) {
 inline __m512 exp2_neg(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.333355e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550411e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[i]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -78,12 +79,8 @@ inline __m256 exp2_neg8(__m256 t) {
   t = _mm256_max_ps(t, _mm256_set1_ps(-126.f));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.333355e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618129e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550411e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402265e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  __m256 p = _mm256_set1_ps(kExp2Taylor[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Taylor[i]));
   const __m256i exponent =
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
