@@ -127,7 +127,7 @@ def test_paged_decode_sees_only_the_visible_slots():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("context", [5, 37, 300])
+@pytest.mark.parametrize("context", [5, 37, 250, 300])  # 250: rows of 1 and of 2 parts
 def test_a_draft_trees_rows_attend_as_each_would_alone(dtype, context):
     """The rows of one draft tree (one block table, one ``from``) share a task that loads each
     key once for all of them; each row's output is still exactly what it gets alone, next to

@@ -10,9 +10,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -55,31 +57,73 @@ inline bool seen(int64_t pos, int64_t from, uint64_t bits) {
   return j < 0 || (j < 64 && ((bits >> j) & 1u));
 }
 
-// A sequence's blocks are attended in parts of this many tokens, one task per (part, KV head),
-// merged afterwards: at batch 1 SmolLM2's 3 KV heads ran on 2 threads as 2 + 1 heads, Gemma 3's
-// single KV head on one thread. The parts depend only on the sequence's length, so its output
-// does not depend on what else is in the batch.
+// A sequence's blocks are attended in parts of this many tokens, one task per (part, KV head)
+// or per part for all its KV heads, merged afterwards: at batch 1 SmolLM2's 3 KV heads ran on
+// 2 threads as 2 + 1 heads, Gemma 3's single KV head on one thread. The parts depend only on
+// the sequence's length, so its output does not depend on what else is in the batch.
 constexpr int64_t kPartTokens = 256;
 
-// The (sequence, first block) of every part, in sequence order.
+// The (sequence, first block, tokens) of every part, in sequence order.
 struct Parts {
-  std::vector<int64_t> seq, first, begin;  // begin[b]: sequence b's first part
+  std::vector<int64_t> seq, first, tokens, begin;  // begin[b]: sequence b's first part
   int64_t blocks_per_part;
 };
 
 Parts decode_parts(const int64_t* lens, int64_t batch, int64_t width, int64_t block_size) {
   Parts parts;
   parts.blocks_per_part = std::max<int64_t>(1, kPartTokens / block_size);
+  const int64_t part_tokens = parts.blocks_per_part * block_size;
+  for (auto* v : {&parts.seq, &parts.first, &parts.tokens, &parts.begin}) v->reserve(batch + 1);
   for (int64_t b = 0; b < batch; ++b) {
     parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
-    const int64_t blocks = std::min(width, (lens[b] + block_size - 1) / block_size);
-    for (int64_t first = 0; first == 0 || first < blocks; first += parts.blocks_per_part) {
+    const int64_t len = std::min(lens[b], width * block_size);
+    for (int64_t start = 0; start == 0 || start < len; start += part_tokens) {
       parts.seq.push_back(b);
-      parts.first.push_back(first);
+      parts.first.push_back(start / block_size);
+      parts.tokens.push_back(std::clamp<int64_t>(len - start, 0, part_tokens));
     }
   }
   parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
   return parts;
+}
+
+// A kernel's tasks, handed out largest first to whichever thread is free: a parallel_for's
+// fixed ranges gave one thread a sequence's full parts and the other its short last ones.
+// Which thread runs a task changes none of its arithmetic.
+class TaskQueue {
+ public:
+  explicit TaskQueue(const std::vector<int64_t>& work) : order_(work.size()) {
+    std::iota(order_.begin(), order_.end(), int64_t{0});
+    std::sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) {
+      return work[a] > work[b] || (work[a] == work[b] && a < b);
+    });
+  }
+
+  // Runs ``worker`` on each thread (one call where there is a single task); it takes tasks
+  // with next() until none are left, so per-thread buffers are set up once per call.
+  template <typename F>
+  void run(const F& worker) {
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), order_.size());
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { worker(); });
+  }
+
+  bool next(int64_t& task) {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    if (i >= static_cast<int64_t>(order_.size())) return false;
+    task = order_[i];
+    return true;
+  }
+
+ private:
+  std::vector<int64_t> order_;
+  std::atomic<int64_t> next_{0};
+};
+
+// The work of the tasks of PartTask: (part, group of ``heads`` KV heads), in task order.
+std::vector<int64_t> part_task_work(const Parts& parts, int64_t kv_heads, int64_t heads) {
+  std::vector<int64_t> work;
+  for (const int64_t tokens : parts.tokens) work.insert(work.end(), kv_heads / heads, tokens);
+  return work;
 }
 
 // One task of a decode kernel: KV heads [h, h + heads) of part ``pi``, i.e. sequence b's
@@ -115,21 +159,47 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t base, int
   }
 }
 
+// Where a task leaves a query's sums over a part: its unnormalised sums and softmax statistics
+// in ``partial`` (fp32, [parts, Hkv, G, D + 2]) for merge_parts, or, for a sequence of one
+// part, the finished output row (the bits merge_parts would give it: a lone part weighs
+// exactly 1), which spares short contexts the merge.
+template <typename T>
+struct PartSink {
+  const Parts& parts;
+  float* partial;  // null where every sequence has one part
+  T* out;          // [B, Hkv, G, D]
+  int64_t kv_heads, group, dim;
+
+  // sums: fp32 [D] of query hg (= KV head * G + g) over part pi; row_max in natural-log units.
+  void put(int64_t pi, int64_t hg, const float* sums, float row_max, float row_sum) const {
+    const int64_t b = parts.seq[pi];
+    if (parts.begin[b + 1] - parts.begin[b] == 1) {
+      const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
+      T* op = out + (b * kv_heads * group + hg) * dim;
+      for (int64_t d = 0; d < dim; ++d) op[d] = static_cast<T>(sums[d] * inv);
+      return;
+    }
+    float* dst = partial + (pi * kv_heads * group + hg) * (dim + 2);
+    std::copy(sums, sums + dim, dst);
+    dst[dim] = row_max;
+    dst[dim + 1] = row_sum;
+  }
+};
+
 // kDim > 0: the head dimension as a compile-time constant (the common ones), which lets the
 // compiler unroll the per-row loops without remainder code; 0: read from ``head_dim``.
-// Each task, a (part, KV head), leaves its unnormalised sums and softmax statistics in
-// ``partial`` (fp32, [parts, Hkv, G, D + 2]) for merge_parts.
+// Each task is a (part, KV head).
 template <typename T, int64_t kDim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                    const int64_t* lens, const int64_t* visible, const Parts& parts,
-                   float* partial, int64_t kv_heads, int64_t group, int64_t head_dim,
+                   const PartSink<T>& sink, int64_t kv_heads, int64_t group, int64_t head_dim,
                    int64_t width, int64_t block_size, float scale) {
   const int64_t dim = kDim > 0 ? kDim : head_dim;
-  const int64_t num_parts = static_cast<int64_t>(parts.seq.size());
-  at::parallel_for(0, num_parts * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(part_task_work(parts, kv_heads, 1));
+  queue.run([&] {
     std::vector<float> qf(group * dim), acc(group * dim), scores(group * block_size);
     std::vector<float> row_max(group), row_sum(group), kf(dim), vf(dim);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.next(task);) {
       const PartTask pt(parts, task, kv_heads, 1, lens, visible, width, block_size);
       const int64_t b = pt.b, h = pt.h, len = pt.len, from = pt.from;
       const uint64_t bits = pt.bits;
@@ -191,18 +261,15 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* dst = partial + (task * group + g) * (dim + 2);
-        std::copy(acc.begin() + g * dim, acc.begin() + (g + 1) * dim, dst);
-        dst[dim] = row_max[g];
-        dst[dim + 1] = row_sum[g];
+        sink.put(pt.pi, h * group + g, acc.data() + g * dim, row_max[g], row_sum[g]);
       }
     }
   });
 }
 
-// The output [B, Hkv, G, D] from decode_kernel's ``partial``: one softmax over all parts of a
-// sequence, each part's sums rescaled from its own running maximum to the sequence's (a
-// single part's weight is exactly 1: the same bits as normalising it alone).
+// The output [B, Hkv, G, D] of the sequences of several parts from the kernels' ``partial``:
+// one softmax over all parts of a sequence, each part's sums rescaled from its own running
+// maximum to the sequence's.
 template <typename T>
 void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch,
                  int64_t kv_heads, int64_t group, int64_t dim) {
@@ -210,6 +277,7 @@ void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch
     std::vector<float> acc(dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (kv_heads * group), hg = row % (kv_heads * group);
+      if (parts.begin[b + 1] - parts.begin[b] == 1) continue;  // finished by its task
       const auto part = [&](int64_t i) {
         return partial + (i * kv_heads * group + hg) * (dim + 2);
       };
@@ -278,7 +346,7 @@ inline void store_pair(float* out, __m256 a, __m256 b) {
 template <typename T, int kPairs>
 void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
                         const int64_t* lens, const int64_t* visible, const Parts& parts,
-                        float* partial, int64_t kv_heads, int64_t group, int64_t width,
+                        const PartSink<T>& sink, int64_t kv_heads, int64_t group, int64_t width,
                         int64_t block_size, float scale) {
   constexpr int kVecs = 2 * kPairs;
   constexpr int64_t dim = 16 * kPairs;
@@ -292,11 +360,12 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
   // Which heads share a task changes no head's arithmetic (nor the batch invariance).
   const int64_t heads = num_parts >= 2 * at::get_num_threads() ? kv_heads : 1;
   const int64_t queries = heads * group;  // a task's queries, head by head
-  at::parallel_for(0, num_parts * kv_heads / heads, 1, [&](int64_t begin, int64_t end) {
+  TaskQueue queue(part_task_work(parts, kv_heads, heads));
+  queue.run([&] {
     std::vector<__m256> qf(queries * kVecs), acc(queries * kVecs), part(queries * 8);
     std::vector<__m256> vf(8 * heads * kVecs);
     std::vector<float> probs(queries * 8), row_max(queries), row_sum(queries);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task; queue.next(task);) {
       const PartTask pt(parts, task, kv_heads, heads, lens, visible, width, block_size);
       const int64_t b = pt.b, h = pt.h;
       const T* qp = q + (b * kv_heads + h) * group * dim;
@@ -384,12 +453,12 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
         }
       }
       for (int64_t i = 0; i < queries; ++i) {
-        float* dst = partial + ((pt.pi * kv_heads + h) * group + i) * (dim + 2);
+        float sums[dim];
         for (int j = 0; j < kPairs; ++j) {
-          store_pair<T>(dst + 16 * j, acc[i * kVecs + 2 * j], acc[i * kVecs + 2 * j + 1]);
+          store_pair<T>(sums + 16 * j, acc[i * kVecs + 2 * j], acc[i * kVecs + 2 * j + 1]);
         }
-        dst[dim] = row_max[i] * 0.69314718f;  // merge_parts works in natural-log units
-        dst[dim + 1] = row_sum[i];
+        // merge_parts works in natural-log units
+        sink.put(pt.pi, h * group + i, sums, row_max[i] * 0.69314718f, row_sum[i]);
       }
     }
   });
@@ -404,6 +473,8 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
 // calls), the 16 values converted to fp32 once for all G queries, and the next 16 rows
 // prefetched. Measured on a 2-core AVX-512 CPU at batch 64 x 192 tokens: 0.37 ms per call
 // against 0.875 ms for the portable kernel (~45 cycles per token and KV head on one core).
+// In the same parts as the other kernels, and with all KV heads per task where parts alone
+// keep the threads busy (see decode_kernel_avx2).
 
 using heron_simd::exp2_neg;
 using heron_simd::load16;
@@ -434,14 +505,20 @@ inline __m512 sum_lanes16(const __m512* v) {
 // Consecutive rows that attend to one context: a draft tree's rows laid out as decode rows
 // (the same block table and the same `from`, before their lengths). A task takes such a run
 // of rows together, so each key and value is loaded and widened once for all their queries.
-struct RowRun {
-  int64_t first, count;
+// A task is one part of a run (kPartTokens positions; the parts of its longest row), for one
+// KV head or all of them.
+struct RunPart {
+  int64_t first, count, part, tokens;  // tokens: the part's positions in the longest row
 };
 
 constexpr int64_t kMaxRun = 16;  // rows per run: bounds a task's per-query state
 
-std::vector<RowRun> row_runs(const int64_t* tables, const int64_t* lens, const int64_t* visible,
-                             int64_t batch, int64_t width, int64_t kv_heads) {
+std::vector<RunPart> run_parts(const int64_t* tables, const int64_t* lens,
+                               const int64_t* visible, const Parts& parts, int64_t batch,
+                               int64_t width, int64_t kv_heads) {
+  struct RowRun {
+    int64_t first, count;
+  };
   std::vector<RowRun> runs;
   for (int64_t b = 0; b < batch; ++b) {
     const bool tree = visible != nullptr && visible[2 * b] < lens[b];
@@ -456,9 +533,19 @@ std::vector<RowRun> row_runs(const int64_t* tables, const int64_t* lens, const i
     }
     runs.push_back({b, 1});
   }
-  // Keep both cores busy: at batch 1 one tree's run is all the work there is.
+  const auto run_length = [&](const RowRun& run) {
+    int64_t most = 0;
+    for (int64_t b = run.first; b < run.first + run.count; ++b) {
+      most = std::max(most, parts.begin[b + 1] - parts.begin[b]);
+    }
+    return most;
+  };
+  // Keep both cores busy: a short tree's run at batch 1 is all the work there is.
   const int64_t wanted = 2 * at::get_num_threads();
-  while (static_cast<int64_t>(runs.size()) * kv_heads < wanted) {
+  for (;;) {
+    int64_t tasks = 0;
+    for (const RowRun& run : runs) tasks += run_length(run) * kv_heads;
+    if (tasks >= wanted) break;
     auto largest = std::max_element(runs.begin(), runs.end(), [](const RowRun& x, const RowRun& y) {
       return x.count < y.count;
     });
@@ -467,72 +554,96 @@ std::vector<RowRun> row_runs(const int64_t* tables, const int64_t* lens, const i
     largest->count /= 2;
     runs.insert(largest + 1, second);
   }
-  return runs;
+  std::vector<RunPart> out;
+  for (const RowRun& run : runs) {
+    for (int64_t p = 0; p < run_length(run); ++p) {
+      int64_t tokens = 0;
+      for (int64_t b = run.first; b < run.first + run.count; ++b) {
+        if (p < parts.begin[b + 1] - parts.begin[b]) {
+          tokens = std::max(tokens, parts.tokens[parts.begin[b] + p]);
+        }
+      }
+      out.push_back({run.first, run.count, p, tokens});
+    }
+  }
+  return out;
 }
 
 template <typename T, int kChunks>
 void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const int64_t* tables,
-                          const int64_t* lens, const int64_t* visible, T* out, int64_t batch,
-                          int64_t kv_heads, int64_t group, int64_t width, int64_t block_size,
-                          float scale) {
+                          const int64_t* lens, const int64_t* visible, const Parts& parts,
+                          const PartSink<T>& sink, int64_t batch, int64_t kv_heads, int64_t group,
+                          int64_t width, int64_t block_size, float scale) {
   constexpr int64_t dim = 16 * kChunks;
+  // Independent partial sums per dot product (see decode_kernel_avx2).
+  constexpr int kSums = kChunks >= 8 ? 2 : 1;
   const float sc2 = scale * 1.44269504f;  // scores in log2 units
-  const std::vector<RowRun> runs = row_runs(tables, lens, visible, batch, width, kv_heads);
+  const std::vector<RunPart> tasks =
+      run_parts(tables, lens, visible, parts, batch, width, kv_heads);
+  const int64_t part_tokens = parts.blocks_per_part * block_size;
+  // Which heads share a task changes no head's arithmetic (nor the batch invariance).
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  const int64_t heads = num_tasks >= 2 * at::get_num_threads() ? kv_heads : 1;
   int64_t most = 1;
-  for (const RowRun& run : runs) most = std::max(most, run.count);
-  const int64_t max_queries = most * group;
-  at::parallel_for(0, static_cast<int64_t>(runs.size()) * kv_heads, 1, [&](int64_t begin,
-                                                                           int64_t end) {
+  for (const RunPart& rp : tasks) most = std::max(most, rp.count);
+  const int64_t max_queries = most * heads * group;
+  std::vector<int64_t> work;
+  for (const RunPart& rp : tasks) work.insert(work.end(), kv_heads / heads, rp.tokens * rp.count);
+  TaskQueue queue(work);
+  queue.run([&] {
     std::vector<__m512> qf(max_queries * kChunks), acc(max_queries * kChunks);
-    std::vector<__m512> part(max_queries * 16), vf(16 * kChunks);
+    std::vector<__m512> part(max_queries * 16), vf(16 * heads * kChunks);
     std::vector<float> probs(max_queries * 16), row_max(max_queries), row_sum(max_queries);
     std::vector<int64_t> row_len(most);
     std::vector<uint64_t> row_bits(most);
     std::vector<__mmask16> live(most);
-    for (int64_t task = begin; task < end; ++task) {
-      const RowRun run = runs[task / kv_heads];
-      const int64_t h = task % kv_heads, b0 = run.first, queries = run.count * group;
+    for (int64_t task; queue.next(task);) {
+      const RunPart rp = tasks[task / (kv_heads / heads)];
+      const int64_t h = task % (kv_heads / heads) * heads, b0 = rp.first;
+      // A task's queries: row by row, head by head, then the head's group.
+      const int64_t per_row = heads * group, queries = rp.count * per_row;
       // The rows' visibility (``seen``); the run reads the keys up to its longest row.
       const int64_t from = visible != nullptr ? visible[2 * b0] : lens[b0];
       int64_t len = 0;
-      for (int64_t r = 0; r < run.count; ++r) {
+      for (int64_t r = 0; r < rp.count; ++r) {
         row_len[r] = std::min(lens[b0 + r], width * block_size);
         row_bits[r] = visible != nullptr ? static_cast<uint64_t>(visible[2 * (b0 + r) + 1]) : 0;
         len = std::max(len, row_len[r]);
       }
-      for (int64_t r = 0; r < run.count; ++r) {
+      const int64_t start = rp.part * part_tokens, stop = std::min(len, start + part_tokens);
+      for (int64_t r = 0; r < rp.count; ++r) {
         const T* qp = q + ((b0 + r) * kv_heads + h) * group * dim;
-        for (int64_t i = 0; i < group * kChunks; ++i) {
-          qf[r * group * kChunks + i] = _mm512_mul_ps(load16(qp + i * 16), _mm512_set1_ps(sc2));
+        for (int64_t i = 0; i < per_row * kChunks; ++i) {
+          qf[r * per_row * kChunks + i] = _mm512_mul_ps(load16(qp + i * 16), _mm512_set1_ps(sc2));
         }
       }
       std::fill(acc.begin(), acc.begin() + queries * kChunks, _mm512_setzero_ps());
       std::fill(row_max.begin(), row_max.begin() + queries, kNoScore);
       std::fill(row_sum.begin(), row_sum.begin() + queries, 0.f);
-      // Up to 16 positions at a time, within one cache block: n from p0 on, at cache row
-      // row0 (row of head h), whose keys and values ask for the next run's while computing.
+      // Up to 16 positions at a time, within one cache block: n from p on, at cache row
+      // (row of head h); the keys and values of the next ones are asked for meanwhile.
       auto run_at = [&](int64_t p, int64_t& n) {
         const int64_t off = p % block_size;
-        n = std::min<int64_t>({16, len - p, block_size - off});
+        n = std::min<int64_t>({16, stop - p, block_size - off});
         return (tables[b0 * width + p / block_size] * block_size + off) * kv_heads + h;
       };
       int64_t n = 0;
-      for (int64_t p0 = 0; p0 < len; p0 += n) {
+      for (int64_t p0 = start; p0 < stop; p0 += n) {
         const int64_t row0 = run_at(p0, n);
-        if (p0 + n < len) {
+        if (p0 + n < stop) {
           int64_t n1 = 0;
           const int64_t row1 = run_at(p0 + n, n1);
           for (int64_t t = 0; t < n1; ++t) {
             const T* kp = k_cache + (row1 + t * kv_heads) * dim;
             const T* vp = v_cache + (row1 + t * kv_heads) * dim;
-            for (int64_t d = 0; d < dim; d += 64 / static_cast<int64_t>(sizeof(T))) {
+            for (int64_t d = 0; d < heads * dim; d += 64 / static_cast<int64_t>(sizeof(T))) {
               _mm_prefetch(reinterpret_cast<const char*>(kp + d), _MM_HINT_T0);
               _mm_prefetch(reinterpret_cast<const char*>(vp + d), _MM_HINT_T0);
             }
           }
         }
-        // Each row's keys in this run: below its length, and seen.
-        for (int64_t r = 0; r < run.count; ++r) {
+        // Each row's keys here: below its length, and seen.
+        for (int64_t r = 0; r < rp.count; ++r) {
           const int64_t own = std::clamp<int64_t>(row_len[r] - p0, 0, n);
           __mmask16 mask = static_cast<__mmask16>((1u << own) - 1);
           for (int64_t t = std::max<int64_t>(0, from - p0); t < own; ++t) {
@@ -540,66 +651,77 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
           }
           live[r] = mask;
         }
-        // Scores: each key's dot products with every query, as 16-lane partial sums.
+        // Scores: each key's dot products with its head's queries, as 16-lane partial sums.
         for (int64_t t = 0; t < 16; ++t) {
           if (t >= n) {
-            for (int64_t g = 0; g < queries; ++g) part[g * 16 + t] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < queries; ++i) part[i * 16 + t] = _mm512_setzero_ps();
             continue;
           }
-          const T* kp = k_cache + (row0 + t * kv_heads) * dim;
-          __m512 kv[kChunks];
-          for (int c = 0; c < kChunks; ++c) kv[c] = load16(kp + c * 16);
-          for (int64_t g = 0; g < queries; ++g) {
-            __m512 s = _mm512_mul_ps(qf[g * kChunks], kv[0]);
-            for (int c = 1; c < kChunks; ++c) {
-              s = _mm512_fmadd_ps(qf[g * kChunks + c], kv[c], s);
+          for (int64_t hh = 0; hh < heads; ++hh) {
+            const int64_t row = (row0 + t * kv_heads + hh) * dim;
+            __m512 kv[kChunks];
+            for (int c = 0; c < kChunks; ++c) kv[c] = load16(k_cache + row + c * 16);
+            for (int64_t r = 0; r < rp.count; ++r) {
+              for (int64_t i = r * per_row + hh * group; i < r * per_row + (hh + 1) * group; ++i) {
+                const __m512* qi = &qf[i * kChunks];
+                __m512 sums[kSums];
+                for (int c = 0; c < kSums; ++c) sums[c] = _mm512_mul_ps(qi[c], kv[c]);
+                for (int c = kSums; c < kChunks; c += kSums) {
+                  for (int j = 0; j < kSums; ++j) {
+                    sums[j] = _mm512_fmadd_ps(qi[c + j], kv[c + j], sums[j]);
+                  }
+                }
+                if constexpr (kSums == 2) sums[0] = _mm512_add_ps(sums[0], sums[1]);
+                part[i * 16 + t] = sums[0];
+              }
             }
-            part[g * 16 + t] = s;
+            __m512* vt = &vf[(t * heads + hh) * kChunks];
+            for (int c = 0; c < kChunks; ++c) vt[c] = load16(v_cache + row + c * 16);
           }
-          const T* vp = v_cache + (row0 + t * kv_heads) * dim;
-          for (int c = 0; c < kChunks; ++c) vf[t * kChunks + c] = load16(vp + c * 16);
         }
         // Online softmax over the 16 scores of each query. A row's keys past its own length
         // are masked out: zero weight, so its sums are those of a run of its own.
-        for (int64_t g = 0; g < queries; ++g) {
-          const __mmask16 seen_here = live[g / group];
-          const __m512 s = sum_lanes16(&part[g * 16]);
-          const float m = std::max(row_max[g], _mm512_mask_reduce_max_ps(seen_here, s));
-          const float alpha = exp2f(row_max[g] - m);
+        for (int64_t i = 0; i < queries; ++i) {
+          const __mmask16 seen_here = live[i / per_row];
+          const __m512 s = sum_lanes16(&part[i * 16]);
+          const float m = std::max(row_max[i], _mm512_mask_reduce_max_ps(seen_here, s));
+          const float alpha = exp2f(row_max[i] - m);
           const __m512 e =
               _mm512_maskz_mov_ps(seen_here, exp2_neg(_mm512_sub_ps(s, _mm512_set1_ps(m))));
-          row_sum[g] = row_sum[g] * alpha + _mm512_reduce_add_ps(e);
-          row_max[g] = m;
-          _mm512_storeu_ps(&probs[g * 16], e);
+          row_sum[i] = row_sum[i] * alpha + _mm512_reduce_add_ps(e);
+          row_max[i] = m;
+          _mm512_storeu_ps(&probs[i * 16], e);
           const __m512 va = _mm512_set1_ps(alpha);
           for (int c = 0; c < kChunks; ++c) {
-            acc[g * kChunks + c] = _mm512_mul_ps(acc[g * kChunks + c], va);
+            acc[i * kChunks + c] = _mm512_mul_ps(acc[i * kChunks + c], va);
           }
         }
         // The weighted values.
-        for (int64_t g = 0; g < queries; ++g) {
-          const int64_t own = std::clamp<int64_t>(row_len[g / group] - p0, 0, n);
+        for (int64_t i = 0; i < queries; ++i) {
+          const int64_t own = std::clamp<int64_t>(row_len[i / per_row] - p0, 0, n);
+          const int64_t hh = i % per_row / group;
           __m512 a[kChunks];
-          for (int c = 0; c < kChunks; ++c) a[c] = acc[g * kChunks + c];
+          for (int c = 0; c < kChunks; ++c) a[c] = acc[i * kChunks + c];
           for (int64_t t = 0; t < own; ++t) {
-            const __m512 pt = _mm512_set1_ps(probs[g * 16 + t]);
-            for (int c = 0; c < kChunks; ++c) {
-              a[c] = _mm512_fmadd_ps(pt, vf[t * kChunks + c], a[c]);
-            }
+            const __m512 pt = _mm512_set1_ps(probs[i * 16 + t]);
+            const __m512* vt = &vf[(t * heads + hh) * kChunks];
+            for (int c = 0; c < kChunks; ++c) a[c] = _mm512_fmadd_ps(pt, vt[c], a[c]);
           }
-          for (int c = 0; c < kChunks; ++c) acc[g * kChunks + c] = a[c];
+          for (int c = 0; c < kChunks; ++c) acc[i * kChunks + c] = a[c];
         }
       }
-      for (int64_t g = 0; g < queries; ++g) {
-        const int64_t r = g / group;
-        T* op = out + ((b0 + r) * kv_heads + h) * group * dim + (g % group) * dim;
-        const float inv = row_sum[g] > 0.f ? 1.f / row_sum[g] : 0.f;
-        alignas(64) float row[dim];
-        for (int c = 0; c < kChunks; ++c) {
-          const __m512 scaled = _mm512_mul_ps(acc[g * kChunks + c], _mm512_set1_ps(inv));
-          _mm512_store_ps(row + c * 16, scaled);
+      // Each row's sums of this part, where the row has it (a shorter row may not).
+      for (int64_t r = 0; r < rp.count; ++r) {
+        const int64_t b = b0 + r;
+        if (rp.part >= parts.begin[b + 1] - parts.begin[b]) continue;
+        const int64_t pi = parts.begin[b] + rp.part;
+        for (int64_t j = 0; j < per_row; ++j) {
+          const int64_t i = r * per_row + j;
+          float sums[dim];
+          for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(sums + 16 * c, acc[i * kChunks + c]);
+          // merge_parts works in natural-log units
+          sink.put(pi, h * group + j, sums, row_max[i] * 0.69314718f, row_sum[i]);
         }
-        for (int64_t d = 0; d < dim; ++d) op[d] = static_cast<T>(row[d]);
       }
     }
   });
@@ -642,24 +764,24 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     auto run = [&](auto head_dim) {
       constexpr int64_t kDim = decltype(head_dim)::value;
-#if defined(__AVX512F__)
-      if constexpr (kDim > 0 && !std::is_same_v<scalar_t, double>) {
-        decode_kernel_avx512<scalar_t, kDim / 16>(
-            q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-            tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), vis, out.data_ptr<scalar_t>(),
-            batch, kv_heads, group, tables.size(1), block_size, static_cast<float>(scale));
-        return;
-      }
-#endif
       const Parts parts = decode_parts(lens.data_ptr<int64_t>(), batch, tables.size(1),
                                        block_size);
-      std::vector<float> partial(parts.seq.size() * kv_heads * group * (dim + 2));
+      const int64_t num_parts = static_cast<int64_t>(parts.seq.size());
+      std::vector<float> partial(num_parts > batch ? num_parts * kv_heads * group * (dim + 2) : 0);
+      const PartSink<scalar_t> sink{parts, partial.data(), out.data_ptr<scalar_t>(), kv_heads,
+                                    group, dim};
       const auto* qp = q.data_ptr<scalar_t>();
       const auto* kp = k_cache.data_ptr<scalar_t>();
       const auto* vp = v_cache.data_ptr<scalar_t>();
       const int64_t* tp = tables.data_ptr<int64_t>();
       const int64_t* lp = lens.data_ptr<int64_t>();
-#if HERON_DECODE_AVX2
+#if defined(__AVX512F__)
+      if constexpr (kDim > 0 && !std::is_same_v<scalar_t, double>) {
+        decode_kernel_avx512<scalar_t, kDim / 16>(qp, kp, vp, tp, lp, vis, parts, sink,
+                                                  batch, kv_heads, group, tables.size(1),
+                                                  block_size, static_cast<float>(scale));
+      } else
+#elif HERON_DECODE_AVX2
       constexpr bool kAvx2Type = std::is_same_v<scalar_t, float> ||
                                  std::is_same_v<scalar_t, c10::BFloat16>
 #if defined(__F16C__)
@@ -667,17 +789,19 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 #endif
           ;
       if constexpr (kDim > 0 && kAvx2Type) {
-        decode_kernel_avx2<scalar_t, kDim / 16>(qp, kp, vp, tp, lp, vis, parts, partial.data(),
+        decode_kernel_avx2<scalar_t, kDim / 16>(qp, kp, vp, tp, lp, vis, parts, sink,
                                                 kv_heads, group, tables.size(1), block_size,
                                                 static_cast<float>(scale));
       } else
 #endif
       {
-        decode_kernel<scalar_t, kDim>(qp, kp, vp, tp, lp, vis, parts, partial.data(), kv_heads,
+        decode_kernel<scalar_t, kDim>(qp, kp, vp, tp, lp, vis, parts, sink, kv_heads,
                                       group, dim, tables.size(1), block_size,
                                       static_cast<float>(scale));
       }
-      merge_parts(partial.data(), parts, out.data_ptr<scalar_t>(), batch, kv_heads, group, dim);
+      if (num_parts > batch) {
+        merge_parts(partial.data(), parts, out.data_ptr<scalar_t>(), batch, kv_heads, group, dim);
+      }
     };
     switch (dim) {
       case 64: run(std::integral_constant<int64_t, 64>{}); break;
