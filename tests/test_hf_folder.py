@@ -138,8 +138,8 @@ def test_random_model_matches_transformers(random_model, device):
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_random_model_decode_loop_equals_its_layers(random_model, quantization):
     """The C++ decode loop on each family: Qwen2's Q/K/V biases (added by the op, or after the
-    int4 kernel); Gemma3's q/k norms, sandwich norms, GeGLU and local rotary (its steps with
-    keys beyond the 8-token window run in Python)."""
+    int4 kernel); Gemma3's q/k norms, sandwich norms, GeGLU, local rotary and the 8-token
+    window of its local layers (which hides keys from the second prompt's fourth step)."""
     llm = LLM(str(random_model), quantization=quantization, dtype="float32", kv_cache_memory=2**24)
     assert_decode_loop_matches_the_layers(llm, [[5, 9, 22], [7, 8]])
 

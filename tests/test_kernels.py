@@ -107,6 +107,38 @@ def test_paged_decode_other_head_shapes(hkv, group, d, dtype, tol):
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("hkv, group, d", [(3, 3, 64), (1, 4, 256), (2, 3, 80)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [1, 37, 300])
+def test_paged_decode_sliding_window(hkv, group, d, dtype, tol, window):
+    """``window``: a row of length n sees only slots n - window .. n - 1 (Gemma 3's local
+    layers), its first visible slot anywhere in a block or a part; a row's output is the same
+    alone as beside others, and differs from the unwindowed one where the window hides keys."""
+    g = torch.Generator().manual_seed(11)
+    lens = torch.tensor([1, 30, 300, 530, 700])
+    width = 700 // BS + 1
+    blocks = 5 * width + 3
+    k_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    tables = torch.randperm(blocks, generator=g)[: 5 * width].view(5, width)
+    q = torch.randn(5, hkv, group, d, generator=g).to(dtype)
+    out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, d**-0.5, None, window)
+    pos = torch.arange(width * BS)[None, :]
+    valid = (pos < lens[:, None]) & (pos >= lens[:, None] - window)
+    want = _reference(q, k_cache, v_cache, tables, lens, d**-0.5, valid)
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+    for i in range(5):
+        one = slice(i, i + 1)
+        alone = kernels.paged_decode(
+            q[one], k_cache, v_cache, tables[one], lens[one], BS, d**-0.5, None, window
+        )
+        assert torch.equal(out[one], alone), i
+    plain = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, d**-0.5)
+    hides = lens > window
+    assert not torch.allclose(out[hides].float(), plain[hides].float(), atol=1e-2)
+    assert torch.equal(out[~hides], plain[~hides])
+
+
 def test_paged_decode_sees_only_the_visible_slots():
     """A draft-tree row laid out as a decode row: from slot ``start`` on, it sees only the
     slots whose bit is set (its ancestors and itself)."""
@@ -159,6 +191,36 @@ def test_a_draft_trees_rows_attend_as_each_would_alone(dtype, context):
     j = (pos - visible[:, :1]).clamp(0, 62)
     seen = (pos < visible[:, :1]) | ((visible[:, 1:] >> j) & 1).bool()
     want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5, seen & (pos < lens[:, None]))
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(together.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_draft_chain_under_a_sliding_window(dtype):
+    """A draft chain's rows laid out as decode rows of a sliding-window layer: each row's window
+    ends at its own slot, so the rows' first visible slots differ (here across a part boundary
+    at 256); each row still gets exactly what it gets alone, and attention over its window."""
+    g = torch.Generator().manual_seed(4)
+    context, drafts, window = 530, 10, 280
+    k_cache = torch.randn(60 * BS, HKV, D, generator=g).to(dtype)
+    v_cache = torch.randn(60 * BS, HKV, D, generator=g).to(dtype)
+    table = torch.randperm(60, generator=g)[: (context + drafts) // BS + 1]
+    rows = drafts + 1  # the last real token and its drafts, each seeing all before it
+    bits = [(1 << (i + 1)) - 1 for i in range(rows)]
+    q = torch.randn(rows, HKV, GROUP, D, generator=g).to(dtype)
+    tables = table[None].repeat(rows, 1)
+    lens = torch.tensor([context + i + 1 for i in range(rows)])
+    visible = torch.tensor([[context, b] for b in bits])
+    together = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5, visible, window)
+    for i in range(rows):
+        one = slice(i, i + 1)
+        alone = kernels.paged_decode(
+            q[one], k_cache, v_cache, tables[one], lens[one], BS, D**-0.5, visible[one], window
+        )
+        assert torch.equal(together[one], alone), i
+    pos = torch.arange(tables.shape[1] * BS)[None, :]
+    valid = (pos < lens[:, None]) & (pos >= lens[:, None] - window)
+    want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5, valid)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(together.float(), want, atol=tol, rtol=tol)
 

@@ -402,6 +402,7 @@ class ModelRunner:
         meta.decode_window_mask = None if window_mask is None else window_mask[:, None].to(dev)
         if m == 1 and self.decode_kernel:
             meta.decode_lens = torch.tensor(lens, dtype=torch.long)
+            meta.sliding_window = window or 0
             if tree_rows:  # other rows: (their length, no bits), every slot seen
                 rows = [(n, 0) if v is None else v for v, n in zip(visible, lens, strict=True)]
                 meta.decode_visible = torch.tensor(rows, dtype=torch.long)

@@ -160,13 +160,17 @@ def paged_decode(
     block_size: int,
     scale: float,
     visible: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Decode attention read in place from the paged cache: ``q`` [B, Hkv, G, D] (the G query
     heads of each KV head), caches [slots, Hkv, D], ``tables`` [B, W] int64 block ids,
     ``lens`` [B] int64 (slots ``< len`` are attended); ``visible`` [B, 2] int64 (from, bits):
     slot ``from + j`` is attended only where bit j is set (a draft tree's row sees its
-    ancestors). Returns [B, Hkv, G, D]. Call only where :func:`available` is true."""
-    return _module().paged_decode(q, k_cache, v_cache, tables, lens, visible, block_size, scale)
+    ancestors); ``window`` > 0: only slots ``>= len - window`` are attended (a sliding-window
+    layer). Returns [B, Hkv, G, D]. Call only where :func:`available` is true."""
+    return _module().paged_decode(
+        q, k_cache, v_cache, tables, lens, visible, block_size, scale, window
+    )
 
 
 def write_rows_(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -362,8 +366,9 @@ def decode_options(
 def decode_layers(layers: list[object], options: object) -> object:
     """A decoder as one C++ loop for decode steps (``heron.models.decode_loop``). Its
     ``forward(x, rotary, k_caches, v_caches, slot_mapping, tables, lens, visible, block_size,
-    layer_indices)`` computes what the layers' forward computes layer after layer, op for op
-    (so bit for bit), for ``x`` [B, hidden], B decode rows of one query each attending through
-    :func:`paged_decode`; ``rotary``: [cos, sin] or [cos, sin, local cos, local sin]. Call only
-    where :func:`available` is true."""
+    window, layer_indices)`` computes what the layers' forward computes layer after layer, op
+    for op (so bit for bit), for ``x`` [B, hidden], B decode rows of one query each attending
+    through :func:`paged_decode`; ``rotary``: [cos, sin] or [cos, sin, local cos, local sin];
+    ``window``: the local layers' sliding window (0: none). Call only where :func:`available`
+    is true."""
     return _module().DecodeLayers(layers, options)

@@ -6,8 +6,8 @@
 // heron.models.gemma3) for a step of plain decode rows (one query each, attending through
 // paged_decode to a plain cache) with the same ops in the same order, so its output equals
 // the Python path's bit for bit: the Python modules stay the reference and serve every other
-// step (prefill chunks, quantized KV caches, KV policies, sliding windows that hide keys,
-// quantized weights beyond their few-row kernels' rows). heron.models.decode_loop decides and
+// step (prefill chunks, quantized KV caches, KV policies, quantized weights beyond their
+// few-row kernels' rows). heron.models.decode_loop decides and
 // builds.
 #include "heron_kernels.h"
 
@@ -111,14 +111,16 @@ torch::Tensor DecodeLayers::mlp(const DecodeLayer& layer, const torch::Tensor& x
   return layer.down(at::gelu(halves[0], "tanh") * halves[1]);
 }
 
-// ``rotary``: the global layers' cos and sin, then the local layers' (Gemma3).
+// ``rotary``: the global layers' cos and sin, then the local layers' (Gemma3); ``window``: the
+// local layers' sliding window (0: none).
 torch::Tensor DecodeLayers::forward(torch::Tensor x, const std::vector<torch::Tensor>& rotary,
                                     const std::vector<torch::Tensor>& k_caches,
                                     const std::vector<torch::Tensor>& v_caches,
                                     const torch::Tensor& slots, const torch::Tensor& tables,
                                     const torch::Tensor& lens,
                                     const std::optional<torch::Tensor>& visible,
-                                    int64_t block_size, const std::vector<int64_t>& which) const {
+                                    int64_t block_size, int64_t window,
+                                    const std::vector<int64_t>& which) const {
   const int64_t t = x.size(0), heads = options_.num_heads, kv_heads = options_.num_kv_heads;
   const int64_t dim = options_.head_dim;
   TORCH_CHECK(x.dim() == 2 && tables.size(0) == t && lens.size(0) == t,
@@ -144,7 +146,7 @@ torch::Tensor DecodeLayers::forward(torch::Tensor x, const std::vector<torch::Te
     write_rows_(v_caches[i], slots, qkv.narrow(1, heads + kv_heads, kv_heads));
     const torch::Tensor q = qk.narrow(1, 0, heads).view({t, kv_heads, heads / kv_heads, dim});
     const torch::Tensor o = paged_decode(q, k_caches[i], v_caches[i], tables, lens, visible,
-                                         block_size, options_.scale);
+                                         block_size, options_.scale, layer.local ? window : 0);
     const torch::Tensor h = layer.o(o.view({t, heads * dim}));
     if (layer.pre_ff_norm) {  // Gemma3DecoderLayer.forward
       x = x + norm(h, layer.post_norm);

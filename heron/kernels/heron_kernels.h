@@ -11,7 +11,7 @@
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor lens,
                            std::optional<torch::Tensor> visible, int64_t block_size,
-                           double scale);
+                           double scale, int64_t window);
 void write_rows_(torch::Tensor cache, torch::Tensor slots, torch::Tensor x);
 
 // layer_ops.cpp
@@ -105,7 +105,7 @@ class DecodeLayers {
                         const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slots,
                         const torch::Tensor& tables, const torch::Tensor& lens,
                         const std::optional<torch::Tensor>& visible, int64_t block_size,
-                        const std::vector<int64_t>& which) const;
+                        int64_t window, const std::vector<int64_t>& which) const;
 
  private:
   torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight) const;

@@ -63,24 +63,41 @@ inline bool seen(int64_t pos, int64_t from, uint64_t bits) {
 // the sequence's length, so its output does not depend on what else is in the batch.
 constexpr int64_t kPartTokens = 256;
 
-// The (sequence, first block, tokens) of every part, in sequence order.
+// The (sequence, first block to read, tokens) of every part, in sequence order. Parts lie on a
+// grid of part_tokens() positions from slot 0; under a sliding window a sequence's parts
+// begin with the one holding its first visible slot (lo).
 struct Parts {
   std::vector<int64_t> seq, first, tokens, begin;  // begin[b]: sequence b's first part
-  int64_t blocks_per_part;
+  std::vector<int64_t> lo, grid0;  // per sequence: first visible slot, grid index of its first part
+  int64_t blocks_per_part, block_size;
+
+  int64_t part_tokens() const { return blocks_per_part * block_size; }
+  int64_t count(int64_t b) const { return begin[b + 1] - begin[b]; }
 };
 
-Parts decode_parts(const int64_t* lens, int64_t batch, int64_t width, int64_t block_size) {
+// window > 0: a row of length len sees only slots len - window .. len - 1 (the query at slot
+// len - 1 and the window - 1 before it: Gemma 3's local layers).
+Parts decode_parts(const int64_t* lens, int64_t batch, int64_t width, int64_t block_size,
+                   int64_t window) {
   Parts parts;
   parts.blocks_per_part = std::max<int64_t>(1, kPartTokens / block_size);
-  const int64_t part_tokens = parts.blocks_per_part * block_size;
-  for (auto* v : {&parts.seq, &parts.first, &parts.tokens, &parts.begin}) v->reserve(batch + 1);
+  parts.block_size = block_size;
+  const int64_t part_tokens = parts.part_tokens();
+  for (auto* v : {&parts.seq, &parts.first, &parts.tokens, &parts.begin, &parts.lo, &parts.grid0}) {
+    v->reserve(batch + 1);
+  }
   for (int64_t b = 0; b < batch; ++b) {
     parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
     const int64_t len = std::min(lens[b], width * block_size);
-    for (int64_t start = 0; start == 0 || start < len; start += part_tokens) {
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    parts.lo.push_back(lo);
+    parts.grid0.push_back(lo / part_tokens);
+    const int64_t start0 = lo / part_tokens * part_tokens;
+    for (int64_t start = start0; start == start0 || start < len; start += part_tokens) {
+      const int64_t from = std::max(start, lo);
       parts.seq.push_back(b);
-      parts.first.push_back(start / block_size);
-      parts.tokens.push_back(std::clamp<int64_t>(len - start, 0, part_tokens));
+      parts.first.push_back(from / block_size);
+      parts.tokens.push_back(std::clamp<int64_t>(len - from, 0, part_tokens));
     }
   }
   parts.begin.push_back(static_cast<int64_t>(parts.seq.size()));
@@ -127,9 +144,9 @@ std::vector<int64_t> part_task_work(const Parts& parts, int64_t kv_heads, int64_
 }
 
 // One task of a decode kernel: KV heads [h, h + heads) of part ``pi``, i.e. sequence b's
-// blocks [first, end), and the row's visibility (``seen``).
+// blocks [first, end), and the row's visibility: slots from lo on, and ``seen``.
 struct PartTask {
-  int64_t pi, b, h, len, first, end, from;
+  int64_t pi, b, h, len, first, end, lo, from;
   uint64_t bits;
 
   PartTask(const Parts& parts, int64_t task, int64_t kv_heads, int64_t heads,
@@ -139,7 +156,9 @@ struct PartTask {
     h = task % (kv_heads / heads) * heads;
     len = lens[b];
     first = parts.first[pi];
-    end = std::min({width, (len + block_size - 1) / block_size, first + parts.blocks_per_part});
+    const int64_t bpp = parts.blocks_per_part;
+    end = std::min({width, (len + block_size - 1) / block_size, (first / bpp + 1) * bpp});
+    lo = parts.lo[b];
     from = visible != nullptr ? visible[2 * b] : len;
     bits = visible != nullptr ? static_cast<uint64_t>(visible[2 * b + 1]) : 0;
   }
@@ -173,7 +192,7 @@ struct PartSink {
   // sums: fp32 [D] of query hg (= KV head * G + g) over part pi; row_max in natural-log units.
   void put(int64_t pi, int64_t hg, const float* sums, float row_max, float row_sum) const {
     const int64_t b = parts.seq[pi];
-    if (parts.begin[b + 1] - parts.begin[b] == 1) {
+    if (parts.count(b) == 1) {
       const float inv = row_sum > 0.f ? 1.f / row_sum : 0.f;
       T* op = out + (b * kv_heads * group + hg) * dim;
       for (int64_t d = 0; d < dim; ++d) op[d] = static_cast<T>(sums[d] * inv);
@@ -212,11 +231,12 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
       for (int64_t blk = pt.first; blk < pt.end; ++blk) {
         const int64_t base = tables[b * width + blk] * block_size;
         const int64_t n = std::min(block_size, len - blk * block_size);
+        const int64_t t0 = std::max<int64_t>(0, pt.lo - blk * block_size);  // below: unseen
         if (blk + 1 < pt.end) {
           prefetch_block(k_cache, v_cache, tables[b * width + blk + 1] * block_size, block_size,
                          kv_heads, h, 1, dim);
         }
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const T* kp = k_cache + ((base + t) * kv_heads + h) * dim;
           load_row(kp, kf.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -227,14 +247,14 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
             scores[g * block_size + t] = s;
           }
         }
-        for (int64_t t = std::max<int64_t>(0, from - blk * block_size); t < n; ++t) {
+        for (int64_t t = std::max(t0, from - blk * block_size); t < n; ++t) {
           if (seen(blk * block_size + t, from, bits)) continue;
           for (int64_t g = 0; g < group; ++g) scores[g * block_size + t] = kNoScore;
         }
         for (int64_t g = 0; g < group; ++g) {
           float* sg = scores.data() + g * block_size;
           float m = row_max[g];
-          for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
+          for (int64_t t = t0; t < n; ++t) m = std::max(m, sg[t]);
           const float correction = std::exp(row_max[g] - m);
           row_max[g] = m;
           row_sum[g] *= correction;
@@ -243,13 +263,13 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int64_t
           for (int64_t d = 0; d < dim; ++d) ag[d] *= correction;
           float total = 0.f;
 #pragma omp simd reduction(+ : total)
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             sg[t] = std::exp(sg[t] - m);
             total += sg[t];
           }
           row_sum[g] += total;
         }
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = t0; t < n; ++t) {
           const T* vp = v_cache + ((base + t) * kv_heads + h) * dim;
           load_row(vp, vf.data(), dim);
           for (int64_t g = 0; g < group; ++g) {
@@ -277,7 +297,7 @@ void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch
     std::vector<float> acc(dim);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (kv_heads * group), hg = row % (kv_heads * group);
-      if (parts.begin[b + 1] - parts.begin[b] == 1) continue;  // finished by its task
+      if (parts.count(b) == 1) continue;  // finished by its task
       const auto part = [&](int64_t i) {
         return partial + (i * kv_heads * group + hg) * (dim + 2);
       };
@@ -384,9 +404,12 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
           prefetch_block(k_cache, v_cache, tables[b * width + blk + 1] * block_size, block_size,
                          kv_heads, h, heads, dim);
         }
-        for (int64_t t0 = 0; t0 < n; t0 += 8) {
+        // From the 8 keys holding slot lo on (those below it unseen).
+        const int64_t first_key = std::max<int64_t>(0, pt.lo - blk * block_size) / 8 * 8;
+        for (int64_t t0 = first_key; t0 < n; t0 += 8) {
           const int64_t count = std::min<int64_t>(8, n - t0), p0 = blk * block_size + t0;
-          unsigned live = (1u << count) - 1;
+          const int64_t before = std::clamp<int64_t>(pt.lo - p0, 0, 8);
+          unsigned live = ((1u << count) - 1) & ~((1u << before) - 1);
           for (int64_t t = std::max<int64_t>(0, pt.from - p0); t < count; ++t) {
             if (!seen(p0 + t, pt.from, pt.bits)) live &= ~(1u << t);
           }
@@ -434,7 +457,9 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
             row_max[i] = m;
             _mm256_storeu_ps(&probs[i * 8], e);
             const __m256 va = _mm256_set1_ps(alpha);
-            for (int c = 0; c < kVecs; ++c) acc[i * kVecs + c] = _mm256_mul_ps(acc[i * kVecs + c], va);
+            for (int c = 0; c < kVecs; ++c) {
+              acc[i * kVecs + c] = _mm256_mul_ps(acc[i * kVecs + c], va);
+            }
           }
           // The weighted values.
           for (int64_t i = 0; i < queries; ++i) {
@@ -505,10 +530,10 @@ inline __m512 sum_lanes16(const __m512* v) {
 // Consecutive rows that attend to one context: a draft tree's rows laid out as decode rows
 // (the same block table and the same `from`, before their lengths). A task takes such a run
 // of rows together, so each key and value is loaded and widened once for all their queries.
-// A task is one part of a run (kPartTokens positions; the parts of its longest row), for one
+// A task is one part of a run (part: its index on the grid; the parts of all its rows), for one
 // KV head or all of them.
 struct RunPart {
-  int64_t first, count, part, tokens;  // tokens: the part's positions in the longest row
+  int64_t first, count, part, tokens;  // tokens: the most positions any of its rows sees in it
 };
 
 constexpr int64_t kMaxRun = 16;  // rows per run: bounds a task's per-query state
@@ -533,18 +558,23 @@ std::vector<RunPart> run_parts(const int64_t* tables, const int64_t* lens,
     }
     runs.push_back({b, 1});
   }
-  const auto run_length = [&](const RowRun& run) {
-    int64_t most = 0;
+  // A run's parts: grid indices from its rows' first part to their last.
+  const auto grid_range = [&](const RowRun& run) {
+    int64_t lo = parts.grid0[run.first], hi = 0;
     for (int64_t b = run.first; b < run.first + run.count; ++b) {
-      most = std::max(most, parts.begin[b + 1] - parts.begin[b]);
+      lo = std::min(lo, parts.grid0[b]);
+      hi = std::max(hi, parts.grid0[b] + parts.count(b));
     }
-    return most;
+    return std::pair{lo, hi};
   };
   // Keep both cores busy: a short tree's run at batch 1 is all the work there is.
   const int64_t wanted = 2 * at::get_num_threads();
   for (;;) {
     int64_t tasks = 0;
-    for (const RowRun& run : runs) tasks += run_length(run) * kv_heads;
+    for (const RowRun& run : runs) {
+      const auto [lo, hi] = grid_range(run);
+      tasks += (hi - lo) * kv_heads;
+    }
     if (tasks >= wanted) break;
     auto largest = std::max_element(runs.begin(), runs.end(), [](const RowRun& x, const RowRun& y) {
       return x.count < y.count;
@@ -556,11 +586,13 @@ std::vector<RunPart> run_parts(const int64_t* tables, const int64_t* lens,
   }
   std::vector<RunPart> out;
   for (const RowRun& run : runs) {
-    for (int64_t p = 0; p < run_length(run); ++p) {
+    const auto [lo, hi] = grid_range(run);
+    for (int64_t p = lo; p < hi; ++p) {
       int64_t tokens = 0;
       for (int64_t b = run.first; b < run.first + run.count; ++b) {
-        if (p < parts.begin[b + 1] - parts.begin[b]) {
-          tokens = std::max(tokens, parts.tokens[parts.begin[b] + p]);
+        const int64_t i = p - parts.grid0[b];
+        if (i >= 0 && i < parts.count(b)) {
+          tokens = std::max(tokens, parts.tokens[parts.begin[b] + i]);
         }
       }
       out.push_back({run.first, run.count, p, tokens});
@@ -580,7 +612,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
   const float sc2 = scale * 1.44269504f;  // scores in log2 units
   const std::vector<RunPart> tasks =
       run_parts(tables, lens, visible, parts, batch, width, kv_heads);
-  const int64_t part_tokens = parts.blocks_per_part * block_size;
+  const int64_t part_tokens = parts.part_tokens();
   // Which heads share a task changes no head's arithmetic (nor the batch invariance).
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
   const int64_t heads = num_tasks >= 2 * at::get_num_threads() ? kv_heads : 1;
@@ -594,7 +626,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
     std::vector<__m512> qf(max_queries * kChunks), acc(max_queries * kChunks);
     std::vector<__m512> part(max_queries * 16), vf(16 * heads * kChunks);
     std::vector<float> probs(max_queries * 16), row_max(max_queries), row_sum(max_queries);
-    std::vector<int64_t> row_len(most);
+    std::vector<int64_t> row_len(most), row_lo(most);
     std::vector<uint64_t> row_bits(most);
     std::vector<__mmask16> live(most);
     for (int64_t task; queue.next(task);) {
@@ -604,13 +636,16 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       const int64_t per_row = heads * group, queries = rp.count * per_row;
       // The rows' visibility (``seen``); the run reads the keys up to its longest row.
       const int64_t from = visible != nullptr ? visible[2 * b0] : lens[b0];
-      int64_t len = 0;
+      int64_t len = 0, lo = parts.lo[b0];
       for (int64_t r = 0; r < rp.count; ++r) {
         row_len[r] = std::min(lens[b0 + r], width * block_size);
+        row_lo[r] = parts.lo[b0 + r];
         row_bits[r] = visible != nullptr ? static_cast<uint64_t>(visible[2 * (b0 + r) + 1]) : 0;
         len = std::max(len, row_len[r]);
+        lo = std::min(lo, row_lo[r]);
       }
-      const int64_t start = rp.part * part_tokens, stop = std::min(len, start + part_tokens);
+      const int64_t start = std::max(rp.part * part_tokens, lo);
+      const int64_t stop = std::min(len, rp.part * part_tokens + part_tokens);
       for (int64_t r = 0; r < rp.count; ++r) {
         const T* qp = q + ((b0 + r) * kv_heads + h) * group * dim;
         for (int64_t i = 0; i < per_row * kChunks; ++i) {
@@ -620,11 +655,12 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       std::fill(acc.begin(), acc.begin() + queries * kChunks, _mm512_setzero_ps());
       std::fill(row_max.begin(), row_max.begin() + queries, kNoScore);
       std::fill(row_sum.begin(), row_sum.begin() + queries, 0.f);
-      // Up to 16 positions at a time, within one cache block: n from p on, at cache row
-      // (row of head h); the keys and values of the next ones are asked for meanwhile.
+      // Up to 16 positions at a time, at offsets 16 i .. 16 i + 15 of one cache block (the
+      // same steps for a row alone as in a run with an earlier start): n from p on, at cache
+      // row (row of head h); the keys and values of the next ones are asked for meanwhile.
       auto run_at = [&](int64_t p, int64_t& n) {
         const int64_t off = p % block_size;
-        n = std::min<int64_t>({16, stop - p, block_size - off});
+        n = std::min<int64_t>({16 - off % 16, stop - p, block_size - off});
         return (tables[b0 * width + p / block_size] * block_size + off) * kv_heads + h;
       };
       int64_t n = 0;
@@ -642,10 +678,11 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
             }
           }
         }
-        // Each row's keys here: below its length, and seen.
+        // Each row's keys here: from its first visible slot, below its length, and seen.
         for (int64_t r = 0; r < rp.count; ++r) {
           const int64_t own = std::clamp<int64_t>(row_len[r] - p0, 0, n);
-          __mmask16 mask = static_cast<__mmask16>((1u << own) - 1);
+          const int64_t before = std::clamp<int64_t>(row_lo[r] - p0, 0, n);
+          __mmask16 mask = static_cast<__mmask16>(((1u << own) - 1) & ~((1u << before) - 1));
           for (int64_t t = std::max<int64_t>(0, from - p0); t < own; ++t) {
             if (!seen(p0 + t, from, row_bits[r])) mask &= static_cast<__mmask16>(~(1u << t));
           }
@@ -698,11 +735,11 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
         }
         // The weighted values.
         for (int64_t i = 0; i < queries; ++i) {
-          const int64_t own = std::clamp<int64_t>(row_len[i / per_row] - p0, 0, n);
-          const int64_t hh = i % per_row / group;
+          const int64_t r = i / per_row, hh = i % per_row / group;
+          const int64_t own = std::clamp<int64_t>(row_len[r] - p0, 0, n);
           __m512 a[kChunks];
           for (int c = 0; c < kChunks; ++c) a[c] = acc[i * kChunks + c];
-          for (int64_t t = 0; t < own; ++t) {
+          for (int64_t t = std::clamp<int64_t>(row_lo[r] - p0, 0, n); t < own; ++t) {
             const __m512 pt = _mm512_set1_ps(probs[i * 16 + t]);
             const __m512* vt = &vf[(t * heads + hh) * kChunks];
             for (int c = 0; c < kChunks; ++c) a[c] = _mm512_fmadd_ps(pt, vt[c], a[c]);
@@ -712,9 +749,9 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
       }
       // Each row's sums of this part, where the row has it (a shorter row may not).
       for (int64_t r = 0; r < rp.count; ++r) {
-        const int64_t b = b0 + r;
-        if (rp.part >= parts.begin[b + 1] - parts.begin[b]) continue;
-        const int64_t pi = parts.begin[b] + rp.part;
+        const int64_t b = b0 + r, i = rp.part - parts.grid0[b];
+        if (i < 0 || i >= parts.count(b)) continue;
+        const int64_t pi = parts.begin[b] + i;
         for (int64_t j = 0; j < per_row; ++j) {
           const int64_t i = r * per_row + j;
           float sums[dim];
@@ -733,11 +770,12 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
 // q: [B, Hkv, G, D]; k_cache, v_cache: [slots, Hkv, D]; tables: [B, W] int64 block ids;
 // lens: [B] int64 tokens in the cache per sequence (slots < len are attended); visible:
 // optional [B, 2] int64 (from, bits): slot from + j (j < 64) is attended only where bit j of
-// bits is set (a draft tree's row: its ancestors). Returns [B, Hkv, G, D] in q's dtype.
+// bits is set (a draft tree's row: its ancestors); window > 0: only the slots from
+// len - window on are attended (a sliding-window layer). Returns [B, Hkv, G, D] in q's dtype.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor lens,
                            std::optional<torch::Tensor> visible, int64_t block_size,
-                           double scale) {
+                           double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode: bad shapes");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() &&
@@ -765,7 +803,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
     auto run = [&](auto head_dim) {
       constexpr int64_t kDim = decltype(head_dim)::value;
       const Parts parts = decode_parts(lens.data_ptr<int64_t>(), batch, tables.size(1),
-                                       block_size);
+                                       block_size, window);
       const int64_t num_parts = static_cast<int64_t>(parts.seq.size());
       std::vector<float> partial(num_parts > batch ? num_parts * kv_heads * group * (dim + 2) : 0);
       const PartSink<scalar_t> sink{parts, partial.data(), out.data_ptr<scalar_t>(), kv_heads,

@@ -13,7 +13,8 @@ the blocks in place (``heron.kernels``).
 
 Sliding-window layers (Gemma3's local layers) read the same blocks through a second mask that
 also hides keys older than the window: query ``p`` sees keys ``p - window + 1 .. p``. The
-runner builds it once per step, only where the window hides something.
+runner builds it once per step, only where the window hides something; the compiled kernel
+takes the window as a bound instead (``AttentionMetadata.sliding_window``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class AttentionMetadata:
     # [B, 2] (from, bits) with decode_lens where some decode row is a draft-tree row: slot
     # from + j is seen only where bit j is set (heron.kernels.paged_decode); None: all < len.
     decode_visible: torch.Tensor | None = None
+    # The model's sliding window, for the kernel's decode rows of sliding-window layers (0:
+    # none): a row of length n attends to slots n - window .. n - 1.
+    sliding_window: int = 0
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sequences verifying drafts have several decode rows: the flat batch row of each
     # sequence's i-th query ([B, M], padded with its first) and the indices of the real ones
@@ -117,13 +121,12 @@ class AttentionMetadata:
                     setattr(holder, name, bias.masked_fill_(~mask, float("-inf")))
 
 
-def _kernel_decodes(meta: AttentionMetadata, k_cache: Cache, sliding: bool) -> bool:
+def _kernel_decodes(meta: AttentionMetadata, k_cache: Cache) -> bool:
     """Whether this layer's decode rows can use the compiled kernel: one query each, a plain
-    (not quantized) cache, the same slots in every layer, no sliding window in effect."""
+    (not quantized) cache, the same slots in every layer."""
     return (
         meta.decode_lens is not None
         and meta.decode_layer_masks is None
-        and not (sliding and meta.decode_window_mask is not None)
         and isinstance(k_cache, torch.Tensor)
     )
 
@@ -150,7 +153,7 @@ def paged_attention(
     num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
     group = num_heads // num_kv_heads
     b = meta.num_decodes
-    in_kernel = b > 0 and _kernel_decodes(meta, k_cache, sliding)
+    in_kernel = b > 0 and _kernel_decodes(meta, k_cache)
     if in_kernel:
         qd = q[:b].view(b, num_kv_heads, group, head_dim)
         od = kernels.paged_decode(
@@ -162,6 +165,7 @@ def paged_attention(
             meta.block_size,
             scale,
             meta.decode_visible,
+            meta.sliding_window if sliding else 0,
         ).view(b, num_heads, head_dim)
         if b == q.shape[0]:  # a step of plain decodes only: nothing else to place
             return od

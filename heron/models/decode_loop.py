@@ -2,7 +2,7 @@
 step may take it, and building it from the layers' weights on first use.
 
 A step of plain decode rows (one query each, attending through the compiled kernel to a plain
-KV cache, no window hiding keys) runs every layer in one C++ call: the same ops in the same
+KV cache, sliding windows included) runs every layer in one C++ call: the same ops in the same
 order as the Python layers, without the interpreter, module calls and dispatch between them.
 Every other step runs the Python layers, which stay the reference the loop is tested
 against."""
@@ -42,7 +42,6 @@ class DecodeLoop:
         if not (
             self.enabled
             and meta.plain_decodes(x.shape[0])
-            and meta.decode_window_mask is None
             and isinstance(kv_caches[0][0], torch.Tensor)
             and kernels.usable(x)
         ):
@@ -72,6 +71,7 @@ class DecodeLoop:
             meta.decode_lens,
             meta.decode_visible,
             meta.block_size,
+            meta.sliding_window,
             list(which),
         )
 
