@@ -733,25 +733,29 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
             acc[i * kChunks + c] = _mm512_mul_ps(acc[i * kChunks + c], va);
           }
         }
-        // The weighted values.
-        for (int64_t i = 0; i < queries; ++i) {
-          const int64_t r = i / per_row, hh = i % per_row / group;
+        // The weighted values: row r's keys [first, own), head hh's values for its queries.
+        for (int64_t r = 0; r < rp.count; ++r) {
+          const int64_t first = std::clamp<int64_t>(row_lo[r] - p0, 0, n);
           const int64_t own = std::clamp<int64_t>(row_len[r] - p0, 0, n);
-          __m512 a[kChunks];
-          for (int c = 0; c < kChunks; ++c) a[c] = acc[i * kChunks + c];
-          for (int64_t t = std::clamp<int64_t>(row_lo[r] - p0, 0, n); t < own; ++t) {
-            const __m512 pt = _mm512_set1_ps(probs[i * 16 + t]);
-            const __m512* vt = &vf[(t * heads + hh) * kChunks];
-            for (int c = 0; c < kChunks; ++c) a[c] = _mm512_fmadd_ps(pt, vt[c], a[c]);
+          for (int64_t hh = 0; hh < heads; ++hh) {
+            for (int64_t i = (r * heads + hh) * group; i < (r * heads + hh + 1) * group; ++i) {
+              __m512 a[kChunks];
+              for (int c = 0; c < kChunks; ++c) a[c] = acc[i * kChunks + c];
+              for (int64_t t = first; t < own; ++t) {
+                const __m512 pt = _mm512_set1_ps(probs[i * 16 + t]);
+                const __m512* vt = &vf[(t * heads + hh) * kChunks];
+                for (int c = 0; c < kChunks; ++c) a[c] = _mm512_fmadd_ps(pt, vt[c], a[c]);
+              }
+              for (int c = 0; c < kChunks; ++c) acc[i * kChunks + c] = a[c];
+            }
           }
-          for (int c = 0; c < kChunks; ++c) acc[i * kChunks + c] = a[c];
         }
       }
       // Each row's sums of this part, where the row has it (a shorter row may not).
       for (int64_t r = 0; r < rp.count; ++r) {
-        const int64_t b = b0 + r, i = rp.part - parts.grid0[b];
-        if (i < 0 || i >= parts.count(b)) continue;
-        const int64_t pi = parts.begin[b] + i;
+        const int64_t b = b0 + r, nth = rp.part - parts.grid0[b];  // the row's nth part
+        if (nth < 0 || nth >= parts.count(b)) continue;
+        const int64_t pi = parts.begin[b] + nth;
         for (int64_t j = 0; j < per_row; ++j) {
           const int64_t i = r * per_row + j;
           float sums[dim];
