@@ -7,8 +7,7 @@
 // paged_decode to a plain cache) with the same ops in the same order, so its output equals
 // the Python path's bit for bit: the Python modules stay the reference and serve every other
 // step (prefill chunks, quantized KV caches, KV policies, quantized weights beyond their
-// few-row kernels' rows). heron.models.decode_loop decides and
-// builds.
+// few-row kernels' rows). heron.models.decode_loop decides and builds.
 #include "heron_kernels.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
