@@ -36,6 +36,19 @@ def _paged_case(dtype: torch.dtype, seed: int = 0, bs: int = BS):
     return k_cache, v_cache, tables, lens
 
 
+def _scattered_case(lens, hkv, group, d, dtype, seed, spare):
+    """Queries [B, hkv, group, d] and a cache of ``spare`` blocks more than the B sequences of
+    ``lens`` fill, their tables (as wide as the longest) a random permutation of the blocks."""
+    g = torch.Generator().manual_seed(seed)
+    batch, width = len(lens), max(lens) // BS + 1
+    blocks = batch * width + spare
+    k_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
+    tables = torch.randperm(blocks, generator=g)[: batch * width].view(batch, width)
+    q = torch.randn(batch, hkv, group, d, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens)
+
+
 def _reference(q, k_cache, v_cache, tables, lens, scale, valid=None, bs=BS):
     """Gather every sequence's blocks and run SDPA over the valid slots (``valid`` [B, slots],
     default: those below each length), per query head."""
@@ -70,14 +83,8 @@ def test_paged_decode_long_contexts_in_parts(dtype, tol):
     """Contexts longer than one part (256 tokens) are attended in parts merged by their softmax
     statistics, the parts fixed by each sequence's length: the result matches attention over
     the whole context, and a sequence's output is the same alone as beside others."""
-    g = torch.Generator().manual_seed(5)
-    width = 1100 // BS + 1
-    blocks = 2 * width + 7
-    k_cache = torch.randn(blocks * BS, HKV, D, generator=g).to(dtype)
-    v_cache = torch.randn(blocks * BS, HKV, D, generator=g).to(dtype)
-    tables = torch.randperm(blocks, generator=g)[: 2 * width].view(2, width)
-    lens = torch.tensor([1100, 257])  # 5 parts, the last of 76 tokens; 2 parts of 256 + 1
-    q = torch.randn(2, HKV, GROUP, D, generator=g).to(dtype)
+    # 5 parts, the last of 76 tokens; 2 parts of 256 + 1
+    q, k_cache, v_cache, tables, lens = _scattered_case([1100, 257], HKV, GROUP, D, dtype, 5, 7)
     out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, D**-0.5)
     want = _reference(q, k_cache, v_cache, tables, lens, D**-0.5)
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
@@ -94,14 +101,8 @@ def test_paged_decode_long_contexts_in_parts(dtype, tol):
 def test_paged_decode_other_head_shapes(hkv, group, d, dtype, tol):
     """Gemma 3's single KV head of 256 dims, heads of 128, and a head dim that the vectorized
     kernels do not specialise (80: the generic loop), at lengths within and across parts."""
-    g = torch.Generator().manual_seed(7)
-    lens = torch.tensor([1, 37, 300, 530])
-    width = 530 // BS + 1
-    blocks = 4 * width + 3
-    k_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
-    tables = torch.randperm(blocks, generator=g)[: 4 * width].view(4, width)
-    q = torch.randn(4, hkv, group, d, generator=g).to(dtype)
+    lens = [1, 37, 300, 530]
+    q, k_cache, v_cache, tables, lens = _scattered_case(lens, hkv, group, d, dtype, 7, 3)
     out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, d**-0.5)
     want = _reference(q, k_cache, v_cache, tables, lens, d**-0.5)
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
@@ -114,16 +115,10 @@ def test_paged_decode_sliding_window(hkv, group, d, dtype, tol, window):
     """``window``: a row of length n sees only slots n - window .. n - 1 (Gemma 3's local
     layers), its first visible slot anywhere in a block or a part; a row's output is the same
     alone as beside others, and differs from the unwindowed one where the window hides keys."""
-    g = torch.Generator().manual_seed(11)
-    lens = torch.tensor([1, 30, 300, 530, 700])
-    width = 700 // BS + 1
-    blocks = 5 * width + 3
-    k_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(blocks * BS, hkv, d, generator=g).to(dtype)
-    tables = torch.randperm(blocks, generator=g)[: 5 * width].view(5, width)
-    q = torch.randn(5, hkv, group, d, generator=g).to(dtype)
+    lens = [1, 30, 300, 530, 700]
+    q, k_cache, v_cache, tables, lens = _scattered_case(lens, hkv, group, d, dtype, 11, 3)
     out = kernels.paged_decode(q, k_cache, v_cache, tables, lens, BS, d**-0.5, None, window)
-    pos = torch.arange(width * BS)[None, :]
+    pos = torch.arange(tables.shape[1] * BS)[None, :]
     valid = (pos < lens[:, None]) & (pos >= lens[:, None] - window)
     want = _reference(q, k_cache, v_cache, tables, lens, d**-0.5, valid)
     torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)

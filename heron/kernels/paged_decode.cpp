@@ -318,6 +318,34 @@ void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch
   });
 }
 
+// The vector kernels' key scores: a query's kN vectors times a key's, as lanes of partial
+// sums, in kSums independent FMA chains added at the end: one chain of kN dependent FMAs
+// waited on each FMA's latency (a key of Gemma's 256 dims took ~1,000 cycles instead of ~150
+// in the AVX2 kernel).
+#if HERON_DECODE_AVX2
+inline __m256 vec_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
+inline __m256 vec_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+inline __m256 vec_fmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
+#elif defined(__AVX512F__)
+inline __m512 vec_mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+inline __m512 vec_add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+inline __m512 vec_fmadd(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
+#endif
+#if HERON_DECODE_AVX2 || defined(__AVX512F__)
+template <int kN, int kSums, typename V>
+inline V dot_lanes(const V* q, const V* k) {
+  V sums[kSums];
+  for (int c = 0; c < kSums; ++c) sums[c] = vec_mul(q[c], k[c]);
+  for (int c = kSums; c < kN; c += kSums) {  // in steps of kSums, which GCC unrolls
+    for (int j = 0; j < kSums; ++j) sums[j] = vec_fmadd(q[c + j], k[c + j], sums[j]);
+  }
+  for (int c = kSums / 2; c > 0; c /= 2) {
+    for (int j = 0; j < c; ++j) sums[j] = vec_add(sums[j], sums[j + c]);
+  }
+  return sums[0];
+}
+#endif
+
 #if HERON_DECODE_AVX2
 // decode_kernel with AVX2 intrinsics for head dims of 16 * kPairs, in the same parts (so the
 // same merge and the same batch invariance). The portable kernel spends ~140 instructions per
@@ -372,9 +400,7 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
   constexpr int64_t dim = 16 * kPairs;
   // The weighted values in tiles of up to 8 accumulators, to stay within 16 registers.
   constexpr int kTile = kVecs < 8 ? kVecs : 8;
-  // Independent partial sums per dot product: one chain of dim / 8 dependent FMAs waited on
-  // each FMA's latency (a key of Gemma's 256 dims took ~1,000 cycles instead of ~150).
-  constexpr int kSums = kVecs >= 16 ? 4 : 2;
+  constexpr int kSums = kVecs >= 16 ? 4 : 2;  // dot_lanes' FMA chains
   const float sc2 = scale * 1.44269504f;  // scores in log2 units
   const int64_t num_parts = static_cast<int64_t>(parts.seq.size());
   // Which heads share a task changes no head's arithmetic (nor the batch invariance).
@@ -426,18 +452,7 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
                 load_pair(k_cache + row + 16 * i, kv[2 * i], kv[2 * i + 1]);
               }
               for (int64_t i = hh * group; i < (hh + 1) * group; ++i) {
-                const __m256* qi = &qf[i * kVecs];
-                __m256 sums[kSums];
-                for (int c = 0; c < kSums; ++c) sums[c] = _mm256_mul_ps(qi[c], kv[c]);
-                for (int c = kSums; c < kVecs; c += kSums) {
-                  for (int j = 0; j < kSums; ++j) {
-                    sums[j] = _mm256_fmadd_ps(qi[c + j], kv[c + j], sums[j]);
-                  }
-                }
-                for (int c = kSums / 2; c > 0; c /= 2) {
-                  for (int j = 0; j < c; ++j) sums[j] = _mm256_add_ps(sums[j], sums[j + c]);
-                }
-                part[i * 8 + t] = sums[0];
+                part[i * 8 + t] = dot_lanes<kVecs, kSums>(&qf[i * kVecs], kv);
               }
               __m256* vt = &vf[(t * heads + hh) * kVecs];
               for (int i = 0; i < kPairs; ++i) {
@@ -607,8 +622,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
                           const PartSink<T>& sink, int64_t batch, int64_t kv_heads, int64_t group,
                           int64_t width, int64_t block_size, float scale) {
   constexpr int64_t dim = 16 * kChunks;
-  // Independent partial sums per dot product (see decode_kernel_avx2).
-  constexpr int kSums = kChunks >= 8 ? 2 : 1;
+  constexpr int kSums = kChunks >= 8 ? 2 : 1;  // dot_lanes' FMA chains
   const float sc2 = scale * 1.44269504f;  // scores in log2 units
   const std::vector<RunPart> tasks =
       run_parts(tables, lens, visible, parts, batch, width, kv_heads);
@@ -700,16 +714,7 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
             for (int c = 0; c < kChunks; ++c) kv[c] = load16(k_cache + row + c * 16);
             for (int64_t r = 0; r < rp.count; ++r) {
               for (int64_t i = r * per_row + hh * group; i < r * per_row + (hh + 1) * group; ++i) {
-                const __m512* qi = &qf[i * kChunks];
-                __m512 sums[kSums];
-                for (int c = 0; c < kSums; ++c) sums[c] = _mm512_mul_ps(qi[c], kv[c]);
-                for (int c = kSums; c < kChunks; c += kSums) {
-                  for (int j = 0; j < kSums; ++j) {
-                    sums[j] = _mm512_fmadd_ps(qi[c + j], kv[c + j], sums[j]);
-                  }
-                }
-                if constexpr (kSums == 2) sums[0] = _mm512_add_ps(sums[0], sums[1]);
-                part[i * 16 + t] = sums[0];
+                part[i * 16 + t] = dot_lanes<kChunks, kSums>(&qf[i * kChunks], kv);
               }
             }
             __m512* vt = &vf[(t * heads + hh) * kChunks];
