@@ -172,8 +172,8 @@ inline void prefetch_block(const T* k_cache, const T* v_cache, int64_t base, int
   for (int64_t t = 0; t < block_size; ++t) {
     const int64_t row = ((base + t) * kv_heads + h) * dim;
     for (int64_t off = 0; off < heads * dim; off += 64 / static_cast<int64_t>(sizeof(T))) {
-      __builtin_prefetch(k_cache + row + off);
-      __builtin_prefetch(v_cache + row + off);
+      heron_simd::prefetch_l2(k_cache + row + off);
+      heron_simd::prefetch_l2(v_cache + row + off);
     }
   }
 }
@@ -687,8 +687,8 @@ void decode_kernel_avx512(const T* q, const T* k_cache, const T* v_cache, const 
             const T* kp = k_cache + (row1 + t * kv_heads) * dim;
             const T* vp = v_cache + (row1 + t * kv_heads) * dim;
             for (int64_t d = 0; d < heads * dim; d += 64 / static_cast<int64_t>(sizeof(T))) {
-              _mm_prefetch(reinterpret_cast<const char*>(kp + d), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(vp + d), _MM_HINT_T0);
+              heron_simd::prefetch_l2(kp + d);
+              heron_simd::prefetch_l2(vp + d);
             }
           }
         }

@@ -8,7 +8,8 @@
 // one row: 98 us; 52 us here). Here:
 // - int8: each weight converted to fp32 once for up to four activation rows, the weight
 //   prefetched two row blocks ahead. SmolLM2's 28 MB head cold: 2.70 -> 1.64 ms; 3072 x 576
-//   at 16 rows: 425 -> 301 us.
+//   at 16 rows: 425 -> 301 us. (Both kernels prefetch into L2, heron_simd::prefetch_l2:
+//   on a Zen 4 EPYC the head cold then takes ~1.0 ms.)
 // - int4 (PyTorch's packed layout, unchanged): no float conversion of weights at all. The
 //   nibbles of four inputs of 16 rows are gathered into one 32-bit lane (vpermi2b) and
 //   multiplied by integer activations with VNNI (vpdpbusd, 64 products per instruction).
@@ -95,7 +96,7 @@ void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16
       const __mmask16 mask = heron_simd::tail_mask(K - k);
       if (m0 == 0 && k % 64 == 0)
         for (int64_t r = 0; r < Rows; ++r)
-          if (ahead + r * K + k < end) _mm_prefetch(ahead + r * K + k, _MM_HINT_T0);
+          if (ahead + r * K + k < end) heron_simd::prefetch_l2(ahead + r * K + k);
       __m512 wv[Rows];
       for (int64_t r = 0; r < Rows; ++r) wv[r] = load16(w0 + r * K + k, mask);
       for (int64_t i = 0; i < kXRows; ++i) {
@@ -141,7 +142,8 @@ struct GatherOrder {
   alignas(64) uint8_t bytes[2][64];
   GatherOrder() {
     for (int h = 0; h < 2; ++h)
-      for (int i = 0; i < 64; ++i) bytes[h][i] = static_cast<uint8_t>(32 * (i % 4) + 16 * h + i / 4);
+      for (int i = 0; i < 64; ++i)
+        bytes[h][i] = static_cast<uint8_t>(32 * (i % 4) + 16 * h + i / 4);
   }
 };
 
@@ -208,8 +210,8 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
       for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
         const uint8_t* p = base + k * (kBlockN / 2);
         if (m_begin == 0 && m0 == 0) {
-          _mm_prefetch(reinterpret_cast<const char*>(p + kInt4Ahead), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(p + kInt4Ahead + 64), _MM_HINT_T0);
+          heron_simd::prefetch_l2(p + kInt4Ahead);
+          heron_simd::prefetch_l2(p + kInt4Ahead + 64);
         }
         const __m512i a = _mm512_loadu_si512(p), c = _mm512_loadu_si512(p + 64);
         const __m512i a_lo = _mm512_and_si512(a, nibble), c_lo = _mm512_and_si512(c, nibble);
@@ -287,7 +289,7 @@ void int8_rows_avx2(const float* x, const int8_t* w, const float* scale, at::BFl
   for (int64_t k = 0; k < body; k += 8) {
     if (m0 == 0 && k % 64 == 0)
       for (int64_t r = 0; r < Rows; ++r)
-        if (ahead + r * K + k < end) _mm_prefetch(ahead + r * K + k, _MM_HINT_T0);
+        if (ahead + r * K + k < end) heron_simd::prefetch_l2(ahead + r * K + k);
     __m256 wv[Rows];
     for (int64_t r = 0; r < Rows; ++r) wv[r] = load8(w0 + r * K + k);
     for (int64_t i = 0; i < kXRows2; ++i) {
@@ -381,7 +383,7 @@ void int4_block_avx2(const IntRows& xs, const uint8_t* packed, const uint32_t* s
         __m256i hi[4] = {}, lo[4] = {};
         for (int64_t k = k0; k < k0 + kSpan2; k += 4) {
           const uint8_t* p = base + k * (kBlockN2 / 2);
-          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(p + kInt4Ahead2), _MM_HINT_T0);
+          if (m == 0) heron_simd::prefetch_l2(p + kInt4Ahead2);
           const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
           const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
           const __m256i t0 = _mm256_unpacklo_epi8(v0, v1), t1 = _mm256_unpackhi_epi8(v0, v1);
