@@ -347,12 +347,13 @@ def test_engine_runs_the_layer_ops_with_the_same_tokens(monkeypatch):
 
 
 def test_engine_chunked_prefill_through_the_block_kernel(monkeypatch):
-    """bf16 on AMX: a prompt prefilled in chunks of 96 (each after the first attending to the
-    cached context through the block-sparse kernel with every causal block kept) predicts
-    what the whole prompt in one chunk (SDPA, causal) predicts, and the kernel really ran."""
+    """bf16 with AVX512_BF16: a prompt prefilled in chunks of 96 (each after the first
+    attending to the cached context through the block-sparse kernel with every causal block
+    kept) predicts what the whole prompt in one chunk (SDPA, causal) predicts, and the kernel
+    really ran."""
     whole = make_llm(dtype="bfloat16")
     if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("no AMX here: chunks keep the SDPA path")
+        pytest.skip("no AVX512_BF16 kernel here: chunks keep the SDPA path")
     chunked = make_llm(dtype="bfloat16", max_num_batched_tokens=96, enable_prefix_caching=False)
     calls = []
     original = kernels.sparse_prefill
@@ -369,13 +370,13 @@ def test_engine_chunked_prefill_through_the_block_kernel(monkeypatch):
 
 
 def test_engine_long_first_chunk_through_the_block_kernel(monkeypatch):
-    """bf16 on AMX: a prompt's first chunk of >= 512 tokens attends through the block kernel
-    and predicts what SDPA's causal flash attention predicts for it."""
+    """bf16 with AVX512_BF16: a prompt's first chunk of >= 256 tokens attends through the block
+    kernel and predicts what SDPA's causal flash attention predicts for it."""
     from heron.engine import runner
 
     llm = make_llm(dtype="bfloat16", enable_prefix_caching=False)
     if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("no AMX here: first chunks keep SDPA")
+        pytest.skip("no AVX512_BF16 kernel here: first chunks keep SDPA")
     calls = []
     original = kernels.sparse_prefill
     monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or original(*a))

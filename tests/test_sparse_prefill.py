@@ -96,7 +96,8 @@ def _density(mask, q_start, q_len, k_len):
 
 
 # ---------------------------------------------------------------------------- kernel
-# float32 runs the PyTorch path; bfloat16 heron's compiled kernel where it is usable (AMX).
+# float32 runs the PyTorch path; bfloat16 heron's compiled kernel where it is usable
+# (AVX512_BF16).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -169,13 +170,32 @@ def test_bf16_takes_the_compiled_kernel(monkeypatch):
 
     q, k, v = (x.to(torch.bfloat16) for x in _random(300))
     if not kernels.sparse_prefill_usable(q):
-        pytest.skip("no AMX / compiled kernels here: the PyTorch path is used")
+        pytest.skip("no AVX512_BF16 kernels here: the PyTorch path is used")
     calls = []
     real = kernels.sparse_prefill
     monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or real(*a))
     mask = causal_block_mask(0, 300, 300, B).expand(H, -1, -1)
     _block_sparse(q, k, v, mask, 0, B, SCALE)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 64, 128), (7, 128, 64), (5, 256, 80), (1, 2, 16)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_vnni_tile_loop_matches_matmul(m, k, n, accumulate):
+    """The kernels' AVX512_BF16 tile products (what they multiply with where the CPU has no
+    AMX), run here whatever the CPU has: row and column tails, and adding into C as the P V
+    product does."""
+    from heron import kernels
+
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    a = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(k, n, generator=g).to(torch.bfloat16)
+    if not kernels.sparse_prefill_usable(a):
+        pytest.skip("no AVX512_BF16 kernels here")
+    c = torch.randn(m, n, generator=g) if accumulate else None
+    ref = a.double() @ b.double() + (0 if c is None else c.double())
+    out = kernels.vnni_matmul(a, b, c)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -253,7 +273,7 @@ def test_xattention_compiled_scores_match(q_start):
     q, k, _ = (x.to(torch.bfloat16) for x in _planted_column(length=1300, column=2))
     q = q[:, q_start:]
     if not kernels.sparse_prefill_usable(q):
-        pytest.skip("no AMX / compiled kernels here: the PyTorch path is used")
+        pytest.skip("no AVX512_BF16 kernels here: the PyTorch path is used")
     p = PatternParams(threshold=0.9, scale=SCALE)
     ref = _xattention_scores(q, k, q_start, p)
     got = kernels.xattention_scores(q.transpose(0, 1), k.transpose(0, 1), q_start, B, 8, SCALE)

@@ -91,7 +91,8 @@ def _sparse_prefill_supported() -> bool:
 
 def sparse_prefill_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`sparse_prefill` runs on tensors of this device and dtype: bf16 on a CPU,
-    kernels built with AVX-512 bf16, and AMX present (oneDNN's bf16 brgemm)."""
+    kernels built with AVX512_BF16 (oneDNN's brgemm multiplies on AMX, heron's own
+    vdpbf16ps loop elsewhere)."""
     return device.type == "cpu" and dtype == torch.bfloat16 and _sparse_prefill_supported()
 
 
@@ -149,6 +150,14 @@ def select_blocks(scores: torch.Tensor, threshold: float, qb0: int) -> torch.Ten
     block and the diagonal: a bool mask, what ``heron.sparse.patterns.select_cumulative`` and
     ``enforce_always_kept`` compute (ties broken toward earlier blocks) in one pass."""
     return _module().select_blocks(scores, threshold, qb0)
+
+
+def vnni_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``c + a @ b`` in fp32 for bf16 ``a`` [M, K] and ``b`` [K, N] through the AVX512_BF16
+    tile loop that :func:`sparse_prefill` multiplies with where the CPU has no AMX (whatever
+    this CPU has, so tests reach it everywhere). Call only where :func:`sparse_prefill_usable`
+    is true."""
+    return _module().vnni_matmul(a, b, c)
 
 
 def paged_decode(

@@ -7,10 +7,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally of x + residual (returns [sum,] normed)");
   m.def("rotary_", &rotary_, "rotary embedding in place");
   m.def("sparse_prefill_supported", &sparse_prefill_supported,
-        "whether sparse_prefill runs here (bf16 brgemm with AMX)");
+        "whether sparse_prefill runs here (AVX512_BF16)");
   m.def("sparse_prefill", &sparse_prefill, "block-sparse causal attention of a prefill chunk");
   m.def("xattention_scores", &xattention_scores, "XAttention's antidiagonal block scores");
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
+  m.def("vnni_matmul", &vnni_matmul, "c + a b through the kernels' AVX512_BF16 tile loop");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
   m.def("int8_gemv_supported", &int8_gemv_supported,
         "whether int8_gemv runs here (AVX-512 or AVX2)");

@@ -30,6 +30,7 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
                                 std::optional<torch::Tensor> table, int64_t cache_block,
                                 int64_t q_start, int64_t block, int64_t stride, double scale);
 torch::Tensor select_blocks(torch::Tensor scores, double threshold, int64_t qb0);
+torch::Tensor vnni_matmul(torch::Tensor a, torch::Tensor b, std::optional<torch::Tensor> c);
 
 // dequantize.cpp
 bool dequantize_supported();

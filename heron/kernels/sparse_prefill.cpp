@@ -1,4 +1,4 @@
-// Block-sparse causal attention for a prefill chunk (CPU, bf16, AMX), and XAttention's block
+// Block-sparse causal attention for a prefill chunk (CPU, bf16), and XAttention's block
 // estimate. heron also runs dense prefill chunks after cached tokens through the first, with
 // every causal block kept.
 //
@@ -7,7 +7,9 @@
 // call into the VNNI layout AMX multiplies ([D/2, B, 2] for K^T, [B/2, D, 2] for V), shared
 // by every row; then each row runs a flash-attention loop over its kept blocks: S = Q K^T and
 // O += P V through oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm, the one
-// PyTorch's own CPU flash attention uses), an online softmax in between. No gathered copy of
+// PyTorch's own CPU flash attention uses) where it runs (AMX), else heron's AVX512-BF16 tile
+// product (vdpbf16ps on the same VNNI layout: AMD Zen 4, Intel Cooper Lake), an online
+// softmax in between. No gathered copy of
 // the kept blocks, no per-count batching, no separate causal call for the diagonal block and
 // no log-sum-exp merge: the PyTorch path (heron/sparse/attention.py) needed all four.
 //
@@ -25,8 +27,8 @@
 #include <cstring>
 #include <vector>
 
-// The kernel needs AVX-512 with bf16 conversions at build time and AMX at run time (brgemm's
-// bf16 VNNI path); elsewhere heron keeps the PyTorch path.
+// The kernel needs AVX-512 with bf16 dot products (AVX512_BF16) at build time; elsewhere heron
+// keeps the PyTorch path.
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define HERON_SPARSE_PREFILL 1
 #else
@@ -84,6 +86,67 @@ inline void softmax_row(const float* s, bf16* p, int64_t width, int64_t valid, f
   for (int64_t d = 0; d < dim; ++d) acc[d] *= alpha;
 }
 
+// C (+)= A B for bf16 A [M, K] (row stride lda) and B in VNNI layout [K / 2, ldb, 2] (N <= ldb
+// columns; K even), C fp32 [M, ldc]: 4 rows x 64 columns at a time, 16 accumulators, each B
+// vector used by 4 rows (vdpbf16ps: a pair of products per lane). ``cols``: the lanes of the
+// last vector (a tail of N).
+template <int64_t Rows, int64_t Vecs>
+inline void vnni_tile(int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                      __mmask16 cols, const bf16* a, const bf16* b, float* c) {
+  __m512 acc[Rows][Vecs];
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < Vecs; ++v)
+      acc[r][v] = add_c ? _mm512_maskz_loadu_ps(v + 1 < Vecs ? 0xFFFF : cols, c + r * ldc + 16 * v)
+                        : _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    __m512bh bv[Vecs];
+    for (int64_t v = 0; v < Vecs; ++v) {
+      const __mmask16 live = v + 1 < Vecs ? 0xFFFF : cols;
+      bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(live, b + (kp * ldb + 16 * v) * 2);
+    }
+    for (int64_t r = 0; r < Rows; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, sizeof pair);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      for (int64_t v = 0; v < Vecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int64_t r = 0; r < Rows; ++r)
+    for (int64_t v = 0; v < Vecs; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v + 1 < Vecs ? 0xFFFF : cols, acc[r][v]);
+}
+
+template <int64_t Rows>
+inline void vnni_rows(int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                      const bf16* a, const bf16* b, float* c) {
+  int64_t j = 0;
+  for (; j + 64 <= N; j += 64)
+    vnni_tile<Rows, 4>(K, lda, ldb, ldc, add_c, 0xFFFF, a, b + 2 * j, c + j);
+  for (; j < N; j += 16)
+    vnni_tile<Rows, 1>(K, lda, ldb, ldc, add_c, tail_mask(N - j), a, b + 2 * j, c + j);
+}
+
+// The tile products of both kernels, with brgemm's arguments: oneDNN's brgemm where it packs
+// bf16 (AMX), else vnni_rows. ``release`` after a thread's last product.
+struct TileGemm {
+  bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+
+  void operator()(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                  bool add_c, const bf16* a, const bf16* b, float* c) const {
+    if (amx) {
+      at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a, b, c, true);
+      return;
+    }
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4)
+      vnni_rows<4>(N, K, lda, ldb, ldc, add_c, a + i * lda, b, c + i * ldc);
+    for (; i < M; ++i) vnni_rows<1>(N, K, lda, ldb, ldc, add_c, a + i * lda, b, c + i * ldc);
+  }
+  void release() const {
+    if (amx) at::native::cpublas::brgemm_release(true);
+  }
+};
+
 // A context position's row in the K/V tensor: through the block table, or the position.
 struct Slots {
   const int64_t* table;  // nullptr: row = position
@@ -131,9 +194,7 @@ void pack_context(const bf16* k, const bf16* v, int64_t k_stride0, int64_t k_str
 }  // namespace
 #endif
 
-bool sparse_prefill_supported() {
-  return HERON_SPARSE_PREFILL && at::native::cpublas::could_pack(at::kBFloat16);
-}
+bool sparse_prefill_supported() { return HERON_SPARSE_PREFILL; }
 
 namespace {
 
@@ -151,7 +212,7 @@ struct Chunk {
 Chunk check_chunk(const torch::Tensor& q, const torch::Tensor& k,
                   const std::optional<torch::Tensor>& table, int64_t cache_block,
                   int64_t q_start, int64_t block) {
-  TORCH_CHECK(sparse_prefill_supported(), "heron sparse prefill: needs AVX-512 bf16 and AMX");
+  TORCH_CHECK(sparse_prefill_supported(), "heron sparse prefill: needs AVX512_BF16");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "heron sparse prefill: q and k/v are 3-D");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16,
               "heron sparse prefill: bf16 only");
@@ -231,6 +292,7 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   bf16* od = out.data_ptr<bf16>();
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
   const float sc2 = static_cast<float>(scale) * 1.44269504f;  // log2(e)
+  const TileGemm gemm;
   at::parallel_for(0, heads * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(kRows * kChunk * block), acc(kRows * dim), row_max(kRows),
         row_sum(kRows);
@@ -250,9 +312,8 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
           const int64_t n = std::min(kChunk, rp[r + 1] - i0);
           const int64_t width = n * block;
           for (int64_t b = 0; b < n; ++b) {
-            at::native::cpublas::brgemm(m, block, dim, qs0, block, width, false, qr,
-                                        kpd + (g * nkb + cp[i0 + b]) * tile,
-                                        s.data() + b * block, true);
+            gemm(m, block, dim, qs0, block, width, false, qr, kpd + (g * nkb + cp[i0 + b]) * tile,
+                 s.data() + b * block);
           }
           // Blocks ascend, so only the last can be the diagonal, where a query sees the keys
           // up to its own position.
@@ -264,9 +325,8 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                         row_max[a], row_sum[a], acc.data() + a * dim, dim);
           }
           for (int64_t b = 0; b < n; ++b) {
-            at::native::cpublas::brgemm(m, dim, block, width, dim, dim, true,
-                                        p.data() + b * block,
-                                        vpd + (g * nkb + cp[i0 + b]) * tile, acc.data(), true);
+            gemm(m, dim, block, width, dim, dim, true, p.data() + b * block,
+                 vpd + (g * nkb + cp[i0 + b]) * tile, acc.data());
           }
         }
         for (int64_t a = 0; a < m; ++a) {
@@ -277,11 +337,11 @@ torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,
         }
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    gemm.release();
   });
   return out;
 #else
-  TORCH_CHECK(false, "sparse_prefill: needs AVX-512 bf16 and AMX");
+  TORCH_CHECK(false, "sparse_prefill: needs AVX512_BF16");
   return {};
 #endif
 }
@@ -336,6 +396,7 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
   float* od = out.data_ptr<float>();
   const bf16* qd = q.data_ptr<bf16>();
   const float sc2 = static_cast<float>(scale / stride) * 1.44269504f;  // log2 units
+  const TileGemm gemm;
   at::parallel_for(0, heads * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<bf16> a(per * width);
     std::vector<float> sbuf(per * cols), colsum(cols);
@@ -357,8 +418,7 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
         }
       }
       const int64_t n = std::min(cols, ((qb + 1) * per + 63) / 64 * 64);  // causal columns
-      at::native::cpublas::brgemm(per, n, width, width, cols, n, false, a.data(),
-                                  kpd + g * width * cols, sbuf.data(), true);
+      gemm(per, n, width, width, cols, n, false, a.data(), kpd + g * width * cols, sbuf.data());
       std::fill(colsum.begin(), colsum.begin() + n, 0.f);
       for (int64_t i = 0; i < per; ++i) {
         const int64_t row = qb * per + i;
@@ -397,11 +457,31 @@ torch::Tensor xattention_scores(torch::Tensor q, torch::Tensor k,
         dst[kb] = total;
       }
     }
-    at::native::cpublas::brgemm_release(true);
+    gemm.release();
   });
   return out;
 #else
-  TORCH_CHECK(false, "xattention_scores: needs AVX-512 bf16 and AMX");
+  TORCH_CHECK(false, "xattention_scores: needs AVX512_BF16");
+  return {};
+#endif
+}
+
+torch::Tensor vnni_matmul(torch::Tensor a, torch::Tensor b, std::optional<torch::Tensor> c) {
+#if HERON_SPARSE_PREFILL
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && a.size(1) % 2 == 0 &&
+                  a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16,
+              "vnni_matmul: bf16 a [M, K] and b [K, N], K even");
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  a = a.contiguous();
+  const torch::Tensor packed = b.view({K / 2, 2, N}).transpose(1, 2).contiguous();  // VNNI
+  torch::Tensor out = c ? c->to(at::kFloat).contiguous().clone()
+                        : torch::empty({M, N}, a.options().dtype(at::kFloat));
+  TORCH_CHECK(out.sizes() == at::IntArrayRef({M, N}), "vnni_matmul: c must be [M, N]");
+  TileGemm{false}(M, N, K, K, N, N, c.has_value(), a.data_ptr<bf16>(), packed.data_ptr<bf16>(),
+                  out.data_ptr<float>());
+  return out;
+#else
+  TORCH_CHECK(false, "vnni_matmul: needs AVX512_BF16");
   return {};
 #endif
 }

@@ -1,11 +1,11 @@
 """Block-sparse attention: only the kept (query block, key block) pairs are computed.
 
-On a CPU with AMX in bf16 this is heron's compiled kernel (``heron.kernels.sparse_prefill``:
-one flash-attention loop per row over its kept blocks, read in place). On CUDA, FlexAttention
-(compiled) with a ``BlockMask`` made of the kept blocks. Elsewhere, the portable PyTorch path:
-the kept earlier key/value blocks of every (head, query block) are gathered and attended by
-batched calls, the diagonal block by one causal call, and the two merged by their
-log-sum-exps; no [Lq, Lk] score matrix is ever built.
+On a CPU with AVX512_BF16 (AMX or not) in bf16 this is heron's compiled kernel
+(``heron.kernels.sparse_prefill``: one flash-attention loop per row over its kept blocks, read
+in place). On CUDA, FlexAttention (compiled) with a ``BlockMask`` made of the kept blocks.
+Elsewhere, the portable PyTorch path: the kept earlier key/value blocks of every (head, query
+block) are gathered and attended by batched calls, the diagonal block by one causal call, and
+the two merged by their log-sum-exps; no [Lq, Lk] score matrix is ever built.
 
 Blocks are aligned on absolute positions (block ``b`` holds positions ``b*B .. b*B+B-1``), so
 a prefill chunk that starts after cached tokens uses the same blocks as an unchunked prefill.
