@@ -474,7 +474,8 @@ torch::Tensor vnni_matmul(torch::Tensor a, torch::Tensor b, std::optional<torch:
               "vnni_matmul: bf16 a [M, K] and b [K, N], K even");
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   a = a.contiguous();
-  const torch::Tensor packed = b.view({K / 2, 2, N}).transpose(1, 2).contiguous();  // VNNI
+  // b in VNNI layout: [K / 2, N, 2]
+  const torch::Tensor packed = b.contiguous().view({K / 2, 2, N}).transpose(1, 2).contiguous();
   torch::Tensor out = c ? c->to(at::kFloat).contiguous().clone()
                         : torch::empty({M, N}, a.options().dtype(at::kFloat));
   TORCH_CHECK(out.sizes() == at::IntArrayRef({M, N}), "vnni_matmul: c must be [M, N]");
