@@ -651,6 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
     sp.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="the target's weight format (int4: verify rows through heron's int4 kernel)",
+    )
+    sp.add_argument(
         "--repeats",
         type=int,
         default=2,
@@ -1189,6 +1195,7 @@ def cmd_bench_spec(args: argparse.Namespace) -> int:
         batch1_prompts=args.batch1_prompts,
         max_tokens=args.max_tokens,
         repeats=args.repeats,
+        engine_kwargs={"quantization": args.quantization},
     )
     result = run_spec_bench(cfg)
     print(format_table(result))

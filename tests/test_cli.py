@@ -166,12 +166,15 @@ def test_bench_kv_and_spec_cli(tmp_path):
     assert rows["int4_cache"]["kv_bytes_per_seq"] < rows["full"]["kv_bytes_per_seq"] / 3
     if importlib.util.find_spec("matplotlib") is not None:  # the [bench] extra
         assert (tmp_path / "kv_summary.png").exists() and (tmp_path / "kv_snapkv.png").exists()
+    spec_json = tmp_path / "spec.json"
     proc = heron(
         "bench", "spec", "--methods", "ngram", "--tasks", "chat", "--batch-size", "1",
         "--batch1-prompts", "1", "--max-tokens", "8", "--dtype", "float32", "--device", "cpu",
+        "--quantization", "int8", "--json", str(spec_json),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "speed-up" in proc.stdout and "ngram" in proc.stdout
+    assert json.loads(spec_json.read_text())["config"]["engine_kwargs"] == {"quantization": "int8"}
     proc = heron("bench", "spec", "--methods", "draft")
     assert proc.returncode != 0 and "--draft-model" in proc.stderr
 
