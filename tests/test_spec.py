@@ -165,6 +165,30 @@ def test_drafts_share_a_row_budget():
     assert max(drafted) == budget, drafted  # drafting happened, never past the budget
 
 
+def test_rows_priced_out_still_get_a_probe_now_and_then():
+    """Where the fit prices a row above the step's share (budget < 1 row), no draft would run
+    and the fit would never see another verify step: one draft row every _PAUSE_STEPS
+    steps keeps measuring."""
+    from heron.spec import speculator
+
+    llm = make_llm(speculative_method="ngram", num_speculative_tokens=5)
+    spec = llm.engine.speculator
+    for rows in (1, 5, 9):
+        spec.cost.observe(rows, 0.004 + 0.010 * rows)  # 4 ms + 10 ms a row
+    spec.observe = lambda *args: None  # keep the fit
+    assert spec.cost.draft_rows(1, 0.25) < 1
+    drafted = []
+    execute = llm.engine.runner.execute
+    llm.engine.runner.execute = lambda batch, needs: (
+        drafted.append(sum(len(s.draft_token_ids) for s in batch.seqs)),
+        execute(batch, needs),
+    )[1]
+    params = SamplingParams(temperature=0, max_tokens=3 * speculator._PAUSE_STEPS, ignore_eos=True)
+    llm.generate([PROMPTS[0]], params, use_tqdm=False)
+    assert max(drafted) == 1, drafted  # probes of one row, never more
+    assert sum(drafted) <= 3, drafted  # one per _PAUSE_STEPS steps at most
+
+
 def test_trie_drafts_a_tree_of_continuations():
     trie = NgramTrie(width=4)
     text = [1, 2, 3, 9, 1, 2, 4, 5, 1, 2, 4, 6]

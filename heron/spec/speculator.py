@@ -12,8 +12,11 @@ tokens. Each sequence's adaptive k keeps its accepted-per-drafted rate against t
 grows while drafts pay twice over, halves when they do not pay, and speculation pauses for a
 while when even one draft does not. On top, a step's drafts together may add at most a
 quarter to its time (``_DRAFT_SHARE``), given first to the sequences whose drafts are
-accepted most. On a CPU at batch 1 a step of 17 rows costs ~1.2x one of 1 row, so a wide
-draft tree stays on; at batch 8 136 rows cost ~1.9x 8 rows, so drafts get narrower.
+accepted most; where even one row is priced above that, one draft row every
+``_PAUSE_STEPS`` steps keeps the price measured. On a CPU at batch 1 a step of 17 rows costs
+~1.2x one of 1 row, so a wide draft tree stays on; at batch 8 136 rows cost ~1.9x 8 rows, so
+drafts get narrower (with int4 weights on a Zen 4 EPYC a row costs ~0.5 of a step: heron's
+int4 kernels redo their unpacking per row, so drafts stay off).
 Step times are measured, so which drafts are tried can differ between runs: outputs are still
 exactly the target's (greedy) or distributed as the target's (sampling), but a seeded sampled
 request repeats only in distribution, not token for token."""
@@ -116,6 +119,7 @@ class Speculator:
         self.num_verify_steps = 0
         self.cost = StepCost()
         self.price = 0.0  # accepted tokens per drafted row that drafting needs (StepCost)
+        self.unprobed = 0  # steps since a draft was last allowed while rows seemed too dear
 
     def eligible(self, seq: Sequence) -> bool:
         p = seq.request.params
@@ -146,6 +150,13 @@ class Speculator:
             if k > 0:
                 wanted.append((seq, k))
         budget = self.cost.draft_rows(len(running), _DRAFT_SHARE)
+        if wanted and budget < 1:
+            # Rows priced above the share: no draft would run, so the fit would only ever see
+            # plain steps again and keep a price it got from a few (maybe unlucky) steps.
+            # One draft row every _PAUSE_STEPS steps keeps measuring it.
+            self.unprobed += 1
+            if self.unprobed >= _PAUSE_STEPS:
+                budget, self.unprobed = 1, 0
         seqs, ks = [], []
         for seq, k in sorted(wanted, key=lambda item: -item[0].spec.rate):
             k = int(min(k, budget))
