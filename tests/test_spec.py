@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from heron import SamplingParams, kernels
+from heron import LLM, SamplingParams, kernels
 from heron.config import EngineConfig
 from heron.errors import InvalidRequestError
 from heron.spec.layer_skip import spread_layers
@@ -145,21 +145,28 @@ def test_step_cost_prices_a_drafted_row():
     assert cost.draft_rows(8, share=0.25) == pytest.approx(0.25 * 0.058 / 0.001)
 
 
-def test_drafts_share_a_row_budget():
-    """With rows priced dear (the step-time fit pinned), a batch's drafts together stay
-    within the rows that add a quarter to the step's time."""
+def _pinned_fit_engine(a: float, b: float, rows: tuple[int, ...]) -> tuple[LLM, list[int]]:
+    """An ngram engine whose step-time fit is pinned at ``a`` + ``b`` seconds a row (seen at
+    ``rows``), and the list its steps' drafted rows are recorded into."""
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=5)
     spec = llm.engine.speculator
-    for rows in (1, 9, 17):
-        spec.cost.observe(rows, 0.010 + 0.001 * rows)  # 10 ms + 1 ms a row
+    for n in rows:
+        spec.cost.observe(n, a + b * n)
     spec.observe = lambda *args: None  # keep the fit
-    budget = int(spec.cost.draft_rows(len(PROMPTS[:2]), 0.25))  # 3 rows
-    drafted = []
+    drafted: list[int] = []
     execute = llm.engine.runner.execute
     llm.engine.runner.execute = lambda batch, needs: (
         drafted.append(sum(len(s.draft_token_ids) for s in batch.seqs)),
         execute(batch, needs),
     )[1]
+    return llm, drafted
+
+
+def test_drafts_share_a_row_budget():
+    """With rows priced dear (the step-time fit pinned), a batch's drafts together stay
+    within the rows that add a quarter to the step's time."""
+    llm, drafted = _pinned_fit_engine(0.010, 0.001, (1, 9, 17))  # 10 ms + 1 ms a row
+    budget = int(llm.engine.speculator.cost.draft_rows(len(PROMPTS[:2]), 0.25))  # 3 rows
     outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert all(o.outputs[0].token_ids for o in outs)
     assert max(drafted) == budget, drafted  # drafting happened, never past the budget
@@ -171,18 +178,8 @@ def test_rows_priced_out_still_get_a_probe_now_and_then():
     steps keeps measuring."""
     from heron.spec import speculator
 
-    llm = make_llm(speculative_method="ngram", num_speculative_tokens=5)
-    spec = llm.engine.speculator
-    for rows in (1, 5, 9):
-        spec.cost.observe(rows, 0.004 + 0.010 * rows)  # 4 ms + 10 ms a row
-    spec.observe = lambda *args: None  # keep the fit
-    assert spec.cost.draft_rows(1, 0.25) < 1
-    drafted = []
-    execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda batch, needs: (
-        drafted.append(sum(len(s.draft_token_ids) for s in batch.seqs)),
-        execute(batch, needs),
-    )[1]
+    llm, drafted = _pinned_fit_engine(0.004, 0.010, (1, 5, 9))  # 4 ms + 10 ms a row
+    assert llm.engine.speculator.cost.draft_rows(1, 0.25) < 1
     params = SamplingParams(temperature=0, max_tokens=3 * speculator._PAUSE_STEPS, ignore_eos=True)
     llm.generate([PROMPTS[0]], params, use_tqdm=False)
     assert max(drafted) == 1, drafted  # probes of one row, never more
