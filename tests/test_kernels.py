@@ -554,3 +554,27 @@ def test_int8_gemv_takes_any_shape():
     packed, x, ref, bound = _linear_case("int8", 99, 77, 16, 5)
     y = kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
     assert ((y.float() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_gemv_rows_do_not_depend_on_each_other(kind):
+    """Each row of a many-row product is exactly that row's product alone (the int4 kernel
+    shares a group's unpacked weights between rows, two at a time): a verify pass's rows then
+    match plain one-row steps, so speculation with quantized weights stays token-exact."""
+    runs = kernels.int8_gemv_runs() if kind == "int8" else kernels.int4_gemv_runs()
+    if not runs:
+        pytest.skip("needs AVX-512 (int4: VNNI and VBMI) or AVX2")
+    for rows, group in ((2, 32), (3, 64), (5, 128), (16, 32), (21, 64)):
+        packed, x, _, _ = _linear_case(kind, 192, 256, group, rows)
+        many = _quantized_product(kind, packed, x)
+        for i in range(rows):
+            alone = _quantized_product(kind, packed, x[i : i + 1])
+            assert torch.equal(many[i], alone[0]), (rows, group, i)
+
+
+def _quantized_product(kind: str, packed, x: torch.Tensor) -> torch.Tensor:
+    if kind == "int8":
+        return kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)
+    return kernels.int4_gemv(
+        x, packed.packed, packed.scale_zero, packed.group_size, packed.out_features
+    )
