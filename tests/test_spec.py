@@ -499,6 +499,18 @@ def test_copy_bound_steps():
     assert copy_bound_steps([1], [1, 1, 1, 1]) == 2
 
 
+def test_lookup_bound_steps_need_the_last_token_matched():
+    """Anchored, a span counts only where it follows an earlier occurrence of the last token,
+    so the first token of each copied span costs a step of its own."""
+    from heron.bench.spec import copy_bound_steps
+
+    # 1 (5 was never seen before), then [2 3] after the earlier 1 + 9, 9 alone, then 4 + 5
+    assert copy_bound_steps([1, 2, 3, 4, 5], [1, 2, 3, 9, 4, 5], anchored=True) == 4
+    # 5, 6, then 5 again: [6] follows the earlier 5 + 0
+    assert copy_bound_steps([1], [5, 6, 5, 6, 0], anchored=True) == 4
+    assert copy_bound_steps([1, 2], [7, 8, 9], anchored=True) == 3
+
+
 def test_bench_spec_bad_settings():
     from heron.bench.spec import SpecBenchConfig
 

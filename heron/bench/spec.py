@@ -22,7 +22,11 @@ baseline and the proposers alike instead of whichever ran last.
 outputs (each step accepts the longest span of what follows that occurs earlier in the prompt
 or output, plus the target's own token). It bounds every lookup proposer's tokens per verify
 step, and so its speed-up even if verifying were free: where it is low, the task, not the
-proposer, limits the speed-up.
+proposer, limits the speed-up. ``lookup bound``: the same for spans that follow an earlier
+occurrence of the sequence's last token, i.e. a proposer that finds its drafts by matching the
+end of the sequence (ngram, lookahead) and drafts every continuation of every match at once,
+verified for free. A proposer that does not know where the next copied span starts loses its
+first token, so this is the ceiling that ngram and lookahead work under.
 
 In bfloat16 a batch's numerics depend on its shape (a verify pass has more rows than a plain
 step), so where two tokens are nearly tied the greedy choice can flip and the texts part; in
@@ -169,6 +173,7 @@ class Run:
     verify_steps: int = 0
     identical: int | None = None  # outputs equal to the baseline's (None for the baseline)
     copy_bound: float | None = None  # a perfect lookup proposer's tokens per step (see above)
+    lookup_bound: float | None = None  # the same for drafts found by matching the last token
     # the target's top-2 logprob gap where each differing output left the baseline's
     tie_gaps: list[float] = field(default_factory=list)
     speedup: float | None = None
@@ -202,14 +207,17 @@ def _time(llm, prompts: list[list[int]], params, batched: bool):
     return [o.outputs[0].token_ids for o in outs], secs, spec
 
 
-def copy_bound_steps(prompt: list[int], output: list[int]) -> int:
+def copy_bound_steps(prompt: list[int], output: list[int], anchored: bool = False) -> int:
     """Verify steps a perfect lookup proposer needs to produce ``output`` after ``prompt``:
     each step accepts the longest span of the tokens still to come that occurs in full
-    earlier in the prompt or output (what a lookup can draft from), then adds one token."""
+    earlier in the prompt or output (what a lookup can draft from), then adds one token.
+    ``anchored``: only spans that start right after an earlier occurrence of the last token
+    (the ``lookup bound``)."""
     seq = np.asarray(prompt + output)
     j, end, steps = len(prompt), len(seq), 0
     while j < end:
-        starts = np.arange(j)  # where a copied span could start
+        # where a copied span could start
+        starts = np.flatnonzero(seq[: j - 1] == seq[j - 1]) + 1 if anchored else np.arange(j)
         accepted = 0
         while accepted < end - j - 1:  # the step's last token is the target's own
             starts = starts[(starts + accepted < j) & (seq[starts + accepted] == seq[j + accepted])]
@@ -265,11 +273,14 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
                     run.verify_steps += spec.get("spec_verify_steps", 0)
                     outputs[method] = tokens
             ref = outputs["none"]
-            steps = sum(copy_bound_steps(p, o) for p, o in zip(subset, ref, strict=True))
+            pairs = list(zip(subset, ref, strict=True))
+            copy_steps = sum(copy_bound_steps(p, o) for p, o in pairs)
+            lookup_steps = sum(copy_bound_steps(p, o, anchored=True) for p, o in pairs)
             base = runs[("none", task, batch)]
             for method in methods:
                 run = runs[(method, task, batch)]
-                run.copy_bound = sum(map(len, ref)) / max(1, steps)
+                run.copy_bound = sum(map(len, ref)) / max(1, copy_steps)
+                run.lookup_bound = sum(map(len, ref)) / max(1, lookup_steps)
                 if method == "none":
                     continue
                 run.identical = sum(a == b for a, b in zip(outputs[method], ref, strict=True))
@@ -321,6 +332,7 @@ def format_table(result: dict[str, Any]) -> str:
         "speed-up",
         "tok/verify",
         "copy bound",
+        "lookup bound",
         "accept",
         "identical",
         "gap where parted",
@@ -340,6 +352,7 @@ def format_table(result: dict[str, Any]) -> str:
                 fmt(r["speedup"], ".2f"),
                 fmt(r["tokens_per_verify_step"], ".2f"),
                 fmt(r.get("copy_bound"), ".2f"),
+                fmt(r.get("lookup_bound"), ".2f"),
                 fmt(r["acceptance_rate"], ".0%"),
                 "-" if r["identical"] is None else f"{r['identical']}/{r['requests']}",
                 " ".join(f"{g:.3f}" for g in r["tie_gaps"]) or "-",
