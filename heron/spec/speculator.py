@@ -15,8 +15,9 @@ quarter to its time (``_DRAFT_SHARE``), given first to the sequences whose draft
 accepted most; where even one row is priced above that, one draft row every
 ``_PAUSE_STEPS`` steps keeps the price measured. On a CPU at batch 1 a step of 17 rows costs
 ~1.2x one of 1 row, so a wide draft tree stays on; at batch 8 136 rows cost ~1.9x 8 rows, so
-drafts get narrower (with int4 weights on a Zen 4 EPYC a row costs ~0.5 of a step: heron's
-int4 kernels redo their unpacking per row, so drafts stay off).
+drafts get narrower (with int4 weights on a Zen 4 EPYC a row costs ~0.4 of a step: the int4
+step is memory-bound and cheap, each extra row adds its integer products, its int8-head row
+and its attention, so drafts stay short).
 Step times are measured, so which drafts are tried can differ between runs: outputs are still
 exactly the target's (greedy) or distributed as the target's (sampling), but a seeded sampled
 request repeats only in distribution, not token for token."""
