@@ -78,55 +78,65 @@ void check_rows(const torch::Tensor& x, int64_t in_features, const char* op) {
 }
 
 #if HERON_INT8_GEMV
-constexpr int64_t kRows = 4;     // int8 weight rows per step: each converted once per 2 x rows
+constexpr int64_t kRows = 4;     // int8 weight rows per step: each converted once per 4 x rows
+constexpr int64_t kXRows = 4;    // activation rows per pass over a weight row block
 constexpr int64_t kAhead = 8;    // int8 prefetch distance, in weight rows
 
 using heron_simd::load16;
 
-// Output rows [n, n + Rows) of y = x w^T * scale for activation rows [m0, m0 + XRows): each
-// weight vector widened to fp32 once for both rows. The accumulators stay in registers only as
-// an array of at most 8 vectors read by fully unrolled loops: GCC 12 otherwise keeps them on
-// the stack as well and stores them on every step (4 x 4 accumulators, which heron had, ran
-// 2-row products at half the speed of 2 x 4 ones). `prefetch`: the first pass over these
-// weight rows, which fetches the ones after them.
+// Output rows [n, n + Rows) of y = x w^T * scale for activation rows [m0, m0 + XRows) (both
+// constants; every loop over the accumulators unrolled, so they stay in registers): each
+// weight vector widened to fp32 once for all XRows rows. `prefetch`: the first pass over
+// these weight rows, which fetches the ones after them.
 template <int64_t Rows, int64_t XRows>
 void int8_pass(const float* x, const int8_t* w, const float* scale, at::BFloat16* y,
                int64_t m0, int64_t K, int64_t N, int64_t n, bool prefetch) {
-  static_assert(XRows * Rows <= 8);
   const int8_t* w0 = w + n * K;
   const int8_t* ahead = w0 + kAhead * K;
   const int8_t* end = w + N * K;
   __m512 acc[XRows][Rows];
-  for (int64_t i = 0; i < XRows; ++i)
-    for (int64_t r = 0; r < Rows; ++r) acc[i][r] = _mm512_setzero_ps();
+  HERON_UNROLL for (int64_t i = 0; i < XRows; ++i) {
+    HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) acc[i][r] = _mm512_setzero_ps();
+  }
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 mask = heron_simd::tail_mask(K - k);
     if (prefetch && k % 64 == 0)
       for (int64_t r = 0; r < Rows; ++r)
         if (ahead + r * K + k < end) heron_simd::prefetch_l2(ahead + r * K + k);
     __m512 wv[Rows];
-    for (int64_t r = 0; r < Rows; ++r) wv[r] = load16(w0 + r * K + k, mask);
-    for (int64_t i = 0; i < XRows; ++i) {
+    HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) wv[r] = load16(w0 + r * K + k, mask);
+    HERON_UNROLL for (int64_t i = 0; i < XRows; ++i) {
       const __m512 xv = _mm512_maskz_loadu_ps(mask, x + (m0 + i) * K + k);
-      for (int64_t r = 0; r < Rows; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+      HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) {
+        acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+      }
     }
   }
-#pragma GCC unroll 2
-  for (int64_t i = 0; i < XRows; ++i)
-#pragma GCC unroll 4
-    for (int64_t r = 0; r < Rows; ++r)
+  HERON_UNROLL for (int64_t i = 0; i < XRows; ++i) {
+    HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) {
       y[(m0 + i) * N + n + r] = at::BFloat16(_mm512_reduce_add_ps(acc[i][r]) * scale[n + r]);
+    }
+  }
 }
 
-// Output rows [n, n + Rows) for all M activation rows, two at a time.
+// Output rows [n, n + Rows) for all M activation rows, kXRows at a time.
 template <int64_t Rows>
 void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16* y, int64_t M,
                int64_t K, int64_t N, int64_t n) {
-  for (int64_t m0 = 0; m0 < M; m0 += 2) {
-    if (m0 + 2 <= M) {
-      int8_pass<Rows, 2>(x, w, scale, y, m0, K, N, n, m0 == 0);
-    } else {
-      int8_pass<Rows, 1>(x, w, scale, y, m0, K, N, n, m0 == 0);
+  for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
+    const bool first = m0 == 0;
+    switch (std::min(kXRows, M - m0)) {
+      case 1:
+        int8_pass<Rows, 1>(x, w, scale, y, m0, K, N, n, first);
+        break;
+      case 2:
+        int8_pass<Rows, 2>(x, w, scale, y, m0, K, N, n, first);
+        break;
+      case 3:
+        int8_pass<Rows, 3>(x, w, scale, y, m0, K, N, n, first);
+        break;
+      default:
+        int8_pass<Rows, kXRows>(x, w, scale, y, m0, K, N, n, first);
     }
   }
 }

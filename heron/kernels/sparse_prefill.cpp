@@ -95,26 +95,32 @@ template <int64_t Rows, int64_t Vecs>
 inline void vnni_tile(int64_t K, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
                       __mmask16 cols, const bf16* a, const bf16* b, float* c) {
   __m512 acc[Rows][Vecs];
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < Vecs; ++v)
+  HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) {
+    HERON_UNROLL for (int64_t v = 0; v < Vecs; ++v) {
       acc[r][v] = add_c ? _mm512_maskz_loadu_ps(v + 1 < Vecs ? 0xFFFF : cols, c + r * ldc + 16 * v)
                         : _mm512_setzero_ps();
+    }
+  }
   for (int64_t kp = 0; kp < K / 2; ++kp) {
     __m512bh bv[Vecs];
-    for (int64_t v = 0; v < Vecs; ++v) {
+    HERON_UNROLL for (int64_t v = 0; v < Vecs; ++v) {
       const __mmask16 live = v + 1 < Vecs ? 0xFFFF : cols;
       bv[v] = (__m512bh)_mm512_maskz_loadu_epi32(live, b + (kp * ldb + 16 * v) * 2);
     }
-    for (int64_t r = 0; r < Rows; ++r) {
+    HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) {
       int32_t pair;
       std::memcpy(&pair, a + r * lda + 2 * kp, sizeof pair);
       const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
-      for (int64_t v = 0; v < Vecs; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      HERON_UNROLL for (int64_t v = 0; v < Vecs; ++v) {
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+      }
     }
   }
-  for (int64_t r = 0; r < Rows; ++r)
-    for (int64_t v = 0; v < Vecs; ++v)
+  HERON_UNROLL for (int64_t r = 0; r < Rows; ++r) {
+    HERON_UNROLL for (int64_t v = 0; v < Vecs; ++v) {
       _mm512_mask_storeu_ps(c + r * ldc + 16 * v, v + 1 < Vecs ? 0xFFFF : cols, acc[r][v]);
+    }
+  }
 }
 
 template <int64_t Rows>
