@@ -6,12 +6,13 @@
 // here. PyTorch's kernels stream them at ~10.5 GB/s: int8 waits on memory (no prefetch);
 // int4 is compute-bound turning nibbles into floats (one core, a 3072 x 576 weight in cache,
 // one row: 98 us; 52 us here). Here:
-// - int8: each weight converted to fp32 once for two activation rows, the weight prefetched
-//   two row blocks ahead. SmolLM2's 28 MB head cold: 2.70 -> 1.64 ms. (Both kernels prefetch
-//   into L2, heron_simd::prefetch_l2: on a Zen 4 EPYC the head cold then takes ~1.0 ms.) On
-//   that Zen 4, passes of 2 rows x 4 weight rows instead of 4 x 4 (whose accumulators GCC
-//   kept on the stack too, see int8_pass): the head at 1 / 2 / 8 / 16 rows 1.17 / 1.67 /
-//   5.87 / 10.1 -> 1.02 / 1.07 / 3.66 / 7.65 ms.
+// - int8: each weight converted to fp32 once for up to four activation rows, the weight
+//   prefetched two row blocks ahead. SmolLM2's 28 MB head cold: 2.70 -> 1.64 ms. (Both
+//   kernels prefetch into L2, heron_simd::prefetch_l2: on a Zen 4 EPYC the head cold then
+//   takes ~1.0 ms.) GCC kept the 4 x 4 accumulators on the stack as well until every loop
+//   over them was unrolled (HERON_UNROLL): on that Zen 4 the head at 1 / 4 / 8 / 16 rows
+//   1.10 / 3.30 / 5.36 / 10.5 -> 0.83 / 1.75 / 3.31 / 6.16 ms, SmolLM2's int8 layers at 2-16
+//   rows 1.5-1.65x faster.
 // - int4 (PyTorch's packed layout, unchanged): no float conversion of weights at all. The
 //   nibbles of four inputs of 16 rows are gathered into one 32-bit lane (vpermi2b) and
 //   multiplied by integer activations with VNNI (vpdpbusd, 64 products per instruction).

@@ -37,8 +37,10 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # heron's int8 (2-core AVX-512 CPU, SmolLM2's 120 layer products cold: even at 16 rows, 59 vs
 # 60 ms; its int8 head 9.8 vs 11.0 ms):
 GEMV_MAX_ROWS = 16
-# heron's int4, which does not widen weights to floats: 34 vs 74 ms at 16 rows, 76 vs 86 at 48.
-HERON_INT4_MAX_ROWS = 48
+# heron's int4, which does not widen weights to floats: 34 vs 74 ms at 16 rows, 76 vs 86 at 48
+# (that 2-core CPU); since it unpacks a weight group once for all rows, on a 2-core Zen 4 EPYC
+# (no AMX) 23 vs 59 ms at 16 rows, 52-82 vs 69-102 at 64, even at ~128.
+HERON_INT4_MAX_ROWS = 64
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed kernels take bf16 activations and scales
 # How heron's C++ decode loop computes a linear (heron.kernels.DecodeLinear's arguments):
