@@ -21,9 +21,11 @@ inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // Put before every loop over a register-blocked kernel's accumulator array (its set-up, its
 // inner products, its stores): the loops are then unrolled whole and the array lives in
-// registers only. GCC 12 otherwise keeps an array of more than 8 vectors on the stack as well
-// and stores all of it on every step: the prefill block kernel's 4 x 4 tile ran 16 stores per
-// 16 vdpbf16ps, and the int8 GEMV's 2-row passes ran at half speed.
+// registers only. GCC 12 otherwise keeps the array on the stack as well and stores all of it
+// on every step where it holds more than 8 vectors or a loop over it stays rolled (a
+// horizontal sum per element, say): the prefill block kernel's 4 x 4 tile ran 16 stores per
+// 16 vdpbf16ps, and the int8 GEMV's 4 x 4 passes ran at half speed. (int4_group_pass, two
+// arrays of at most 8 vectors with short loops, compiles to registers without it.)
 #define HERON_UNROLL _Pragma("GCC unroll 16")
 
 // 2^f for |f| <= 1/2 by its degree-5 Taylor polynomial, highest degree first (Horner): the
