@@ -242,7 +242,8 @@ enum class Weights { kUnpack, kUnpackAndKeep, kKept };
 // One weight group's contribution to the block's outputs for R activation rows (R a constant:
 // the 8 R integer accumulators stay in registers): the exact int32 dot products of the
 // group's `steps` 4-input steps, then out[i] += scale * x_scale * dot + zero * x_sum in fp32
-// (each row alone, so a row's result does not depend on the rows computed with it).
+// (each row alone, so a row's result does not depend on the rows computed with it). `p` and
+// `prefetch` are read only by the passes that unpack.
 template <int R, Weights From>
 inline void int4_group_pass(const Unpacker& unpack, const uint8_t* p, bool prefetch,
                             __m512i (*kept)[4], int64_t steps, const int8_t* const* x_hi,
@@ -313,13 +314,16 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
     }
     const uint8_t* p = base + g * group * (kBlockN / 2);
     for (int64_t m0 = 0; m0 < M; m0 += 2) {
-      const int64_t r0 = (m_begin + m0) * K + g * group, r1 = r0 + K;
+      // The pass's rows m0 and m1 (a last odd row pairs with itself; one-row passes read only
+      // the first of each pair below).
+      const int64_t m1 = std::min(m0 + 1, M - 1);
+      const int64_t r0 = (m_begin + m0) * K + g * group, r1 = (m_begin + m1) * K + g * group;
       const int8_t* x_hi[2] = {xs.hi.data() + r0, xs.hi.data() + r1};
       const int8_t* x_lo[2] = {xs.lo.data() + r0, xs.lo.data() + r1};
-      const int64_t at = (m_begin + m0) * G + g;
-      const float x_scale[2] = {xs.scale[at], m0 + 1 < M ? xs.scale[at + G] : 0.f};
-      const float x_sum[2] = {xs.sum[at], m0 + 1 < M ? xs.sum[at + G] : 0.f};
-      float* o[2] = {out[m0], out[std::min(m0 + 1, M - 1)]};
+      const int64_t a0 = (m_begin + m0) * G + g, a1 = (m_begin + m1) * G + g;
+      const float x_scale[2] = {xs.scale[a0], xs.scale[a1]};
+      const float x_sum[2] = {xs.sum[a0], xs.sum[a1]};
+      float* o[2] = {out[m0], out[m1]};
       if (M == 1) {
         int4_group_pass<1, Weights::kUnpack>(unpack, p, prefetch, kept, steps, x_hi, x_lo,
                                              x_scale, x_sum, scale, zero, o);
@@ -329,12 +333,12 @@ void int4_block(const IntRows& xs, const uint8_t* packed, const uint32_t* scale_
       } else if (m0 == 0) {
         int4_group_pass<2, Weights::kUnpackAndKeep>(unpack, p, prefetch, kept, steps, x_hi,
                                                     x_lo, x_scale, x_sum, scale, zero, o);
-      } else if (m0 + 1 < M) {
-        int4_group_pass<2, Weights::kKept>(unpack, p, false, kept, steps, x_hi, x_lo, x_scale,
-                                           x_sum, scale, zero, o);
+      } else if (m1 > m0) {
+        int4_group_pass<2, Weights::kKept>(unpack, p, prefetch, kept, steps, x_hi, x_lo,
+                                           x_scale, x_sum, scale, zero, o);
       } else {
-        int4_group_pass<1, Weights::kKept>(unpack, p, false, kept, steps, x_hi, x_lo, x_scale,
-                                           x_sum, scale, zero, o);
+        int4_group_pass<1, Weights::kKept>(unpack, p, prefetch, kept, steps, x_hi, x_lo,
+                                           x_scale, x_sum, scale, zero, o);
       }
     }
   }
