@@ -572,6 +572,42 @@ def test_quantized_gemv_rows_do_not_depend_on_each_other(kind):
             assert torch.equal(many[i], alone[0]), (rows, group, i)
 
 
+def _bf16_case(out_f: int, in_f: int, rows: int, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g).bfloat16()
+    x = torch.randn(rows, in_f, generator=g).bfloat16()
+    b = torch.randn(out_f, generator=g).bfloat16() if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 21])
+@pytest.mark.parametrize("out_f, in_f", [(960, 576), (576, 1536), (99, 77)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_gemv_matches_a_float64_product(rows, out_f, in_f, bias):
+    """fp32 sums of exact bf16 products, rounded once: within half a bf16 step of the float64
+    product plus fp32 summation error, for output counts that do not fill a 4-row step and
+    inputs that end mid-way through 32."""
+    if not kernels.bf16_gemv_runs():
+        pytest.skip("needs AVX512_BF16")
+    x, w, b = _bf16_case(out_f, in_f, rows, bias)
+    ref = x.double() @ w.double().T + (0 if b is None else b.double())
+    magnitude = x.double().abs() @ w.double().abs().T
+    y = kernels.bf16_gemv(x, w, b)
+    assert y.shape == (rows, out_f) and y.dtype == torch.bfloat16
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-8 + magnitude * 2**-20).all()
+
+
+def test_bf16_gemv_rows_do_not_depend_on_each_other():
+    """As the quantized products: a verify pass's rows give plain one-row steps' bits."""
+    if not kernels.bf16_gemv_runs():
+        pytest.skip("needs AVX512_BF16")
+    for rows in (2, 3, 5, 16):
+        x, w, b = _bf16_case(99, 100, rows, True, seed=rows)
+        many = kernels.bf16_gemv(x, w, b)
+        for i in range(rows):
+            assert torch.equal(many[i], kernels.bf16_gemv(x[i : i + 1], w, b)[0]), (rows, i)
+
+
 def _quantized_product(kind: str, packed, x: torch.Tensor) -> torch.Tensor:
     if kind == "int8":
         return kernels.int8_gemv(x, packed.qweight, packed.kernel_scale)

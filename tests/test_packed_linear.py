@@ -1,7 +1,7 @@
 """Linears pre-packed for oneDNN (heron.layers.packed_linear): in bf16 the same bits as
-F.linear at every row count, in float32 the same within rounding; every linear of a bf16 CPU
-model packed at load, of a float32 one only off Intel CPUs; the engine's greedy tokens
-unchanged by it."""
+F.linear at every row count oneDNN serves, in float32 the same within rounding; a decode
+step's few bf16 rows through heron's bf16 GEMV; every linear of a bf16 CPU model packed at
+load, of a float32 one only off Intel CPUs; the engine's greedy tokens unchanged by it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from conftest import make_llm
 from torch import nn
 
-from heron import SamplingParams
+from heron import SamplingParams, kernels
 from heron.layers import packed_linear
 from heron.layers.packed_linear import PackedLinear, pack_linears
 from heron.models import loader
@@ -26,14 +26,43 @@ def _needs_packing(dtype: torch.dtype) -> pytest.MarkDecorator:
 @_needs_packing(torch.bfloat16)
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_gives_f_linear_bits(rows, bias):
+def test_packed_linear_gives_f_linear_bits(rows, bias, monkeypatch):
+    """oneDNN's packed product (every row count with heron's bf16 GEMV off, above its rows
+    with it on) is F.linear's."""
+    linear, x = _bf16_linear(rows, bias)
+    packed = PackedLinear(linear)
+    if rows <= packed.gemv_rows:
+        monkeypatch.setattr(packed_linear, "_bf16_gemv_runs", lambda weight: False)
+        packed = PackedLinear(linear)
+    assert rows > packed.gemv_rows
+    with torch.inference_mode():
+        assert torch.equal(packed(x), linear(x))
+
+
+@_needs_packing(torch.bfloat16)
+@pytest.mark.parametrize("rows", [1, 3, 16])  # 16: its most rows where the CPU has AMX
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_bf16_rows_go_through_the_bf16_gemv(rows, bias):
+    """Up to its gemv_rows rows a packed bf16 linear is heron's bf16 GEMV on its plain weight,
+    which agrees with F.linear within bf16 rounding of the output."""
+    if not kernels.bf16_gemv_runs():
+        pytest.skip("needs AVX512_BF16")
+    linear, x = _bf16_linear(rows, bias)
+    packed = PackedLinear(linear)
+    assert rows <= packed.gemv_rows
+    assert packed.few_rows_weight.data_ptr() == linear.weight.data_ptr()  # no copy made
+    with torch.inference_mode():
+        y, want = packed(x), linear(x)
+    assert torch.equal(y, kernels.bf16_gemv(x, linear.weight, linear.bias))
+    torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-2)
+
+
+def _bf16_linear(rows: int, bias: bool) -> tuple[nn.Linear, torch.Tensor]:
     g = torch.Generator().manual_seed(rows)
     linear = nn.Linear(576, 960, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(960, 576, generator=g))
-    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
-    with torch.inference_mode():
-        assert torch.equal(PackedLinear(linear)(x), linear(x))
+    return linear, torch.randn(rows, 576, generator=g).to(torch.bfloat16)
 
 
 @_needs_packing(torch.float32)
@@ -52,6 +81,9 @@ def test_bf16_models_pack_every_linear():
     assert not any(isinstance(m, nn.Linear) for m in bf16.modules())
     packed = [m for m in bf16.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 4 * bf16.config.num_layers + 1  # + the LM head
+    if kernels.bf16_gemv_runs():  # the tied head's GEMV reads the embedding itself
+        head, embedding = bf16.lm_head.few_rows_weight, bf16.embed_tokens.weight
+        assert head.data_ptr() == embedding.data_ptr()
 
 
 @_needs_packing(torch.float32)

@@ -67,8 +67,13 @@ class LatencyRow:
 
 
 def _model_mib(model: torch.nn.Module) -> float:
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    """Parameters and buffers, each memory once: a tied LM head's GEMV weight is the
+    embedding's own (oneDNN's packed weights are opaque tensors, each its own memory)."""
+    held: dict[int, int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr() if t.layout == torch.strided else id(t)
+        held[key] = max(held.get(key, 0), t.numel() * t.element_size())
+    return sum(held.values()) / 2**20
 
 
 def run_heron(cfg: LatencyBenchConfig, quantization: str) -> tuple[LatencyRow, dict]:

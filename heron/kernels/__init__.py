@@ -26,6 +26,7 @@ _SOURCES = [
         "sparse_prefill.cpp",
         "dequantize.cpp",
         "quantized_gemv.cpp",
+        "bf16_gemv.cpp",
         "decode_layers.cpp",
         "bindings.cpp",
     )
@@ -288,6 +289,28 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> tor
 
 
 @functools.cache
+def bf16_gemv_runs() -> bool:
+    """Whether :func:`bf16_gemv` runs here (kernels built with AVX512_BF16)."""
+    return available() and _module().bf16_gemv_supported()
+
+
+@functools.cache
+def bf16_gemv_max_rows() -> int:
+    """Rows up to which :func:`bf16_gemv` is faster than oneDNN's packed GEMM."""
+    return _module().bf16_gemv_max_rows()
+
+
+def bf16_gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a few bf16 rows ``x`` [M, K] and a plain bf16 ``weight``
+    [N, K]: fp32 sums, one bf16 rounding; each row's result independent of the others'.
+    Faster than oneDNN where the weight is not in cache. Call only where
+    :func:`bf16_gemv_runs` is true."""
+    return _module().bf16_gemv(x, weight, bias)
+
+
+@functools.cache
 def int4_gemv_runs() -> bool:
     """Whether :func:`int4_gemv` runs here (kernels built with AVX-512 VNNI and VBMI, or
     AVX2)."""
@@ -321,9 +344,10 @@ def decode_linear(
     scales: torch.Tensor | None,
     group_size: int,
     bias: torch.Tensor | None,
+    few_rows_weight: torch.Tensor | None,
 ) -> object:
     """One linear of :func:`decode_layers` (``heron.layers.quantized_linear.LinearSpec``)."""
-    return _module().DecodeLinear(kind, weight, scales, group_size, bias)
+    return _module().DecodeLinear(kind, weight, scales, group_size, bias, few_rows_weight)
 
 
 def decode_layer(

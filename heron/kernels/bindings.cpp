@@ -20,6 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether int4_gemv runs here (AVX-512 VNNI and VBMI, or AVX2)");
   m.def("int4_gemv_block", &int4_gemv_block, "the int4 pack's row block int4_gemv reads");
   m.def("int4_gemv", &int4_gemv, "int4 weight-only product of a few bf16 rows");
+  m.def("bf16_gemv_supported", &bf16_gemv_supported,
+        "whether bf16_gemv runs here (AVX512_BF16)");
+  m.def("bf16_gemv_max_rows", &bf16_gemv_max_rows, "rows up to which bf16_gemv is the faster");
+  m.def("bf16_gemv", &bf16_gemv, "bf16 product of a few bf16 rows with a plain weight");
   m.def("dequantize_supported", &dequantize_supported,
         "whether dequantize_int4 and dequantize_int8 run here (AVX-512 bf16)");
   m.def("dequantize_int4", &dequantize_int4, "PyTorch's CPU int4 pack back to a bf16 weight");
@@ -30,7 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "an int8 weight and its scales as float32");
   py::class_<DecodeLinear>(m, "DecodeLinear")
       .def(py::init<std::string, torch::Tensor, std::optional<torch::Tensor>, int64_t,
-                    std::optional<torch::Tensor>>());
+                    std::optional<torch::Tensor>, std::optional<torch::Tensor>>());
   using OptTensor = std::optional<torch::Tensor>;
   py::class_<DecodeLayer>(m, "DecodeLayer")
       .def(py::init<torch::Tensor, DecodeLinear, DecodeLinear, torch::Tensor, DecodeLinear,

@@ -40,9 +40,10 @@ torch::Tensor onednn_packed_linear(const torch::Tensor& x, const torch::Tensor& 
 
 DecodeLinear::DecodeLinear(std::string kind, torch::Tensor weight,
                            std::optional<torch::Tensor> scales, int64_t group_size,
-                           std::optional<torch::Tensor> bias)
+                           std::optional<torch::Tensor> bias,
+                           std::optional<torch::Tensor> few_rows_weight)
     : weight_(std::move(weight)), scales_(std::move(scales)), group_size_(group_size),
-      bias_(std::move(bias)) {
+      bias_(std::move(bias)), few_rows_weight_(std::move(few_rows_weight)) {
   if (kind == "dense") {
     kind_ = Kind::kDense;
   } else if (kind == "mkldnn") {
@@ -56,6 +57,8 @@ DecodeLinear::DecodeLinear(std::string kind, torch::Tensor weight,
   } else {
     TORCH_CHECK(false, "DecodeLinear: unknown kind ", kind);
   }
+  TORCH_CHECK(!few_rows_weight_ || kind_ == Kind::kMkldnn,
+              "DecodeLinear: only mkldnn takes a few-rows weight");
 }
 
 // What the module's forward computes for a 2-D x of at most its max_gemv_rows rows: the packed
@@ -66,6 +69,9 @@ torch::Tensor DecodeLinear::operator()(const torch::Tensor& x) const {
     case Kind::kDense:
       return at::linear(x, weight_, bias_);
     case Kind::kMkldnn:
+      if (few_rows_weight_ && x.size(0) <= bf16_gemv_max_rows()) {
+        return bf16_gemv(x, *few_rows_weight_, bias_);
+      }
       return onednn_packed_linear(x, weight_, bias_);
     case Kind::kInt8:
     case Kind::kInt4:

@@ -58,14 +58,21 @@ int64_t int4_gemv_block();
 torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
                         int64_t group_size, int64_t out_features);
 
+// bf16_gemv.cpp
+bool bf16_gemv_supported();
+int64_t bf16_gemv_max_rows();
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias);
+
 // decode_layers.cpp
 // One linear as its module computes it for a decode step's few rows: "dense" (F.linear),
-// "mkldnn" (a oneDNN-packed bf16 weight), "int8" / "int4" (int8_gemv / int4_gemv above),
-// "int8_aten" / "int4_aten" (PyTorch's packed CPU kernels).
+// "mkldnn" (a oneDNN-packed bf16 weight; with `few_rows_weight`, the plain weight that
+// bf16_gemv reads for up to bf16_gemv_max_rows() rows), "int8" / "int4" (int8_gemv /
+// int4_gemv above), "int8_aten" / "int4_aten" (PyTorch's packed CPU kernels).
 class DecodeLinear {
  public:
   DecodeLinear(std::string kind, torch::Tensor weight, std::optional<torch::Tensor> scales,
-               int64_t group_size, std::optional<torch::Tensor> bias);
+               int64_t group_size, std::optional<torch::Tensor> bias,
+               std::optional<torch::Tensor> few_rows_weight);
   torch::Tensor operator()(const torch::Tensor& x) const;
 
  private:
@@ -75,6 +82,7 @@ class DecodeLinear {
   std::optional<torch::Tensor> scales_;
   int64_t group_size_;
   std::optional<torch::Tensor> bias_;
+  std::optional<torch::Tensor> few_rows_weight_;
 };
 
 // A decoder layer's weights. Llama / Qwen2: input_norm, attention, post_norm (added to the

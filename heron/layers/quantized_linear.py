@@ -44,9 +44,12 @@ HERON_INT4_MAX_ROWS = 64
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed kernels take bf16 activations and scales
 # How heron's C++ decode loop computes a linear (heron.kernels.DecodeLinear's arguments):
-# (kind, weight, scales, group size, bias), the same product as the module's forward for up
-# to its max_gemv_rows rows.
-LinearSpec = tuple[str, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]
+# (kind, weight, scales, group size, bias, few-rows weight), the same product as the module's
+# forward for up to its max_gemv_rows rows. The few-rows weight: a packed bf16 linear's plain
+# weight, which heron's bf16 GEMV reads for a few rows (heron.layers.packed_linear).
+LinearSpec = tuple[
+    str, torch.Tensor, torch.Tensor | None, int, torch.Tensor | None, torch.Tensor | None
+]
 
 
 class Int8Linear(nn.Module):
@@ -73,7 +76,7 @@ class Int8Linear(nn.Module):
 
     def decode_spec(self) -> LinearSpec:
         kind = "int8" if self.heron_gemv else "int8_aten"
-        return (kind, self.qweight, self.kernel_scale, 0, self.bias)
+        return (kind, self.qweight, self.kernel_scale, 0, self.bias, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
@@ -122,7 +125,7 @@ class Int4Linear(nn.Module):
 
     def decode_spec(self) -> LinearSpec:
         kind = "int4" if self.heron_gemv else "int4_aten"
-        return (kind, self.packed, self.scale_zero, self.group_size, self.bias)
+        return (kind, self.packed, self.scale_zero, self.group_size, self.bias, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = _rows(x, self.in_features)
@@ -216,7 +219,7 @@ def decode_spec(linear: nn.Module) -> LinearSpec | None:
     """``linear``'s :data:`LinearSpec` where it has one (a plain ``nn.Linear`` or a packed
     form), else None."""
     if type(linear) is nn.Linear:
-        return ("dense", linear.weight, None, 0, linear.bias)
+        return ("dense", linear.weight, None, 0, linear.bias, None)
     spec = getattr(linear, "decode_spec", None)
     return None if spec is None else spec()
 
