@@ -57,6 +57,16 @@ def test_few_bf16_rows_go_through_the_bf16_gemv(rows, bias):
     torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_linear_takes_no_rows(dtype):
+    """A step that samples nothing asks the LM head for 0 rows."""
+    if not packed_linear._packs_correctly(dtype):
+        pytest.skip(f"no oneDNN {dtype} weight packing here")
+    linear = nn.Linear(64, 48).to(dtype)
+    with torch.inference_mode():
+        assert PackedLinear(linear)(torch.empty(0, 64, dtype=dtype)).shape == (0, 48)
+
+
 def _bf16_linear(rows: int, bias: bool) -> tuple[nn.Linear, torch.Tensor]:
     g = torch.Generator().manual_seed(rows)
     linear = nn.Linear(576, 960, bias=bias).to(torch.bfloat16)

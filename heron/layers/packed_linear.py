@@ -61,7 +61,7 @@ class PackedLinear(nn.Module):
         return ("mkldnn", self.packed, None, 0, self.bias, self.few_rows_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.shape[0] <= self.gemv_rows:
+        if self.few_rows_weight is not None and x.dim() == 2 and x.shape[0] <= self.gemv_rows:
             return kernels.bf16_gemv(x, self.few_rows_weight, self.bias)
         return _onednn_linear(x, self.packed, self.bias)
 
