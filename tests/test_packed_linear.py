@@ -96,6 +96,20 @@ def test_bf16_models_pack_every_linear():
         assert head.data_ptr() == embedding.data_ptr()
 
 
+@_needs_packing(torch.bfloat16)
+@pytest.mark.parametrize("free_mib", [100, 10_000])
+def test_bf16_gemv_weights_kept_only_where_memory_allows(monkeypatch, free_mib):
+    """SmolLM2's untied linears hold 202 MiB: kept next to the packed weights with 10 GB
+    available, not with 100 MB (oneDNN serves every row count then)."""
+    if not kernels.bf16_gemv_runs():
+        pytest.skip("needs AVX512_BF16")
+    monkeypatch.setattr(packed_linear, "free_memory_bytes", lambda device: free_mib * 2**20)
+    model = make_llm(dtype="bfloat16").engine.runner.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    kept = [m.few_rows_weight is not None for m in packed]
+    assert all(kept) if free_mib > 1000 else not any(kept)
+
+
 @_needs_packing(torch.float32)
 @pytest.mark.parametrize("intel", [True, False])
 def test_float32_is_packed_only_off_intel(monkeypatch, intel):

@@ -23,7 +23,9 @@ GEMV instead where the CPU has AVX512_BF16 (``heron.kernels.bf16_gemv``): it str
 cold, 2-core Zen 4 EPYC: 9-12 vs 14-16 ms), and each row's result does not depend on how many
 rows share the call, so speculative verify rows reproduce plain decoding's tokens in bf16.
 That keeps the plain weight next to the packed one: a second copy of every bf16 linear's
-weight (SmolLM2-135M: +212 MB), except the tied head's, which is the embedding's own.
+weight (SmolLM2-135M: +202 MiB, Qwen2.5-0.5B: +942 MiB), except a tied head's, which is the
+embedding's own. So a model gets it only where that copy takes at most a quarter of the
+memory available at load (a 7B model in bf16 on a 24 GB machine does not; logged either way).
 Outputs of those few rows differ from F.linear's by rounding (fp32 sums in another order)."""
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from torch import nn
 
 from heron import kernels
 from heron.layers.quantized_linear import LinearSpec, replace_linears
-from heron.platform import cpu_is_intel
+from heron.platform import cpu_is_intel, free_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ _PACK_ROWS = 64
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, gemv: bool = True) -> None:
+        """``gemv``: keep the plain bf16 weight for heron's bf16 GEMV where it runs here."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
@@ -53,7 +56,7 @@ class PackedLinear(nn.Module):
         )
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), False)
         # The plain weight heron's bf16 GEMV reads for up to gemv_rows rows (0: oneDNN always).
-        few_rows = weight.dtype == torch.bfloat16 and _bf16_gemv_runs(weight)
+        few_rows = gemv and weight.dtype == torch.bfloat16 and _bf16_gemv_runs(weight)
         self.register_buffer("few_rows_weight", weight if few_rows else None, persistent=False)
         self.gemv_rows = kernels.bf16_gemv_max_rows() if few_rows else 0
 
@@ -82,7 +85,35 @@ def pack_linears(model: nn.Module) -> None:
     if not (torch.backends.mkldnn.is_available() and _packs_correctly(first.dtype)):
         logger.info("oneDNN weight packing unavailable here: %s linears run unpacked", first.dtype)
         return
-    replace_linears(model, lambda name, linear: PackedLinear(linear))
+    gemv = _room_for_gemv_weights(model)
+    replace_linears(model, lambda name, linear: PackedLinear(linear, gemv))
+
+
+def _room_for_gemv_weights(model: nn.Module) -> bool:
+    """Whether the plain bf16 weights heron's GEMV reads may stay next to the packed ones:
+    at most a quarter of the memory available now (logged)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears or linears[0].weight.dtype != torch.bfloat16:
+        return False
+    if not _bf16_gemv_runs(linears[0].weight):
+        return False
+    shared = {
+        p.data_ptr()
+        for m in model.modules()
+        if not isinstance(m, nn.Linear)
+        for p in m.parameters(recurse=False)
+    }  # a tied head reads the embedding
+    extra = sum(m.weight.nbytes for m in linears if m.weight.data_ptr() not in shared)
+    free = free_memory_bytes(torch.device("cpu"))
+    room = extra <= free // 4
+    logger.info(
+        "bf16 GEMV for decode steps %s: its plain weights take %.0f MiB next to the packed "
+        "ones (%.0f MiB available)",
+        "on" if room else "off",
+        extra / 2**20,
+        free / 2**20,
+    )
+    return room
 
 
 def packs(dtype: torch.dtype) -> bool:
