@@ -31,7 +31,7 @@ first token, so this is the ceiling that ngram and lookahead work under.
 Where a verify pass's products go through oneDNN's GEMM in bfloat16, their sums depend on the
 call's shape (a verify pass has more rows than a plain step), so where two tokens are nearly
 tied the greedy choice can flip and the texts part; in float32, and through heron's few-row
-products (bf16 GEMV up to 32 rows, int8 / int4), each row is summed alone and they do not
+products (bf16 GEMV up to 64 rows, int8 / int4), each row is summed alone and they do not
 (the tests hold the engine to that). For each output that differs, the table gives the
 target's gap between its two best tokens where the texts part, measured on the plain prefix:
 a gap of a few bf16 steps of the logits (0.125-0.5 nats at these magnitudes) is such a tie,

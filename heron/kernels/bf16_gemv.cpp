@@ -31,11 +31,11 @@ bool bf16_gemv_supported() { return HERON_BF16_GEMV; }
 
 // Rows up to which bf16_gemv beats oneDNN's packed GEMM. SmolLM2's 121 products (all layers
 // and the head), cold, on a 2-core Zen 4 EPYC (AVX512_BF16, no AMX), oneDNN / bf16_gemv, ms:
-// 1 row 14-16 / 9.2, 4: 12-15 / 9.3, 8: 14-18 / 9.9, 16: 18-19 / 15.4-16, 24: 24.6 / 20.9,
-// 32: 29 / 26.5, 48: 41 / 37, 64: 49 / 48. With AMX, oneDNN's many-row products are several
-// times faster (tile multiplies): there the kernel takes 16 rows at most (not measured: no
-// AMX CPU at hand).
-int64_t bf16_gemv_max_rows() { return at::native::cpublas::could_pack(at::kBFloat16) ? 16 : 32; }
+// 1 row 14-16 / 9.2, 4: 12-15 / 9.3, 8: 14-18 / 9.9, 16: 18-19 / 15.4-16, 24: 23 / 20.5,
+// 32: 28 / 26.5, 40: 33 / 31.6, 48: 45 / 37, 64: 51 / 48; prefill chunks and bigger batches
+// stay with oneDNN. With AMX, oneDNN's many-row products are several times faster (tile
+// multiplies): there the kernel takes 16 rows at most (not measured: no AMX CPU at hand).
+int64_t bf16_gemv_max_rows() { return at::native::cpublas::could_pack(at::kBFloat16) ? 16 : 64; }
 
 namespace {
 
