@@ -1,5 +1,5 @@
-// bf16 products of a decode step's few rows (PackedLinear up to its max_gemv_rows rows, and
-// the tied LM head on the embedding's own weight).
+// bf16 products of a decode step's few rows (PackedLinear up to its gemv_rows rows; a tied LM
+// head reads the embedding's own weight).
 //
 // At batch 1 a bf16 step reads every weight once (SmolLM2-135M: 270 MB), so its speed is the
 // speed at which the products stream their weights. oneDNN's packed GEMM (what PackedLinear

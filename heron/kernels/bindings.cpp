@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "int4 weight-only product of a few bf16 rows");
   m.def("bf16_gemv_supported", &bf16_gemv_supported,
         "whether bf16_gemv runs here (AVX512_BF16)");
-  m.def("bf16_gemv_max_rows", &bf16_gemv_max_rows, "rows up to which bf16_gemv is the faster");
+  m.def("bf16_gemv_max_rows", &bf16_gemv_max_rows, "rows up to which bf16_gemv beats oneDNN");
   m.def("bf16_gemv", &bf16_gemv, "bf16 product of a few bf16 rows with a plain weight");
   m.def("dequantize_supported", &dequantize_supported,
         "whether dequantize_int4 and dequantize_int8 run here (AVX-512 bf16)");

@@ -17,11 +17,12 @@ float32 linears are packed too; their outputs then differ from F.linear's by rou
 The tied LM head gets its own packed copy (the embedding keeps the plain weight): one more
 embedding-sized tensor in memory.
 
-A decode step's few rows (up to ``kernels.bf16_gemv_max_rows()``, 16) go through heron's bf16
-GEMV instead where the CPU has AVX512_BF16 (``heron.kernels.bf16_gemv``): it streams the plain
-[out, in] weight ~1.4x faster than oneDNN's packed GEMM at 1-4 rows (SmolLM2's 121 products
-cold, 2-core Zen 4 EPYC: 9-12 vs 14-16 ms), and each row's result does not depend on how many
-rows share the call, so speculative verify rows reproduce plain decoding's tokens in bf16.
+A decode step's few rows (up to ``kernels.bf16_gemv_max_rows()``: 64, 16 with AMX) go through
+heron's bf16 GEMV instead where the CPU has AVX512_BF16 (``heron.kernels.bf16_gemv``): it
+streams the plain [out, in] weight ~1.5x faster than oneDNN's packed GEMM at 1-4 rows
+(SmolLM2's 121 products cold, 2-core Zen 4 EPYC: 9.2 vs 14-16 ms), and each row's result does
+not depend on how many rows share the call, so speculative verify rows reproduce plain
+decoding's tokens in bf16.
 That keeps the plain weight next to the packed one: a second copy of every bf16 linear's
 weight (SmolLM2-135M: +202 MiB, Qwen2.5-0.5B: +942 MiB), except a tied head's, which is the
 embedding's own. So a model gets it only where that copy takes at most a quarter of the
