@@ -13,10 +13,8 @@
 // very tokens in bf16 too.
 #include "heron_kernels.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -108,26 +106,6 @@ void bf16_pass(const uint16_t* x, const uint16_t* w, const float* bias, at::BFlo
   }
 }
 
-// Output columns [n, n + Rows) for all M activation rows, kXRows at a time.
-template <int64_t Rows>
-void bf16_columns(const uint16_t* x, const uint16_t* w, const float* bias, at::BFloat16* y,
-                  int64_t M, int64_t K, int64_t N, int64_t n) {
-  for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
-    switch (std::min(kXRows, M - m0)) {
-      case 1:
-        bf16_pass<Rows, 1>(x, w, bias, y, m0, K, N, n);
-        break;
-      case 2:
-        bf16_pass<Rows, 2>(x, w, bias, y, m0, K, N, n);
-        break;
-      case 3:
-        bf16_pass<Rows, 3>(x, w, bias, y, m0, K, N, n);
-        break;
-      default:
-        bf16_pass<Rows, kXRows>(x, w, bias, y, m0, K, N, n);
-    }
-  }
-}
 #endif
 
 }  // namespace
@@ -152,14 +130,10 @@ torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor weight,
   const auto* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if ((b + 1) * kRows <= N) {
-        bf16_columns<kRows>(xp, wp, bp, yp, M, K, N, b * kRows);
-      } else {
-        for (int64_t n = b * kRows; n < N; ++n) bf16_columns<1>(xp, wp, bp, yp, M, K, N, n);
-      }
-    }
+  heron_simd::parallel_column_blocks<kRows>(N, [&](auto rows, int64_t n) {
+    heron_simd::for_row_blocks<kXRows>(M, [&](auto xrows, int64_t m0) {
+      bf16_pass<rows.value, xrows.value>(xp, wp, bp, yp, m0, K, N, n);
+    });
   });
   return y;
 #else

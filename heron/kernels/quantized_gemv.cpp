@@ -120,27 +120,6 @@ void int8_pass(const float* x, const int8_t* w, const float* scale, at::BFloat16
   }
 }
 
-// Output rows [n, n + Rows) for all M activation rows, kXRows at a time.
-template <int64_t Rows>
-void int8_rows(const float* x, const int8_t* w, const float* scale, at::BFloat16* y, int64_t M,
-               int64_t K, int64_t N, int64_t n) {
-  for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
-    const bool first = m0 == 0;
-    switch (std::min(kXRows, M - m0)) {
-      case 1:
-        int8_pass<Rows, 1>(x, w, scale, y, m0, K, N, n, first);
-        break;
-      case 2:
-        int8_pass<Rows, 2>(x, w, scale, y, m0, K, N, n, first);
-        break;
-      case 3:
-        int8_pass<Rows, 3>(x, w, scale, y, m0, K, N, n, first);
-        break;
-      default:
-        int8_pass<Rows, kXRows>(x, w, scale, y, m0, K, N, n, first);
-    }
-  }
-}
 #endif
 
 #if HERON_INT4_GEMV || HERON_GEMV_AVX2
@@ -527,27 +506,15 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor weight, torch::Tensor sca
   const float* sp = sf.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
 #if HERON_INT8_GEMV
-  at::parallel_for(0, (N + kRows - 1) / kRows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      if ((b + 1) * kRows <= N) {
-        int8_rows<kRows>(xp, wp, sp, yp, M, K, N, b * kRows);
-      } else {
-        for (int64_t n = b * kRows; n < N; ++n) int8_rows<1>(xp, wp, sp, yp, M, K, N, n);
-      }
-    }
+  heron_simd::parallel_column_blocks<kRows>(N, [&](auto rows, int64_t n) {
+    heron_simd::for_row_blocks<kXRows>(M, [&](auto xrows, int64_t m0) {
+      int8_pass<rows.value, xrows.value>(xp, wp, sp, yp, m0, K, N, n, m0 == 0);
+    });
   });
 #else
-  at::parallel_for(0, (N + kRows2 - 1) / kRows2, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t m0 = 0; m0 < M; m0 += kXRows2) {
-        const int64_t mm = std::min(kXRows2, M - m0);
-        if ((b + 1) * kRows2 <= N) {
-          int8_rows_avx2<kRows2>(xp, wp, sp, yp, m0, mm, K, N, b * kRows2);
-        } else {
-          for (int64_t n = b * kRows2; n < N; ++n)
-            int8_rows_avx2<1>(xp, wp, sp, yp, m0, mm, K, N, n);
-        }
-      }
+  heron_simd::parallel_column_blocks<kRows2>(N, [&](auto rows, int64_t n) {
+    for (int64_t m0 = 0; m0 < M; m0 += kXRows2) {
+      int8_rows_avx2<rows.value>(xp, wp, sp, yp, m0, std::min(kXRows2, M - m0), K, N, n);
     }
   });
 #endif

@@ -3,11 +3,14 @@
 // -march=native has its instructions.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace heron_simd {
 
@@ -27,6 +30,37 @@ inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 // 16 vdpbf16ps, and the int8 GEMV's 4 x 4 passes ran at half speed. (int4_group_pass, two
 // arrays of at most 8 vectors with short loops, compiles to registers without it.)
 #define HERON_UNROLL _Pragma("GCC unroll 16")
+
+// A register-blocked kernel's block sizes are template constants (HERON_UNROLL above); these
+// turn run-time counts into them. ``pass(std::integral_constant<int64_t, R>{}, m0)`` for the
+// rows [m0, m0 + R) of M: blocks of kMax rows, then the R < kMax that remain.
+template <int64_t R, typename Pass>
+inline void with_rows(int64_t rows, int64_t m0, Pass& pass) {
+  if constexpr (R > 1) {
+    if (rows < R) return with_rows<R - 1>(rows, m0, pass);
+  }
+  pass(std::integral_constant<int64_t, R>{}, m0);
+}
+
+template <int64_t kMax, typename Pass>
+inline void for_row_blocks(int64_t M, Pass&& pass) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMax) with_rows<kMax>(std::min(kMax, M - m0), m0, pass);
+}
+
+// ``block(std::integral_constant<int64_t, R>{}, n)`` for the output columns [n, n + R) of N on
+// all threads: blocks of kMax columns, a last partial block one column at a time (R = 1).
+template <int64_t kMax, typename Block>
+inline void parallel_column_blocks(int64_t N, Block&& block) {
+  at::parallel_for(0, (N + kMax - 1) / kMax, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      if ((b + 1) * kMax <= N) {
+        block(std::integral_constant<int64_t, kMax>{}, b * kMax);
+      } else {
+        for (int64_t n = b * kMax; n < N; ++n) block(std::integral_constant<int64_t, 1>{}, n);
+      }
+    }
+  });
+}
 
 // 2^f for |f| <= 1/2 by its degree-5 Taylor polynomial, highest degree first (Horner): the
 // fractional part of exp2_neg and exp2_neg8.
