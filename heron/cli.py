@@ -649,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--batch-size", type=int, default=8, help="prompts per task, run at once")
     sp.add_argument(
-        "--batch1-prompts", type=int, default=2, help="of those, how many run one at a time"
+        "--batch1-prompts", type=int, default=4, help="of those, how many run one at a time"
     )
     sp.add_argument("--max-tokens", type=int, default=128, help="new tokens per request")
     sp.add_argument(

@@ -60,6 +60,24 @@ class StrategyReport:
 
 
 @dataclass
+class RequestTimes:
+    """When a request arrived, sampled its first token and finished (``time.monotonic()``
+    seconds, as vLLM's RequestMetrics): time to first token and the decode phase's time per
+    output token follow from them."""
+
+    arrival: float
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def decode_seconds(self) -> float | None:
+        """From the first token to the last (None until finished)."""
+        if self.first_token is None or self.finished is None:
+            return None
+        return self.finished - self.first_token
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -70,3 +88,4 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     strategy: StrategyReport | None = None  # set when a decoding strategy chose the output
+    times: RequestTimes | None = None

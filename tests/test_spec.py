@@ -491,8 +491,11 @@ def test_bench_spec_runs_and_stays_lossless(tmp_path):
         ("ngram", 1),
         ("ngram", 2),
     ]
+    for r in runs:  # every output's first token is left out of the decode phase
+        assert r["decode_tokens"] == r["generated_tokens"] - r["requests"] * cfg.repeats
+        assert 0 < r["decode_seconds"] < r["seconds"]
     for r in runs[2:]:
-        assert r["identical"] == r["requests"] and r["speedup"] > 0
+        assert r["identical"] == r["requests"] and r["speedup"] > 0 and r["decode_speedup"] > 0
         assert r["draft_tokens"] > 0  # code edits copy their input: lookup drafts happen
     assert "ngram" in format_table(result)
     write_json(result, tmp_path / "spec.json")

@@ -25,6 +25,17 @@ def test_max_tokens_gives_length(greedy, llm):
     assert greedy.text == llm.get_tokenizer().decode(greedy.token_ids)
 
 
+def test_finished_output_carries_its_times(llm):
+    """arrival <= first token <= finished: what TTFT and the decode phase are measured from."""
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    t = out.times
+    assert t.arrival <= t.first_token <= t.finished
+    assert t.decode_seconds == t.finished - t.first_token
+    req = llm.engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=4))
+    outs = [o for _ in range(4) for o in llm.engine.step() if o.request_id == req.request_id]
+    assert outs[0].times.finished is None and outs[-1].times.finished is not None
+
+
 def _spanning_stop(tok, ids: list[int]) -> tuple[str, int, int]:
     """A 4-char stop string made of the last 2 chars of token k and the first 2 of token k+1.
     Returns (stop, k, char offset where it starts)."""

@@ -8,7 +8,9 @@ Tasks (chat-formatted, greedy):
 - ``chat``: open questions, where little of the output is in the prompt.
 
 For the baseline and each proposer: generated tokens per second at batch 1 (the prompts one at
-a time) and at batch B (all at once), the speed-up over the baseline, tokens per verify step
+a time) and at batch B (all at once), the speed-up over the baseline (end to end, and of the
+decode phase alone: each request's first token to its last, as vLLM's time per output token;
+the prefill before it costs the same with or without speculation), tokens per verify step
 (mean accepted drafts + 1) and acceptance rate, and whether every greedy output equals the
 baseline's (it must: speculation is lossless). Each engine is warmed up before it is timed,
 and a proposer that learns from earlier requests (lookahead's shared trie) starts each timed
@@ -83,7 +85,7 @@ class SpecBenchConfig:
     draft_num_layers: int | None = None
     tasks: tuple[str, ...] = TASKS
     batch_size: int = 8  # prompts per task; batch 1 times the first batch1_prompts alone
-    batch1_prompts: int = 2
+    batch1_prompts: int = 4
     max_tokens: int = 128
     repeats: int = 2  # timed turns of every engine per (task, batch)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -179,10 +181,19 @@ class Run:
     # the target's top-2 logprob gap where each differing output left the baseline's
     tie_gaps: list[float] = field(default_factory=list)
     speedup: float | None = None
+    # The decode phase alone (each request's first token to its last), what speculation
+    # changes: a prompt's prefill costs the same with or without it.
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    decode_speedup: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
     def tokens_per_verify_step(self) -> float | None:
@@ -194,7 +205,7 @@ class Run:
 
 
 def _time(llm, prompts: list[list[int]], params, batched: bool):
-    """Generated token lists, seconds, and the spec counters' increase over the run."""
+    """The outputs, seconds, and the spec counters' increase over the run."""
     if llm.engine.speculator is not None:
         llm.engine.speculator.proposer.forget()
     before = llm.engine.stats()
@@ -206,7 +217,7 @@ def _time(llm, prompts: list[list[int]], params, batched: bool):
     secs = time.perf_counter() - t0
     after = llm.engine.stats()
     spec = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("spec_")}
-    return [o.outputs[0].token_ids for o in outs], secs, spec
+    return outs, secs, spec
 
 
 def copy_bound_steps(prompt: list[int], output: list[int], anchored: bool = False) -> int:
@@ -234,7 +245,9 @@ def copy_bound_steps(prompt: list[int], output: list[int], anchored: bool = Fals
 def _engine(cfg: SpecBenchConfig, method: str):
     from heron import LLM, SamplingParams
 
-    kwargs = dict(cfg.engine_kwargs)
+    # Every turn prefills its prompts in full: with the prefix cache a later turn would skip
+    # the prefill, and (in bf16) its other chunk shapes can change the greedy text.
+    kwargs = {"enable_prefix_caching": False, **cfg.engine_kwargs}
     if method != "none":
         kwargs.update(speculative_method=method, num_speculative_tokens=cfg.num_speculative_tokens)
         if method == "draft":
@@ -264,12 +277,15 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
             for rep in range(cfg.repeats):
                 for method in methods[rep % len(methods) :] + methods[: rep % len(methods)]:
                     logger.info("%s / %s / batch %d / turn %d", method, task, batch, rep + 1)
-                    tokens, secs, spec = _time(engines[method], subset, params, batch > 1)
+                    outs, secs, spec = _time(engines[method], subset, params, batch > 1)
+                    tokens = [o.outputs[0].token_ids for o in outs]
                     run = runs.setdefault(
                         (method, task, batch), Run(method, task, batch, len(subset), 0, 0.0)
                     )
                     run.generated_tokens += sum(map(len, tokens))
                     run.seconds += secs
+                    run.decode_tokens += sum(len(t) - 1 for t in tokens)
+                    run.decode_seconds += sum(o.times.decode_seconds for o in outs)
                     run.draft_tokens += spec.get("spec_draft_tokens", 0)
                     run.accepted_tokens += spec.get("spec_accepted_tokens", 0)
                     run.verify_steps += spec.get("spec_verify_steps", 0)
@@ -292,6 +308,10 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
                     if a != b
                 ]
                 run.speedup = run.tokens_per_second / base.tokens_per_second
+                if base.decode_tokens_per_second > 0:
+                    run.decode_speedup = (
+                        run.decode_tokens_per_second / base.decode_tokens_per_second
+                    )
     info = {"model_path": str(base_llm.engine.model_path), "dtype": str(base_llm.engine.dtype)}
     del engines, base_llm
     gc.collect()
@@ -303,6 +323,7 @@ def run_spec_bench(cfg: SpecBenchConfig) -> dict[str, Any]:
             {
                 **asdict(r),
                 "tokens_per_second": r.tokens_per_second,
+                "decode_tokens_per_second": r.decode_tokens_per_second,
                 "tokens_per_verify_step": r.tokens_per_verify_step,
                 "acceptance_rate": r.acceptance_rate,
             }
@@ -332,6 +353,7 @@ def format_table(result: dict[str, Any]) -> str:
         "batch",
         "tok/s",
         "speed-up",
+        "decode x",
         "tok/verify",
         "copy bound",
         "lookup bound",
@@ -352,6 +374,7 @@ def format_table(result: dict[str, Any]) -> str:
                 str(r["batch"]),
                 f"{r['tokens_per_second']:.1f}",
                 fmt(r["speedup"], ".2f"),
+                fmt(r.get("decode_speedup"), ".2f"),
                 fmt(r["tokens_per_verify_step"], ".2f"),
                 fmt(r.get("copy_bound"), ".2f"),
                 fmt(r.get("lookup_bound"), ".2f"),

@@ -25,7 +25,7 @@ from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import make_policy
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
-from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestTimes
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
 from heron.spec.layer_skip import default_kept_layers, spread_layers
@@ -371,9 +371,10 @@ class Engine:
             touched.setdefault(seq.request.request_id, seq.request)
         outputs = []
         for req in touched.values():
-            outputs.append(self._request_output(req))
             if req.finished:
+                req.finished_time = time.monotonic()
                 self.requests.pop(req.request_id, None)
+            outputs.append(self._request_output(req))
         return outputs
 
     def _observe_entropy(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -484,6 +485,7 @@ class Engine:
             prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
             metrics=self._request_metrics(req),
+            times=RequestTimes(req.arrival_time, req.first_token_time, req.finished_time),
         )
 
     def _request_metrics(self, req: Request) -> dict[str, float]:

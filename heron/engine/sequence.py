@@ -136,6 +136,7 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # set when complete
     prompt_logprobs_parts: list[PositionLogprobs] = field(default_factory=list)
     first_token_time: float | None = None
+    finished_time: float | None = None
     # Set once the prompt's last position has been sampled; that is when the n-1 sibling
     # samples fork from seqs[0].
     forked: bool = False
