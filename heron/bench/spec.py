@@ -181,8 +181,9 @@ class Run:
     # the target's top-2 logprob gap where each differing output left the baseline's
     tie_gaps: list[float] = field(default_factory=list)
     speedup: float | None = None
-    # The decode phase alone (each request's first token to its last), what speculation
-    # changes: a prompt's prefill costs the same with or without it.
+    # The decode phase alone (each request's first token to its last, summed over requests),
+    # what speculation changes: a prompt's prefill costs the same with or without it. At
+    # batch B the requests overlap, so decode_tokens_per_second is one request's (1 / TPOT).
     decode_tokens: int = 0
     decode_seconds: float = 0.0
     decode_speedup: float | None = None
