@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +26,7 @@ from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import make_policy
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
-from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput, RequestTimes
+from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
 from heron.spec.layer_skip import default_kept_layers, spread_layers
@@ -342,7 +343,7 @@ class Engine:
             rows.append(row)
             if not req.forked:
                 req.forked = True
-                req.first_token_time = time.monotonic()
+                req.times.first_token = time.monotonic()
                 for i in range(1, req.params.n):
                     child = self._new_sequence(req, i, list(req.prompt_token_ids))
                     self.block_manager.fork(seq, child)
@@ -372,7 +373,7 @@ class Engine:
         outputs = []
         for req in touched.values():
             if req.finished:
-                req.finished_time = time.monotonic()
+                req.times.finished = time.monotonic()
                 self.requests.pop(req.request_id, None)
             outputs.append(self._request_output(req))
         return outputs
@@ -485,7 +486,7 @@ class Engine:
             prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
             metrics=self._request_metrics(req),
-            times=RequestTimes(req.arrival_time, req.first_token_time, req.finished_time),
+            times=replace(req.times),  # a snapshot: the request's own go on changing
         )
 
     def _request_metrics(self, req: Request) -> dict[str, float]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from heron.config import SamplingParams
-from heron.outputs import PositionLogprobs
+from heron.outputs import PositionLogprobs, RequestTimes
 from heron.tokenizer import Detokenizer
 
 if TYPE_CHECKING:
@@ -131,12 +131,10 @@ class Request:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # set when complete
     prompt_logprobs_parts: list[PositionLogprobs] = field(default_factory=list)
-    first_token_time: float | None = None
-    finished_time: float | None = None
     # Set once the prompt's last position has been sampled; that is when the n-1 sibling
     # samples fork from seqs[0].
     forked: bool = False
