@@ -514,6 +514,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     tp.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also time N heron engine replicas on Ray (heron.scaleout.DataParallelLLM; needs "
+        "`pip install ray`) with the same work, and print their speed over the single engine",
+    )
+    tp.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        metavar="C",
+        help="CPUs (and torch threads) per replica (default: the Ray cluster's CPUs / N)",
+    )
+    tp.add_argument(
         "--json", default=None, metavar="PATH", help="also write the results and machine info here"
     )
     tp.set_defaults(func=cmd_bench_throughput)
@@ -1130,6 +1145,8 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
         skip_hf=args.skip_hf,
         skip_llama_cpp=args.skip_llama_cpp,
         seed=args.seed,
+        data_parallel_size=args.data_parallel_size,
+        cpus_per_replica=args.cpus_per_replica,
         engine_kwargs=engine_kwargs,
     )
     result = run_throughput(cfg)

@@ -179,6 +179,31 @@ def _check_kv(policy: str | None, budget: float | None, allow_none: bool = False
 
 
 @dataclass
+class DataParallelConfig:
+    """How ``DataParallelLLM`` (heron.scaleout) spreads engine replicas over a Ray cluster."""
+
+    data_parallel_size: int = 2  # engine replicas, each a whole model copy and KV cache
+    # A running cluster ("auto", "ray://host:10001", ...); None: the one this process is
+    # connected to, or a local one started on this machine (and stopped with the replicas).
+    ray_address: str | None = None
+    # CPUs Ray reserves for each replica, also its torch threads; None: the cluster's CPUs
+    # divided evenly between the replicas.
+    cpus_per_replica: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.data_parallel_size >= 1,
+            "data_parallel_size",
+            f"must be >= 1, got {self.data_parallel_size}",
+        )
+        _check(
+            self.cpus_per_replica is None or self.cpus_per_replica >= 1,
+            "cpus_per_replica",
+            f"must be >= 1, got {self.cpus_per_replica}",
+        )
+
+
+@dataclass
 class SamplingParams:
     """Per-request decoding settings, with the same names and meanings as vLLM's."""
 

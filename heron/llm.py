@@ -46,15 +46,8 @@ class LLM:
         ``strategy`` (a name from ``heron.strategies.STRATEGIES`` with ``n`` from the sampling
         params, or an instance) draws samples and returns only the one it chose, with its
         report (answer, votes, samples, tokens, engine steps) in ``RequestOutput.strategy``."""
-        prompt_list = _as_prompt_list(prompts)
-        if isinstance(sampling_params, Sequence):
-            if len(sampling_params) != len(prompt_list):
-                raise InvalidRequestError(
-                    f"sampling_params: {len(sampling_params)} given for {len(prompt_list)} prompts"
-                )
-            params_list = list(sampling_params)
-        else:
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        prompt_list = as_prompt_list(prompts)
+        params_list = as_params_list(sampling_params, len(prompt_list))
         if strategy is not None:
             return self._run_strategy(prompt_list, params_list, strategy, use_tqdm)
         return self._run(prompt_list, params_list, use_tqdm)
@@ -148,7 +141,20 @@ class LLM:
         return [run.result(out) for run, out in zip(runs, last, strict=True)]  # type: ignore[arg-type]
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+def as_params_list(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the given list (of the right length) or one for all."""
+    if isinstance(sampling_params, Sequence):
+        if len(sampling_params) != num_prompts:
+            raise InvalidRequestError(
+                f"sampling_params: {len(sampling_params)} given for {num_prompts} prompts"
+            )
+        return list(sampling_params)
+    return [sampling_params or SamplingParams()] * num_prompts
+
+
+def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str | dict):
         return [prompts]
     prompts = list(prompts)

@@ -50,7 +50,8 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
         (
             ["bench", "throughput"],
             ["--num-prompts", "--input-len", "--output-len", "--dtype", "--hf-batch-size",
-             "--skip-hf", "--skip-llama-cpp", "--quantization", "--json", "default: 64"],
+             "--skip-hf", "--skip-llama-cpp", "--quantization", "--json", "default: 64",
+             "--data-parallel-size", "--cpus-per-replica"],
         ),
         (
             ["bench", "latency"],
@@ -121,21 +122,32 @@ def test_chat_reads_stdin_until_exit():
 
 
 def test_bench_throughput_heron_only(tmp_path):
+    """heron alone, then the same work on two engine replicas (Ray, heron.scaleout)."""
     out = tmp_path / "bench.json"
     proc = heron(
-        "bench", "throughput", "--num-prompts", "2", "--input-len", "16", "--output-len", "4",
+        "bench", "throughput", "--num-prompts", "4", "--input-len", "16", "--output-len", "4",
         "--skip-hf", "--skip-llama-cpp", "--dtype", "float32", "--device", "cpu",
-        "--json", str(out),
+        "--data-parallel-size", "2", "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "tok/s" in proc.stdout
     assert "heron" in proc.stdout and "transformers" not in proc.stdout.split("tok/s", 1)[1]
+    assert "heron x2 (Ray) / heron:" in proc.stdout
     import json
 
     data = json.loads(out.read_text())
-    assert data["heron"]["generated_tokens"] == 2 * 4
+    assert data["heron"]["generated_tokens"] == 4 * 4
+    assert data["data_parallel"]["generated_tokens"] == 4 * 4
+    assert data["data_parallel_over_heron"] > 0
     assert data["transformers"] is None
     assert data["machine"]["torch_version"]
+
+
+def test_bench_throughput_bad_data_parallel_size():
+    proc = heron("bench", "throughput", "--data-parallel-size", "0", "--skip-hf")
+    assert proc.returncode != 0
+    assert "--data-parallel-size: must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_bench_kv_and_spec_cli(tmp_path):

@@ -1,5 +1,7 @@
 """Offline throughput: heron's ``LLM.generate`` vs. Hugging Face transformers' ``generate``
-and llama.cpp's ``llama-batched-bench`` (when built; see ``heron.bench.llama_cpp``).
+and llama.cpp's ``llama-batched-bench`` (when built; see ``heron.bench.llama_cpp``); with
+``data_parallel_size`` > 1, also heron's ``DataParallelLLM`` (engine replicas on Ray,
+heron.scaleout) against the single engine.
 
 Both engines get the same work: ``num_prompts`` prompts of exactly ``input_len`` token ids
 (drawn from the vocabulary without special tokens by a seeded ``torch.Generator``), and
@@ -45,12 +47,15 @@ class ThroughputConfig:
     skip_hf: bool = False
     skip_llama_cpp: bool = False
     seed: int = 0
+    data_parallel_size: int = 1  # > 1: also time that many engine replicas on Ray
+    cpus_per_replica: int | None = None
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("num_prompts", "input_len", "output_len", "hf_batch_size"):
+        names = ("num_prompts", "input_len", "output_len", "hf_batch_size")
+        for name in (*names, "data_parallel_size", "cpus_per_replica"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise InvalidRequestError(f"{flag}: must be >= 1, got {value}", param=name)
 
@@ -77,11 +82,22 @@ class ThroughputResult:
     heron: EngineResult
     transformers: EngineResult | None = None
     llama_cpp: EngineResult | None = None
+    data_parallel: EngineResult | None = None
 
     @property
     def ratio(self) -> float | None:
         """heron over transformers."""
         return _ratio(self.heron, self.transformers)
+
+    @property
+    def data_parallel_ratio(self) -> float | None:
+        """heron's replicas over the single engine."""
+        return _ratio(self.data_parallel, self.heron) if self.data_parallel else None
+
+    @property
+    def engines(self) -> list[EngineResult]:
+        runs = (self.heron, self.data_parallel, self.transformers, self.llama_cpp)
+        return [r for r in runs if r is not None]
 
     @property
     def llama_cpp_ratio(self) -> float | None:
@@ -108,7 +124,7 @@ def make_prompts(tokenizer, num_prompts: int, input_len: int, seed: int) -> list
 # ---------------------------------------------------------------------------- heron
 def run_heron(cfg: ThroughputConfig) -> tuple[EngineResult, Any, list[list[int]], dict]:
     """Time heron; returns its result, the tokenizer, the prompts and where it ran."""
-    from heron import LLM, SamplingParams
+    from heron import LLM
 
     llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **cfg.engine_kwargs)
     tok = llm.get_tokenizer()
@@ -126,7 +142,21 @@ def run_heron(cfg: ThroughputConfig) -> tuple[EngineResult, Any, list[list[int]]
     # Different ids than the timed prompts, so the prefix cache cannot help the timed run.
     warmup = make_prompts(tok, _WARMUP_PROMPTS, _WARMUP_LEN, cfg.seed + 1)
 
-    logger.info("heron: warm-up")
+    result = _time_generate("heron", llm, cfg, prompts, warmup, info["device"])
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result, tok, prompts, info
+
+
+def _time_generate(
+    name: str, llm, cfg: ThroughputConfig, prompts: list[list[int]], warmup, device: str
+) -> EngineResult:
+    """Warm ``llm`` (an ``LLM`` or a ``DataParallelLLM``) up, then time ``prompts``."""
+    from heron import SamplingParams
+
+    logger.info("%s: warm-up", name)
     llm.generate(
         warmup,
         SamplingParams(temperature=0, max_tokens=_WARMUP_TOKENS, ignore_eos=True),
@@ -134,25 +164,43 @@ def run_heron(cfg: ThroughputConfig) -> tuple[EngineResult, Any, list[list[int]]
     )
     params = SamplingParams(temperature=0, max_tokens=cfg.output_len, ignore_eos=True)
     logger.info(
-        "heron: %d prompts x %d tokens in, %d out", cfg.num_prompts, cfg.input_len, cfg.output_len
+        "%s: %d prompts x %d tokens in, %d out",
+        name,
+        cfg.num_prompts,
+        cfg.input_len,
+        cfg.output_len,
     )
     load = _cpu_busy_elsewhere()
-    _sync(info["device"])
+    _sync(device)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
-    _sync(info["device"])
+    _sync(device)
     secs = time.perf_counter() - t0
     generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
     expected = cfg.num_prompts * cfg.output_len
     if generated != expected:
-        logger.warning("heron generated %d tokens, expected %d", generated, expected)
-    result = EngineResult("heron", len(outs), generated, secs, load)
+        logger.warning("%s generated %d tokens, expected %d", name, generated, expected)
+    return EngineResult(name, len(outs), generated, secs, load)
 
-    del llm, outs
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result, tok, prompts, info
+
+def run_data_parallel(cfg: ThroughputConfig, tokenizer, prompts: list[list[int]], info: dict):
+    """The same work through ``cfg.data_parallel_size`` engine replicas on Ray."""
+    from heron.scaleout.data_parallel import DataParallelLLM
+
+    size = cfg.data_parallel_size
+    name = f"heron x{size} (Ray)"
+    logger.info("%s: starting the replicas", name)
+    with DataParallelLLM(
+        cfg.model,
+        dtype=info["dtype"],
+        device=cfg.device,
+        data_parallel_size=size,
+        cpus_per_replica=cfg.cpus_per_replica,
+        **cfg.engine_kwargs,
+    ) as llm:
+        # enough warm-up prompts for every replica to get some
+        warmup = make_prompts(tokenizer, max(_WARMUP_PROMPTS, size), _WARMUP_LEN, cfg.seed + 1)
+        return _time_generate(name, llm, cfg, prompts, warmup, info["device"])
 
 
 # ---------------------------------------------------------------------------- transformers
@@ -250,6 +298,9 @@ def run_throughput(cfg: ThroughputConfig) -> ThroughputResult:
         heron_result.seconds,
         heron_result.tokens_per_second,
     )
+    dp_result = None
+    if cfg.data_parallel_size > 1:
+        dp_result = run_data_parallel(cfg, tok, prompts, info)
     hf_result = None
     if not cfg.skip_hf:
         hf_result = run_transformers(cfg, tok, prompts, info)
@@ -259,6 +310,7 @@ def run_throughput(cfg: ThroughputConfig) -> ThroughputResult:
         dtype=info["dtype"],
         device=info["device"],
         heron=heron_result,
+        data_parallel=dp_result,
         transformers=hf_result,
         llama_cpp=None if cfg.skip_llama_cpp else run_llama_cpp(cfg, Path(info["model_path"])),
     )
@@ -279,17 +331,16 @@ def run_llama_cpp(cfg: ThroughputConfig, path: Path) -> EngineResult | None:
 def format_table(result: ThroughputResult) -> str:
     c = result.config
     rows = [("engine", "requests", "gen tokens", "seconds", "tok/s")]
-    for r in (result.heron, result.transformers, result.llama_cpp):
-        if r is not None:
-            rows.append(
-                (
-                    r.engine,
-                    str(r.requests),
-                    str(r.generated_tokens),
-                    f"{r.seconds:.2f}",
-                    f"{r.tokens_per_second:.1f}",
-                )
+    for r in result.engines:
+        rows.append(
+            (
+                r.engine,
+                str(r.requests),
+                str(r.generated_tokens),
+                f"{r.seconds:.2f}",
+                f"{r.tokens_per_second:.1f}",
             )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         f"throughput: {Path(result.model_path).name}, {result.dtype} on {result.device}, "
@@ -304,6 +355,11 @@ def format_table(result: ThroughputResult) -> str:
         lines.append("  ".join(cells))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if result.data_parallel_ratio is not None:
+        lines.append(
+            f"{result.data_parallel.engine} / heron: {result.data_parallel_ratio:.2f}x "
+            "(replicas of one engine each vs one engine with all of this process's threads)"
+        )
     if result.ratio is not None:
         lines.append(f"heron / transformers: {result.ratio:.2f}x")
     if result.llama_cpp_ratio is not None:
@@ -311,8 +367,8 @@ def format_table(result: ThroughputResult) -> str:
             f"heron / llama.cpp: {result.llama_cpp_ratio:.2f}x (llama.cpp runs the GGUF's own "
             "weight format)"
         )
-    for r in (result.heron, result.transformers, result.llama_cpp):
-        if r is not None and r.other_cpu_load is not None and r.other_cpu_load >= 0.2:
+    for r in result.engines:
+        if r.other_cpu_load is not None and r.other_cpu_load >= 0.2:
             lines.append(
                 f"note: other processes kept {r.other_cpu_load:.1f} CPU cores busy when the "
                 f"{r.engine} run started; its timing is unreliable"
@@ -363,8 +419,10 @@ def to_dict(result: ThroughputResult) -> dict[str, Any]:
         "dtype": result.dtype,
         "device": result.device,
         "heron": engine(result.heron),
+        "data_parallel": engine(result.data_parallel),
         "transformers": engine(result.transformers),
         "llama_cpp": engine(result.llama_cpp),
+        "data_parallel_over_heron": result.data_parallel_ratio,
         "heron_over_transformers": result.ratio,
         "heron_over_llama_cpp": result.llama_cpp_ratio,
         "machine": machine_info(),
@@ -380,7 +438,7 @@ def write_png(result: ThroughputResult, path: str | os.PathLike) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    engines = [r for r in (result.heron, result.transformers, result.llama_cpp) if r]
+    engines = result.engines
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar([r.engine for r in engines], [r.tokens_per_second for r in engines])
     c = result.config
