@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the model over an OpenAI-compatible HTTP API: /v1/completions, "
         "/v1/chat/completions, /v1/models, plus /health, /metrics (Prometheus), /tokenize, "
         "/detokenize and interactive docs at /docs. All requests share one engine "
-        "(continuous batching).\n\n"
+        "(continuous batching), or are spread over --data-parallel-size engine replicas on "
+        "Ray.\n\n"
         "example: heron serve --port 8000, then point any OpenAI client at "
         "http://127.0.0.1:8000/v1",
     )
@@ -447,6 +448,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+    )
+    g = serve.add_argument_group("scale-out (engine replicas on Ray; needs `pip install ray`)")
+    g.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve with N engine replicas (Ray actors, each a whole engine and KV cache); "
+        "each request goes to the replica with the fewest requests in flight",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to place replicas on ('auto', 'ray://host:10001'); default: a "
+        "local one on this machine",
+    )
+    g.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        metavar="C",
+        help="CPUs (and torch threads) per replica (default: the cluster's CPUs / N)",
     )
     serve.add_argument(
         "--log-level",
@@ -1020,27 +1043,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from heron.config import EngineConfig
+    from heron.config import DataParallelConfig, EngineConfig
     from heron.engine.engine import Engine
     from heron.server import ServerConfig, run_server
+    from heron.server.served_model import ServedModel
 
     if not 0 < args.port < 65536:
         raise InvalidRequestError(f"--port: must be in 1..65535, got {args.port}")
     if args.max_waiting < 1:
         raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
+    try:
+        scale = DataParallelConfig(args.data_parallel_size, args.ray_address, args.cpus_per_replica)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"--{str(e).replace('_', '-')}") from None
     logging.getLogger("heron").setLevel(args.log_level.upper())
-    engine = Engine(
-        EngineConfig(model=args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args))
+    engine_kwargs = dict(
+        model=args.model, dtype=args.dtype, device=args.device, **_engine_kwargs(args)
     )
+    if scale.data_parallel_size > 1 or args.ray_address is not None:
+        from heron.scaleout.router import serve_replicas
+
+        served = serve_replicas(engine_kwargs, scale, args.max_waiting)
+    else:
+        served = ServedModel.local(Engine(EngineConfig(**engine_kwargs)), args.max_waiting)
     name = args.served_model_name or args.model
-    aliases = (args.model, Path(args.model).name, Path(str(engine.model_path)).name)
+    aliases = (args.model, Path(args.model).name, Path(served.model_path).name)
     config = ServerConfig(
         served_model_name=name,
         model_aliases=tuple(a for a in aliases if a != name),
         api_key=args.api_key or os.environ.get("HERON_API_KEY") or None,
         max_waiting=args.max_waiting,
     )
-    run_server(engine, config, args.host, args.port, args.log_level, args.shutdown_timeout)
+    run_server(served, config, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0
 
 

@@ -1,34 +1,69 @@
-"""Data parallelism on Ray (heron.scaleout): replicas give the single engine's very outputs,
-the work really is spread over separate processes, and errors reach the caller as heron's own.
+"""Scale-out on Ray (heron.scaleout): replicas give the single engine's very outputs, the
+work really is spread over separate processes, a request a client leaves is aborted inside
+its replica, and errors reach the caller as heron's own.
 
-The Ray cluster here is a local one, started by the module's DataParallelLLM on this machine's
-cores (each replica gets half of them)."""
+The module shares one local Ray cluster with 6 logical CPUs (more than this machine's cores:
+the replicas only need to fit, not to run fast), so the offline and the serving replicas can
+live side by side; each replica takes one. The HTTP test starts `heron serve
+--data-parallel-size 2` in a subprocess, which starts (and stops) a cluster of its own."""
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import pytest
 
 from heron import SamplingParams
 from heron.config import DataParallelConfig
 from heron.errors import HeronError, InvalidRequestError
 from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
+from heron.scaleout.cluster import ReplicaGroup
 from heron.scaleout.data_parallel import DataParallelLLM, split_work
 from heron.scaleout.replica import EngineReplica
+from heron.scaleout.router import ReplicaRouter
+from heron.scaleout.serving_replica import ServingReplica
+from tests.conftest import start_server
 from tests.parity_prompts import PARITY_PROMPTS
 
 ray = pytest.importorskip("ray")
 
 KV_BYTES = 96 * 2**20
+PROMPTS = [p for p in PARITY_PROMPTS if isinstance(p, str)][:6]
 
 
 @pytest.fixture(scope="module")
-def dp_llm():
-    path = str(KNOWN_MODELS[DEFAULT_MODEL].locate())
+def cluster():
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def path() -> str:
+    return str(KNOWN_MODELS[DEFAULT_MODEL].locate())
+
+
+@pytest.fixture(scope="module")
+def dp_llm(cluster, path):
     llm = DataParallelLLM(
-        path, dtype="float32", device="cpu", data_parallel_size=2, kv_cache_memory=KV_BYTES
+        path,
+        dtype="float32",
+        device="cpu",
+        data_parallel_size=2,
+        cpus_per_replica=1,
+        kv_cache_memory=KV_BYTES,
     )
     yield llm
     llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def router(cluster, path):
+    kwargs = {"model": path, "dtype": "float32", "device": "cpu", "kv_cache_memory": KV_BYTES}
+    group = ReplicaGroup(ServingReplica, DataParallelConfig(2, None, 1), kwargs, 16)
+    yield ReplicaRouter(group, max_waiting=16, stats_interval=0.1)
+    group.shutdown()
 
 
 def test_split_work_balances_and_covers_every_item():
@@ -63,14 +98,13 @@ def test_replica_tags_its_outputs(model_path):
 
 
 def test_greedy_outputs_equal_the_single_engine_and_use_every_replica(dp_llm, llm):
-    prompts = [p for p in PARITY_PROMPTS if isinstance(p, str)][:6]
     params = SamplingParams(temperature=0, max_tokens=12)
-    ours = dp_llm.generate(prompts, params, use_tqdm=False)
-    ref = llm.generate(prompts, params, use_tqdm=False)
+    ours = dp_llm.generate(PROMPTS, params, use_tqdm=False)
+    ref = llm.generate(PROMPTS, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in ref]
     assert [o.prompt_token_ids for o in ours] == [o.prompt_token_ids for o in ref]
     assert {o.metrics["replica"] for o in ours} == {0, 1}
-    assert len({o.request_id for o in ours}) == len(prompts)
+    assert len({o.request_id for o in ours}) == len(PROMPTS)
     pids = {info["pid"] for info in dp_llm.replica_info}
     assert len(pids) == 2
 
@@ -95,16 +129,98 @@ def test_errors_are_heron_errors(dp_llm):
     assert len(out.outputs[0].token_ids) == 2
 
 
-def test_more_cpus_than_the_cluster_has_is_refused(dp_llm):
+def test_more_cpus_than_the_cluster_has_is_refused(cluster):
     with pytest.raises(InvalidRequestError, match="CPUs"):
         DataParallelLLM(data_parallel_size=2, cpus_per_replica=100_000)
 
 
-def test_shutdown_stops_the_replicas_and_the_cluster(dp_llm):
-    """Last in the module (it stops the module's replicas): the local cluster the object
-    started goes with them, and a later call says why it cannot run."""
-    dp_llm.shutdown()
-    assert not ray.is_initialized()
+def test_shutdown_stops_the_replicas(cluster, path):
+    llm = DataParallelLLM(
+        path, dtype="float32", data_parallel_size=1, cpus_per_replica=1, kv_cache_memory=KV_BYTES
+    )
+    (actor,) = llm.group.actors
+    llm.shutdown()
     with pytest.raises(HeronError, match="shut down"):
-        dp_llm.generate(["Hi"])
-    dp_llm.shutdown()  # twice is harmless (the fixture's teardown calls it again)
+        llm.generate(["Hi"])
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.start.remote())
+    llm.shutdown()  # twice is harmless
+    assert ray.is_initialized()  # a cluster it joined stays up
+
+
+# ---------------------------------------------------------------------------- serving
+async def _collect(stream) -> list:
+    return [out async for out in stream]
+
+
+def test_router_spreads_requests_and_matches_the_single_engine(router, llm):
+    params = SamplingParams(temperature=0, max_tokens=10)
+    tok = llm.get_tokenizer()
+
+    async def run():
+        router.start()
+        streams = [
+            await router.add(tok.encode(p), params, f"r{i}", p) for i, p in enumerate(PROMPTS)
+        ]
+        return await asyncio.gather(*(_collect(s) for s in streams))
+
+    results = asyncio.run(run())
+    finals = [outs[-1] for outs in results]
+    assert all(f.finished for f in finals)
+    assert all(not o.finished for outs in results for o in outs[:-1])
+    ref = llm.generate(PROMPTS, params, use_tqdm=False)
+    assert [f.outputs[0].token_ids for f in finals] == [o.outputs[0].token_ids for o in ref]
+    assert {f.metrics["replica"] for f in finals} == {0, 1}
+    assert router.in_flight == [0, 0]
+
+
+def test_router_abort_frees_the_request_in_its_replica(router):
+    async def run():
+        router.start()
+        stream = await router.add(
+            [1, 504, 3575], SamplingParams(ignore_eos=True, max_tokens=2000), "long"
+        )
+        async for _ in stream:
+            break  # the client went away after its first output
+        for _ in range(100):  # the replica aborts once the cancellation reaches it
+            stats = await asyncio.gather(*(a.stats.remote() for a in router.group.actors))
+            if sum(s["num_running"] + s["num_waiting"] for s in stats) == 0:
+                return stats
+            await asyncio.sleep(0.05)
+        return stats
+
+    stats = asyncio.run(run())
+    assert sum(s["num_running"] + s["num_waiting"] for s in stats) == 0
+    assert sum(s["kv_blocks_used"] for s in stats) == 0
+    assert router.in_flight == [0, 0] and not router._calls
+
+
+def test_router_refusals_are_heron_errors(router):
+    async def run():
+        router.start()
+        with pytest.raises(InvalidRequestError, match="max_model_len"):
+            await router.add(list(range(10, 5010)), SamplingParams(max_tokens=2), "too-long")
+        assert router.in_flight == [0, 0]
+        stream = await router.add([1, 504], SamplingParams(temperature=0, max_tokens=2), "ok")
+        return await _collect(stream)
+
+    outs = asyncio.run(run())
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+
+
+def test_serve_with_replicas_over_http(llm):
+    server = start_server("--data-parallel-size", "2", "--max-num-seqs", "8")
+    try:
+        prompts = PROMPTS[:4]
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            bodies = [{"prompt": p, "max_tokens": 8, "temperature": 0} for p in prompts]
+            texts = [client.post("/v1/completions", json=b).json() for b in bodies]
+            too_long = client.post("/v1/completions", json={"prompt": "x " * 9000})
+            health = client.get("/health")
+        ref = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        assert [t["choices"][0]["text"] for t in texts] == [o.outputs[0].text for o in ref]
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["type"] == "invalid_request_error"
+        assert health.status_code == 200
+    finally:
+        assert server.stop() == 0, server.output()

@@ -12,6 +12,7 @@ from typing import Any
 
 from heron.config import DataParallelConfig
 from heron.errors import HeronError, InvalidRequestError
+from heron.server.async_engine import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def import_ray():
     return ray
 
 
-class ReplicaDiedError(HeronError):
+class ReplicaDiedError(EngineDeadError):
     """An engine replica's process went away (killed, out of memory, node lost)."""
 
 

@@ -19,9 +19,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heron import __version__
-from heron.engine.engine import Engine
 from heron.errors import InvalidRequestError
-from heron.server.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from heron.server.async_engine import EngineDeadError, QueueFullError
 from heron.server.metrics import CONTENT_TYPE, ServerMetrics
 from heron.server.protocol import (
     ChatCompletionRequest,
@@ -30,6 +29,7 @@ from heron.server.protocol import (
     TokenizeRequest,
     conversation,
 )
+from heron.server.served_model import ServedModel
 from heron.server.serving import ClientDisconnected, OpenAIServing, error_body
 
 logger = logging.getLogger(__name__)
@@ -51,30 +51,32 @@ class _ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
 
-def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    async_engine = AsyncEngine(engine, max_waiting=config.max_waiting)
-    metrics = ServerMetrics(lambda: async_engine.last_stats, config.served_model_name)
+def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
+    """``model``: ``ServedModel.local(engine, config.max_waiting)``, or replicas on Ray
+    (heron.scaleout.router)."""
+    loop = model.loop
+    metrics = ServerMetrics(lambda: loop.last_stats, config.served_model_name)
     serving = OpenAIServing(
-        async_engine,
-        engine.tokenizer,
+        loop,
+        model.tokenizer,
         config.served_model_name,
         metrics,
-        engine.max_model_len,
-        engine.config.max_num_seqs,
+        model.max_model_len,
+        model.max_num_seqs,
     )
     names = {config.served_model_name, *config.model_aliases}
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
+        loop.start()
         try:
             yield
         finally:
-            async_engine.stop()
+            loop.stop()
 
     app = FastAPI(title="heron", version=__version__, lifespan=lifespan)
-    app.state.async_engine = async_engine
+    app.state.loop = loop
 
     # -------------------------------------------------------------- auth and model checks
     async def check_api_key(request: Request) -> None:
@@ -153,7 +155,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if not async_engine.alive:
+        if not loop.alive:
             return error(503, "the engine loop is not running")
         return JSONResponse({"status": "ok"})
 
@@ -171,7 +173,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
                     "object": "model",
                     "created": created,
                     "owned_by": "heron",
-                    "max_model_len": engine.max_model_len,
+                    "max_model_len": model.max_model_len,
                 }
             ],
         }
@@ -191,7 +193,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
-        tok = engine.tokenizer
+        tok = model.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
@@ -200,16 +202,16 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             ids = tok.encode(body.prompt)
         else:
             ids = tok.hf.encode(body.prompt, add_special_tokens=False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_model(body.model)
-        vocab = engine.model_config.vocab_size
+        vocab = model.vocab_size
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise InvalidRequestError(f"tokens: ids must be < {vocab}; got {bad[:5]}", "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     return app
 

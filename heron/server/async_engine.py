@@ -53,8 +53,8 @@ class RequestStream:
     that ends after the finished output. Leaving it early (a client went away) aborts the
     request, which frees its KV blocks before the engine's next step."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
-        self.engine = engine
+    def __init__(self, abort: Callable[[str], None], request_id: str) -> None:
+        self._abort = abort  # the loop's abort(request_id)
         self.request_id = request_id
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
@@ -74,7 +74,7 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            self.engine.abort(self.request_id)
+            self._abort(self.request_id)
 
 
 class AsyncEngine:
@@ -131,7 +131,7 @@ class AsyncEngine:
                 f"{self.max_waiting}); retry later"
             )
         loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self.abort, request_id)
 
         def sink(item: RequestOutput | BaseException) -> None:
             loop.call_soon_threadsafe(stream.queue.put_nowait, item)

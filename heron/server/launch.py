@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 import signal
 
-from heron.engine.engine import Engine
 from heron.server.app import ServerConfig, build_app
+from heron.server.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
 
 
 def run_server(
-    engine: Engine,
+    model: ServedModel,
     config: ServerConfig,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -25,7 +25,7 @@ def run_server(
 ) -> None:
     import uvicorn
 
-    app = build_app(engine, config)
+    app = build_app(model, config)
     logger.info(
         "serving %r on http://%s:%d (OpenAI API under /v1, docs at /docs)",
         config.served_model_name,

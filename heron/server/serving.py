@@ -1,4 +1,5 @@
-"""OpenAI completions and chat completions on top of the ``AsyncEngine``.
+"""OpenAI completions and chat completions on top of the engine loop (an ``AsyncEngine``, or
+a ``ReplicaRouter`` over replicas: heron.server.served_model.RequestLoop).
 
 One HTTP request becomes one engine request per prompt (``n`` samples each share the prompt's
 KV blocks inside the engine). Choices are numbered ``prompt_index * n + sample_index`` as
@@ -19,9 +20,10 @@ from dataclasses import dataclass, field, replace
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from heron.server.async_engine import AsyncEngine, RequestStream
+from heron.server.async_engine import RequestStream
 from heron.server.metrics import ServerMetrics
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
+from heron.server.served_model import RequestLoop
 from heron.strategies import Strategy, StrategyRun
 from heron.tokenizer import Tokenizer
 
@@ -70,7 +72,7 @@ class _Job:
 class OpenAIServing:
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: RequestLoop,
         tokenizer: Tokenizer,
         model_name: str,
         metrics: ServerMetrics,

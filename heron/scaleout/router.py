@@ -1,0 +1,180 @@
+"""ReplicaRouter: the HTTP server's request loop over engine replicas on Ray.
+
+``heron serve --data-parallel-size N`` starts N ``ServingReplica`` actors (each a whole engine
+with its own loop thread) and puts this router where the single engine's ``AsyncEngine``
+would be: the routes, validation, SSE and metrics code are the same. Each request goes to the
+replica with the fewest requests in flight from this server (least-loaded; a request's
+prompt is not split), and its outputs are pumped from the replica's Ray stream into the
+``RequestStream`` the route reads. A client that goes away cancels the stream, which aborts
+the request inside its replica and frees its KV blocks there. ``/metrics`` shows the
+replicas' engine stats summed, polled every ``stats_interval`` seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from heron.config import DataParallelConfig, EngineConfig, SamplingParams
+from heron.errors import InvalidRequestError
+from heron.outputs import RequestOutput
+from heron.scaleout.cluster import ReplicaGroup, replica_error
+from heron.scaleout.serving_replica import ServingReplica
+from heron.server.async_engine import EngineDeadError, QueueFullError, RequestStream
+from heron.server.served_model import ServedModel
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaRouter:
+    """A ``heron.server.served_model.RequestLoop`` over ``group``'s ServingReplicas."""
+
+    def __init__(self, group: ReplicaGroup, max_waiting: int, stats_interval: float = 0.5):
+        self.group = group
+        self.max_waiting = max_waiting
+        self.stats_interval = stats_interval
+        self.in_flight = [0] * len(group.actors)  # requests each replica is serving for us
+        stats = group.get([a.stats.remote() for a in group.actors])
+        self.last_stats: dict[str, float] = _sum(stats)
+        # request id -> (the replica's Ray stream, the task pumping it, the route's stream)
+        self._calls: dict[str, tuple[Any, asyncio.Task, RequestStream]] = {}
+        self._pending_adds = 0
+        self._poller: asyncio.Task | None = None
+        self._stopped = False
+        self._dead: str | None = None  # why the router cannot serve (a replica died)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Called from the app's lifespan, on the server's event loop."""
+        self._poller = asyncio.get_running_loop().create_task(self._poll_stats())
+
+    def stop(self) -> None:
+        """Fail what is in flight, then stop the replicas (and a local Ray cluster)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._poller is not None:
+            self._poller.cancel()
+        for request_id in list(self._calls):
+            self.abort(request_id, EngineDeadError("the server shut down before this finished"))
+        self.group.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self._poller is not None and not self._stopped and self._dead is None
+
+    @property
+    def num_waiting(self) -> int:
+        return int(self.last_stats.get("num_waiting", 0)) + self._pending_adds
+
+    async def _poll_stats(self) -> None:
+        while True:
+            try:
+                stats = await asyncio.gather(*(a.stats.remote() for a in self.group.actors))
+            except Exception as e:  # a replica is gone: /health says so, requests get 503
+                self._dead = str(replica_error(self.group.ray, e))
+                logger.error("replica stats failed; the server stops serving: %s", self._dead)
+                return
+            self.last_stats = _sum(stats)
+            await asyncio.sleep(self.stats_interval)
+
+    # ------------------------------------------------------------------ requests
+    async def add(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt_text: str | None = None,
+    ) -> RequestStream:
+        """Submit one request to the least-busy replica. Raises at once if it is refused (the
+        replica's ``InvalidRequestError`` or full queue, shutdown, a dead replica)."""
+        if self._stopped or self._poller is None:
+            raise EngineDeadError("the server is shutting down")
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        if self.num_waiting >= self.max_waiting:
+            raise QueueFullError(
+                f"{self.num_waiting} requests are already waiting (--max-waiting "
+                f"{self.max_waiting}); retry later"
+            )
+        i = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        call = self.group.actors[i].stream.remote(prompt_ids, params, request_id, prompt_text)
+        self.in_flight[i] += 1
+        self._pending_adds += 1
+        try:
+            await self._next(call)  # None: the replica's engine took it
+        except BaseException:
+            self.in_flight[i] -= 1
+            self.group.ray.cancel(call)  # also when this await was cancelled midway
+            raise
+        finally:
+            self._pending_adds -= 1
+        stream = RequestStream(self.abort, request_id)
+        pump = asyncio.get_running_loop().create_task(self._pump(call, stream, i, request_id))
+        self._calls[request_id] = (call, pump, stream)
+        return stream
+
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
+        """Cancel the request's Ray stream: its replica aborts it and frees its blocks.
+        ``error``: what the route reading the request gets (none when it left itself)."""
+        entry = self._calls.pop(request_id, None)
+        if entry is None:
+            return
+        call, pump, stream = entry
+        pump.cancel()
+        self.group.ray.cancel(call)
+        if error is not None:
+            stream.queue.put_nowait(error)
+
+    async def _pump(self, call: Any, stream: RequestStream, replica: int, request_id: str):
+        try:
+            while True:
+                out: RequestOutput = await self._next(call)
+                stream.queue.put_nowait(out)
+                if out.finished:
+                    return
+        except StopAsyncIteration:
+            stream.queue.put_nowait(EngineDeadError("the replica ended the request early"))
+        except Exception as e:
+            stream.queue.put_nowait(e)
+        finally:
+            self.in_flight[replica] -= 1
+            self._calls.pop(request_id, None)
+
+    async def _next(self, call: Any) -> Any:
+        """The next item of a replica's stream, with the replica's own error raised."""
+        try:
+            return await (await call.__anext__())
+        except StopAsyncIteration:
+            raise
+        except Exception as e:
+            raise replica_error(self.group.ray, e) from None
+
+
+def serve_replicas(
+    engine_kwargs: dict[str, Any], config: DataParallelConfig, max_waiting: int
+) -> ServedModel:
+    """Start ``config.data_parallel_size`` serving replicas and the router over them."""
+    try:  # bad engine settings fail here, before any replica starts
+        EngineConfig(**engine_kwargs)
+    except TypeError as e:
+        raise InvalidRequestError(f"engine settings: {e}") from None
+    group = ReplicaGroup(ServingReplica, config, engine_kwargs, max_waiting)
+    first = group.info[0]
+    return ServedModel(
+        ReplicaRouter(group, max_waiting),
+        first["tokenizer"],
+        first["model_path"],
+        min(info["max_model_len"] for info in group.info),  # each sized its own KV cache
+        first["max_num_seqs"],
+        first["vocab_size"],
+    )
+
+
+def _sum(stats: list[dict[str, float]]) -> dict[str, float]:
+    """The replicas' engine stats added up (all of them are counts)."""
+    total: dict[str, float] = {}
+    for s in stats:
+        for key, value in s.items():
+            total[key] = total.get(key, 0) + value
+    return total
