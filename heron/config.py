@@ -180,7 +180,8 @@ def _check_kv(policy: str | None, budget: float | None, allow_none: bool = False
 
 @dataclass
 class DataParallelConfig:
-    """How ``DataParallelLLM`` (heron.scaleout) spreads engine replicas over a Ray cluster."""
+    """How engine replicas are spread over a Ray cluster (heron.scaleout: ``DataParallelLLM``
+    and ``heron serve --data-parallel-size``)."""
 
     data_parallel_size: int = 2  # engine replicas, each a whole model copy and KV cache
     # A running cluster ("auto", "ray://host:10001", ...); None: the one this process is
