@@ -20,6 +20,7 @@ from heron.errors import HeronError, InvalidRequestError
 from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 from heron.scaleout.cluster import ReplicaGroup
 from heron.scaleout.data_parallel import DataParallelLLM, split_work
+from heron.scaleout.prefix_affinity import PrefixAffinity
 from heron.scaleout.replica import EngineReplica
 from heron.scaleout.router import ReplicaRouter
 from heron.scaleout.serving_replica import ServingReplica
@@ -62,7 +63,7 @@ def dp_llm(cluster, path):
 def router(cluster, path):
     kwargs = {"model": path, "dtype": "float32", "device": "cpu", "kv_cache_memory": KV_BYTES}
     group = ReplicaGroup(ServingReplica, DataParallelConfig(2, None, 1), kwargs, 16)
-    yield ReplicaRouter(group, max_waiting=16, stats_interval=0.1)
+    yield ReplicaRouter(group, max_waiting=16, block_size=16, stats_interval=0.1)
     group.shutdown()
 
 
@@ -193,6 +194,45 @@ def test_router_abort_frees_the_request_in_its_replica(router):
     assert sum(s["num_running"] + s["num_waiting"] for s in stats) == 0
     assert sum(s["kv_blocks_used"] for s in stats) == 0
     assert router.in_flight == [0, 0] and not router._calls
+
+
+def test_prefix_affinity_counts_leading_blocks_seen():
+    aff = PrefixAffinity(num_replicas=2, block_size=4, max_blocks=3)
+    a = aff.block_hashes(list(range(10)))  # two full blocks; the last 2 tokens do not count
+    assert len(a) == 2
+    # a block's hash depends on what came before it, as in the engines' prefix caches
+    assert aff.block_hashes([9, 9, 9, 9, *range(4, 8)])[1] != a[1]
+    aff.record(1, a)
+    assert aff.matched(a) == [0, 2]
+    assert aff.matched(aff.block_hashes([*range(8), 50, 51, 52, 53])) == [0, 2]
+    assert aff.matched(aff.block_hashes([0, 1, 2, 99, 4, 5, 6, 7])) == [0, 0]
+    aff.record(1, aff.block_hashes(list(range(100, 108))))  # 4 blocks held: the oldest goes
+    assert aff.matched(a) == [0, 0]
+
+
+def test_router_sends_a_conversation_back_to_its_replica(router):
+    """Two conversations start on the two replicas; their second turns, submitted so that
+    least-busy routing alone would swap them, each go back to the replica that holds their
+    first turn's KV blocks, and prefill only what is new."""
+    tok_a = [1] + [100 + i for i in range(40)]  # 41 tokens: 2 full blocks of 16
+    tok_b = [1] + [900 + i for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=3)
+
+    async def turn(pairs):
+        streams = [await router.add(ids, params, rid) for rid, ids in pairs]
+        return [(await _collect(s))[-1] for s in streams]
+
+    async def run():
+        router.start()
+        first = await turn([("a1", tok_a), ("b1", tok_b)])  # a1 -> replica 0, b1 -> 1
+        second = await turn([("b2", tok_b + [7, 8, 9]), ("a2", tok_a + [7, 8, 9])])
+        return first, second
+
+    (a1, b1), (b2, a2) = asyncio.run(run())
+    assert a1.metrics["replica"] != b1.metrics["replica"]
+    assert a2.metrics["replica"] == a1.metrics["replica"]
+    assert b2.metrics["replica"] == b1.metrics["replica"]
+    assert a2.num_cached_tokens >= 32 and b2.num_cached_tokens >= 32
 
 
 def test_router_refusals_are_heron_errors(router):

@@ -2,10 +2,12 @@
 
 ``heron serve --data-parallel-size N`` starts N ``ServingReplica`` actors (each a whole engine
 with its own loop thread) and puts this router where the single engine's ``AsyncEngine``
-would be: the routes, validation, SSE and metrics code are the same. Each request goes to the
-replica with the fewest requests in flight from this server (least-loaded; a request's
-prompt is not split), and its outputs are pumped from the replica's Ray stream into the
-``RequestStream`` the route reads. A client that goes away cancels the stream, which aborts
+would be: the routes, validation, SSE and metrics code are the same. Each request goes, among
+the replicas within ``balance_slack`` requests in flight of the least busy one, to the one
+that has seen the longest prefix of its prompt (heron.scaleout.prefix_affinity: a
+conversation's next turn or a shared system prompt finds its KV blocks in that replica's
+prefix cache), else to the least busy; its outputs are pumped from the replica's Ray stream
+into the ``RequestStream`` the route reads. A client that goes away cancels the stream, which aborts
 the request inside its replica and frees its KV blocks there. ``/metrics`` shows the
 replicas' engine stats summed, polled every ``stats_interval`` seconds."""
 
@@ -19,6 +21,7 @@ from heron.config import DataParallelConfig, EngineConfig, SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import RequestOutput
 from heron.scaleout.cluster import ReplicaGroup, replica_error
+from heron.scaleout.prefix_affinity import PrefixAffinity
 from heron.scaleout.serving_replica import ServingReplica
 from heron.server.async_engine import EngineDeadError, QueueFullError, RequestStream
 from heron.server.served_model import ServedModel
@@ -29,10 +32,21 @@ logger = logging.getLogger(__name__)
 class ReplicaRouter:
     """A ``heron.server.served_model.RequestLoop`` over ``group``'s ServingReplicas."""
 
-    def __init__(self, group: ReplicaGroup, max_waiting: int, stats_interval: float = 0.5):
+    def __init__(
+        self,
+        group: ReplicaGroup,
+        max_waiting: int,
+        block_size: int,
+        stats_interval: float = 0.5,
+        balance_slack: int = 8,
+    ) -> None:
         self.group = group
         self.max_waiting = max_waiting
         self.stats_interval = stats_interval
+        # How many more requests in flight than the least busy replica has a replica may take
+        # for the sake of a prefix it has seen (SGLang's router balances the same way).
+        self.balance_slack = balance_slack
+        self.affinity = PrefixAffinity(len(group.actors), block_size)
         self.in_flight = [0] * len(group.actors)  # requests each replica is serving for us
         stats = group.get([a.stats.remote() for a in group.actors])
         self.last_stats: dict[str, float] = _sum(stats)
@@ -86,8 +100,9 @@ class ReplicaRouter:
         request_id: str,
         prompt_text: str | None = None,
     ) -> RequestStream:
-        """Submit one request to the least-busy replica. Raises at once if it is refused (the
-        replica's ``InvalidRequestError`` or full queue, shutdown, a dead replica)."""
+        """Submit one request to a replica (see the module's docstring). Raises at once if it
+        is refused (the replica's ``InvalidRequestError`` or full queue, shutdown, a dead
+        replica)."""
         if self._stopped or self._poller is None:
             raise EngineDeadError("the server is shutting down")
         if self._dead is not None:
@@ -97,7 +112,7 @@ class ReplicaRouter:
                 f"{self.num_waiting} requests are already waiting (--max-waiting "
                 f"{self.max_waiting}); retry later"
             )
-        i = min(range(len(self.in_flight)), key=self.in_flight.__getitem__)
+        i, hashes = self._pick(prompt_ids)
         call = self.group.actors[i].stream.remote(prompt_ids, params, request_id, prompt_text)
         self.in_flight[i] += 1
         self._pending_adds += 1
@@ -109,10 +124,19 @@ class ReplicaRouter:
             raise
         finally:
             self._pending_adds -= 1
+        self.affinity.record(i, hashes)
         stream = RequestStream(self.abort, request_id)
         pump = asyncio.get_running_loop().create_task(self._pump(call, stream, i, request_id))
         self._calls[request_id] = (call, pump, stream)
         return stream
+
+    def _pick(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
+        """The replica for a prompt, and the prompt's block hashes."""
+        hashes = self.affinity.block_hashes(prompt_ids)
+        matched = self.affinity.matched(hashes)
+        least = min(self.in_flight)
+        fair = [i for i, n in enumerate(self.in_flight) if n <= least + self.balance_slack]
+        return max(fair, key=lambda i: (matched[i], -self.in_flight[i], -i)), hashes
 
     def abort(self, request_id: str, error: BaseException | None = None) -> None:
         """Cancel the request's Ray stream: its replica aborts it and frees its blocks.
@@ -156,13 +180,13 @@ def serve_replicas(
 ) -> ServedModel:
     """Start ``config.data_parallel_size`` serving replicas and the router over them."""
     try:  # bad engine settings fail here, before any replica starts
-        EngineConfig(**engine_kwargs)
+        engine_config = EngineConfig(**engine_kwargs)
     except TypeError as e:
         raise InvalidRequestError(f"engine settings: {e}") from None
     group = ReplicaGroup(ServingReplica, config, engine_kwargs, max_waiting)
     first = group.info[0]
     return ServedModel(
-        ReplicaRouter(group, max_waiting),
+        ReplicaRouter(group, max_waiting, engine_config.block_size),
         first["tokenizer"],
         first["model_path"],
         min(info["max_model_len"] for info in group.info),  # each sized its own KV cache
