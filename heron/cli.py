@@ -449,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
     )
+    from heron.config import ROUTINGS
+
     g = serve.add_argument_group("scale-out (engine replicas on Ray; needs `pip install ray`)")
     g.add_argument(
         "--data-parallel-size",
@@ -456,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="serve with N engine replicas (Ray actors, each a whole engine and KV cache); "
-        "each request goes to the replica with the fewest requests in flight",
+        "--routing chooses one per request",
     )
     g.add_argument(
         "--ray-address",
@@ -470,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="C",
         help="CPUs (and torch threads) per replica (default: the cluster's CPUs / N)",
+    )
+    g.add_argument(
+        "--routing",
+        default="prefix",
+        choices=ROUTINGS,
+        help="replica per request: prefix = the one that has seen the longest prefix of the "
+        "prompt (its KV blocks likely still cached there) unless it has 8 more requests in "
+        "flight than the least busy; least_busy = the fewest requests in flight",
     )
     serve.add_argument(
         "--log-level",
@@ -1053,7 +1063,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_waiting < 1:
         raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
     try:
-        scale = DataParallelConfig(args.data_parallel_size, args.ray_address, args.cpus_per_replica)
+        scale = DataParallelConfig(
+            args.data_parallel_size, args.ray_address, args.cpus_per_replica, args.routing
+        )
     except InvalidRequestError as e:
         raise InvalidRequestError(f"--{str(e).replace('_', '-')}") from None
     logging.getLogger("heron").setLevel(args.log_level.upper())

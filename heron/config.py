@@ -11,6 +11,7 @@ from heron.layers.quantized_linear import QUANTIZATIONS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+ROUTINGS = ("prefix", "least_busy")
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -190,8 +191,16 @@ class DataParallelConfig:
     # CPUs Ray reserves for each replica, also its torch threads; None: the cluster's CPUs
     # divided evenly between the replicas.
     cpus_per_replica: int | None = None
+    # The server's choice of replica per request: "prefix" (the one that has seen the longest
+    # prefix of the prompt, within a load slack) or "least_busy" (fewest requests in flight).
+    routing: str = "prefix"
 
     def __post_init__(self) -> None:
+        _check(
+            self.routing in ROUTINGS,
+            "routing",
+            f"must be one of {ROUTINGS}, got {self.routing!r}",
+        )
         _check(
             self.data_parallel_size >= 1,
             "data_parallel_size",

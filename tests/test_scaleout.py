@@ -10,6 +10,7 @@ live side by side; each replica takes one. The HTTP test starts `heron serve
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -233,6 +234,31 @@ def test_router_sends_a_conversation_back_to_its_replica(router):
     assert a2.metrics["replica"] == a1.metrics["replica"]
     assert b2.metrics["replica"] == b1.metrics["replica"]
     assert a2.num_cached_tokens >= 32 and b2.num_cached_tokens >= 32
+
+
+def test_routing_choices():
+    """_pick alone, on a router over stand-in replicas: prefix routing follows what each
+    replica has seen within the load slack; least_busy ignores it."""
+
+    class _Stats:
+        @staticmethod
+        def remote() -> dict:
+            return {"num_waiting": 0}
+
+    group = SimpleNamespace(actors=[SimpleNamespace(stats=_Stats)] * 3, get=lambda refs: refs)
+    prompt = list(range(64))  # 4 blocks of 16
+    prefix = ReplicaRouter(group, max_waiting=8, block_size=16, balance_slack=2)
+    prefix.affinity.record(2, prefix.affinity.block_hashes(prompt[:48]))
+    prefix.in_flight = [0, 1, 2]
+    assert prefix._pick(prompt)[0] == 2  # 3 blocks seen there, 2 more in flight: allowed
+    prefix.in_flight = [0, 1, 3]
+    assert prefix._pick(prompt)[0] == 0  # past the slack: the least busy
+    assert prefix._pick(list(range(100, 164)))[0] == 0  # nothing seen: the least busy
+    least = ReplicaRouter(group, max_waiting=8, block_size=16, routing="least_busy")
+    least.in_flight = [2, 1, 0]
+    assert least._pick(prompt) == (2, [])
+    with pytest.raises(InvalidRequestError, match="routing"):
+        DataParallelConfig(routing="random")
 
 
 def test_router_refusals_are_heron_errors(router):

@@ -37,6 +37,7 @@ class ReplicaRouter:
         group: ReplicaGroup,
         max_waiting: int,
         block_size: int,
+        routing: str = "prefix",
         stats_interval: float = 0.5,
         balance_slack: int = 8,
     ) -> None:
@@ -46,7 +47,10 @@ class ReplicaRouter:
         # How many more requests in flight than the least busy replica has a replica may take
         # for the sake of a prefix it has seen (SGLang's router balances the same way).
         self.balance_slack = balance_slack
-        self.affinity = PrefixAffinity(len(group.actors), block_size)
+        # "least_busy": no prefix bookkeeping; every request to the least busy replica
+        self.affinity = None
+        if routing == "prefix":
+            self.affinity = PrefixAffinity(len(group.actors), block_size)
         self.in_flight = [0] * len(group.actors)  # requests each replica is serving for us
         stats = group.get([a.stats.remote() for a in group.actors])
         self.last_stats: dict[str, float] = _sum(stats)
@@ -124,7 +128,8 @@ class ReplicaRouter:
             raise
         finally:
             self._pending_adds -= 1
-        self.affinity.record(i, hashes)
+        if self.affinity is not None:
+            self.affinity.record(i, hashes)
         stream = RequestStream(self.abort, request_id)
         pump = asyncio.get_running_loop().create_task(self._pump(call, stream, i, request_id))
         self._calls[request_id] = (call, pump, stream)
@@ -132,9 +137,11 @@ class ReplicaRouter:
 
     def _pick(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
         """The replica for a prompt, and the prompt's block hashes."""
+        least = min(self.in_flight)
+        if self.affinity is None:
+            return self.in_flight.index(least), []
         hashes = self.affinity.block_hashes(prompt_ids)
         matched = self.affinity.matched(hashes)
-        least = min(self.in_flight)
         fair = [i for i, n in enumerate(self.in_flight) if n <= least + self.balance_slack]
         return max(fair, key=lambda i: (matched[i], -self.in_flight[i], -i)), hashes
 
@@ -186,7 +193,7 @@ def serve_replicas(
     group = ReplicaGroup(ServingReplica, config, engine_kwargs, max_waiting)
     first = group.info[0]
     return ServedModel(
-        ReplicaRouter(group, max_waiting, engine_config.block_size),
+        ReplicaRouter(group, max_waiting, engine_config.block_size, config.routing),
         first["tokenizer"],
         first["model_path"],
         min(info["max_model_len"] for info in group.info),  # each sized its own KV cache
