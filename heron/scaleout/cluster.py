@@ -38,9 +38,9 @@ class ReplicaGroup:
     def __init__(self, replica_cls: type, config: DataParallelConfig, *args: Any) -> None:
         self.config = config
         self.ray = ray = import_ray()
-        self.own_cluster = not ray.is_initialized()
+        self.initialized_here = not ray.is_initialized()  # ray.init() is ours to undo
         self.actors: list[Any] = []
-        if self.own_cluster:
+        if self.initialized_here:
             try:
                 ray.init(
                     address=config.ray_address,
@@ -91,11 +91,12 @@ class ReplicaGroup:
             raise replica_error(self.ray, e) from None
 
     def shutdown(self) -> None:
-        """Stop the replicas (and the local Ray cluster, if this group started it)."""
+        """Stop the replicas; if this group connected this process to Ray, disconnect it (a
+        local cluster it started stops, a running one it joined stays up)."""
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []
-        if self.own_cluster and self.ray.is_initialized():
+        if self.initialized_here and self.ray.is_initialized():
             self.ray.shutdown()
 
 

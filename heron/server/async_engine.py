@@ -90,7 +90,6 @@ class AsyncEngine:
         self._stopped = False
         # Read by /metrics from the event loop; written by the loop thread after each step.
         self.last_stats: dict[str, float] = engine.stats()
-        self.step_listeners: list[Callable[[list[RequestOutput]], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -183,8 +182,6 @@ class AsyncEngine:
                     sink(out)
                     if out.finished:
                         del self._sinks[out.request_id]
-            for listener in self.step_listeners:
-                listener(outs)
 
     def _apply(self, cmd: _Add | _Abort) -> None:
         if isinstance(cmd, _Abort):
