@@ -2,7 +2,7 @@
 work really is spread over separate processes, a request a client leaves is aborted inside
 its replica, and errors reach the caller as heron's own.
 
-The module shares one local Ray cluster with 6 logical CPUs (more than this machine's cores:
+The module shares one local Ray cluster with 8 logical CPUs (more than this machine's cores:
 the replicas only need to fit, not to run fast), so the offline and the serving replicas can
 live side by side; each replica takes one. The HTTP test starts `heron serve
 --data-parallel-size 2` in a subprocess, which starts (and stops) a cluster of its own."""
@@ -25,6 +25,7 @@ from heron.scaleout.prefix_affinity import PrefixAffinity
 from heron.scaleout.replica import EngineReplica
 from heron.scaleout.router import ReplicaRouter
 from heron.scaleout.serving_replica import ServingReplica
+from heron.server.async_engine import EngineDeadError
 from tests.conftest import start_server
 from tests.parity_prompts import PARITY_PROMPTS
 
@@ -36,7 +37,7 @@ PROMPTS = [p for p in PARITY_PROMPTS if isinstance(p, str)][:6]
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=8, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -272,6 +273,38 @@ def test_router_refusals_are_heron_errors(router):
 
     outs = asyncio.run(run())
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 2
+
+
+def test_router_serves_on_after_a_replica_dies(cluster, path):
+    """The request on the replica that died fails (503 to its client); the next goes to the
+    survivor; with none left, requests are refused and /health would say so."""
+    kwargs = {"model": path, "dtype": "float32", "device": "cpu", "kv_cache_memory": KV_BYTES}
+    group = ReplicaGroup(ServingReplica, DataParallelConfig(2, None, 1), kwargs, 16)
+    router = ReplicaRouter(group, 16, 16, routing="least_busy", stats_interval=0.05)
+    long = SamplingParams(ignore_eos=True, max_tokens=2000)
+
+    async def run():
+        router.start()
+        doomed = await router.add([1, 504, 3575], long, "doomed")  # replica 0: all idle
+        ray.kill(group.actors[0])
+        with pytest.raises(EngineDeadError):
+            async for _ in doomed:
+                pass
+        assert router.dead == {0} and router.alive
+        after = await _collect(
+            await router.add([1, 504], SamplingParams(temperature=0, max_tokens=2), "after")
+        )
+        ray.kill(group.actors[1])
+        with pytest.raises(EngineDeadError, match="every engine replica"):
+            await router.add([1, 504], SamplingParams(max_tokens=2), "none left")
+        return after
+
+    try:
+        after = asyncio.run(run())
+    finally:
+        group.shutdown()
+    assert after[-1].finished and after[-1].metrics["replica"] == 1
+    assert not router.alive and router.in_flight == [0, 0]
 
 
 def test_serve_with_replicas_over_http(llm):

@@ -9,7 +9,9 @@ conversation's next turn or a shared system prompt finds its KV blocks in that r
 prefix cache), else to the least busy; its outputs are pumped from the replica's Ray stream
 into the ``RequestStream`` the route reads. A client that goes away cancels the stream, which aborts
 the request inside its replica and frees its KV blocks there. ``/metrics`` shows the
-replicas' engine stats summed, polled every ``stats_interval`` seconds."""
+replicas' engine stats summed, polled every ``stats_interval`` seconds. A replica that dies
+(its process or node gone) fails the requests it was serving with HTTP 503; the others go on
+serving, and only when none is left does ``/health`` say the server is down."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 from heron.config import DataParallelConfig, EngineConfig, SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import RequestOutput
-from heron.scaleout.cluster import ReplicaGroup, replica_error
+from heron.scaleout.cluster import ReplicaDiedError, ReplicaGroup, replica_error
 from heron.scaleout.prefix_affinity import PrefixAffinity
 from heron.scaleout.serving_replica import ServingReplica
 from heron.server.async_engine import EngineDeadError, QueueFullError, RequestStream
@@ -59,7 +61,7 @@ class ReplicaRouter:
         self._pending_adds = 0
         self._poller: asyncio.Task | None = None
         self._stopped = False
-        self._dead: str | None = None  # why the router cannot serve (a replica died)
+        self.dead: set[int] = set()  # replicas whose process is gone
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -79,7 +81,9 @@ class ReplicaRouter:
 
     @property
     def alive(self) -> bool:
-        return self._poller is not None and not self._stopped and self._dead is None
+        return (
+            self._poller is not None and not self._stopped and len(self.dead) < len(self.in_flight)
+        )
 
     @property
     def num_waiting(self) -> int:
@@ -87,14 +91,21 @@ class ReplicaRouter:
 
     async def _poll_stats(self) -> None:
         while True:
-            try:
-                stats = await asyncio.gather(*(a.stats.remote() for a in self.group.actors))
-            except Exception as e:  # a replica is gone: /health says so, requests get 503
-                self._dead = str(replica_error(self.group.ray, e))
-                logger.error("replica stats failed; the server stops serving: %s", self._dead)
-                return
-            self.last_stats = _sum(stats)
+            live = [i for i in range(len(self.in_flight)) if i not in self.dead]
+            stats = await asyncio.gather(
+                *(self.group.actors[i].stats.remote() for i in live), return_exceptions=True
+            )
+            for i, result in zip(live, stats, strict=True):
+                if isinstance(result, Exception):
+                    self._lost(i, replica_error(self.group.ray, result))
+            self.last_stats = _sum([r for r in stats if not isinstance(r, BaseException)])
             await asyncio.sleep(self.stats_interval)
+
+    def _lost(self, replica: int, error: Exception) -> None:
+        if isinstance(error, ReplicaDiedError) and replica not in self.dead:
+            self.dead.add(replica)
+            left = len(self.in_flight) - len(self.dead)
+            logger.error("replica %d is gone (%s); %d replicas left", replica, error, left)
 
     # ------------------------------------------------------------------ requests
     async def add(
@@ -109,25 +120,32 @@ class ReplicaRouter:
         replica)."""
         if self._stopped or self._poller is None:
             raise EngineDeadError("the server is shutting down")
-        if self._dead is not None:
-            raise EngineDeadError(self._dead)
+        if not self.alive:
+            raise EngineDeadError("every engine replica is gone")
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(
                 f"{self.num_waiting} requests are already waiting (--max-waiting "
                 f"{self.max_waiting}); retry later"
             )
-        i, hashes = self._pick(prompt_ids)
-        call = self.group.actors[i].stream.remote(prompt_ids, params, request_id, prompt_text)
-        self.in_flight[i] += 1
-        self._pending_adds += 1
-        try:
-            await self._next(call)  # None: the replica's engine took it
-        except BaseException:
-            self.in_flight[i] -= 1
-            self.group.ray.cancel(call)  # also when this await was cancelled midway
-            raise
-        finally:
-            self._pending_adds -= 1
+        while True:
+            i, hashes = self._pick(prompt_ids)
+            call = self.group.actors[i].stream.remote(prompt_ids, params, request_id, prompt_text)
+            self.in_flight[i] += 1
+            self._pending_adds += 1
+            try:
+                await self._next(call)  # None: the replica's engine took it
+                break
+            except ReplicaDiedError as e:  # nothing started there: try another replica
+                self.in_flight[i] -= 1
+                self._lost(i, e)
+                if not self.alive:
+                    raise EngineDeadError("every engine replica is gone") from None
+            except BaseException:
+                self.in_flight[i] -= 1
+                self.group.ray.cancel(call)  # also when this await was cancelled midway
+                raise
+            finally:
+                self._pending_adds -= 1
         if self.affinity is not None:
             self.affinity.record(i, hashes)
         stream = RequestStream(self.abort, request_id)
@@ -136,13 +154,14 @@ class ReplicaRouter:
         return stream
 
     def _pick(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
-        """The replica for a prompt, and the prompt's block hashes."""
-        least = min(self.in_flight)
+        """The replica for a prompt (a live one), and the prompt's block hashes."""
+        live = [i for i in range(len(self.in_flight)) if i not in self.dead]
+        least = min(self.in_flight[i] for i in live)
         if self.affinity is None:
-            return self.in_flight.index(least), []
+            return min(live, key=lambda i: (self.in_flight[i], i)), []
         hashes = self.affinity.block_hashes(prompt_ids)
         matched = self.affinity.matched(hashes)
-        fair = [i for i, n in enumerate(self.in_flight) if n <= least + self.balance_slack]
+        fair = [i for i in live if self.in_flight[i] <= least + self.balance_slack]
         return max(fair, key=lambda i: (matched[i], -self.in_flight[i], -i)), hashes
 
     def abort(self, request_id: str, error: BaseException | None = None) -> None:
@@ -167,6 +186,7 @@ class ReplicaRouter:
         except StopAsyncIteration:
             stream.queue.put_nowait(EngineDeadError("the replica ended the request early"))
         except Exception as e:
+            self._lost(replica, e)
             stream.queue.put_nowait(e)
         finally:
             self.in_flight[replica] -= 1
