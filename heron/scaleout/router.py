@@ -7,8 +7,8 @@ the replicas within ``balance_slack`` requests in flight of the least busy one, 
 that has seen the longest prefix of its prompt (heron.scaleout.prefix_affinity: a
 conversation's next turn or a shared system prompt finds its KV blocks in that replica's
 prefix cache), else to the least busy; its outputs are pumped from the replica's Ray stream
-into the ``RequestStream`` the route reads. A client that goes away cancels the stream, which aborts
-the request inside its replica and frees its KV blocks there. ``/metrics`` shows the
+into the ``RequestStream`` the route reads. A client that goes away cancels the stream,
+which aborts the request inside its replica and frees its KV blocks there. ``/metrics`` shows the
 replicas' engine stats summed, polled every ``stats_interval`` seconds. A replica that dies
 (its process or node gone) fails the requests it was serving with HTTP 503; the others go on
 serving, and only when none is left does ``/health`` say the server is down."""
@@ -91,7 +91,7 @@ class ReplicaRouter:
 
     async def _poll_stats(self) -> None:
         while True:
-            live = [i for i in range(len(self.in_flight)) if i not in self.dead]
+            live = self._live()
             stats = await asyncio.gather(
                 *(self.group.actors[i].stats.remote() for i in live), return_exceptions=True
             )
@@ -101,7 +101,12 @@ class ReplicaRouter:
             self.last_stats = _sum([r for r in stats if not isinstance(r, BaseException)])
             await asyncio.sleep(self.stats_interval)
 
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self.in_flight)) if i not in self.dead]
+
     def _lost(self, replica: int, error: Exception) -> None:
+        """Note a replica as gone if ``error`` says its process is (other errors are the
+        request's own)."""
         if isinstance(error, ReplicaDiedError) and replica not in self.dead:
             self.dead.add(replica)
             left = len(self.in_flight) - len(self.dead)
@@ -155,7 +160,7 @@ class ReplicaRouter:
 
     def _pick(self, prompt_ids: list[int]) -> tuple[int, list[int]]:
         """The replica for a prompt (a live one), and the prompt's block hashes."""
-        live = [i for i in range(len(self.in_flight)) if i not in self.dead]
+        live = self._live()
         least = min(self.in_flight[i] for i in live)
         if self.affinity is None:
             return min(live, key=lambda i: (self.in_flight[i], i)), []
