@@ -143,10 +143,18 @@ def test_bench_throughput_heron_only(tmp_path):
     assert data["machine"]["torch_version"]
 
 
-def test_bench_throughput_bad_data_parallel_size():
-    proc = heron("bench", "throughput", "--data-parallel-size", "0", "--skip-hf")
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["bench", "throughput", "--data-parallel-size", "0"], "--data-parallel-size: must be"),
+        (["serve", "--data-parallel-size", "0"], "--data-parallel-size: must be >= 1"),
+        (["serve", "--cpus-per-replica", "0"], "--cpus-per-replica: must be >= 1"),
+    ],
+)
+def test_bad_scale_out_flags(command, message):
+    proc = heron(*command)
     assert proc.returncode != 0
-    assert "--data-parallel-size: must be >= 1" in proc.stderr
+    assert message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
