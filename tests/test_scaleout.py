@@ -89,10 +89,11 @@ def test_config_errors():
 def test_replica_tags_its_outputs(model_path):
     """The actor's class, run in this process: ids unique per replica, its index in metrics."""
     replica = EngineReplica(
-        3, 1, {"model": str(model_path), "dtype": "float32", "kv_cache_memory": KV_BYTES}, 0
+        3, 1, {"model": str(model_path), "dtype": "float32", "kv_cache_memory": KV_BYTES}
     )
     with pytest.raises(RuntimeError, match="start"):
         replica.generate(["Hi"], [SamplingParams(max_tokens=2)])
+    assert replica.llm_kwargs["seed"] == 0 + 3  # EngineConfig's seed plus its index
     info = replica.start()
     assert info["replica"] == 3 and info["threads"] == 1
     (out,) = replica.generate(["Hi"], [SamplingParams(temperature=0, max_tokens=3)])

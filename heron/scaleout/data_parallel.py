@@ -48,14 +48,12 @@ class DataParallelLLM:
         **kwargs: Any,
     ) -> None:
         config = DataParallelConfig(data_parallel_size, ray_address, cpus_per_replica)
+        llm_kwargs = {"model": model, "dtype": dtype, "device": device, **kwargs}
         try:  # bad engine settings fail here, before any replica starts
-            engine_config = EngineConfig(model=model, dtype=dtype, device=device, **kwargs)
+            EngineConfig(**llm_kwargs)
         except TypeError as e:
             raise InvalidRequestError(f"DataParallelLLM(): {e}") from None
-        llm_kwargs = {"model": model, "dtype": dtype, "device": device, **kwargs}
-        self.group: ReplicaGroup | None = ReplicaGroup(
-            EngineReplica, config, llm_kwargs, engine_config.seed
-        )
+        self.group: ReplicaGroup | None = ReplicaGroup(EngineReplica, config, llm_kwargs)
         self.replica_info = self.group.info
 
     # ------------------------------------------------------------------ the LLM API

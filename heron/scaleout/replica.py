@@ -22,11 +22,10 @@ class EngineReplica:
     node) then reaches the caller as itself, where Ray reports a failed actor constructor
     only as a dead actor."""
 
-    def __init__(self, index: int, threads: int, llm_kwargs: dict[str, Any], seed: int) -> None:
+    def __init__(self, index: int, threads: int, llm_kwargs: dict[str, Any]) -> None:
         self.index = index
         self.threads = threads
-        # Replica i draws from seed + i: unseeded samples differ between replicas.
-        self.llm_kwargs = {**llm_kwargs, "seed": seed + index}
+        self.llm_kwargs = reseeded(llm_kwargs, index)
         self.llm: LLM | None = None
 
     def start(self) -> dict[str, Any]:
@@ -58,6 +57,12 @@ class EngineReplica:
             out.request_id = f"{self.index}-{out.request_id}"
             out.metrics["replica"] = self.index
         return outs
+
+
+def reseeded(engine_kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """Replica ``index``'s engine settings: its seed is the given one (EngineConfig's 0 by
+    default) plus ``index``, so unseeded samples differ between replicas."""
+    return {**engine_kwargs, "seed": engine_kwargs.get("seed", 0) + index}
 
 
 def describe(engine: Engine, index: int) -> dict[str, Any]:

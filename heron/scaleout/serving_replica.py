@@ -12,13 +12,13 @@ import torch
 from heron.config import EngineConfig, SamplingParams
 from heron.engine.engine import Engine
 from heron.outputs import RequestOutput
-from heron.scaleout.replica import describe
+from heron.scaleout.replica import describe, reseeded
 from heron.server.async_engine import AsyncEngine
 
 
 class ServingReplica:
-    """``engine_kwargs``: EngineConfig fields; replica ``index`` seeds its engine with
-    ``seed + index``. Built by ``start`` (see ``EngineReplica`` for why not in ``__init__``)."""
+    """``engine_kwargs``: EngineConfig fields (reseeded per replica, see ``reseeded``). Built by
+    ``start`` (see ``EngineReplica`` for why not in ``__init__``)."""
 
     def __init__(
         self, index: int, threads: int, engine_kwargs: dict[str, Any], max_waiting: int
@@ -34,8 +34,7 @@ class ServingReplica:
         the server's routes need (the tokenizer, with the chat template the engine settled
         on)."""
         torch.set_num_threads(self.threads)
-        kwargs = self.engine_kwargs
-        config = EngineConfig(**{**kwargs, "seed": kwargs.get("seed", 0) + self.index})
+        config = EngineConfig(**reseeded(self.engine_kwargs, self.index))
         engine = Engine(config)
         self.loop = AsyncEngine(engine, max_waiting=self.max_waiting)
         self.loop.start()
