@@ -306,6 +306,7 @@ def test_router_serves_on_after_a_replica_dies(cluster, path):
         group.shutdown()
     assert after[-1].finished and after[-1].metrics["replica"] == 1
     assert not router.alive and router.in_flight == [0, 0]
+    assert router.last_stats["kv_blocks_total"] > 0  # /metrics still has figures to show
 
 
 def test_serve_with_replicas_over_http(llm):

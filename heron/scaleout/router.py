@@ -98,7 +98,9 @@ class ReplicaRouter:
             for i, result in zip(live, stats, strict=True):
                 if isinstance(result, Exception):
                     self._lost(i, replica_error(self.group.ray, result))
-            self.last_stats = _sum([r for r in stats if not isinstance(r, BaseException)])
+            answered = [r for r in stats if not isinstance(r, BaseException)]
+            if answered:  # with none left, /metrics keeps showing the last figures
+                self.last_stats = _sum(answered)
             await asyncio.sleep(self.stats_interval)
 
     def _live(self) -> list[int]:
