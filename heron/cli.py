@@ -299,6 +299,18 @@ _ENGINE_FLAGS = (
 )
 
 
+def _add_replica_args(parser: argparse._ActionsContainer, size_help: str) -> None:
+    """--data-parallel-size and --cpus-per-replica (heron.scaleout, on Ray)."""
+    parser.add_argument("--data-parallel-size", type=int, default=1, metavar="N", help=size_help)
+    parser.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        metavar="C",
+        help="CPUs (and torch threads) per replica (default: the Ray cluster's CPUs / N)",
+    )
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     """The engine settings among this command's flags (the others keep EngineConfig's)."""
     return {name: getattr(args, name) for name in _ENGINE_FLAGS if hasattr(args, name)}
@@ -452,12 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     from heron.config import ROUTINGS
 
     g = serve.add_argument_group("scale-out (engine replicas on Ray; needs `pip install ray`)")
-    g.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        metavar="N",
-        help="serve with N engine replicas (Ray actors, each a whole engine and KV cache); "
+    _add_replica_args(
+        g,
+        "serve with N engine replicas (Ray actors, each a whole engine and KV cache); "
         "--routing chooses one per request",
     )
     g.add_argument(
@@ -465,13 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the Ray cluster to place replicas on ('auto', 'ray://host:10001'); default: a "
         "local one on this machine",
-    )
-    g.add_argument(
-        "--cpus-per-replica",
-        type=int,
-        default=None,
-        metavar="C",
-        help="CPUs (and torch threads) per replica (default: the cluster's CPUs / N)",
     )
     g.add_argument(
         "--routing",
@@ -546,20 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="heron: most tokens in one step (default: the engine's)",
     )
     tp.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    tp.add_argument(
-        "--data-parallel-size",
-        type=int,
-        default=1,
-        metavar="N",
-        help="also time N heron engine replicas on Ray (heron.scaleout.DataParallelLLM; needs "
+    _add_replica_args(
+        tp,
+        "also time N heron engine replicas on Ray (heron.scaleout.DataParallelLLM; needs "
         "`pip install ray`) with the same work, and print their speed over the single engine",
-    )
-    tp.add_argument(
-        "--cpus-per-replica",
-        type=int,
-        default=None,
-        metavar="C",
-        help="CPUs (and torch threads) per replica (default: the Ray cluster's CPUs / N)",
     )
     tp.add_argument(
         "--json", default=None, metavar="PATH", help="also write the results and machine info here"
