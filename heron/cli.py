@@ -651,6 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     sv.add_argument("--compare-url", default=None, help="another server to run the same load on")
     sv.add_argument("--compare-name", default="other", help="its name in the table")
+    sv.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also start heron with N engine replicas on Ray (heron serve --data-parallel-size "
+        "N; needs `pip install ray`) and run the same load on it",
+    )
     sv.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     sv.set_defaults(func=cmd_bench_serve)
 
@@ -1276,6 +1284,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         compare_url=args.compare_url,
         compare_name=args.compare_name,
+        data_parallel_size=args.data_parallel_size,
     )
     result = run_serve_bench(cfg)
     print(format_table(result))

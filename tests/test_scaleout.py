@@ -325,3 +325,19 @@ def test_serve_with_replicas_over_http(llm):
         assert health.status_code == 200
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_bench_serve_compares_replicas_with_one_engine(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "serve.json"
+    cmd = [sys.executable, "-m", "heron.cli", "bench", "serve", "--data-parallel-size", "2"]
+    cmd += ["--concurrency", "2", "--num-prompts", "2", "--input-len", "8", "--output-len", "4"]
+    r = subprocess.run([*cmd, "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "concurrency 2: heron / heron x2 (Ray) tok/s =" in r.stdout
+    levels = json.loads(out.read_text())["levels"]
+    assert [lv["server"] for lv in levels] == ["heron", "heron x2 (Ray)"]
+    assert all(lv["errors"] == 0 and lv["generated_tokens"] == 2 * 4 for lv in levels)

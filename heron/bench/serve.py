@@ -9,7 +9,8 @@ first (TPOT); per level: p50/p99 of both and generated tokens per second of wall
 The same load can run against a second OpenAI-compatible server (``--compare-url``, e.g.
 llama.cpp's ``llama-server``, which understands ``ignore_eos``) in the same invocation, and the
 ratio is printed. Without ``--url`` a heron server is started on a free port and stopped
-afterwards."""
+afterwards; with ``data_parallel_size`` N > 1 a second heron with N engine replicas on Ray
+(``heron serve --data-parallel-size N``) is started beside it and compared the same way."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ class ServeBenchConfig:
     seed: int = 0
     compare_url: str | None = None
     compare_name: str = "other"
+    data_parallel_size: int = 1  # > 1: compare against heron with that many replicas
+
+    @property
+    def comparison(self) -> str | None:
+        """The name of the server compared against, if any."""
+        if self.data_parallel_size > 1:
+            return f"heron x{self.data_parallel_size} (Ray)"
+        return self.compare_name if self.compare_url else None
 
     def validate(self) -> None:
         if not self.concurrency or min(self.concurrency) < 1:
@@ -53,6 +62,12 @@ class ServeBenchConfig:
                 raise InvalidRequestError(f"--{name.replace('_', '-')}: must be >= 1")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise InvalidRequestError("--num-prompts: must be >= 1")
+        if self.data_parallel_size < 1:
+            raise InvalidRequestError("--data-parallel-size: must be >= 1")
+        if self.data_parallel_size > 1 and self.compare_url:
+            raise InvalidRequestError(
+                "--data-parallel-size compares against a heron it starts; drop --compare-url"
+            )
 
 
 @dataclass
@@ -178,20 +193,28 @@ def _check_reachable(url: str) -> None:
 
 def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
     cfg.validate()
-    started = None
+    started: list[ServerProcess] = []
+    model_args = ["--model", cfg.model] if cfg.model else []
     url = cfg.url
     if url is None:
-        started = ServerProcess(*(["--model", cfg.model] if cfg.model else []))
-        url = started.url
+        started.append(ServerProcess(*model_args))
+        url = started[-1].url
     else:
         _check_reachable(url)
     if cfg.compare_url:
         _check_reachable(cfg.compare_url)
+    compare_url = cfg.compare_url
+    if cfg.data_parallel_size > 1:
+        started.append(
+            ServerProcess(*model_args, "--data-parallel-size", str(cfg.data_parallel_size))
+        )
+        compare_url = started[-1].url
     result = ServeBenchResult(cfg)
     try:
         targets = [("heron", url, cfg.model)]
-        if cfg.compare_url:
-            targets.append((cfg.compare_name, cfg.compare_url, None))
+        if cfg.comparison:
+            dp_model = cfg.model if cfg.data_parallel_size > 1 else None
+            targets.append((cfg.comparison, compare_url, dp_model))
         for c in cfg.concurrency:
             n = cfg.num_prompts or max(8, 2 * c)
             prompts = make_prompts(n, cfg.input_len, cfg.seed + c)
@@ -204,14 +227,14 @@ def run_serve_bench(cfg: ServeBenchConfig) -> ServeBenchResult:
                 print(_format_row(level), file=sys.stderr)
                 result.levels.append(level)
     finally:
-        if started is not None:
-            started.stop()
+        for server in started:
+            server.stop()
     return result
 
 
 def _format_row(r: LevelResult) -> str:
     return (
-        f"{r.server:<10} {r.concurrency:>5} {r.requests:>5} {r.errors:>4} "
+        f"{r.server:<16} {r.concurrency:>5} {r.requests:>5} {r.errors:>4} "
         f"{r.ttft_p50 * 1e3:>9.0f} {r.ttft_p99 * 1e3:>9.0f} "
         f"{r.tpot_p50 * 1e3:>9.1f} {r.tpot_p99 * 1e3:>9.1f} {r.tokens_per_second:>8.1f}"
     )
@@ -220,7 +243,7 @@ def _format_row(r: LevelResult) -> str:
 def format_table(result: ServeBenchResult) -> str:
     c = result.config
     header = (
-        f"{'server':<10} {'conc':>5} {'reqs':>5} {'errs':>4} {'TTFT p50':>9} {'TTFT p99':>9} "
+        f"{'server':<16} {'conc':>5} {'reqs':>5} {'errs':>4} {'TTFT p50':>9} {'TTFT p99':>9} "
         f"{'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>8}"
     )
     lines = [
@@ -231,12 +254,12 @@ def format_table(result: ServeBenchResult) -> str:
         *(_format_row(r) for r in result.levels),
     ]
     by_key = {(r.server, r.concurrency): r for r in result.levels}
-    if c.compare_url:
+    if c.comparison:
         for conc in c.concurrency:
-            ours, theirs = by_key.get(("heron", conc)), by_key.get((c.compare_name, conc))
+            ours, theirs = by_key.get(("heron", conc)), by_key.get((c.comparison, conc))
             if ours and theirs and theirs.tokens_per_second > 0:
                 ratio = ours.tokens_per_second / theirs.tokens_per_second
-                lines.append(f"concurrency {conc}: heron / {c.compare_name} tok/s = {ratio:.2f}x")
+                lines.append(f"concurrency {conc}: heron / {c.comparison} tok/s = {ratio:.2f}x")
     return "\n".join(lines)
 
 
