@@ -61,9 +61,7 @@ class LLM:
         strategy: str | Strategy | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them."""
-        if not messages:
-            raise InvalidRequestError("messages: must not be empty", param="messages")
-        conversations = [messages] if isinstance(messages[0], dict) else messages
+        conversations = as_conversations(messages)
         tok = self.engine.tokenizer
         encoded = [tok.encode_chat(c, add_generation_prompt) for c in conversations]
         outs = self.generate([ids for _, ids in encoded], sampling_params, use_tqdm, strategy)
@@ -152,6 +150,13 @@ def as_params_list(
             )
         return list(sampling_params)
     return [sampling_params or SamplingParams()] * num_prompts
+
+
+def as_conversations(messages: list[dict] | list[list[dict]]) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    if not messages:
+        raise InvalidRequestError("messages: must not be empty", param="messages")
+    return [messages] if isinstance(messages[0], dict) else messages  # type: ignore[list-item]
 
 
 def as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

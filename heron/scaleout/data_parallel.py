@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from heron.config import DataParallelConfig, EngineConfig, SamplingParams
 from heron.errors import HeronError, InvalidRequestError
-from heron.llm import Prompt, as_params_list, as_prompt_list
+from heron.llm import Prompt, as_conversations, as_params_list, as_prompt_list
 from heron.outputs import RequestOutput
 from heron.scaleout.cluster import ReplicaGroup
 from heron.scaleout.replica import EngineReplica
@@ -77,9 +77,7 @@ class DataParallelLLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """As ``LLM.chat``: one conversation or a list of them, each through the chat template."""
-        if not messages:
-            raise InvalidRequestError("messages: must not be empty", param="messages")
-        conversations = [messages] if isinstance(messages[0], dict) else messages
+        conversations = as_conversations(messages)
         params = as_params_list(sampling_params, len(conversations))
         costs = [
             _cost(sum(_prompt_size(str(m.get("content", ""))) for m in conv), sp)

@@ -25,7 +25,7 @@ from heron.outputs import RequestOutput
 from heron.scaleout.cluster import ReplicaDiedError, ReplicaGroup, replica_error
 from heron.scaleout.prefix_affinity import PrefixAffinity
 from heron.scaleout.serving_replica import ServingReplica
-from heron.server.async_engine import EngineDeadError, QueueFullError, RequestStream
+from heron.server.async_engine import EngineDeadError, RequestStream, refuse_if_full
 from heron.server.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -129,11 +129,7 @@ class ReplicaRouter:
             raise EngineDeadError("the server is shutting down")
         if not self.alive:
             raise EngineDeadError("every engine replica is gone")
-        if self.num_waiting >= self.max_waiting:
-            raise QueueFullError(
-                f"{self.num_waiting} requests are already waiting (--max-waiting "
-                f"{self.max_waiting}); retry later"
-            )
+        refuse_if_full(self.num_waiting, self.max_waiting)
         while True:
             i, hashes = self._pick(prompt_ids)
             call = self.group.actors[i].stream.remote(prompt_ids, params, request_id, prompt_text)

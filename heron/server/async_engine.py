@@ -48,6 +48,14 @@ class _Abort:
     request_id: str
 
 
+def refuse_if_full(num_waiting: int, max_waiting: int) -> None:
+    """A new request is refused (HTTP 429) once ``max_waiting`` are already waiting."""
+    if num_waiting >= max_waiting:
+        raise QueueFullError(
+            f"{num_waiting} requests are already waiting (--max-waiting {max_waiting}); retry later"
+        )
+
+
 class RequestStream:
     """One request's outputs (cumulative, as ``Engine.step`` gives them) as an async iterator
     that ends after the finished output. Leaving it early (a client went away) aborts the
@@ -124,11 +132,7 @@ class AsyncEngine:
         ``InvalidRequestError``, a full queue, shutdown); otherwise returns its stream."""
         if self._stopped or self._thread is None:
             raise EngineDeadError("the server is shutting down")
-        if self.num_waiting >= self.max_waiting:
-            raise QueueFullError(
-                f"{self.num_waiting} requests are already waiting (--max-waiting "
-                f"{self.max_waiting}); retry later"
-            )
+        refuse_if_full(self.num_waiting, self.max_waiting)
         loop = asyncio.get_running_loop()
         stream = RequestStream(self.abort, request_id)
 
