@@ -211,7 +211,7 @@ def _engine_parent() -> argparse.ArgumentParser:
         action="store_false",
         help="do not reuse the KV blocks of earlier prompts with the same prefix",
     )
-    from heron.spec.registry import PROPOSERS
+    from heron.speculative.registry import PROPOSERS
 
     g.add_argument(
         "--speculative-method",

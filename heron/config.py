@@ -43,7 +43,7 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    # Speculative decoding (heron.spec): None = off, or a proposer name ("ngram", ...).
+    # Speculative decoding (heron.speculative): None = off, or a proposer name ("ngram", ...).
     speculative_method: str | None = None
     # The most drafts per step (adaptive k shrinks it); None: 4, or 16 for "lookahead" (the
     # nodes of its draft tree).
@@ -124,7 +124,7 @@ class EngineConfig:
             "(drafts would be verified against an evicted cache); choose one",
         )
         if self.speculative_method is not None:
-            from heron.spec.registry import PROPOSERS
+            from heron.speculative.registry import PROPOSERS
 
             _check(
                 self.speculative_method in PROPOSERS,

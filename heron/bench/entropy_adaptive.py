@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from heron.config import SamplingParams
-from heron.spec.layer_skip import default_kept_layers
+from heron.speculative.layer_skip import default_kept_layers
 from heron.strategies import AnswerExtractor
 
 logger = logging.getLogger(__name__)

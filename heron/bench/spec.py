@@ -91,7 +91,7 @@ class SpecBenchConfig:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from heron.spec.registry import PROPOSERS
+        from heron.speculative.registry import PROPOSERS
 
         for m in self.methods:
             if m not in PROPOSERS:

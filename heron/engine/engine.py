@@ -29,8 +29,8 @@ from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
-from heron.spec.layer_skip import default_kept_layers, spread_layers
-from heron.spec.registry import build_speculator
+from heron.speculative.layer_skip import default_kept_layers, spread_layers
+from heron.speculative.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

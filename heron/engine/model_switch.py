@@ -1,8 +1,8 @@
 """Entropy-adaptive decoding (EAD): a cheap model generates while the next-token entropy is
 low, the full model while it is high.
 
-The cheap model is the target with only some of its layers (``heron.spec.layer_skip``'s even
-spread; no second model of the same tokenizer ships here), so both share one paged cache.
+The cheap model is the target with only some of its layers (``heron.speculative.layer_skip``'s
+even spread; no second model of the same tokenizer ships here), so both share one paged cache.
 A cheap step writes K/V only for its kept layers; the skipped layers' K/V of those positions
 do not exist. So when a sequence switches back to the full model, the positions the cheap
 model wrote are recomputed by the full model (one prefill chunk, batched like any other, the

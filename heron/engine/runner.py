@@ -20,7 +20,7 @@ from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 from heron.platform import lazy_zeros
-from heron.spec.verify import chain_parents
+from heron.speculative.verify import chain_parents
 
 logger = logging.getLogger(__name__)
 

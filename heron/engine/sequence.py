@@ -17,7 +17,7 @@ from heron.tokenizer import Detokenizer
 if TYPE_CHECKING:
     from heron.engine.model_switch import ModelSwitch
     from heron.kv.compressor import KVState
-    from heron.spec.speculator import AdaptiveK
+    from heron.speculative.speculator import AdaptiveK
 
 
 class Status(enum.Enum):
@@ -47,7 +47,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
     # Speculative decoding: this step's drafted tokens (scheduled after the last real one),
-    # the draft each follows when they form a tree (heron.spec.verify; None: a chain), the
+    # the draft each follows when they form a tree (heron.speculative.verify; None: a chain), the
     # draft distributions they came from (None: a deterministic proposer), the sequence's
     # adaptive-k state, and its acceptance counts.
     draft_token_ids: list[int] = field(default_factory=list)

@@ -5,7 +5,7 @@ draft model) run a network and also return the draft distribution ``probs`` each
 drawn from, which the verifier needs for the lossless acceptance rule. A proposer that returns
 no probabilities proposed deterministically (q is one-hot on the drafted token). A draft is a
 chain, or a tree (``parents``, parents before children) whose branches are verified together
-in one pass under a tree attention mask (heron.spec.verify)."""
+in one pass under a tree attention mask (heron.speculative.verify)."""
 
 from __future__ import annotations
 

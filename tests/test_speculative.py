@@ -12,11 +12,11 @@ import torch
 from heron import LLM, SamplingParams, kernels
 from heron.config import EngineConfig
 from heron.errors import InvalidRequestError
-from heron.spec.layer_skip import spread_layers
-from heron.spec.lookahead import NgramTrie, best_first_tree
-from heron.spec.ngram import lookup
-from heron.spec.speculator import AdaptiveK, StepCost
-from heron.spec.verify import accept_sampled, accept_tree
+from heron.speculative.layer_skip import spread_layers
+from heron.speculative.lookahead import NgramTrie, best_first_tree
+from heron.speculative.ngram import lookup
+from heron.speculative.speculator import AdaptiveK, StepCost
+from heron.speculative.verify import accept_sampled, accept_tree
 from tests.conftest import make_llm
 
 PROMPTS = [
@@ -176,7 +176,7 @@ def test_rows_priced_out_still_get_a_probe_now_and_then():
     """Where the fit prices a row above the step's share (budget < 1 row), no draft would run
     and the fit would never see another verify step: one draft row every _PAUSE_STEPS
     steps keeps measuring."""
-    from heron.spec import speculator
+    from heron.speculative import speculator
 
     llm, drafted = _pinned_fit_engine(0.004, 0.010, (1, 5, 9))  # 4 ms + 10 ms a row
     assert llm.engine.speculator.cost.draft_rows(1, 0.25) < 1
@@ -469,7 +469,7 @@ def test_sampling_distribution_unchanged(llm, monkeypatch):
     def keep_every_draft(target_probs, drafts, draft_probs, generator):
         return [*drafts, int(torch.multinomial(target_probs[-1], 1, generator=generator))]
 
-    monkeypatch.setattr("heron.spec.speculator.accept_sampled", keep_every_draft)
+    monkeypatch.setattr("heron.speculative.speculator.accept_sampled", keep_every_draft)
     broken, _ = chi_square_of_spec_samples(exact, **spec)
     assert broken > CHI2_CRITICAL, broken
 

@@ -18,7 +18,7 @@ from heron.engine.block_manager import BlockManager
 from heron.engine.runner import ModelRunner
 from heron.engine.sequence import Sequence
 from heron.errors import InvalidRequestError
-from heron.spec.proposer import Draft, Proposer, draw_draft_token, stack_probs
+from heron.speculative.proposer import Draft, Proposer, draw_draft_token, stack_probs
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ extraction, code edits)."""
 from __future__ import annotations
 
 from heron.engine.sequence import Sequence
-from heron.spec.proposer import Draft, Proposer
+from heron.speculative.proposer import Draft, Proposer
 
 
 class NgramProposer(Proposer):

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from heron.errors import InvalidRequestError
-from heron.spec.draft_model import DraftModelProposer
-from heron.spec.layer_skip import LayerSkipProposer, default_kept_layers
-from heron.spec.lookahead import LookaheadProposer
-from heron.spec.ngram import NgramProposer
-from heron.spec.proposer import Proposer
-from heron.spec.speculator import Speculator
+from heron.speculative.draft_model import DraftModelProposer
+from heron.speculative.layer_skip import LayerSkipProposer, default_kept_layers
+from heron.speculative.lookahead import LookaheadProposer
+from heron.speculative.ngram import NgramProposer
+from heron.speculative.proposer import Proposer
+from heron.speculative.speculator import Speculator
 
 if TYPE_CHECKING:
     from heron.config import EngineConfig

@@ -20,7 +20,7 @@ from heron.engine.sequence import Sequence
 from heron.errors import InvalidRequestError
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
-from heron.spec.proposer import Draft, Proposer, draw_draft_token, stack_probs
+from heron.speculative.proposer import Draft, Proposer, draw_draft_token, stack_probs
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -5,10 +5,11 @@ Every sequence keeps a trie of the n-grams of its prompt and output (each window
 arrive. To draft, the trie is entered with the sequence's last ``ngram_max`` tokens (down to
 ``ngram_min`` when that was never seen; every length that matches contributes, longer matches
 first) and its most frequent continuations are taken best-first until ``k`` nodes: several
-branches, each at most ``depth`` deep. The verifier checks them all in one forward pass under
-a tree attention mask (heron.spec.verify, the runner's tree spans), so where the text could go
-on in several remembered ways, one of them is usually right. Finished requests' outputs feed a
-shared trie too (bounded), so repeated answers across requests are drafted as well.
+branches, each at most ``depth`` deep. The verifier checks them all in one forward pass
+under a tree attention mask (heron.speculative.verify, the runner's tree spans), so where the
+text could go on in several remembered ways, one of them is usually right. Finished requests'
+outputs feed a shared trie too (bounded), so repeated answers across requests are drafted as
+well.
 
 Where verification is cheap (small batches: a forward pass of 1 or 20 rows costs about the
 same on a CPU or GPU), a wide tree buys a longer accepted length than a single chain for free.
@@ -20,7 +21,7 @@ import heapq
 import itertools
 
 from heron.engine.sequence import Sequence
-from heron.spec.proposer import Draft, Proposer
+from heron.speculative.proposer import Draft, Proposer
 
 _SHARED_MAX_NODES = 500_000  # the shared trie starts over past this many nodes
 

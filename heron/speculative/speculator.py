@@ -33,8 +33,8 @@ from heron.config import EngineConfig
 from heron.engine.sampler import filtered_probs, top_logprobs
 from heron.engine.sequence import Sequence
 from heron.outputs import PositionLogprobs
-from heron.spec.proposer import Proposer
-from heron.spec.verify import accept_sampled, accept_tree
+from heron.speculative.proposer import Proposer
+from heron.speculative.verify import accept_sampled, accept_tree
 
 _EMA = 0.3  # weight of the latest step in the acceptance-rate average
 # Drafts may add at most this share to a step's time: the sequences whose drafts are accepted
