@@ -13,9 +13,9 @@ import torch
 from conftest import make_llm
 
 from heron import SamplingParams
-from heron.engine.model_switch import ModelSwitch
 from heron.errors import InvalidRequestError
 from heron.strategies import ContextAware, EntropyAdaptive, make_strategy
+from heron.strategies.entropy_adaptive import ModelSwitch
 
 CONTEXT = "In this story, the capital of France is Lyon. "
 QUESTION = "What is the capital of France? Answer in one word."
@@ -69,6 +69,8 @@ def assert_engine_idle(engine) -> None:
     bm = engine.block_manager
     assert not engine.scheduler.running and not engine.scheduler.waiting
     assert bm.num_free_blocks == bm.num_blocks  # the companion's blocks too
+    cad, ead = engine.plugins.get("context_aware"), engine.plugins.get("entropy_adaptive")
+    assert not (cad.companion or cad.main or cad.pending or ead.switches or ead.rewinds)
 
 
 # ---------------------------------------------------------------- context-aware decoding
@@ -185,10 +187,11 @@ def test_entropy_adaptive_switches_and_the_full_model_sees_a_full_cache(llm):
     ids = llm.get_tokenizer().encode(PROMPT)
     params = greedy(64, entropy_threshold=2.0, entropy_min_span=4, ignore_eos=True)
     req = engine.add_request(ids, params)
+    seq = req.seqs[0]
+    sw = engine.plugins.get("entropy_adaptive").switches[seq.seq_id]
     while not req.finished:
         engine.step()
-    seq = req.seqs[0]
-    sw, out = seq.switch, seq.output_token_ids
+    out = seq.output_token_ids
     assert sw.num_switches >= 4 and sw.num_recomputed_tokens > 0 and sw.num_cheap_tokens > 8
     check = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1)
     forced = llm.generate([ids + out], check, use_tqdm=False)[0].prompt_logprobs[len(ids) :]

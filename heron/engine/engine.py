@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import torch
 
+import heron.plugins  # noqa: F401  (registers the method families' engine plugins)
 from heron.config import EngineConfig, SamplingParams
-from heron.engine import context_aware
 from heron.engine.block_manager import BlockManager
-from heron.engine.model_switch import ModelSwitch, entropy
+from heron.engine.plugin import EngineParts, Plugins
 from heron.engine.runner import ModelRunner
 from heron.engine.sampler import Sampler, top_logprobs
 from heron.engine.scheduler import Scheduler
@@ -29,7 +29,6 @@ from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
-from heron.speculative.layer_skip import default_kept_layers, spread_layers
 from heron.speculative.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
@@ -62,7 +61,7 @@ class Engine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config, self.block_manager)
+        self.scheduler = Scheduler(config, self.block_manager, self._preempted)
         self.runner = ModelRunner(
             model,
             cfg,
@@ -86,6 +85,17 @@ class Engine:
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(self.eos_token_ids)
         self.speculator = build_speculator(config, self) if config.speculative_method else None
+        self.plugins = Plugins(
+            EngineParts(
+                config,
+                cfg,
+                self.tokenizer,
+                self.scheduler,
+                self.max_model_len,
+                self._new_sequence,
+                multi_token_steps=self.speculator is not None,
+            )
+        )
         self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
         if config.kv_policy is not None:
             self._check_kv(config.kv_policy, config.kv_budget)
@@ -173,57 +183,18 @@ class Engine:
         kv_state = self._kv_state(params, len(ids))
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
-        companion = self._cad_companion(req) if params.cad_context is not None else None
-        switch = self._model_switch(params) if params.entropy_threshold is not None else None
         seq = self._new_sequence(req, 0, list(ids))
         seq.kv = kv_state
-        seq.switch = switch
+        try:
+            extra = self.plugins.add_request(req, seq)
+        except BaseException:
+            self.plugins.finished(seq)  # a plugin that accepted it drops its state
+            raise
         self.requests[request_id] = req
         self.scheduler.add(seq)
-        if companion is not None:
-            seq.contrast, companion.contrast_of = companion, seq
-            self.scheduler.add(companion)
+        for other in extra:
+            self.scheduler.add(other)
         return req
-
-    def _cad_companion(self, req: Request) -> Sequence:
-        """Context-aware decoding: the request's prompt without its context, as a sequence of
-        an internal request (never reported) that follows the request's tokens."""
-        self._check_token_strategy("cad_context", "context-aware decoding")
-        ids = context_aware.context_free_prompt(
-            self.tokenizer, req.prompt_token_ids, req.params.cad_context
-        )
-        inner = Request(f"{req.request_id}#without-context", None, ids, SamplingParams())
-        return self._new_sequence(inner, 0, list(ids))
-
-    def _model_switch(self, params: SamplingParams) -> ModelSwitch:
-        self._check_token_strategy("entropy_threshold", "entropy-adaptive decoding")
-        if params.kv_policy not in (None, "none") or self.config.kv_policy is not None:
-            raise InvalidRequestError(
-                "entropy_threshold: entropy-adaptive decoding cannot be combined with KV "
-                "compression (the full model recomputes the cheap model's positions)",
-                param="entropy_threshold",
-            )
-        num_layers = self.model_config.num_layers
-        keep = params.cheap_layers or default_kept_layers(num_layers)
-        if keep > num_layers:
-            raise InvalidRequestError(
-                f"cheap_layers: the model has {num_layers} layers, got {keep}",
-                param="cheap_layers",
-            )
-        return ModelSwitch(
-            spread_layers(num_layers, keep),
-            params.entropy_threshold,
-            params.entropy_window,
-            params.entropy_min_span,
-        )
-
-    def _check_token_strategy(self, param: str, what: str) -> None:
-        if self.speculator is not None:
-            raise InvalidRequestError(
-                f"{param}: {what} cannot be combined with speculative decoding (the engine "
-                "runs with a speculative method)",
-                param=param,
-            )
 
     def _kv_state(self, params: SamplingParams, prompt_len: int) -> KVState | None:
         """The request's KV-compression state: its own policy, else the engine's (or none)."""
@@ -295,6 +266,9 @@ class Engine:
             stats.update(self.speculator.stats())
         return stats
 
+    def _preempted(self, seq: Sequence) -> None:
+        self.plugins.preempted(seq)
+
     def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
         seed = req.params.seed
         seed = self._rng.getrandbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63
@@ -309,24 +283,28 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        self.plugins.before_schedule(self.scheduler.running)
         if self.speculator is not None:
             self.speculator.prepare(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
+        partial = {}
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            layers = self.plugins.layers(seq, n)
+            if layers is not None:
+                partial[seq.seq_id] = layers
         started = time.perf_counter()
-        result = self.runner.execute(batch, need_prompt)
+        result = self.runner.execute(batch, need_prompt, partial)
         if self.speculator is not None:
             self.speculator.observe(batch.seqs, batch.num_new_tokens, time.perf_counter() - started)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
-                # Compressed blocks, and blocks the cheap model of entropy-adaptive decoding
-                # wrote, are not what their hashes name.
-                if not seq.compacts_cache and (
-                    seq.switch is None or seq.switch.cheap_start is None
-                ):
+                # Compressed blocks, and blocks a plugin's partial model wrote, are not what
+                # their hashes name.
+                if not seq.compacts_cache and self.plugins.blocks_exact(seq):
                     self.block_manager.register_full_blocks(seq)
         self.kv.after_step(batch.seqs, result.kv_queries)
         for seq in batch.seqs:
@@ -355,15 +333,13 @@ class Engine:
         logits = result.sample_logits
         if len(rows) != len(logits):  # n > 1 requests repeat their first row
             logits = logits[rows]
-        sample_seqs, logits = context_aware.pair_rows(sample_seqs, logits)
+        sample_seqs, logits = self.plugins.before_sampling(sample_seqs, logits)
         samples = self.sampler.sample(logits, sample_seqs)
 
         touched: dict[str, Request] = {}
         for row, (seq, (token, logprobs)) in enumerate(zip(sample_seqs, samples, strict=True)):
+            self.plugins.token_sampled(seq, token, logits[row])
             self._append_token(seq, token, logprobs)
-            context_aware.follow(seq, token)
-            if seq.switch is not None:
-                self._observe_entropy(seq, logits[row])
             touched[seq.request.request_id] = seq.request
         for seq in batch.seqs:
             if seq.seq_id in result.spec_logits:
@@ -377,17 +353,6 @@ class Engine:
                 self.requests.pop(req.request_id, None)
             outputs.append(self._request_output(req))
         return outputs
-
-    def _observe_entropy(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Entropy-adaptive decoding: on a switch back to the full model, rewind the sequence
-        to the first position the cheap model wrote, so the full model recomputes them."""
-        sw = seq.switch
-        if not sw.observe(entropy(logits)) or seq.is_finished or sw.cheap:
-            return
-        if sw.cheap_start is not None:
-            sw.num_recomputed_tokens += seq.num_computed_tokens - sw.cheap_start
-            seq.num_computed_tokens = sw.cheap_start
-            sw.cheap_start = None
 
     def _settle_drafts(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Keep the verified drafts: their K/V are already in the cache (a tree's accepted
@@ -455,8 +420,7 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        if seq.contrast is not None and not seq.contrast.is_finished:
-            self.scheduler.finish(seq.contrast)
+        self.plugins.finished(seq)
         if self.speculator is not None:
             self.speculator.proposer.release(seq.seq_id)
 
@@ -490,16 +454,12 @@ class Engine:
         )
 
     def _request_metrics(self, req: Request) -> dict[str, float]:
-        seq = req.seqs[0]
-        if seq.switch is not None:
-            return seq.switch.metrics()
-        if seq.contrast is not None:
-            return {"cad_context_free_prompt_tokens": seq.contrast.num_prompt_tokens}
         if self.speculator is None:
-            return {}
+            return dict(req.metrics)
         drafted = sum(s.num_draft_tokens for s in req.seqs)
         accepted = sum(s.num_accepted_tokens for s in req.seqs)
         return {
+            **req.metrics,
             "spec_draft_tokens": drafted,
             "spec_accepted_tokens": accepted,
             "spec_acceptance_rate": accepted / drafted if drafted else 0.0,

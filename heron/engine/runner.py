@@ -113,7 +113,15 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, needs_prompt_logits: set[int]) -> StepLogits:
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        needs_prompt_logits: set[int],
+        partial: dict[int, list[int]] | None = None,
+    ) -> StepLogits:
+        """``partial``: seq_id -> the only layers that sequence's decode row goes through
+        (an engine plugin's cheaper model; heron.engine.plugin)."""
+        partial = partial or {}
         if batch.copies:
             self.copy_blocks(batch.copies)
         bs = self.block_size
@@ -134,14 +142,17 @@ class ModelRunner:
         holes: list[tuple[int, torch.Tensor, int]] = []  # (decode row, layer lens, hole end)
         any_kv = False
 
-        # Entropy-adaptive decoding's cheap steps run through fewer layers, apart.
+        # Decode rows through fewer layers run apart, grouped by their layers.
         work = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
-        cheap = [seq for seq, n in work if _is_cheap(seq, n)]
+        for seq, n in work:
+            if seq.seq_id in partial and not _is_decode(seq, n):
+                raise ValueError(f"only a decode row may skip layers (sequence {seq.seq_id})")
+        partial_seqs = [seq for seq, _ in work if seq.seq_id in partial]
         # Attention batches decode steps together (one query each, or the last real token and
         # its drafts when verifying), so they go first in the flat batch (TokenSelect's after
         # the dense ones).
         items = sorted(
-            (item for item in work if not _is_cheap(*item)),
+            (item for item in work if item[0].seq_id not in partial),
             key=lambda item: (not _is_decode(*item), _selects(*item)),
         )
         selected: SelectedDecodes | None = None
@@ -245,11 +256,13 @@ class ModelRunner:
             sample_logits = logits[: len(sample_rows)]
             sizes = [b - a for a, b in spec_rows.values()]
             spec_logits = dict(zip(spec_rows, logits[len(sample_rows) :].split(sizes), strict=True))
-        if cheap:
-            sample_seqs += cheap
-            cheap_logits = self._cheap_logits(cheap)
+        if partial_seqs:
+            sample_seqs += partial_seqs
+            partial_logits = self._partial_logits(partial_seqs, partial)
             sample_logits = (
-                cheap_logits if sample_logits is None else torch.cat([sample_logits, cheap_logits])
+                partial_logits
+                if sample_logits is None
+                else torch.cat([sample_logits, partial_logits])
             )
         prompt_logits = {
             sid: (first, self.model.compute_logits(hidden[a:b]))
@@ -306,15 +319,13 @@ class ModelRunner:
             self.kivi.finish()
         return hidden
 
-    def _cheap_logits(self, seqs: list) -> torch.Tensor:
-        """One decode step for each sequence through its cheap model's layers (grouped by
-        layer set), remembering where the cheap model's K/V begin."""
+    def _partial_logits(self, seqs: list, partial: dict[int, list[int]]) -> torch.Tensor:
+        """One decode step for each sequence through its own layers (grouped by layer
+        set)."""
         rows: list[torch.Tensor] = [None] * len(seqs)  # type: ignore[list-item]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, seq in enumerate(seqs):
-            groups.setdefault(tuple(seq.switch.layers), []).append(i)
-            if seq.switch.cheap_start is None:
-                seq.switch.cheap_start = seq.num_computed_tokens
+            groups.setdefault(tuple(partial[seq.seq_id]), []).append(i)
         for layers, idx in groups.items():
             group = [seqs[i] for i in idx]
             logits = self.decode_logits(
@@ -514,11 +525,6 @@ def _is_decode(seq, n: int) -> bool:
 def _selects(seq, n: int) -> bool:
     """A decode step that attends through TokenSelect."""
     return seq.kv is not None and _is_decode(seq, n) and seq.kv.selects_now(seq)
-
-
-def _is_cheap(seq, n: int) -> bool:
-    """A decode step entropy-adaptive decoding gives to the cheap model."""
-    return seq.switch is not None and seq.switch.cheap and _is_decode(seq, n)
 
 
 def _context_mask(

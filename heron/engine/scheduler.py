@@ -10,6 +10,7 @@ that cheap). Nothing is ever dropped."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from heron.config import EngineConfig
@@ -36,9 +37,15 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        on_preempt: Callable[[Sequence], None] = lambda seq: None,
+    ) -> None:
         self.config = config
         self.bm = block_manager
+        self.on_preempt = on_preempt  # the engine's plugins drop what the recompute redoes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order = priority order
         self.num_preemptions = 0
@@ -134,8 +141,7 @@ class Scheduler:
         seq.num_evicted = 0
         if seq.kv is not None:
             seq.kv.reset()
-        if seq.switch is not None:  # the recomputation is the full model's
-            seq.switch.cheap_start = None
+        self.on_preempt(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

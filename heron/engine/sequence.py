@@ -15,7 +15,6 @@ from heron.outputs import PositionLogprobs, RequestTimes
 from heron.tokenizer import Detokenizer
 
 if TYPE_CHECKING:
-    from heron.engine.model_switch import ModelSwitch
     from heron.kv.compressor import KVState
     from heron.speculative.speculator import AdaptiveK
 
@@ -61,14 +60,6 @@ class Sequence:
     # time); the sequence holds ``num_kv_slots`` slots, its latest tokens at the end.
     kv: KVState | None = None
     num_evicted: int = 0
-    # Context-aware decoding (heron.engine.context_aware): the context-free companion of a
-    # sequence, or (on the companion) the sequence it serves, and the logits of the next
-    # position held until the other half of the pair has produced its own.
-    contrast: Sequence | None = None
-    contrast_of: Sequence | None = None
-    pending_logits: torch.Tensor | None = None
-    # Entropy-adaptive decoding (heron.engine.model_switch): which model generates next.
-    switch: ModelSwitch | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -138,6 +129,8 @@ class Request:
     # Set once the prompt's last position has been sampled; that is when the n-1 sibling
     # samples fork from seqs[0].
     forked: bool = False
+    # What the engine's plugins spent on the request (heron.engine.plugin), as reported.
+    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -1,14 +1,34 @@
-"""Entropy-adaptive decoding: a cheap model generates the easy stretches of a completion and
-the full model the uncertain ones, switching on the rolling mean of the next-token entropy.
-Here the cheap model is the full one with layers skipped (no second model with the same
-tokenizer ships with heron). The engine does the work (``heron.engine.model_switch``); this
-class only carries the options."""
+"""Entropy-adaptive decoding (EAD): a cheap model generates the easy stretches of a completion
+and the full model the uncertain ones, switching on the rolling mean of the next-token entropy.
+
+``EntropyAdaptive`` carries the options (front ends turn it into the request's
+``entropy_*`` settings); ``EntropyAdaptiveDecoding`` is the engine's half.
+
+The cheap model is the target with only some of its layers (``heron.speculative.layer_skip``'s
+even spread; no second model of the same tokenizer ships here), so both share one paged cache.
+A cheap step writes K/V only for its kept layers; the skipped layers' K/V of those positions
+do not exist. So when a sequence switches back to the full model, the positions the cheap
+model wrote are recomputed by the full model (one prefill chunk, batched like any other, the
+full model's logits of its last row choosing the next token) before it goes on: from then
+on the cache is exactly what plain decoding would hold. That recomputation is the price of
+a switch, hence ``min_span``: each model keeps at least that many tokens.
+
+The prompt and the first token always go through the full model; the rolling mean of the
+entropy of the distributions tokens were drawn from decides, after each token, which model
+draws the next."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import torch
 
 from heron.config import SamplingParams
+from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
+from heron.engine.sequence import Request, Sequence
+from heron.errors import InvalidRequestError
+from heron.speculative.layer_skip import default_kept_layers, spread_layers
 from heron.strategies.base import TokenStrategy, check_option
 
 
@@ -54,3 +74,152 @@ class EntropyAdaptive(TokenStrategy):
             entropy_min_span=self.min_span,
             cheap_layers=self.cheap_layers,
         )
+
+
+def entropy(logits: torch.Tensor) -> float:
+    """Entropy in nats of softmax(logits) for one row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(-(logp.exp() * logp).sum())
+
+
+@dataclass
+class ModelSwitch:
+    """One sequence's state: which model draws its next token, and what it spent."""
+
+    layers: list[int]  # the cheap model's layers
+    threshold: float  # rolling mean entropy (nats) at or above which the full model draws
+    window: int
+    min_span: int
+    cheap: bool = False
+    span: int = 0  # tokens drawn since the last switch
+    # First position whose K/V the cheap model wrote (None: the cache is all full-model).
+    cheap_start: int | None = None
+    recent: deque[float] = field(default_factory=deque)
+    num_cheap_tokens: int = 0
+    num_full_tokens: int = 0
+    num_switches: int = 0
+    num_recomputed_tokens: int = 0
+    modes: list[bool] = field(default_factory=list)  # per generated token: drawn cheaply?
+
+    def observe(self, token_entropy: float) -> bool:
+        """Record the token just drawn (by the current model) and its distribution's
+        entropy; returns True when the next token goes to the other model."""
+        self.modes.append(self.cheap)
+        if self.cheap:
+            self.num_cheap_tokens += 1
+        else:
+            self.num_full_tokens += 1
+        self.recent.append(token_entropy)
+        if len(self.recent) > self.window:
+            self.recent.popleft()
+        self.span += 1
+        if self.span < self.min_span:
+            return False
+        uncertain = sum(self.recent) / len(self.recent) >= self.threshold
+        if uncertain == self.cheap:  # cheap and uncertain, or full and confident
+            self.cheap = not self.cheap
+            self.span = 0
+            self.num_switches += 1
+            return True
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "ead_cheap_tokens": self.num_cheap_tokens,
+            "ead_full_tokens": self.num_full_tokens,
+            "ead_switches": self.num_switches,
+            "ead_recomputed_tokens": self.num_recomputed_tokens,
+        }
+
+
+@register_plugin
+class EntropyAdaptiveDecoding(EnginePlugin):
+    """The engine's half of EAD: each sequence's ``ModelSwitch``, the cheap model's layers
+    for its decode rows, and the rewind to the full model."""
+
+    name = "entropy_adaptive"
+
+    def __init__(self, parts: EngineParts) -> None:
+        super().__init__(parts)
+        self.switches: dict[int, ModelSwitch] = {}
+        self.rewinds: set[int] = set()  # sequences the full model takes back next step
+
+    def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
+        p = req.params
+        if p.entropy_threshold is None:
+            return []
+        if self.parts.multi_token_steps:
+            raise InvalidRequestError(
+                "entropy_threshold: entropy-adaptive decoding cannot be combined with "
+                "speculative decoding (the engine runs with a speculative method)",
+                param="entropy_threshold",
+            )
+        if p.kv_policy not in (None, "none") or self.parts.config.kv_policy is not None:
+            raise InvalidRequestError(
+                "entropy_threshold: entropy-adaptive decoding cannot be combined with KV "
+                "compression (the full model recomputes the cheap model's positions)",
+                param="entropy_threshold",
+            )
+        num_layers = self.parts.model_config.num_layers
+        keep = p.cheap_layers or default_kept_layers(num_layers)
+        if keep > num_layers:
+            raise InvalidRequestError(
+                f"cheap_layers: the model has {num_layers} layers, got {keep}",
+                param="cheap_layers",
+            )
+        switch = ModelSwitch(
+            spread_layers(num_layers, keep),
+            p.entropy_threshold,
+            p.entropy_window,
+            p.entropy_min_span,
+        )
+        self.switches[seq.seq_id] = switch
+        req.metrics.update(switch.metrics())
+        return []
+
+    def before_schedule(self, running: list[Sequence]) -> None:
+        """A sequence that switched back to the full model is rewound to the first position
+        the cheap model wrote, so the full model recomputes them."""
+        for seq in running:
+            if seq.seq_id not in self.rewinds:
+                continue
+            self.rewinds.discard(seq.seq_id)
+            sw = self.switches[seq.seq_id]
+            if sw.cheap_start is not None:
+                sw.num_recomputed_tokens += seq.num_computed_tokens - sw.cheap_start
+                seq.num_computed_tokens = sw.cheap_start
+                sw.cheap_start = None
+                seq.request.metrics.update(sw.metrics())
+
+    def layers(self, seq: Sequence, n: int) -> list[int] | None:
+        """The cheap model's layers for a decode row while it draws (remembering where its
+        K/V begin)."""
+        sw = self.switches.get(seq.seq_id)
+        if sw is None or not sw.cheap or n != 1 or seq.num_computed_tokens == 0:
+            return None
+        if sw.cheap_start is None:
+            sw.cheap_start = seq.num_computed_tokens
+        return sw.layers
+
+    def blocks_exact(self, seq: Sequence) -> bool:
+        """Blocks the cheap model wrote lack the skipped layers' K/V."""
+        sw = self.switches.get(seq.seq_id)
+        return sw is None or sw.cheap_start is None
+
+    def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        sw = self.switches.get(seq.seq_id)
+        if sw is None:
+            return
+        if sw.observe(entropy(logits)) and not sw.cheap:
+            self.rewinds.add(seq.seq_id)
+        seq.request.metrics.update(sw.metrics())
+
+    def preempted(self, seq: Sequence) -> None:
+        sw = self.switches.get(seq.seq_id)
+        if sw is not None:  # the recomputation is the full model's
+            sw.cheap_start = None
+            self.rewinds.discard(seq.seq_id)
+
+    def finished(self, seq: Sequence) -> None:
+        self.switches.pop(seq.seq_id, None)
+        self.rewinds.discard(seq.seq_id)

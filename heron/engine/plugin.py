@@ -1,0 +1,149 @@
+"""The seam between the engine and the method families that change how a request is decoded.
+
+A method family (context-aware decoding, entropy-adaptive decoding, ...) is an
+``EnginePlugin``: the engine calls its hooks at the points of a request's life and of a step
+that it already has, and never names the method. A plugin keeps its per-sequence state
+itself, keyed by ``Sequence.seq_id``, so ``Sequence`` carries only what every sequence has.
+Every hook has a do-nothing default: a plugin overrides the few it needs. What a method spent
+on a request goes into ``Request.metrics`` (reported in ``RequestOutput.metrics``).
+
+Plugins register with ``@register_plugin``; ``heron.plugins`` imports the modules that hold
+them, and the engine builds one instance of each per engine (``Plugins.build``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from heron.config import EngineConfig
+    from heron.engine.scheduler import Scheduler
+    from heron.engine.sequence import Request, Sequence
+    from heron.models.config import ModelConfig
+    from heron.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineParts:
+    """What a plugin may use of the engine it is built for."""
+
+    config: EngineConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    scheduler: Scheduler
+    max_model_len: int
+    # A new sequence of ``request`` (index, token ids), seeded as the engine seeds its own.
+    new_sequence: Callable[[Request, int, list[int]], Sequence]
+    # A step may append several tokens to one sequence (speculative decoding): per-token
+    # methods, which decide each token from the one before, cannot follow that.
+    multi_token_steps: bool = False
+
+
+class EnginePlugin:
+    """One method family's hooks, in the order the engine calls them."""
+
+    name: ClassVar[str]
+
+    def __init__(self, parts: EngineParts) -> None:
+        self.parts = parts
+
+    # ------------------------------------------------------------------ a request is added
+    def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
+        """``req`` and its first sequence are being added: validate the request's settings
+        for this method (raise ``InvalidRequestError``), set up state, and return any extra
+        sequences the engine must schedule for it (they finish with ``seq``)."""
+        return []
+
+    # ------------------------------------------------------------------ the step
+    def before_schedule(self, running: list[Sequence]) -> None:
+        """A step begins; ``running`` are the sequences that hold KV blocks."""
+        return None
+
+    def layers(self, seq: Sequence, n: int) -> list[int] | None:
+        """The layers ``seq``'s ``n`` scheduled rows go through this step (None: all of
+        them). Only a decode row (``n == 1`` after a computed context) may skip layers."""
+        return None
+
+    def blocks_exact(self, seq: Sequence) -> bool:
+        """Whether the K/V the model wrote for ``seq`` are those its tokens name, so its full
+        blocks may enter the prefix cache."""
+        return True
+
+    def before_sampling(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """The rows about to be sampled (row i for ``seqs[i]``): a plugin may hold rows back
+        or replace them."""
+        return seqs, logits
+
+    def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        """``token`` was drawn for ``seq`` from ``logits`` [V]; the engine appends it (and
+        checks the stop conditions) next."""
+        return None
+
+    # ------------------------------------------------------------------ a sequence's life
+    def preempted(self, seq: Sequence) -> None:
+        """``seq`` lost its KV blocks and will be recomputed from its first token."""
+        return None
+
+    def finished(self, seq: Sequence) -> None:
+        """``seq`` finished or was aborted; its blocks are free."""
+        return None
+
+
+PLUGINS: dict[str, type[EnginePlugin]] = {}
+
+P = TypeVar("P", bound=type[EnginePlugin])
+
+
+def register_plugin(cls: P) -> P:
+    """Class decorator: the engine builds this plugin (once per engine)."""
+    if cls.name in PLUGINS:
+        raise ValueError(f"engine plugin {cls.name!r} registered twice")
+    PLUGINS[cls.name] = cls
+    return cls
+
+
+class Plugins:
+    """Every registered plugin of one engine, each hook called on all of them in turn."""
+
+    def __init__(self, parts: EngineParts) -> None:
+        self.all = [cls(parts) for cls in PLUGINS.values()]
+
+    def get(self, name: str) -> Any:
+        return next(p for p in self.all if p.name == name)
+
+    def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
+        return [extra for p in self.all for extra in p.add_request(req, seq)]
+
+    def before_schedule(self, running: list[Sequence]) -> None:
+        for p in self.all:
+            p.before_schedule(running)
+
+    def layers(self, seq: Sequence, n: int) -> list[int] | None:
+        return next((ls for p in self.all if (ls := p.layers(seq, n)) is not None), None)
+
+    def blocks_exact(self, seq: Sequence) -> bool:
+        return all(p.blocks_exact(seq) for p in self.all)
+
+    def before_sampling(
+        self, seqs: list[Sequence], logits: torch.Tensor
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        for p in self.all:
+            seqs, logits = p.before_sampling(seqs, logits)
+        return seqs, logits
+
+    def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        for p in self.all:
+            p.token_sampled(seq, token, logits)
+
+    def preempted(self, seq: Sequence) -> None:
+        for p in self.all:
+            p.preempted(seq)
+
+    def finished(self, seq: Sequence) -> None:
+        for p in self.all:
+            p.finished(seq)

@@ -1,0 +1,5 @@
+"""The method families the engine loads: importing this module registers their engine
+plugins (heron.engine.plugin). A new family adds its module here."""
+
+import heron.strategies.context_aware  # noqa: F401
+import heron.strategies.entropy_adaptive  # noqa: F401
