@@ -242,12 +242,12 @@ class SamplingParams:
     # context) are in, then prefill the rest (the question) on the compressed cache, so the
     # question does not choose what is kept. None: compress after the whole prompt.
     kv_prefix_tokens: int | None = None
-    # heron extra: context-aware decoding (heron.engine.context_aware). The prompt is also run
+    # heron extra: context-aware decoding (heron.strategies.context_aware). The prompt is also run
     # without the text ``cad_context``, in lockstep, and tokens are drawn from
     # (1 + cad_alpha) * logits(prompt) - cad_alpha * logits(prompt without the context).
     cad_context: str | None = None
     cad_alpha: float = 0.5
-    # heron extra: entropy-adaptive decoding (heron.engine.model_switch). While the rolling
+    # heron extra: entropy-adaptive decoding (heron.strategies.entropy_adaptive). While the rolling
     # mean of the next-token entropy (nats, over ``entropy_window`` tokens) is below
     # ``entropy_threshold``, a cheap model (this one with ``cheap_layers`` of its layers)
     # generates; above it the full model does. Each model keeps at least ``entropy_min_span``
