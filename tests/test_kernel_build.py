@@ -246,3 +246,32 @@ def test_a_failed_compile_gives_one_warning_naming_the_first_error(folder, recor
     assert "(build failed: layer_ops.cpp:3:5: error: expected ';' before '}';" in warning
     assert output in records.messages()[-1]  # the whole output at debug level
     assert not kernels.is_built(folder)
+
+
+def heron(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "heron.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_heron_kernels_status_shows_the_cache_folder_and_what_its_key_hashes(tmp_path):
+    proc = heron("kernels", "status", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["folder", str(tmp_path / lines[0].split("/")[-1])]
+    assert lines[0].split("/")[-1].startswith("heron_kernels_")
+    assert lines[1].startswith("built      no")
+    assert f"  torch     {torch.__version__} {torch.version.git_version}" in proc.stdout
+
+
+def test_heron_kernels_build_without_a_compiler_fails_with_a_clear_message(tmp_path):
+    proc = heron("kernels", "build", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(
+        "error: heron's CPU kernels did not build: no C++ compiler: '/nonexistent/c++' not found"
+    )
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
