@@ -72,7 +72,8 @@ def loads(folder, monkeypatch) -> list[Path]:
     the folders it built."""
     built: list[Path] = []
 
-    def load(name: str, build_directory: str, **kwargs: object) -> object:
+    def load(name: str, build_directory: str, extra_ldflags: list[str], **kwargs: object) -> object:
+        extra_ldflags.append("-ltorch")  # as torch does
         baton = FileBaton(os.path.join(build_directory, "lock"))
         assert baton.try_acquire(), "torch would wait forever on this lock"
         built.append(Path(build_directory))
@@ -123,6 +124,7 @@ def test_a_lock_left_by_a_killed_build_does_not_block_a_start(folder, loads, rec
 
     assert kernels.build() is BUILT
     assert loads == [folder] and kernels.is_built(folder)
+    assert kernels.build_folder() == folder  # the key is the same after torch's load
     removed = [m for m in records.messages() if "interrupted" in m]
     assert removed == [f"removed {folder / 'lock'}, left by an interrupted kernel build"]
 

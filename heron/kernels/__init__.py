@@ -55,8 +55,9 @@ _SOURCES = [
     )
 ]
 _HEADERS = [_DIR / "heron_kernels.h", _DIR / "simd.h"]
-_CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp"]
-_LDFLAGS = ["-fopenmp"]
+# Tuples: torch's load appends its own flags to the lists it is given.
+_CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 _STILL_COMPILING_EVERY_S = 30.0
 _LINK = "the module (linking)"
 
@@ -296,8 +297,8 @@ def _build(folder: Path) -> ModuleType:
             module = load(
                 name=folder.name,
                 sources=[str(path) for path in _SOURCES],
-                extra_cflags=_CFLAGS,
-                extra_ldflags=_LDFLAGS,
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
                 build_directory=str(folder),
                 verbose=False,
             )
