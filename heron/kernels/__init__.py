@@ -1,19 +1,42 @@
-"""Hand-written CPU kernels for what PyTorch has no fused op for, compiled on first use with
-the machine's C++ compiler (``torch.utils.cpp_extension`` + ninja) and cached under
-``~/.cache/torch_extensions`` (about a minute, once per machine). Where compiling fails (no
-compiler) or ``HERON_CPU_KERNELS=0``, callers keep their PyTorch path; the reason is logged
-once."""
+"""Hand-written CPU kernels for what PyTorch has no fused op for, compiled with the machine's
+C++ compiler (``torch.utils.cpp_extension`` + ninja) into
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)/``heron_kernels_<key>``.
+
+The key hashes everything the compiled module depends on (sources, CPU flags, the torch build
+and its folder, the Python ABI, compiler and flags), so two virtualenvs with their own torch
+never rebuild each other's kernels. The build takes several minutes on a few cores;
+``heron kernels build`` (run by ``make install``) does it ahead of time, else the first use
+does, logging its progress; a start with the kernels built needs no compiler. An ``flock``
+serialises builds between processes and is released by the OS when its holder dies, so a
+build killed midway never blocks a later start: under the flock, the killed build's
+compilers are stopped and torch's own ``lock`` file (which torch waits on forever) removed.
+Where the build fails (no compiler) or ``HERON_CPU_KERNELS=0``, callers keep their PyTorch
+path; one warning says why."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
+import importlib.util
+import json
 import logging
 import os
+import shlex
+import shutil
+import signal
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from heron.errors import HeronError
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +55,25 @@ _SOURCES = [
     )
 ]
 _HEADERS = [_DIR / "heron_kernels.h", _DIR / "simd.h"]
+# Tuples: torch's load appends its own flags to the lists it is given.
+_CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
+_STILL_COMPILING_EVERY_S = 30.0
+_LINK = "the module (linking)"
+
+
+class KernelBuildError(HeronError):
+    """The kernels did not build: ``reason`` is one line for a log, the message holds the
+    compiler's whole output."""
+
+    def __init__(self, reason: str, output: str = "") -> None:
+        super().__init__(f"{reason}\n{output}".strip())
+        self.reason = reason
 
 
 def _cpu_flags() -> str:
     """The CPU's feature flags: the build uses -march=native, so a kernel cache shared with
-    another CPU must not be reused (its name carries a hash of these)."""
+    another CPU must not be reused (the key carries these)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -46,33 +83,257 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-@functools.cache
-def _module() -> ModuleType | None:
-    if os.environ.get("HERON_CPU_KERNELS", "1") == "0":
+def _compiler() -> str:
+    """The C++ compiler torch's build calls (its ``CXX`` rule)."""
+    return os.environ.get("CXX", "c++")
+
+
+def identity() -> dict[str, str]:
+    """What the compiled module depends on: its sources, the CPU it is tuned for, the torch it
+    links against (version, commit, debug, C++ ABI, and the folder whose headers the compile
+    command names: ninja rebuilds for another one), the Python ABI, the compiler and flags."""
+    sources = "".join(path.read_text() for path in [*_SOURCES, *_HEADERS])
+    return {
+        "sources": hashlib.sha1(sources.encode()).hexdigest()[:12],
+        "cpu": _cpu_flags(),
+        "torch": f"{torch.__version__} {torch.version.git_version} debug={torch.version.debug} "
+        f"cxx11_abi={torch._C._GLIBCXX_USE_CXX11_ABI}",
+        "torch_dir": str(Path(torch.__file__).parent),
+        "python": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('SOABI')}",
+        "compiler": _compiler(),
+        "cflags": shlex.join(_CFLAGS),
+        "ldflags": shlex.join(_LDFLAGS),
+    }
+
+
+def cache_key(parts: dict[str, str]) -> str:
+    """The build's name from its :func:`identity`: another value of any part, another build."""
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_folder() -> Path:
+    """Where this torch, Python, CPU and compiler's build of the kernels lives."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"heron_kernels_{cache_key(identity())}"
+
+
+def is_built(folder: Path) -> bool:
+    """Whether a build finished in ``folder`` (its stamp is written last)."""
+    return (folder / "built.json").exists()
+
+
+def _builders(folder: Path) -> dict[int, list[str]]:
+    """The processes building in ``folder`` (torch runs ninja there, ninja the compilers and
+    the linker), each with the sources it compiles (``_LINK`` for the linker, none for
+    ninja): their command lines name the build's outputs."""
+    objects = {f"{path.stem}.o": path.name for path in _SOURCES}
+    here = folder.resolve()
+    found: dict[int, list[str]] = {}
+    try:
+        entries = [entry for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    except OSError:  # no /proc: none to see
+        return found
+    for entry in entries:
+        try:
+            if Path(os.readlink(entry / "cwd")) != here:
+                continue
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # gone, or another user's
+            continue
+        args = " ".join(words).split()  # a shell's command too
+        named = [objects[arg] for arg in args if arg in objects]
+        if f"{folder.name}.so" in args:
+            named = [_LINK]
+        if Path(words[0]).name == "ninja" or named:
+            found[int(entry.name)] = named
+    return found
+
+
+def _stop_leftover_builders(folder: Path) -> None:
+    """Stops the ninja and compilers of a build whose heron process was killed (called under
+    the build lock, any build in ``folder`` is such a one): ninja dies at its next line of
+    output with no one reading it, logging none of its work, so the next build redoes it all,
+    and beside the leftovers it would write the same files at once."""
+    pids = sorted(_builders(folder))
+    if pids:
+        logger.info(
+            "stopping the compilers of an interrupted kernel build (pid %s)",
+            ", ".join(map(str, pids)),
+        )
+    while pids:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+        pids = sorted(_builders(folder))
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Holds the builds of ``folder`` to one process at a time: an ``flock``, which the OS
+    drops when its holder dies, so it is never stale. Any live builder holds it, so a torch
+    ``lock`` file found while holding it was left by a build that was killed: torch would wait
+    for it forever, it is removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "heron.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            logger.info(
+                "waiting for another heron process to finish building the kernels (pid %s)",
+                f.read().strip() or "unknown",
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        _stop_leftover_builders(folder)
+        stale = folder / "lock"
+        if stale.exists():
+            stale.unlink()
+            logger.info("removed %s, left by an interrupted kernel build", stale)
+        yield
+
+
+def _compiled_since(obj: Path, since: float) -> bool:
+    try:
+        return obj.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _progress(folder: Path) -> Iterator[None]:
+    """Logs each source as ninja writes its object, and after ``_STILL_COMPILING_EVERY_S``
+    without one, how long the build has run and what it is compiling."""
+    start, since = time.monotonic(), time.time()
+    fresh: set[str] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        last_log = start
+        while not stop.wait(1.0):
+            now = time.monotonic()
+            for path in _SOURCES:
+                if path.stem not in fresh and _compiled_since(folder / f"{path.stem}.o", since):
+                    fresh.add(path.stem)
+                    last_log = now
+                    logger.info("compiled %s (%.0f s)", path.name, now - start)
+            if now - last_log >= _STILL_COMPILING_EVERY_S:
+                last_log = now
+                busy = sorted({name for names in _builders(folder).values() for name in names})
+                logger.info(
+                    "still building heron's CPU kernels (%.0f s): %s",
+                    now - start,
+                    ", ".join(busy) or "starting",
+                )
+
+    thread = threading.Thread(target=watch, name="heron-kernels-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _import(folder: Path, name: str) -> ModuleType:
+    """The built module, imported without torch's ``load`` (no ninja, no compiler needed)."""
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.so")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _error_line(output: str) -> str:
+    """The compiler's first error in a failed build's output, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line), lines[-1] if lines else "")
+
+
+def _check_tools() -> None:
+    """A clear error for a missing compiler or ninja, before torch prints its own banners."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = shlex.split(_compiler())[0]
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f"no C++ compiler: {compiler!r} not found (set CXX to another)")
+    if not is_ninja_available():
+        raise KernelBuildError("ninja not found (pip install ninja)")
+
+
+def build() -> ModuleType:
+    """The compiled kernels, built first where this machine has no build for its torch,
+    Python, CPU and compiler yet (once per machine and torch install; several minutes on a
+    few cores). Waits for another process building the same; raises
+    :class:`KernelBuildError` where the build fails."""
+    folder = build_folder()
+    if not is_built(folder):
+        with _build_lock(folder):
+            if not is_built(folder):  # else another process built it while this one waited
+                return _build(folder)
+    logger.info("loading heron's CPU kernels from %s", folder)
+    return _import(folder, folder.name)
+
+
+def _build(folder: Path) -> ModuleType:
+    """Compiles the kernels into ``folder`` (under its build lock) and imports them."""
+    _check_tools()
+    from torch.utils.cpp_extension import load
+
+    logger.info(
+        "compiling heron's CPU kernels into %s: %d C++ sources, several minutes on a few cores, "
+        "once per machine and torch install (`heron kernels build` does it ahead of time)",
+        folder,
+        len(_SOURCES),
+    )
+    start = time.monotonic()
+    try:
+        with _progress(folder):
+            module = load(
+                name=folder.name,
+                sources=[str(path) for path in _SOURCES],
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=str(folder),
+                verbose=False,
+            )
+    except Exception as e:  # a compile error: torch's message holds the compiler's output
+        raise KernelBuildError(f"build failed: {_error_line(str(e))}", str(e)) from e
+    (folder / "built.json").write_text(json.dumps(identity(), indent=1) + "\n")
+    logger.info("heron's CPU kernels built in %.0f s", time.monotonic() - start)
+    return module
+
+
+def enabled() -> bool:
+    """Whether the kernels are wanted (``HERON_CPU_KERNELS=0`` turns them off)."""
+    return os.environ.get("HERON_CPU_KERNELS", "1") != "0"
+
+
+def _load() -> ModuleType | None:
+    """:func:`build`, or None where the kernels are off or do not build: one warning says
+    why, PyTorch ops run instead."""
+    if not enabled():
         logger.info("heron's CPU kernels are off (HERON_CPU_KERNELS=0)")
         return None
-    text = "".join(path.read_text() for path in [*_SOURCES, *_HEADERS])
-    tag = hashlib.sha1((text + _cpu_flags()).encode()).hexdigest()[:12]
     try:
-        from torch.utils.cpp_extension import load
-
-        logger.info("loading heron's CPU kernels (compiled once per machine, about a minute)")
-        return load(
-            name=f"heron_kernels_{tag}",
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-mprefer-vector-width=512",
-                "-ffast-math",
-                "-fopenmp",
-            ],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
+        return build()
+    except Exception as e:  # no compiler, no ninja, a build error, a module that won't import
+        reason = e.reason if isinstance(e, KernelBuildError) else f"{type(e).__name__}: {e}"
+        logger.warning(
+            "heron's CPU kernels are unavailable, using PyTorch ops instead (%s; "
+            "`heron kernels build` shows the details)",
+            reason,
         )
-    except Exception as e:  # no compiler, no ninja, a build error: keep the PyTorch path
-        logger.warning("heron's CPU kernels are unavailable, using PyTorch ops instead: %s", e)
+        logger.debug("the kernel build's output:\n%s", e)
         return None
+
+
+_module = functools.cache(_load)
 
 
 def available() -> bool:
