@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from heron.server.serving import error_body
 from tests.conftest import start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -95,6 +96,8 @@ def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> N
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert isinstance(err["message"], str) and err["message"]
+    if 400 <= status < 500:
+        assert err["type"] != "internal_server_error", err
     if param is not None:
         assert err["param"] == param, err
 
@@ -116,6 +119,20 @@ def test_bad_request(server, name, path, body, status, param):
 def test_bad_stream_request_fails_before_streaming(server):
     r = _post(server, COMPLETIONS, {"prompt": LONG_PROMPT, "stream": True})
     _assert_error(r, 400, "prompt")
+
+
+def test_wrong_method_is_a_client_error(server):
+    r = httpx.get(server.url + COMPLETIONS)
+    _assert_error(r, 405)
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_error_type_follows_the_status():
+    types = {status: error_body("x", status)["error"]["type"] for status in range(400, 600)}
+    assert types[400] == types[405] == types[413] == types[422] == "invalid_request_error"
+    assert types[401] == "authentication_error" and types[429] == "rate_limit_error"
+    assert all(types[s] != "internal_server_error" for s in range(400, 500))
+    assert types[500] == "internal_server_error" and types[503] == "service_unavailable"
 
 
 def test_api_key_and_queue_limit_and_sigterm():

@@ -539,21 +539,23 @@ def _completion_logprobs(
 def error_body(
     exc: BaseException | str, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
-    """OpenAI's error object."""
+    """OpenAI's error object. Its type follows the status: a 4xx without a type of its own
+    (405, 413, 422...) is the client's mistake, an ``invalid_request_error``."""
     types = {
-        400: "invalid_request_error",
         401: "authentication_error",
+        403: "permission_error",
         404: "not_found_error",
         429: "rate_limit_error",
         503: "service_unavailable",
     }
+    default = "invalid_request_error" if 400 <= status < 500 else "internal_server_error"
     message = str(exc) if not isinstance(exc, str) else exc
     if param is None and isinstance(exc, InvalidRequestError):
         param = exc.param
     return {
         "error": {
             "message": message,
-            "type": types.get(status, "internal_server_error"),
+            "type": types.get(status, default),
             "param": param,
             "code": code,
         }
