@@ -1,16 +1,22 @@
 """Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
 after each one a normal request still succeeds. API keys, a full waiting queue and SIGTERM
-run against their own server processes."""
+run against their own server processes; the app's own key check also runs in-process, on an
+app whose request loop is never reached."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import hmac
 import signal
 import time
+from typing import ClassVar
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from heron.server.app import ServerConfig, build_app
+from heron.server.served_model import ServedModel
 from heron.server.serving import error_body
 from tests.conftest import start_server
 
@@ -135,13 +141,62 @@ def test_error_type_follows_the_status():
     assert types[500] == "internal_server_error" and types[503] == "service_unavailable"
 
 
+# ---------------------------------------------------------------------------- in-process app
+class _UnusedLoop:
+    """A request loop no test request reaches: the key check and routing answer first."""
+
+    last_stats: ClassVar[dict[str, float]] = {}  # /metrics is tried on a real server
+    alive = True
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    async def add(self, *args, **kwargs):
+        raise AssertionError("a request reached the engine loop")
+
+    def abort(self, request_id: str) -> None: ...
+    def abort_all(self, error: BaseException) -> None: ...
+
+
+def _client(**config) -> TestClient:
+    served = ServedModel(_UnusedLoop(), None, "m", 64, 1, 100)  # type: ignore[arg-type]
+    return TestClient(build_app(served, ServerConfig(MODEL, **config)))
+
+
+def test_api_key_is_checked_before_the_body_and_in_constant_time(monkeypatch):
+    compared = []
+    constant_time = hmac.compare_digest
+
+    def compare_digest(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return constant_time(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    client = _client(api_key="sekret")
+    bad_json = b'{"prompt": '
+    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic sekret"}):
+        headers = {"content-type": "application/json", **auth}
+        r = client.post(COMPLETIONS, content=bad_json, headers=headers)
+        _assert_error(r, 401)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert (b"wrong", b"sekret") in compared
+    auth = {"Authorization": "Bearer sekret", "content-type": "application/json"}
+    _assert_error(client.post(COMPLETIONS, content=bad_json, headers=auth), 400)
+    assert client.get("/v1/models", headers=auth).status_code == 200
+    for path in ("/health", "/docs", "/openapi.json"):  # open without a key
+        assert client.get(path).status_code == 200, path
+
+
 def test_api_key_and_queue_limit_and_sigterm():
     proc = start_server("--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting", "1")
     try:
         body = {"prompt": "The sky is", "max_tokens": 2}
         _assert_error(_post(proc, COMPLETIONS, body), 401)
         _assert_error(_post(proc, COMPLETIONS, body, headers={"Authorization": "Bearer no"}), 401)
+        # The key comes before the body: no validation errors for a client without it.
+        _assert_error(_post(proc, COMPLETIONS, b'{"prompt": ', headers={"Authorization": "x"}), 401)
         assert httpx.get(proc.url + "/health").status_code == 200  # open without a key
+        assert httpx.get(proc.url + "/metrics").status_code == 200
         auth = {"Authorization": "Bearer sekret"}
         assert _post(proc, COMPLETIONS, body, headers=auth).status_code == 200
 
