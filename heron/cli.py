@@ -27,8 +27,10 @@ EXIT_INTERRUPTED = 130
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Shows "(default: X)" where there is a meaningful default; wraps each line of the
-    description on its own so paragraphs and examples keep their shape."""
+    """Shows "(default: X)" where there is a meaningful default (not for a flag that takes no
+    value: ``--no-prefix-caching (default: True)`` reads as if giving it were the default);
+    wraps each line of the description on its own so paragraphs and examples keep their
+    shape."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
@@ -42,6 +44,7 @@ class _HelpFormatter(argparse.HelpFormatter):
             or default is False
             or default is argparse.SUPPRESS
             or not (action.option_strings or action.nargs in ("?", "*"))
+            or (action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))
         ):
             return help_text
         return help_text + " (default: %(default)s)"
