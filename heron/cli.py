@@ -464,6 +464,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
     )
+    cors = serve.add_argument_group(
+        "CORS (for browser apps on other origins; off unless --allowed-origins is given)"
+    )
+    cors.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="origins allowed to call the API, comma-separated or repeated "
+        "(e.g. http://localhost:3000; * for any)",
+    )
+    cors.add_argument(
+        "--allowed-methods",
+        action="append",
+        metavar="METHODS",
+        help="HTTP methods allowed from those origins, comma-separated or repeated (default: *)",
+    )
+    cors.add_argument(
+        "--allowed-headers",
+        action="append",
+        metavar="HEADERS",
+        help="request headers allowed from those origins, comma-separated or repeated (default: *)",
+    )
+    cors.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="let those origins send cookies and Authorization headers",
+    )
     from heron.config import ROUTINGS
 
     g = serve.add_argument_group("scale-out (engine replicas on Ray; needs `pip install ray`)")
@@ -1052,6 +1079,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def _list_flag(values: list[str] | None) -> tuple[str, ...]:
+    """A flag given comma-separated, repeated, or both (``--allowed-origins a,b --allowed-origins
+    c``), as one tuple."""
+    return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -1088,6 +1121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_aliases=tuple(a for a in aliases if a != name),
         api_key=args.api_key or os.environ.get("HERON_API_KEY") or None,
         max_waiting=args.max_waiting,
+        allowed_origins=_list_flag(args.allowed_origins),
+        allowed_methods=_list_flag(args.allowed_methods) or ("*",),
+        allowed_headers=_list_flag(args.allowed_headers) or ("*",),
+        allow_credentials=args.allow_credentials,
     )
     run_server(served, config, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0

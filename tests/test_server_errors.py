@@ -1,7 +1,7 @@
 """Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
 after each one a normal request still succeeds. API keys, a full waiting queue and SIGTERM
-run against their own server processes; the app's own key check also runs in-process, on an
-app whose request loop is never reached."""
+run against their own server processes; the app's own checks (key, CORS) also run in-process,
+on an app whose request loop is never reached."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_error_type_follows_the_status():
 
 # ---------------------------------------------------------------------------- in-process app
 class _UnusedLoop:
-    """A request loop no test request reaches: the key check and routing answer first."""
+    """A request loop no test request reaches: the key, CORS and routing answer first."""
 
     last_stats: ClassVar[dict[str, float]] = {}  # /metrics is tried on a real server
     alive = True
@@ -185,6 +185,25 @@ def test_api_key_is_checked_before_the_body_and_in_constant_time(monkeypatch):
     assert client.get("/v1/models", headers=auth).status_code == 200
     for path in ("/health", "/docs", "/openapi.json"):  # open without a key
         assert client.get(path).status_code == 200, path
+
+
+def test_cors_only_with_allowed_origins():
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = _client().options(CHAT, headers=preflight)
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+    client = _client(api_key="sekret", allowed_origins=("http://app.example", "http://b.example"))
+    r = client.options(CHAT, headers=preflight)  # a preflight carries no key
+    assert r.status_code == 200, r.text
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = client.options(CHAT, headers={**preflight, "Origin": "http://evil.example"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = client.get("/v1/models", headers={"Origin": "http://b.example"})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://b.example"
 
 
 def test_api_key_and_queue_limit_and_sigterm():

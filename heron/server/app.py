@@ -1,4 +1,5 @@
-"""The FastAPI application: routes, API-key check, and OpenAI-style errors for every failure.
+"""The FastAPI application: routes, API-key check, CORS, and OpenAI-style errors for every
+failure.
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
 validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
@@ -19,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from heron import __version__
@@ -44,6 +46,11 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_waiting: int = 256
+    # CORS for browsers on other origins: off while allowed_origins is empty; "*" allows all.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 class _ApiError(Exception):
@@ -139,10 +146,19 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         logger.exception("unhandled error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    # The last added runs first: the count includes the 401s.
+    # The last added runs first: CORS answers preflights (which carry no key), the count
+    # includes the 401s.
     if config.api_key is not None:
         app.add_middleware(_RequireApiKey, key=config.api_key)
     app.add_middleware(_CountRequests, metrics=metrics)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=config.allowed_methods,
+            allow_headers=config.allowed_headers,
+            allow_credentials=config.allow_credentials,
+        )
 
     # -------------------------------------------------------------- routes
     @app.get("/health")
