@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+        help="on SIGTERM, seconds to let in-flight requests finish; those still running then "
+        "end with an error (HTTP 503, or a stream's error event and [DONE])",
     )
     cors = serve.add_argument_group(
         "CORS (for browser apps on other origins; off unless --allowed-origins is given)"

@@ -1,7 +1,7 @@
 """Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
-after each one a normal request still succeeds. API keys, a full waiting queue and SIGTERM
-run against their own server processes; the app's own checks (key, CORS) also run in-process,
-on an app whose request loop is never reached."""
+after each one a normal request still succeeds. API keys, a full waiting queue, SIGTERM (also
+past --shutdown-timeout) and CORS run against their own server processes; the app's own checks
+(key, CORS) also run in-process, on an app whose request loop is never reached."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from heron.server.app import ServerConfig, build_app
 from heron.server.served_model import ServedModel
 from heron.server.serving import error_body
-from tests.conftest import start_server
+from tests.conftest import assert_shutdown_aborts_what_is_left, start_server
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -237,5 +237,24 @@ def test_api_key_and_queue_limit_and_sigterm():
             r = inflight.result()
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
         assert proc.proc.wait(timeout=60) == 0, proc.output()
+    finally:
+        proc.stop()
+
+
+def test_shutdown_past_the_grace_period_and_cors():
+    """What --shutdown-timeout leaves running is aborted with errors the clients can read (the
+    same server checks that --allowed-origins reaches the app)."""
+    origins = ("--allowed-origins", "http://a.example,http://b.example")
+    proc = start_server(
+        "--shutdown-timeout", "2", *origins, "--allowed-origins", "http://c.example"
+    )
+    try:
+        for origin in ("http://b.example", "http://c.example"):
+            r = httpx.options(
+                proc.url + CHAT,
+                headers={"Origin": origin, "Access-Control-Request-Method": "POST"},
+            )
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert_shutdown_aborts_what_is_left(proc)
     finally:
         proc.stop()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from heron.server.async_engine import RequestStream
+from heron.server.async_engine import EngineDeadError, RequestStream
 from heron.server.metrics import ServerMetrics
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
 from heron.server.served_model import RequestLoop
@@ -437,7 +437,8 @@ class OpenAIServing:
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
         except Exception as e:
             logger.warning("%s: stream ended by an error: %s", job.id, e)
-            yield f"data: {json.dumps(error_body(e, 500))}\n\n"
+            status = 503 if isinstance(e, EngineDeadError) else 500  # as the non-streaming path
+            yield f"data: {json.dumps(error_body(e, status))}\n\n"
         yield "data: [DONE]\n\n"
 
     def _chunk(
