@@ -27,8 +27,10 @@ EXIT_INTERRUPTED = 130
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Shows "(default: X)" where there is a meaningful default; wraps each line of the
-    description on its own so paragraphs and examples keep their shape."""
+    """Shows "(default: X)" where there is a meaningful default (not for a flag that takes no
+    value: ``--no-prefix-caching (default: True)`` reads as if giving it were the default);
+    wraps each line of the description on its own so paragraphs and examples keep their
+    shape."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
@@ -42,6 +44,7 @@ class _HelpFormatter(argparse.HelpFormatter):
             or default is False
             or default is argparse.SUPPRESS
             or not (action.option_strings or action.nargs in ("?", "*"))
+            or (action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction))
         ):
             return help_text
         return help_text + " (default: %(default)s)"
@@ -459,7 +462,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds to let in-flight requests finish before aborting them",
+        help="on SIGTERM, seconds to let in-flight requests finish; those still running then "
+        "end with an error (HTTP 503, or a stream's error event and [DONE])",
+    )
+    cors = serve.add_argument_group(
+        "CORS (for browser apps on other origins; off unless --allowed-origins is given)"
+    )
+    cors.add_argument(
+        "--allowed-origins",
+        action="append",
+        metavar="ORIGINS",
+        help="origins allowed to call the API, comma-separated or repeated "
+        "(e.g. http://localhost:3000; * for any)",
+    )
+    cors.add_argument(
+        "--allowed-methods",
+        action="append",
+        metavar="METHODS",
+        help="HTTP methods allowed from those origins, comma-separated or repeated (default: *)",
+    )
+    cors.add_argument(
+        "--allowed-headers",
+        action="append",
+        metavar="HEADERS",
+        help="request headers allowed from those origins, comma-separated or repeated (default: *)",
+    )
+    cors.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="let those origins send cookies and Authorization headers",
     )
     from heron.config import ROUTINGS
 
@@ -1074,6 +1105,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def _list_flag(values: list[str] | None) -> tuple[str, ...]:
+    """A flag given comma-separated, repeated, or both (``--allowed-origins a,b --allowed-origins
+    c``), as one tuple."""
+    return tuple(v.strip() for value in values or () for v in value.split(",") if v.strip())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
@@ -1110,6 +1147,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_aliases=tuple(a for a in aliases if a != name),
         api_key=args.api_key or os.environ.get("HERON_API_KEY") or None,
         max_waiting=args.max_waiting,
+        allowed_origins=_list_flag(args.allowed_origins),
+        allowed_methods=_list_flag(args.allowed_methods) or ("*",),
+        allowed_headers=_list_flag(args.allowed_headers) or ("*",),
+        allow_credentials=args.allow_credentials,
     )
     run_server(served, config, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0

@@ -3,6 +3,13 @@ session in float32, the precision the parity tests need."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import re
+import signal
+import time
+
+import httpx
 import pytest
 
 from heron import LLM
@@ -48,3 +55,38 @@ def server():
     proc = start_server("--max-num-seqs", "64")
     yield proc
     proc.stop()
+
+
+def assert_shutdown_aborts_what_is_left(proc: ServerProcess) -> None:
+    """SIGTERM with a streaming and a non-streaming request that outlive the server's
+    --shutdown-timeout: the stream ends with an OpenAI error event, then ``[DONE]``; the other
+    gets a 503 with OpenAI's error body; the process exits 0."""
+    long = {"prompt": "Tell me a story.", "max_tokens": 3000, "ignore_eos": True}
+    url = proc.url + "/v1/completions"
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        httpx.stream("POST", url, json={**long, "stream": True}, timeout=120) as stream,
+    ):
+        assert stream.status_code == 200
+        events = (line for line in stream.iter_lines() if line.startswith("data: "))
+        assert "choices" in json.loads(next(events)[6:])  # generating
+        whole = pool.submit(httpx.post, url, json=long, timeout=120)
+        while _running(proc) < 2:  # both are in the engine's batch
+            assert not whole.done(), whole.result().text
+            time.sleep(0.1)
+        proc.proc.send_signal(signal.SIGTERM)
+        rest = list(events)
+        r = whole.result()
+    assert rest[-1] == "data: [DONE]", rest[-3:]
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
+    assert all("choices" in json.loads(e[6:]) for e in rest[:-2])
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["type"] == "service_unavailable"
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert proc.proc.wait(timeout=120) == 0, proc.output()
+
+
+def _running(proc: ServerProcess) -> float:
+    text = httpx.get(proc.url + "/metrics", timeout=60).text
+    return float(re.search(r"^heron:num_requests_running\{[^}]*\} (\S+)$", text, re.M).group(1))

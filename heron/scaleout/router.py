@@ -61,6 +61,7 @@ class ReplicaRouter:
         self._pending_adds = 0
         self._poller: asyncio.Task | None = None
         self._stopped = False
+        self._closing = False  # set by abort_all(): new requests are refused
         self.dead: set[int] = set()  # replicas whose process is gone
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,9 +76,15 @@ class ReplicaRouter:
         self._stopped = True
         if self._poller is not None:
             self._poller.cancel()
-        for request_id in list(self._calls):
-            self.abort(request_id, EngineDeadError("the server shut down before this finished"))
+        self.abort_all(EngineDeadError("the server shut down before this finished"))
         self.group.shutdown()
+
+    def abort_all(self, error: BaseException) -> None:
+        """Refuse new requests and fail every one in flight with ``error`` (their replicas
+        abort them)."""
+        self._closing = True
+        for request_id in list(self._calls):
+            self.abort(request_id, error)
 
     @property
     def alive(self) -> bool:
@@ -125,7 +132,7 @@ class ReplicaRouter:
         """Submit one request to a replica (see the module's docstring). Raises at once if it
         is refused (the replica's ``InvalidRequestError`` or full queue, shutdown, a dead
         replica)."""
-        if self._stopped or self._poller is None:
+        if self._stopped or self._closing or self._poller is None:
             raise EngineDeadError("the server is shutting down")
         if not self.alive:
             raise EngineDeadError("every engine replica is gone")
@@ -137,6 +144,8 @@ class ReplicaRouter:
             self._pending_adds += 1
             try:
                 await self._next(call)  # None: the replica's engine took it
+                if self._closing:  # abort_all() ran meanwhile: undone below
+                    raise EngineDeadError("the server is shutting down")
                 break
             except ReplicaDiedError as e:  # nothing started there: try another replica
                 self.in_flight[i] -= 1

@@ -1,22 +1,27 @@
-"""The FastAPI application: routes, API-key check, and OpenAI-style errors for every failure.
+"""The FastAPI application: routes, API-key check, CORS, and OpenAI-style errors for every
+failure.
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
 validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
-model 404, a bad API key 401, a full waiting queue 429, shutdown 503, a bug 500 (logged with
-its traceback; the other requests carry on)."""
+model 404, a bad API key 401 (checked before the body is read), a full waiting queue 429,
+shutdown 503, a bug 500 (logged with its traceback; the other requests carry on)."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from heron import __version__
 from heron.errors import InvalidRequestError
@@ -41,6 +46,11 @@ class ServerConfig:
     model_aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_waiting: int = 256
+    # CORS for browsers on other origins: off while allowed_origins is empty; "*" allows all.
+    allowed_origins: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
 
 class _ApiError(Exception):
@@ -78,19 +88,7 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="heron", version=__version__, lifespan=lifespan)
     app.state.loop = loop
 
-    # -------------------------------------------------------------- auth and model checks
-    async def check_api_key(request: Request) -> None:
-        if config.api_key is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != config.api_key:
-            raise _ApiError(
-                401,
-                "missing or wrong API key: send it as 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-
+    # -------------------------------------------------------------- model check
     def check_model(model: str | None) -> None:
         if model and model not in names:
             raise _ApiError(
@@ -148,11 +146,21 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         logger.exception("unhandled error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
+    # The last added runs first: CORS answers preflights (which carry no key), the count
+    # includes the 401s.
+    if config.api_key is not None:
+        app.add_middleware(_RequireApiKey, key=config.api_key)
     app.add_middleware(_CountRequests, metrics=metrics)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=config.allowed_methods,
+            allow_headers=config.allowed_headers,
+            allow_credentials=config.allow_credentials,
+        )
 
     # -------------------------------------------------------------- routes
-    auth = [Depends(check_api_key)]
-
     @app.get("/health")
     async def health() -> Response:
         if not loop.alive:
@@ -163,7 +171,7 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models")
     async def models() -> dict:
         return {
             "object": "list",
@@ -178,19 +186,19 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         result = await serving.completions(body, request.is_disconnected)
         return _to_response(result)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         result = await serving.chat(body, request.is_disconnected)
         return _to_response(result)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         check_model(body.model)
         tok = model.tokenizer
@@ -204,7 +212,7 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
             ids = tok.hf.encode(body.prompt, add_special_tokens=False)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
         check_model(body.model)
         vocab = model.vocab_size
@@ -214,6 +222,38 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     return app
+
+
+# Open without the API key, as the probes and the docs need: all else asks for it.
+_OPEN_PATHS = frozenset(
+    {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+
+class _RequireApiKey:
+    """Checks 'Authorization: Bearer KEY' before any route reads the body, so a client without
+    the key learns nothing from validation errors; compared in constant time, so response
+    times do not leak how much of a guess was right."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS or self._authorized(scope):
+            return await self.app(scope, receive, send)
+        message = "missing or wrong API key: send it as 'Authorization: Bearer <key>'"
+        response = JSONResponse(
+            error_body(message, 401, code="invalid_api_key"),
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        # Starlette decodes headers as latin-1: encoding back gives the bytes that were sent.
+        sent = token.strip().encode("latin-1")
+        return scheme.lower() == "bearer" and hmac.compare_digest(sent, self.key)
 
 
 class _CountRequests:

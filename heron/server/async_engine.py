@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ class AsyncEngine:
         self._pending_adds = 0
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # Set by abort_all(): new requests are refused from then on.
+        self._closing = False
+        # The streams handed out, read on the event loop by abort_all(); a finished one goes
+        # with its route.
+        self._streams: weakref.WeakSet[RequestStream] = weakref.WeakSet()
         # Read by /metrics from the event loop; written by the loop thread after each step.
         self.last_stats: dict[str, float] = engine.stats()
 
@@ -111,6 +117,16 @@ class AsyncEngine:
         self._stopped = True
         self._commands.put(None)
         self._thread.join(timeout=30)
+
+    def abort_all(self, error: BaseException) -> None:
+        """Refuse new requests and fail every one in flight with ``error`` now, from the event
+        loop: their routes answer at once (503, or an error event and ``[DONE]``) instead of
+        waiting for the engine thread to finish its step. The engine drops them after it."""
+        self._closing = True
+        for stream in list(self._streams):
+            if not stream.finished:
+                stream.queue.put_nowait(error)
+                self.abort(stream.request_id)
 
     @property
     def alive(self) -> bool:
@@ -130,7 +146,7 @@ class AsyncEngine:
     ) -> RequestStream:
         """Submit one request. Raises at once if it is refused (the engine's
         ``InvalidRequestError``, a full queue, shutdown); otherwise returns its stream."""
-        if self._stopped or self._thread is None:
+        if self._stopped or self._closing or self._thread is None:
             raise EngineDeadError("the server is shutting down")
         refuse_if_full(self.num_waiting, self.max_waiting)
         loop = asyncio.get_running_loop()
@@ -146,6 +162,10 @@ class AsyncEngine:
             await asyncio.wrap_future(done)
         finally:
             self._pending_adds -= 1
+        if self._closing:  # abort_all() ran while the engine thread took it
+            self.abort(request_id)
+            raise EngineDeadError("the server is shutting down")
+        self._streams.add(stream)
         return stream
 
     def abort(self, request_id: str) -> None:

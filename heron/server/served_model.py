@@ -32,6 +32,10 @@ class RequestLoop(Protocol):
         prompt_text: str | None = None,
     ) -> RequestStream: ...
     def abort(self, request_id: str) -> None: ...
+    def abort_all(self, error: BaseException) -> None:
+        """Refuse new requests and fail each one in flight with ``error`` (on SIGTERM, once
+        --shutdown-timeout has passed): routes answer 503 or end their stream with an error
+        event and ``[DONE]``."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
-from heron.server.async_engine import RequestStream
+from heron.server.async_engine import EngineDeadError, RequestStream
 from heron.server.metrics import ServerMetrics
 from heron.server.protocol import ChatCompletionRequest, CompletionRequest
 from heron.server.served_model import RequestLoop
@@ -437,7 +437,8 @@ class OpenAIServing:
                 yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
         except Exception as e:
             logger.warning("%s: stream ended by an error: %s", job.id, e)
-            yield f"data: {json.dumps(error_body(e, 500))}\n\n"
+            status = 503 if isinstance(e, EngineDeadError) else 500  # as the non-streaming path
+            yield f"data: {json.dumps(error_body(e, status))}\n\n"
         yield "data: [DONE]\n\n"
 
     def _chunk(
@@ -539,21 +540,23 @@ def _completion_logprobs(
 def error_body(
     exc: BaseException | str, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
-    """OpenAI's error object."""
+    """OpenAI's error object. Its type follows the status: a 4xx without a type of its own
+    (405, 413, 422...) is the client's mistake, an ``invalid_request_error``."""
     types = {
-        400: "invalid_request_error",
         401: "authentication_error",
+        403: "permission_error",
         404: "not_found_error",
         429: "rate_limit_error",
         503: "service_unavailable",
     }
+    default = "invalid_request_error" if 400 <= status < 500 else "internal_server_error"
     message = str(exc) if not isinstance(exc, str) else exc
     if param is None and isinstance(exc, InvalidRequestError):
         param = exc.param
     return {
         "error": {
             "message": message,
-            "type": types.get(status, "internal_server_error"),
+            "type": types.get(status, default),
             "param": param,
             "code": code,
         }
