@@ -149,15 +149,15 @@ def _pinned_fit_engine(a: float, b: float, rows: tuple[int, ...]) -> tuple[LLM, 
     """An ngram engine whose step-time fit is pinned at ``a`` + ``b`` seconds a row (seen at
     ``rows``), and the list its steps' drafted rows are recorded into."""
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=5)
-    spec = llm.engine.speculator
+    spec = llm.engine.plugins.get("speculative")
     for n in rows:
         spec.cost.observe(n, a + b * n)
     spec.observe = lambda *args: None  # keep the fit
     drafted: list[int] = []
     execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda batch, needs: (
+    llm.engine.runner.execute = lambda batch, *args: (
         drafted.append(sum(len(s.draft_token_ids) for s in batch.seqs)),
-        execute(batch, needs),
+        execute(batch, *args),
     )[1]
     return llm, drafted
 
@@ -166,7 +166,9 @@ def test_drafts_share_a_row_budget():
     """With rows priced dear (the step-time fit pinned), a batch's drafts together stay
     within the rows that add a quarter to the step's time."""
     llm, drafted = _pinned_fit_engine(0.010, 0.001, (1, 9, 17))  # 10 ms + 1 ms a row
-    budget = int(llm.engine.speculator.cost.draft_rows(len(PROMPTS[:2]), 0.25))  # 3 rows
+    budget = int(
+        llm.engine.plugins.get("speculative").cost.draft_rows(len(PROMPTS[:2]), 0.25)
+    )  # 3 rows
     outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert all(o.outputs[0].token_ids for o in outs)
     assert max(drafted) == budget, drafted  # drafting happened, never past the budget
@@ -179,7 +181,7 @@ def test_rows_priced_out_still_get_a_probe_now_and_then():
     from heron.speculative import speculator
 
     llm, drafted = _pinned_fit_engine(0.004, 0.010, (1, 5, 9))  # 4 ms + 10 ms a row
-    assert llm.engine.speculator.cost.draft_rows(1, 0.25) < 1
+    assert llm.engine.plugins.get("speculative").cost.draft_rows(1, 0.25) < 1
     params = SamplingParams(temperature=0, max_tokens=3 * speculator._PAUSE_STEPS, ignore_eos=True)
     llm.generate([PROMPTS[0]], params, use_tqdm=False)
     assert max(drafted) == 1, drafted  # probes of one row, never more
@@ -351,7 +353,7 @@ def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # some of each
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]  # nothing leaked
     if spec["speculative_method"] == "draft":  # its own cache is given back too
-        draft_blocks = llm.engine.speculator.proposer.block_manager
+        draft_blocks = llm.engine.plugins.get("speculative").proposer.block_manager
         assert draft_blocks.num_free_blocks == draft_blocks.num_blocks
     if spec["speculative_method"] == "ngram":
         # The copy prompt is easy to draft. Alone: in the batch, where a drafted row costs

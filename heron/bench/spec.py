@@ -207,8 +207,9 @@ class Run:
 
 def _time(llm, prompts: list[list[int]], params, batched: bool):
     """The outputs, seconds, and the spec counters' increase over the run."""
-    if llm.engine.speculator is not None:
-        llm.engine.speculator.proposer.forget()
+    speculator = llm.engine.plugins.get("speculative")
+    if speculator is not None:
+        speculator.proposer.forget()
     before = llm.engine.stats()
     t0 = time.perf_counter()
     if batched:

@@ -29,7 +29,6 @@ from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
 from heron.sparse import build_sparse_prefill
-from heron.speculative.registry import build_speculator
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -84,16 +83,16 @@ class Engine:
                 eos.add(token_id)
         self.eos_token_ids = sorted(eos)
         self.sampler = Sampler(self.eos_token_ids)
-        self.speculator = build_speculator(config, self) if config.speculative_method else None
         self.plugins = Plugins(
             EngineParts(
                 config,
                 cfg,
                 self.tokenizer,
+                self.runner,
+                self.block_manager,
                 self.scheduler,
                 self.max_model_len,
                 self._new_sequence,
-                multi_token_steps=self.speculator is not None,
             )
         )
         self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
@@ -217,7 +216,7 @@ class Engine:
         return KVState(make_policy(name), budget, compress_at=prefix)
 
     def _check_kv(self, name: str, budget: float) -> None:
-        if self.speculator is not None:
+        if self.plugins.multi_token_steps:
             raise InvalidRequestError(
                 "kv_policy: KV compression cannot be combined with speculative decoding",
                 param="kv_policy",
@@ -262,8 +261,7 @@ class Engine:
             "kv_tokens_evicted": self.kv.num_evicted,
             "kv_compressions": self.kv.num_compressions,
         }
-        if self.speculator is not None:
-            stats.update(self.speculator.stats())
+        stats.update(self.plugins.stats())
         return stats
 
     def _preempted(self, seq: Sequence) -> None:
@@ -284,8 +282,6 @@ class Engine:
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         self.plugins.before_schedule(self.scheduler.running)
-        if self.speculator is not None:
-            self.speculator.prepare(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.empty:
             return []
@@ -297,8 +293,7 @@ class Engine:
                 partial[seq.seq_id] = layers
         started = time.perf_counter()
         result = self.runner.execute(batch, need_prompt, partial)
-        if self.speculator is not None:
-            self.speculator.observe(batch.seqs, batch.num_new_tokens, time.perf_counter() - started)
+        self.plugins.after_forward(batch, time.perf_counter() - started)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
@@ -359,7 +354,7 @@ class Engine:
         branch is moved up to follow the last real token); the rejected ones' blocks go back,
         and their stale slots are overwritten by later steps."""
         first = seq.num_computed_tokens + 1  # the first draft's slot
-        tokens, path = self.speculator.settle(seq, logits)
+        tokens, path = self.plugins.settle_drafts(seq, logits)
         moves = [(first + i, first + j) for j, i in enumerate(path) if i != j]
         if moves:
             self.runner.move_slots(seq.block_table, moves)
@@ -421,8 +416,6 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self.plugins.finished(seq)
-        if self.speculator is not None:
-            self.speculator.proposer.release(seq.seq_id)
 
     def _request_output(self, req: Request) -> RequestOutput:
         holdback = max(map(len, req.params.stop_strings), default=1) - 1
@@ -449,18 +442,6 @@ class Engine:
             finished=req.finished,
             prompt_logprobs=req.prompt_logprobs,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
-            metrics=self._request_metrics(req),
+            metrics=dict(req.metrics),
             times=replace(req.times),  # a snapshot: the request's own go on changing
         )
-
-    def _request_metrics(self, req: Request) -> dict[str, float]:
-        if self.speculator is None:
-            return dict(req.metrics)
-        drafted = sum(s.num_draft_tokens for s in req.seqs)
-        accepted = sum(s.num_accepted_tokens for s in req.seqs)
-        return {
-            **req.metrics,
-            "spec_draft_tokens": drafted,
-            "spec_accepted_tokens": accepted,
-            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
-        }

@@ -20,9 +20,12 @@ import torch
 
 if TYPE_CHECKING:
     from heron.config import EngineConfig
-    from heron.engine.scheduler import Scheduler
+    from heron.engine.block_manager import BlockManager
+    from heron.engine.runner import ModelRunner
+    from heron.engine.scheduler import ScheduledBatch, Scheduler
     from heron.engine.sequence import Request, Sequence
     from heron.models.config import ModelConfig
+    from heron.outputs import PositionLogprobs
     from heron.tokenizer import Tokenizer
 
 
@@ -33,12 +36,13 @@ class EngineParts:
     config: EngineConfig
     model_config: ModelConfig
     tokenizer: Tokenizer
+    runner: ModelRunner
+    block_manager: BlockManager
     scheduler: Scheduler
     max_model_len: int
     # A new sequence of ``request`` (index, token ids), seeded as the engine seeds its own.
     new_sequence: Callable[[Request, int, list[int]], Sequence]
-    # A step may append several tokens to one sequence (speculative decoding): per-token
-    # methods, which decide each token from the one before, cannot follow that.
+    # Whether a plugin of this engine lets a step append several tokens to one sequence.
     multi_token_steps: bool = False
 
 
@@ -46,9 +50,19 @@ class EnginePlugin:
     """One method family's hooks, in the order the engine calls them."""
 
     name: ClassVar[str]
+    # A step may append several tokens to one sequence (speculative decoding): per-token
+    # methods, which decide each token from the one before, and KV compression, which would
+    # verify drafts against an evicted cache, refuse to run beside it.
+    multi_token_steps: ClassVar[bool] = False
 
     def __init__(self, parts: EngineParts) -> None:
         self.parts = parts
+
+    @classmethod
+    def enabled(cls, config: EngineConfig) -> bool:
+        """Whether an engine built with ``config`` runs this plugin (per-request methods are
+        always there and act on the requests that ask for them)."""
+        return True
 
     # ------------------------------------------------------------------ a request is added
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
@@ -79,6 +93,18 @@ class EnginePlugin:
         or replace them."""
         return seqs, logits
 
+    def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
+        """The model ran ``batch`` in ``seconds``."""
+        return None
+
+    def settle_drafts(
+        self, seq: Sequence, logits: torch.Tensor
+    ) -> tuple[list[tuple[int, PositionLogprobs | None]], list[int]] | None:
+        """``seq`` verified its drafts (``logits`` [1 + drafts, V]): the plugin that drafted
+        returns the tokens to append (with logprobs where asked) and the accepted drafts'
+        indices; the engine keeps their K/V and gives the rest back."""
+        return None
+
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         """``token`` was drawn for ``seq`` from ``logits`` [V]; the engine appends it (and
         checks the stop conditions) next."""
@@ -92,6 +118,10 @@ class EnginePlugin:
     def finished(self, seq: Sequence) -> None:
         """``seq`` finished or was aborted; its blocks are free."""
         return None
+
+    def stats(self) -> dict[str, float]:
+        """Engine-wide counters, for ``Engine.stats()`` and the server's /metrics."""
+        return {}
 
 
 PLUGINS: dict[str, type[EnginePlugin]] = {}
@@ -111,10 +141,14 @@ class Plugins:
     """Every registered plugin of one engine, each hook called on all of them in turn."""
 
     def __init__(self, parts: EngineParts) -> None:
-        self.all = [cls(parts) for cls in PLUGINS.values()]
+        classes = [cls for cls in PLUGINS.values() if cls.enabled(parts.config)]
+        parts.multi_token_steps = any(cls.multi_token_steps for cls in classes)
+        self.multi_token_steps = parts.multi_token_steps
+        self.all = [cls(parts) for cls in classes]
 
     def get(self, name: str) -> Any:
-        return next(p for p in self.all if p.name == name)
+        """The plugin registered as ``name``, or None where this engine does not run it."""
+        return next((p for p in self.all if p.name == name), None)
 
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
         return [extra for p in self.all for extra in p.add_request(req, seq)]
@@ -136,6 +170,19 @@ class Plugins:
             seqs, logits = p.before_sampling(seqs, logits)
         return seqs, logits
 
+    def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
+        for p in self.all:
+            p.after_forward(batch, seconds)
+
+    def settle_drafts(
+        self, seq: Sequence, logits: torch.Tensor
+    ) -> tuple[list[tuple[int, PositionLogprobs | None]], list[int]]:
+        for p in self.all:
+            settled = p.settle_drafts(seq, logits)
+            if settled is not None:
+                return settled
+        raise RuntimeError(f"sequence {seq.seq_id} verified drafts no plugin settles")
+
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         for p in self.all:
             p.token_sampled(seq, token, logits)
@@ -147,3 +194,9 @@ class Plugins:
     def finished(self, seq: Sequence) -> None:
         for p in self.all:
             p.finished(seq)
+
+    def stats(self) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        for p in self.all:
+            stats.update(p.stats())
+        return stats

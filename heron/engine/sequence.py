@@ -16,7 +16,6 @@ from heron.tokenizer import Detokenizer
 
 if TYPE_CHECKING:
     from heron.kv.compressor import KVState
-    from heron.speculative.speculator import AdaptiveK
 
 
 class Status(enum.Enum):
@@ -45,16 +44,12 @@ class Sequence:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
-    # Speculative decoding: this step's drafted tokens (scheduled after the last real one),
-    # the draft each follows when they form a tree (heron.speculative.verify; None: a chain), the
-    # draft distributions they came from (None: a deterministic proposer), the sequence's
-    # adaptive-k state, and its acceptance counts.
+    # Drafted tokens a plugin (speculative decoding) adds to this step, scheduled after the
+    # last real one; the draft each follows when they form a tree (heron.speculative.verify;
+    # None: a chain), and the draft distributions they came from (None: deterministic).
     draft_token_ids: list[int] = field(default_factory=list)
     draft_parents: list[int] | None = None
     draft_probs: torch.Tensor | None = None
-    spec: AdaptiveK | None = None
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
     # KV compression (heron.kv): the policy's state, and how many of the computed tokens
     # were evicted from the cache. Token i's position stays i (RoPE was applied at write
     # time); the sequence holds ``num_kv_slots`` slots, its latest tokens at the end.

@@ -11,11 +11,9 @@ from heron.speculative.layer_skip import LayerSkipProposer, default_kept_layers
 from heron.speculative.lookahead import LookaheadProposer
 from heron.speculative.ngram import NgramProposer
 from heron.speculative.proposer import Proposer
-from heron.speculative.speculator import Speculator
 
 if TYPE_CHECKING:
-    from heron.config import EngineConfig
-    from heron.engine.engine import Engine
+    from heron.engine.plugin import EngineParts
 
 PROPOSERS: dict[str, type[Proposer]] = {
     "ngram": NgramProposer,
@@ -25,28 +23,25 @@ PROPOSERS: dict[str, type[Proposer]] = {
 }
 
 
-def build_proposer(config: EngineConfig, engine: Engine) -> Proposer:
+def build_proposer(parts: EngineParts) -> Proposer:
+    config = parts.config
     method = config.speculative_method
     if method == "ngram":
         return NgramProposer(config.ngram_min, config.ngram_max)
     if method == "lookahead":
         return LookaheadProposer(config.ngram_min, config.ngram_max, config.lookahead_depth)
     if method == "layer_skip":
-        num_layers = engine.model_config.num_layers
+        num_layers = parts.model_config.num_layers
         keep = config.draft_num_layers or default_kept_layers(num_layers)
-        return LayerSkipProposer(engine.runner, engine.block_manager, keep)
+        return LayerSkipProposer(parts.runner, parts.block_manager, keep)
     if method == "draft":
         return DraftModelProposer(
             config.draft_model,
             config.draft_num_layers,
-            engine.tokenizer,
-            engine.block_manager.num_blocks,
+            parts.tokenizer,
+            parts.block_manager.num_blocks,
             config.block_size,
-            engine.device,
-            engine.dtype,
+            parts.runner.device,
+            parts.runner.dtype,
         )
     raise InvalidRequestError(f"speculative_method: unknown {method!r}", "speculative_method")
-
-
-def build_speculator(config: EngineConfig, engine: Engine) -> Speculator:
-    return Speculator(config, build_proposer(config, engine), engine.max_model_len)

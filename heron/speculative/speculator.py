@@ -1,5 +1,5 @@
-"""What the engine calls for speculative decoding: draft before scheduling, settle after the
-target's forward pass.
+"""Speculative decoding's engine plugin (heron.engine.plugin): draft before scheduling, settle
+after the target's forward pass.
 
 Eligible sequences are running decodes whose sampling does not depend on the tokens drafted
 before it in the same step: no repetition/presence/frequency penalties and ``min_tokens``
@@ -30,10 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from heron.config import EngineConfig
+from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.engine.sampler import filtered_probs, top_logprobs
-from heron.engine.sequence import Sequence
+from heron.engine.scheduler import ScheduledBatch
+from heron.engine.sequence import Request, Sequence
 from heron.outputs import PositionLogprobs
-from heron.speculative.proposer import Proposer
+from heron.speculative.registry import build_proposer
 from heron.speculative.verify import accept_sampled, accept_tree
 
 _EMA = 0.3  # weight of the latest step in the acceptance-rate average
@@ -110,11 +112,24 @@ class AdaptiveK:
             self.k = min(self.k_max, 2 * self.k)
 
 
-class Speculator:
-    def __init__(self, config: EngineConfig, proposer: Proposer, max_model_len: int) -> None:
-        self.proposer = proposer
-        self.k_max = config.num_speculative_tokens
-        self.max_model_len = max_model_len
+@register_plugin
+class Speculator(EnginePlugin):
+    """Runs in engines built with a ``speculative_method``; each sequence's adaptive k is
+    kept here, by seq_id."""
+
+    name = "speculative"
+    multi_token_steps = True
+
+    @classmethod
+    def enabled(cls, config: EngineConfig) -> bool:
+        return config.speculative_method is not None
+
+    def __init__(self, parts: EngineParts) -> None:
+        super().__init__(parts)
+        self.proposer = build_proposer(parts)
+        self.k_max = parts.config.num_speculative_tokens
+        self.max_model_len = parts.max_model_len
+        self.adaptive: dict[int, AdaptiveK] = {}
         self.num_drafted = 0
         self.num_accepted = 0
         self.num_verify_steps = 0
@@ -133,7 +148,11 @@ class Speculator:
             and len(seq.output_token_ids) >= p.min_tokens
         )
 
-    def prepare(self, running: list[Sequence]) -> None:
+    def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
+        req.metrics.update(spec_draft_tokens=0, spec_accepted_tokens=0, spec_acceptance_rate=0.0)
+        return []
+
+    def before_schedule(self, running: list[Sequence]) -> None:
         """Set the drafts of the sequences that speculate."""
         self.proposer.retain({seq.seq_id for seq in running})
         wanted: list[tuple[Sequence, int]] = []
@@ -141,13 +160,12 @@ class Speculator:
             seq.set_drafts([])
             if not self.eligible(seq):
                 continue
-            if seq.spec is None:
-                seq.spec = AdaptiveK(self.k_max, self.k_max)
+            adaptive = self.adaptive.setdefault(seq.seq_id, AdaptiveK(self.k_max, self.k_max))
             p = seq.request.params
             room = self.max_model_len - seq.num_tokens - 1
             if p.max_tokens is not None:
                 room = min(room, p.max_tokens - len(seq.output_token_ids) - 1)
-            k = min(seq.spec.next(), room)
+            k = min(adaptive.next(), room)
             if k > 0:
                 wanted.append((seq, k))
         budget = self.cost.draft_rows(len(running), _DRAFT_SHARE)
@@ -159,7 +177,7 @@ class Speculator:
             if self.unprobed >= _PAUSE_STEPS:
                 budget, self.unprobed = 1, 0
         seqs, ks = [], []
-        for seq, k in sorted(wanted, key=lambda item: -item[0].spec.rate):
+        for seq, k in sorted(wanted, key=lambda item: -self.adaptive[item[0].seq_id].rate):
             k = int(min(k, budget))
             if k > 0:
                 seqs.append(seq)
@@ -167,6 +185,9 @@ class Speculator:
                 budget -= k
         for seq, draft in zip(seqs, self.proposer.propose_batch(seqs, ks), strict=True):
             seq.set_drafts(draft.tokens, draft.parents, draft.probs)
+
+    def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
+        self.observe(batch.seqs, batch.num_new_tokens, seconds)
 
     def observe(self, seqs: list[Sequence], num_new_tokens: list[int], seconds: float) -> None:
         """The target's time for a step: decode-only steps (verify rows included) refine the
@@ -178,7 +199,7 @@ class Speculator:
         self.cost.observe(rows, seconds)
         self.price = self.cost.row_price(len(seqs), rows)
 
-    def settle(
+    def settle_drafts(
         self, seq: Sequence, logits: torch.Tensor
     ) -> tuple[list[tuple[int, PositionLogprobs | None]], list[int]]:
         """logits: [1 + drafts, V] of the verify pass. Returns the tokens to append (accepted
@@ -197,9 +218,11 @@ class Speculator:
                 tokens = accept_sampled(probs, drafts, seq.draft_probs, seq.generator)
                 path = list(range(len(tokens) - 1))
         accepted = len(path)
-        seq.spec.update(len(drafts), accepted, self.price)
-        seq.num_draft_tokens += len(drafts)
-        seq.num_accepted_tokens += accepted
+        self.adaptive[seq.seq_id].update(len(drafts), accepted, self.price)
+        m = seq.request.metrics
+        m["spec_draft_tokens"] += len(drafts)
+        m["spec_accepted_tokens"] += accepted
+        m["spec_acceptance_rate"] = m["spec_accepted_tokens"] / m["spec_draft_tokens"]
         self.num_drafted += len(drafts)
         self.num_accepted += accepted
         self.num_verify_steps += 1
@@ -209,6 +232,10 @@ class Speculator:
         rows = [0] + [i + 1 for i in path]  # the rows each emitted token was predicted from
         raw = torch.log_softmax(logits[rows], dim=-1)
         return [(t, top_logprobs(raw[i], t, p.logprobs)) for i, t in enumerate(tokens)], path
+
+    def finished(self, seq: Sequence) -> None:
+        self.adaptive.pop(seq.seq_id, None)
+        self.proposer.release(seq.seq_id)
 
     def stats(self) -> dict[str, float]:
         return {
