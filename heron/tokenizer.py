@@ -25,6 +25,23 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def unicode_error(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode, else None. JSON's "\\ud800" escapes and Python strings
+    can hold lone surrogates, which have no UTF-8 form: the tokenizer and any response that
+    quoted them would fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate ({text[e.start]!r}) at character {e.start} is not valid Unicode"
+    return None
+
+
+def _check_unicode(text: str, field: str, param: str) -> None:
+    why = unicode_error(text)
+    if why is not None:
+        raise InvalidRequestError(f"{field}: {why}", param=param)
+
+
 class Tokenizer:
     """Wraps a transformers fast tokenizer: encode, decode, chat template, special ids."""
 
@@ -52,6 +69,7 @@ class Tokenizer:
         return self.hf.bos_token_id
 
     def encode(self, text: str) -> list[int]:
+        _check_unicode(text, "prompt", "prompt")
         return self.hf.encode(text, add_special_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -72,6 +90,8 @@ class Tokenizer:
                 raise InvalidRequestError(
                     f"messages[{i}] must be a dict with 'role' and 'content'", param="messages"
                 )
+            if isinstance(m["content"], str):
+                _check_unicode(m["content"], f"messages[{i}].content", "messages")
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )

@@ -93,6 +93,16 @@ def test_prompt_longer_than_context(llm, good_output):
     assert_still_serves(llm, good_output)
 
 
+def test_lone_surrogate_in_prompt_or_message(llm, good_output):
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate("a\ud800b", GOOD, use_tqdm=False)
+    assert info.value.param == "prompt" and "surrogate" in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.chat([{"role": "user", "content": "\udfff"}], GOOD, use_tqdm=False)
+    assert info.value.param == "messages" and "messages[0].content" in str(info.value)
+    assert_still_serves(llm, good_output)
+
+
 def test_token_ids_out_of_vocab(llm, good_output):
     vocab = llm.engine.model_config.vocab_size
     for bad_id in (-1, vocab, 10**9):

@@ -80,6 +80,39 @@ CASES = [
     ("not an object", COMPLETIONS, b"[1, 2, 3]", 400, None),
     ("non-UTF-8 bytes", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, None),
     ("unknown route", "/v1/embeddings", {"input": "a"}, 404, None),
+    # JSON's \ud800 escape is a lone surrogate: not valid Unicode, so no tokenizer can take it.
+    ("surrogate prompt", COMPLETIONS, rb'{"prompt": "a\ud800"}', 400, "prompt"),
+    ("surrogate in prompt list", COMPLETIONS, rb'{"prompt": ["a", "\udfff"]}', 400, "prompt"),
+    ("surrogate stop", COMPLETIONS, rb'{"prompt": "a", "stop": ["\ud800"]}', 400, "stop"),
+    (
+        "surrogate chat content",
+        CHAT,
+        rb'{"messages": [{"role": "user", "content": "hi \ud83d"}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    (
+        "surrogate chat content part",
+        CHAT,
+        rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("surrogate tokenize", "/tokenize", rb'{"prompt": "\ud800"}', 400, "prompt"),
+    (
+        "surrogate tokenize messages",
+        "/tokenize",
+        rb'{"messages": [{"role": "user", "content": "\ud800"}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    (
+        "surrogate in an error message",
+        COMPLETIONS,
+        rb'{"prompt": "a", "strategy": "majority", "strategy_options": {"\ud800": 1}}',
+        400,
+        "strategy_options",
+    ),  # fmt: skip
 ]
 
 

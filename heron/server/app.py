@@ -111,7 +111,9 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        # A validator's verdict (a lone surrogate) over the other union members' type errors.
+        errors = exc.errors()
+        first = next((e for e in errors if e["type"] == "value_error"), errors[0] if errors else {})
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             msg = f"the body is not valid JSON: {first.get('msg')}"

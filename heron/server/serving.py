@@ -539,7 +539,8 @@ def _completion_logprobs(
 def error_body(
     exc: BaseException | str, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
-    """OpenAI's error object."""
+    """OpenAI's error object. A message quoting the request's own text (an unknown option's
+    name) has its lone surrogates escaped, or the body could not be encoded as UTF-8."""
     types = {
         400: "invalid_request_error",
         401: "authentication_error",
@@ -548,6 +549,7 @@ def error_body(
         503: "service_unavailable",
     }
     message = str(exc) if not isinstance(exc, str) else exc
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if param is None and isinstance(exc, InvalidRequestError):
         param = exc.param
     return {
