@@ -120,7 +120,7 @@ def _sampling_parent(max_tokens: int = 128, temperature: float = 0.7) -> argpars
         "--repetition-penalty",
         type=float,
         default=1.0,
-        help="> 1 discourages repeating tokens already in the prompt or output",
+        help="> 1 discourages repeating tokens already in the prompt or output (0.01 to 100)",
     )
     g.add_argument(
         "--seed",

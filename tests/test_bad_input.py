@@ -48,6 +48,13 @@ def assert_still_serves(llm, good_output):
         ("top_k", {"top_k": -2}),
         ("min_p", {"min_p": 1.5}),
         ("repetition_penalty", {"repetition_penalty": 0.0}),
+        ("repetition_penalty", {"repetition_penalty": 1e-300}),  # 0 in float32
+        ("repetition_penalty", {"repetition_penalty": 101.0}),
+        ("temperature", {"temperature": float("inf")}),
+        ("top_p", {"top_p": float("nan")}),
+        ("frequency_penalty", {"frequency_penalty": float("nan")}),
+        ("kv_budget", {"kv_budget": float("inf")}),
+        ("cad_alpha", {"cad_alpha": float("inf"), "cad_context": "ctx"}),
         ("presence_penalty", {"presence_penalty": 3.0}),
         ("frequency_penalty", {"frequency_penalty": -2.5}),
         ("min_tokens", {"min_tokens": 10, "max_tokens": 5}),
@@ -64,6 +71,14 @@ def test_bad_sampling_params(field, kwargs):
 
 def test_good_sampling_params_edges_are_accepted():
     SamplingParams(temperature=0, top_p=1.0, n=1, max_tokens=1, min_p=1.0, top_k=-1)
+    SamplingParams(repetition_penalty=0.01)
+    SamplingParams(repetition_penalty=100)
+
+
+@pytest.mark.parametrize("temperature", [0, 1e-300, 1e-6])
+def test_temperature_below_eps_is_greedy(temperature):
+    assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
 
 
 # ---------------------------------------------------------------- prompts

@@ -56,6 +56,15 @@ def test_top_k_1_always_picks_argmax():
         assert tok == int(logits.argmax())
 
 
+def test_temperature_below_eps_samples_the_argmax():
+    """1e-300 is 0 in float32: logits / 0 gave NaN probabilities (token 0 drawn)."""
+    torch.manual_seed(3)
+    logits = torch.randn(8, V)
+    seqs = [make_seq(SamplingParams(temperature=1e-300), seed=i) for i in range(8)]
+    out = Sampler([EOS]).sample(logits, seqs)
+    assert [t for t, _ in out] == logits.argmax(dim=-1).tolist()
+
+
 def test_top_k_mask_keeps_exactly_k():
     torch.manual_seed(2)
     x = torch.randn(3, V)

@@ -40,6 +40,27 @@ CASES = [
     ("n huge", COMPLETIONS, {"prompt": "a", "n": 100000}, 400, "n"),
     ("presence_penalty", CHAT, {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
     (
+        "frequency_penalty infinite",
+        COMPLETIONS,
+        b'{"prompt": "a", "frequency_penalty": -Infinity}',
+        400,
+        "frequency_penalty",
+    ),  # fmt: skip
+    (
+        "repetition_penalty zero",
+        CHAT,
+        {"messages": MSG, "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+    ),
+    (
+        "repetition_penalty underflow",
+        COMPLETIONS,
+        {"prompt": "a", "repetition_penalty": 1e-300},
+        400,
+        "repetition_penalty",
+    ),  # fmt: skip
+    (
         "top_logprobs too many",
         CHAT,
         {"messages": MSG, "logprobs": True, "top_logprobs": 50},

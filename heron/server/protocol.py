@@ -1,7 +1,8 @@
 """OpenAI request bodies as pydantic models, with heron's extras (vLLM's names) beside them.
 
-Field types and ranges are checked here, so a bad value is a 400 naming the field before any
-work starts; the sampling values are then checked again, once, by ``SamplingParams``. Fields
+Field types and the API's own limits (temperature <= 2, ...) are checked here, so a bad value
+is a 400 naming the field before any work starts; the sampling values are then checked by
+``SamplingParams``, which alone holds the penalties' ranges (shared with LLM and the CLI). Fields
 OpenAI defines but heron does not implement (tools, logit_bias, ...) are refused with a clear
 message when set, rather than silently ignored; unknown extra fields are ignored, as vLLM and
 OpenAI's own server do for forward compatibility."""
@@ -59,8 +60,8 @@ class _Sampling(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: Text | Texts | None = None
     seed: StrictInt | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: float = 0.0  # the penalties' ranges are SamplingParams'
+    frequency_penalty: float = 0.0
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
@@ -68,7 +69,7 @@ class _Sampling(BaseModel):
     # heron / vLLM extras (the openai client sends them through `extra_body`)
     top_k: StrictInt | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: float | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
@@ -104,7 +105,7 @@ class _Sampling(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
