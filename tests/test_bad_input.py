@@ -4,12 +4,14 @@ and leaves the engine able to serve the next request."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 
 from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError, ModelLoadError
+from tests.conftest import poison_logits
 
 GOOD = SamplingParams(temperature=0, max_tokens=2)
 
@@ -150,6 +152,23 @@ def test_duplicate_request_id(llm, good_output):
     finally:
         llm.engine.abort_request("dup")
     assert_still_serves(llm, good_output)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_non_finite_logits_end_only_that_request(llm, monkeypatch, value, temperature):
+    prompts = ["The sky is", "Water boils at", "Paris is the capital of"]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(temperature=temperature, max_tokens=6, seed=3, ignore_eos=True)
+    params = [greedy, sampled, greedy]
+    solo = [llm.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    poison_logits(monkeypatch, llm, prompts[1], value, after=2)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[1].finish_reason == "error" and len(outs[1].token_ids) == 2
+    assert [outs[0].token_ids, outs[2].token_ids] == [solo[0], solo[2]]
+    assert outs[0].finish_reason == outs[2].finish_reason == "length"
+    monkeypatch.undo()
+    assert_engine_idle(llm)
 
 
 # ---------------------------------------------------------------- engine settings and models

@@ -65,6 +65,21 @@ def test_temperature_below_eps_samples_the_argmax():
     assert [t for t, _ in out] == logits.argmax(dim=-1).tolist()
 
 
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_non_finite_rows_draw_nothing_and_leave_the_others(temperature):
+    torch.manual_seed(4)
+    logits = torch.randn(5, V)
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3] = float("-inf")  # nothing left to draw
+    logits[4, 0] = 1e38  # finite, but not once divided by the temperature
+    params = [SamplingParams(temperature=temperature)] * 4 + [SamplingParams(temperature=1e-4)]
+    out = Sampler([EOS]).sample(logits, [make_seq(p, seed=0) for p in params])
+    assert out[1:] == [None] * 4
+    alone = Sampler([EOS]).sample(logits[:1], [make_seq(params[0], seed=0)])
+    assert out[0] == alone[0] and out[0] is not None
+
+
 def test_top_k_mask_keeps_exactly_k():
     torch.manual_seed(2)
     x = torch.randn(3, V)

@@ -2,8 +2,9 @@
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
 validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
-model 404, a bad API key 401, a full waiting queue 429, shutdown 503, a bug 500 (logged with
-its traceback; the other requests carry on)."""
+model 404, a bad API key 401, a full waiting queue 429, shutdown 503, a sample whose logits
+became NaN/inf 500 (``generation_failed``), a bug 500 (logged with its traceback; the other
+requests carry on)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from heron.server.protocol import (
     conversation,
 )
 from heron.server.served_model import ServedModel
-from heron.server.serving import ClientDisconnected, OpenAIServing, error_body
+from heron.server.serving import ClientDisconnected, GenerationFailed, OpenAIServing, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,10 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(GenerationFailed)
+    async def _failed(request: Request, exc: GenerationFailed) -> JSONResponse:
+        return error(500, exc)  # the engine logged why
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:

@@ -38,6 +38,13 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its response was ready."""
 
 
+class GenerationFailed(Exception):
+    """A sample of the request ended with finish_reason "error" (its logits became NaN or
+    infinite): the HTTP request fails, the other requests in the batch go on."""
+
+    code = "generation_failed"
+
+
 @dataclass
 class _Prompt:
     ids: list[int]
@@ -267,6 +274,12 @@ class OpenAIServing:
                 if isinstance(item, BaseException):
                     raise item
                 self._track(job, i, item)
+                failed = [c.index for c in item.outputs if c.finish_reason == "error"]
+                if failed:
+                    raise GenerationFailed(
+                        f"{item.request_id}: generation failed (sample {failed[0]}): the "
+                        "model's logits became NaN or infinite; the request was stopped"
+                    )
                 yield i, item
         finally:
             for t in tasks:
@@ -552,6 +565,8 @@ def error_body(
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if param is None and isinstance(exc, InvalidRequestError):
         param = exc.param
+    if code is None:
+        code = getattr(exc, "code", None)
     return {
         "error": {
             "message": message,
