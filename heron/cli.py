@@ -456,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests allowed to wait for a batch slot; beyond it new ones get HTTP 429",
     )
     serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 2**20,
+        help="largest request body; a larger one gets HTTP 413 before it is read or parsed",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -1062,6 +1068,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port: must be in 1..65535, got {args.port}")
     if args.max_waiting < 1:
         raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
+    if args.max_request_bytes < 1:
+        raise InvalidRequestError(
+            f"--max-request-bytes: must be >= 1, got {args.max_request_bytes}"
+        )
     try:
         scale = DataParallelConfig(
             args.data_parallel_size, args.ray_address, args.cpus_per_replica, args.routing
@@ -1085,6 +1095,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_aliases=tuple(a for a in aliases if a != name),
         api_key=args.api_key or os.environ.get("HERON_API_KEY") or None,
         max_waiting=args.max_waiting,
+        max_request_bytes=args.max_request_bytes,
     )
     run_server(served, config, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0

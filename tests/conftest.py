@@ -57,6 +57,9 @@ def poison_logits(
 
 
 # ---------------------------------------------------------------------------- server
+SERVER_MAX_BYTES = 2**20  # the session server's --max-request-bytes
+
+
 def start_server(*args: str) -> ServerProcess:
     """A real `heron serve` subprocess (float32 on CPU, 256 MiB of KV cache)."""
     base = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory", str(256 * 2**20)]
@@ -68,6 +71,6 @@ def start_server(*args: str) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    proc = start_server("--max-num-seqs", "64")
+    proc = start_server("--max-num-seqs", "64", "--max-request-bytes", str(SERVER_MAX_BYTES))
     yield proc
     proc.stop()

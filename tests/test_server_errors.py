@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_server
+from tests.conftest import SERVER_MAX_BYTES, start_server
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -170,6 +170,19 @@ def test_bad_request(server, name, path, body, status, param):
 def test_bad_stream_request_fails_before_streaming(server):
     r = _post(server, COMPLETIONS, {"prompt": LONG_PROMPT, "stream": True})
     _assert_error(r, 400, "prompt")
+
+
+def test_body_over_max_request_bytes_is_413(server):
+    big = b'{"prompt": "' + b"a" * SERVER_MAX_BYTES + b'"}'
+    _assert_error(_post(server, COMPLETIONS, big), 413)
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield from (big[i : i + 65536] for i in range(0, len(big), 65536))
+
+    json_type = {"content-type": "application/json"}
+    r = httpx.post(server.url + COMPLETIONS, content=chunked(), headers=json_type, timeout=60)
+    _assert_error(r, 413)
+    _ok(server)
 
 
 def test_api_key_and_queue_limit_and_sigterm():

@@ -1,6 +1,7 @@
 """Server input that must not hurt the other clients, checked on the app in this process over
 the session engine (httpx's ASGI transport), where the model's logits and the tokenizer can
-be instrumented: a request whose logits turn NaN/inf fails alone."""
+be instrumented: a request whose logits turn NaN/inf fails alone; a body over the size limit
+is refused (413) before it is read."""
 
 from __future__ import annotations
 
@@ -55,3 +56,39 @@ def test_non_finite_logits_fail_only_their_request(llm, monkeypatch):
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "generation_failed"
     assert any(json.loads(e).get("choices") for e in events[:-2])  # the first tokens went out
+
+
+def test_a_body_over_the_limit_is_refused_unread(llm):
+    limit, chunk = 64 * 2**10, 4096
+    pulled: dict[str, int] = {"declared": 0, "chunked": 0}
+
+    async def body(name: str) -> AsyncIterator[bytes]:
+        for _ in range(4 * limit // chunk):
+            pulled[name] += 1
+            yield b" " * chunk
+
+    fits = json.dumps({"prompt": "The sky is", "max_tokens": 2}).encode().ljust(limit)
+    json_type = {"content-type": "application/json"}
+
+    async def main() -> list[httpx.Response]:
+        async with serving(llm, max_request_bytes=limit) as client:
+            return [
+                # Content-Length says too much: refused before a byte is read
+                await client.post(
+                    COMPLETIONS,
+                    content=body("declared"),
+                    headers={**json_type, "content-length": str(4 * limit)},
+                ),
+                # chunked: no length given; refused once the limit is passed
+                await client.post(COMPLETIONS, content=body("chunked"), headers=json_type),
+                await client.post(COMPLETIONS, content=fits, headers=json_type),
+            ]
+
+    declared, chunked, ok = asyncio.run(main())
+    for r in (declared, chunked):
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["code"] == "request_too_large"
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert pulled["declared"] == 0
+    assert pulled["chunked"] == limit // chunk + 1  # the chunk that went over, no more
+    assert ok.status_code == 200, ok.text

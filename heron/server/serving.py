@@ -558,6 +558,7 @@ def error_body(
         400: "invalid_request_error",
         401: "authentication_error",
         404: "not_found_error",
+        413: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable",
     }
