@@ -6,6 +6,7 @@ file's path, size and mtime. Hugging Face folders load their tokenizer.json dire
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -68,8 +69,32 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in the vocabulary's own characters (one per byte, for
+        byte-level BPE)."""
+        pieces = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        return max(len(p or "") for p in pieces)
+
+    def check_fits(self, text: str, max_tokens: int, param: str) -> None:
+        """Refuses, before tokenizing it (seconds for megabytes), a text that could not fit
+        in ``max_tokens`` tokens whatever it says."""
+        # A token matches at most max_token_chars characters, or bytes, of normalized text, and
+        # normalization composes at most 4 characters into one (NFC: α + ◌̓ + ◌́ + ◌ͅ = ᾅ).
+        limit = 4 * max_tokens * self.max_token_chars
+        if len(text) > limit:
+            raise InvalidRequestError(
+                f"{param}: {len(text)} characters cannot fit in the context of {max_tokens} "
+                f"tokens (max_model_len; a token covers at most {self.max_token_chars}); "
+                "shorten the prompt",
+                param=param,
+            )
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """``max_tokens``: refuse a text that cannot fit in it before tokenizing."""
         _check_unicode(text, "prompt", "prompt")
+        if max_tokens is not None:
+            self.check_fits(text, max_tokens, "prompt")
         return self.hf.encode(text, add_special_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -97,10 +122,16 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
     ) -> tuple[str, list[int]]:
-        """The chat template applied to ``messages``, as text and token ids."""
+        """The chat template applied to ``messages``, as text and token ids; ``max_tokens`` as
+        for ``encode``."""
         text = self.apply_chat_template(messages, add_generation_prompt)
+        if max_tokens is not None:
+            self.check_fits(text, max_tokens, "messages")
         # The template already holds the special tokens; do not add a BOS again.
         return text, self.hf.encode(text, add_special_tokens=False)
 

@@ -107,6 +107,11 @@ def test_prompt_longer_than_context(llm, good_output):
     with pytest.raises(InvalidRequestError) as info:
         llm.generate(text, GOOD, use_tqdm=False)
     assert info.value.param == "prompt"
+    # So long that no tokenizing is needed to tell (it would take seconds)
+    text = "a" * (4 * limit * llm.get_tokenizer().max_token_chars + 1)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(text, GOOD, use_tqdm=False)
+    assert info.value.param == "prompt" and "cannot fit" in str(info.value)
     assert_still_serves(llm, good_output)
 
 

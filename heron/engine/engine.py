@@ -149,7 +149,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt: must not be empty", param="prompt")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, self.max_model_len)
         else:
             text, ids = None, [int(t) for t in prompt]
             vocab = self.model_config.vocab_size

@@ -2,12 +2,13 @@
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
 validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
-model 404, a bad API key 401, a full waiting queue 429, shutdown 503, a sample whose logits
-became NaN/inf 500 (``generation_failed``), a bug 500 (logged with its traceback; the other
-requests carry on)."""
+model 404, a bad API key 401, a body over ``max_request_bytes`` 413 (before it is read), a
+full waiting queue 429, shutdown 503, a sample whose logits became NaN/inf 500
+(``generation_failed``), a bug 500 (logged with its traceback; the other requests carry on)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -205,12 +206,15 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         tok = model.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
-        if body.messages is not None:
-            ids = tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
-        elif body.add_special_tokens:
-            ids = tok.encode(body.prompt)
-        else:
-            ids = tok.hf.encode(body.prompt, add_special_tokens=False)
+
+        def encode() -> list[int]:  # in a worker thread: megabytes take seconds
+            if body.messages is not None:
+                return tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
+            if body.add_special_tokens:
+                return tok.encode(body.prompt)
+            return tok.hf.encode(body.prompt, add_special_tokens=False)
+
+        ids = await asyncio.to_thread(encode)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
@@ -220,7 +224,8 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise InvalidRequestError(f"tokens: ids must be < {vocab}; got {bad[:5]}", "tokens")
-        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(model.tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     return app
 

@@ -97,12 +97,7 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
         strategy = body.decoding_strategy()
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                prompts.append(_Prompt(self.tokenizer.encode(p), p))
-            else:
-                prompts.append(_Prompt(list(p), self.tokenizer.decode(p, False)))
+        prompts = await asyncio.to_thread(self._prompts, body.prompts())
         job_id = f"cmpl-{uuid.uuid4().hex}"
         if strategy is not None and not strategy.per_token:
             shown = self._job("completion", job_id, params, prompts, body.echo, body.logprobs)
@@ -118,7 +113,12 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
         strategy = body.decoding_strategy()
-        text, ids = self.tokenizer.encode_chat(body.conversation(), body.add_generation_prompt)
+        text, ids = await asyncio.to_thread(
+            self.tokenizer.encode_chat,
+            body.conversation(),
+            body.add_generation_prompt,
+            self.max_model_len,
+        )
         job_id, prompts = f"chatcmpl-{uuid.uuid4().hex}", [_Prompt(ids, text)]
         if strategy is not None and not strategy.per_token:
             shown = self._job("chat", job_id, params, prompts, logprobs=params.logprobs)
@@ -132,6 +132,16 @@ class OpenAIServing:
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     # ------------------------------------------------------------------ submission
+    def _prompts(self, items: list[str | list[int]]) -> list[_Prompt]:
+        """Each prompt as ids and text. Run in a worker thread, like all tokenizing and chat
+        templating here: megabytes take seconds, which would stall every other client."""
+        return [
+            _Prompt(self.tokenizer.encode(p, self.max_model_len), p)
+            if isinstance(p, str)
+            else _Prompt(list(p), self.tokenizer.decode(p, False))
+            for p in items
+        ]
+
     async def _submit(
         self, kind: str, job_id: str, params: SamplingParams, prompts: list[_Prompt]
     ) -> _Job:
