@@ -123,7 +123,7 @@ def _sampling_parent(max_tokens: int = 128, temperature: float = 0.7) -> argpars
         "--repetition-penalty",
         type=float,
         default=1.0,
-        help="> 1 discourages repeating tokens already in the prompt or output",
+        help="> 1 discourages repeating tokens already in the prompt or output (0.01 to 100)",
     )
     g.add_argument(
         "--seed",
@@ -457,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="requests allowed to wait for a batch slot; beyond it new ones get HTTP 429",
+    )
+    serve.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=4 * 2**20,
+        help="largest request body; a larger one gets HTTP 413 before it is read or parsed",
     )
     serve.add_argument(
         "--shutdown-timeout",
@@ -1124,6 +1130,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--port: must be in 1..65535, got {args.port}")
     if args.max_waiting < 1:
         raise InvalidRequestError(f"--max-waiting: must be >= 1, got {args.max_waiting}")
+    if args.max_request_bytes < 1:
+        raise InvalidRequestError(
+            f"--max-request-bytes: must be >= 1, got {args.max_request_bytes}"
+        )
     try:
         scale = DataParallelConfig(
             args.data_parallel_size, args.ray_address, args.cpus_per_replica, args.routing
@@ -1151,6 +1161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allowed_methods=_list_flag(args.allowed_methods) or ("*",),
         allowed_headers=_list_flag(args.allowed_headers) or ("*",),
         allow_credentials=args.allow_credentials,
+        max_request_bytes=args.max_request_bytes,
     )
     run_server(served, config, args.host, args.port, args.log_level, args.shutdown_timeout)
     return 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from heron.errors import InvalidRequestError
 from heron.layers.kivi import KIVI_BITS, KIVI_BLOCK_SIZE
@@ -12,6 +13,13 @@ from heron.layers.quantized_linear import QUANTIZATIONS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 ROUTINGS = ("prefix", "least_busy")
+# Below this temperature sampling is greedy (vLLM's _SAMPLING_EPS): dividing logits by less
+# overflows float32, and the draw would be the argmax anyway.
+SAMPLING_EPS = 1e-5
+# Seen tokens' logits are divided (or, if negative, multiplied) by the penalty: at 100 they are
+# as good as banned, at 0.01 as good as forced, so nothing is lost by refusing values beyond,
+# such as 1e-300, which float32 rounds to 0 (a division by zero).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 
 
 def _check(ok: bool, param: str, message: str) -> None:
@@ -218,7 +226,7 @@ class SamplingParams:
     """Per-request decoding settings, with the same names and meanings as vLLM's."""
 
     n: int = 1
-    temperature: float = 1.0
+    temperature: float = 1.0  # below SAMPLING_EPS (0 included): greedy
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -259,15 +267,20 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # NaN passes no range check below, inf would pass some
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                _check(math.isfinite(value), f.name, f"must be a finite number, got {value}")
         _check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= -1, "top_k", f"must be -1, 0 (off) or positive, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
+        low, high = REPETITION_PENALTY_RANGE
         _check(
-            self.repetition_penalty > 0,
+            low <= self.repetition_penalty <= high,
             "repetition_penalty",
-            f"must be > 0, got {self.repetition_penalty}",
+            f"must be in [{low}, {high}] (1 = off), got {self.repetition_penalty}",
         )
         _check(
             -2 <= self.presence_penalty <= 2,
@@ -354,4 +367,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS

@@ -23,7 +23,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    # "stop" | "length" | "abort" | None while running; "error": its logits became NaN or
+    # infinite (the server fails the request), the batch's other samples unaffected.
+    finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
 
     @property

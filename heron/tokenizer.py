@@ -6,6 +6,7 @@ file's path, size and mtime. Hugging Face folders load their tokenizer.json dire
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +24,23 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "heron"
     )
     return Path(root)
+
+
+def unicode_error(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode, else None. JSON's "\\ud800" escapes and Python strings
+    can hold lone surrogates, which have no UTF-8 form: the tokenizer and any response that
+    quoted them would fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"a lone surrogate ({text[e.start]!r}) at character {e.start} is not valid Unicode"
+    return None
+
+
+def _check_unicode(text: str, field: str, param: str) -> None:
+    why = unicode_error(text)
+    if why is not None:
+        raise InvalidRequestError(f"{field}: {why}", param=param)
 
 
 class Tokenizer:
@@ -51,7 +69,32 @@ class Tokenizer:
     def bos_token_id(self) -> int | None:
         return self.hf.bos_token_id
 
-    def encode(self, text: str) -> list[int]:
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in the vocabulary's own characters (one per byte, for
+        byte-level BPE)."""
+        pieces = self.hf.convert_ids_to_tokens(list(range(len(self.hf))))
+        return max(len(p or "") for p in pieces)
+
+    def check_fits(self, text: str, max_tokens: int, param: str) -> None:
+        """Refuses, before tokenizing it (seconds for megabytes), a text that could not fit
+        in ``max_tokens`` tokens whatever it says."""
+        # A token matches at most max_token_chars characters, or bytes, of normalized text, and
+        # normalization composes at most 4 characters into one (NFC: α + ◌̓ + ◌́ + ◌ͅ = ᾅ).
+        limit = 4 * max_tokens * self.max_token_chars
+        if len(text) > limit:
+            raise InvalidRequestError(
+                f"{param}: {len(text)} characters cannot fit in the context of {max_tokens} "
+                f"tokens (max_model_len; a token covers at most {self.max_token_chars}); "
+                "shorten the prompt",
+                param=param,
+            )
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """``max_tokens``: refuse a text that cannot fit in it before tokenizing."""
+        _check_unicode(text, "prompt", "prompt")
+        if max_tokens is not None:
+            self.check_fits(text, max_tokens, "prompt")
         return self.hf.encode(text, add_special_tokens=True)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -72,15 +115,23 @@ class Tokenizer:
                 raise InvalidRequestError(
                     f"messages[{i}] must be a dict with 'role' and 'content'", param="messages"
                 )
+            if isinstance(m["content"], str):
+                _check_unicode(m["content"], f"messages[{i}].content", "messages")
         return self.hf.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def encode_chat(
-        self, messages: list[dict], add_generation_prompt: bool = True
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        max_tokens: int | None = None,
     ) -> tuple[str, list[int]]:
-        """The chat template applied to ``messages``, as text and token ids."""
+        """The chat template applied to ``messages``, as text and token ids; ``max_tokens`` as
+        for ``encode``."""
         text = self.apply_chat_template(messages, add_generation_prompt)
+        if max_tokens is not None:
+            self.check_fits(text, max_tokens, "messages")
         # The template already holds the special tokens; do not add a BOS again.
         return text, self.hf.encode(text, add_special_tokens=False)
 

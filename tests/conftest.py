@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import re
 import signal
 import time
 
 import httpx
 import pytest
+import torch
 
 from heron import LLM
 from heron.errors import HeronError
@@ -40,7 +42,30 @@ def make_llm(**kwargs) -> LLM:
     return LLM(str(path), device="cpu", **kwargs)
 
 
+def poison_logits(
+    monkeypatch: pytest.MonkeyPatch, llm: LLM, prompt: str, value: float, after: int = 0
+) -> None:
+    """The model's logits for the request of ``prompt`` hold ``value`` once it has generated
+    ``after`` tokens (a NaN or inf from the model, as an overflow would give)."""
+    runner = llm.engine.runner
+    ids = llm.get_tokenizer().encode(prompt)
+    execute = runner.execute
+
+    def poisoned(*args, **kwargs):
+        result = execute(*args, **kwargs)
+        for row, seq in enumerate(result.sample_seqs):
+            if seq.request.prompt_token_ids == ids and len(seq.output_token_ids) >= after:
+                with torch.inference_mode():  # -inf everywhere: nothing left to draw
+                    result.sample_logits[row, :: 1 if value == -math.inf else 1000] = value
+        return result
+
+    monkeypatch.setattr(runner, "execute", poisoned)
+
+
 # ---------------------------------------------------------------------------- server
+SERVER_MAX_BYTES = 2**20  # the session server's --max-request-bytes
+
+
 def start_server(*args: str) -> ServerProcess:
     """A real `heron serve` subprocess (float32 on CPU, 256 MiB of KV cache)."""
     base = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory", str(256 * 2**20)]
@@ -52,7 +77,7 @@ def start_server(*args: str) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def server():
-    proc = start_server("--max-num-seqs", "64")
+    proc = start_server("--max-num-seqs", "64", "--max-request-bytes", str(SERVER_MAX_BYTES))
     yield proc
     proc.stop()
 

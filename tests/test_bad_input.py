@@ -4,12 +4,14 @@ and leaves the engine able to serve the next request."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
 
 from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError, ModelLoadError
+from tests.conftest import poison_logits
 
 GOOD = SamplingParams(temperature=0, max_tokens=2)
 
@@ -48,6 +50,13 @@ def assert_still_serves(llm, good_output):
         ("top_k", {"top_k": -2}),
         ("min_p", {"min_p": 1.5}),
         ("repetition_penalty", {"repetition_penalty": 0.0}),
+        ("repetition_penalty", {"repetition_penalty": 1e-300}),  # 0 in float32
+        ("repetition_penalty", {"repetition_penalty": 101.0}),
+        ("temperature", {"temperature": float("inf")}),
+        ("top_p", {"top_p": float("nan")}),
+        ("frequency_penalty", {"frequency_penalty": float("nan")}),
+        ("kv_budget", {"kv_budget": float("inf")}),
+        ("cad_alpha", {"cad_alpha": float("inf"), "cad_context": "ctx"}),
         ("presence_penalty", {"presence_penalty": 3.0}),
         ("frequency_penalty", {"frequency_penalty": -2.5}),
         ("min_tokens", {"min_tokens": 10, "max_tokens": 5}),
@@ -64,6 +73,14 @@ def test_bad_sampling_params(field, kwargs):
 
 def test_good_sampling_params_edges_are_accepted():
     SamplingParams(temperature=0, top_p=1.0, n=1, max_tokens=1, min_p=1.0, top_k=-1)
+    SamplingParams(repetition_penalty=0.01)
+    SamplingParams(repetition_penalty=100)
+
+
+@pytest.mark.parametrize("temperature", [0, 1e-300, 1e-6])
+def test_temperature_below_eps_is_greedy(temperature):
+    assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=1e-4).greedy
 
 
 # ---------------------------------------------------------------- prompts
@@ -90,6 +107,21 @@ def test_prompt_longer_than_context(llm, good_output):
     with pytest.raises(InvalidRequestError) as info:
         llm.generate(text, GOOD, use_tqdm=False)
     assert info.value.param == "prompt"
+    # So long that no tokenizing is needed to tell (it would take seconds)
+    text = "a" * (4 * limit * llm.get_tokenizer().max_token_chars + 1)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate(text, GOOD, use_tqdm=False)
+    assert info.value.param == "prompt" and "cannot fit" in str(info.value)
+    assert_still_serves(llm, good_output)
+
+
+def test_lone_surrogate_in_prompt_or_message(llm, good_output):
+    with pytest.raises(InvalidRequestError) as info:
+        llm.generate("a\ud800b", GOOD, use_tqdm=False)
+    assert info.value.param == "prompt" and "surrogate" in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        llm.chat([{"role": "user", "content": "\udfff"}], GOOD, use_tqdm=False)
+    assert info.value.param == "messages" and "messages[0].content" in str(info.value)
     assert_still_serves(llm, good_output)
 
 
@@ -125,6 +157,23 @@ def test_duplicate_request_id(llm, good_output):
     finally:
         llm.engine.abort_request("dup")
     assert_still_serves(llm, good_output)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_non_finite_logits_end_only_that_request(llm, monkeypatch, value, temperature):
+    prompts = ["The sky is", "Water boils at", "Paris is the capital of"]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    sampled = SamplingParams(temperature=temperature, max_tokens=6, seed=3, ignore_eos=True)
+    params = [greedy, sampled, greedy]
+    solo = [llm.generate(p, greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    poison_logits(monkeypatch, llm, prompts[1], value, after=2)
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs[1].finish_reason == "error" and len(outs[1].token_ids) == 2
+    assert [outs[0].token_ids, outs[2].token_ids] == [solo[0], solo[2]]
+    assert outs[0].finish_reason == outs[2].finish_reason == "length"
+    monkeypatch.undo()
+    assert_engine_idle(llm)
 
 
 # ---------------------------------------------------------------- engine settings and models

@@ -160,9 +160,10 @@ def test_bench_throughput_heron_only(tmp_path):
         (["bench", "throughput", "--data-parallel-size", "0"], "--data-parallel-size: must be"),
         (["serve", "--data-parallel-size", "0"], "--data-parallel-size: must be >= 1"),
         (["serve", "--cpus-per-replica", "0"], "--cpus-per-replica: must be >= 1"),
+        (["serve", "--max-request-bytes", "0"], "--max-request-bytes: must be >= 1"),
     ],
 )
-def test_bad_scale_out_flags(command, message):
+def test_bad_scale_out_and_serve_flags(command, message):
     proc = heron(*command)
     assert proc.returncode != 0
     assert message in proc.stderr

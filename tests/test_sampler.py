@@ -56,6 +56,30 @@ def test_top_k_1_always_picks_argmax():
         assert tok == int(logits.argmax())
 
 
+def test_temperature_below_eps_samples_the_argmax():
+    """1e-300 is 0 in float32: logits / 0 gave NaN probabilities (token 0 drawn)."""
+    torch.manual_seed(3)
+    logits = torch.randn(8, V)
+    seqs = [make_seq(SamplingParams(temperature=1e-300), seed=i) for i in range(8)]
+    out = Sampler([EOS]).sample(logits, seqs)
+    assert [t for t, _ in out] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_non_finite_rows_draw_nothing_and_leave_the_others(temperature):
+    torch.manual_seed(4)
+    logits = torch.randn(5, V)
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3] = float("-inf")  # nothing left to draw
+    logits[4, 0] = 1e38  # finite, but not once divided by the temperature
+    params = [SamplingParams(temperature=temperature)] * 4 + [SamplingParams(temperature=1e-4)]
+    out = Sampler([EOS]).sample(logits, [make_seq(p, seed=0) for p in params])
+    assert out[1:] == [None] * 4
+    alone = Sampler([EOS]).sample(logits[:1], [make_seq(params[0], seed=0)])
+    assert out[0] == alone[0] and out[0] is not None
+
+
 def test_top_k_mask_keeps_exactly_k():
     torch.manual_seed(2)
     x = torch.randn(3, V)

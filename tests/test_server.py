@@ -154,6 +154,12 @@ def test_extra_body_heron_fields(client):
     assert r.choices[0].text == greedy.choices[0].text  # top_k=1 is greedy
 
 
+def test_temperature_below_eps_is_greedy(client):
+    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=8)
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    assert client.completions.create(**kw, temperature=1e-300).choices[0].text == greedy
+
+
 def test_tokenize_detokenize(server):
     r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert r["count"] == len(r["tokens"]) > 0

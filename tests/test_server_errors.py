@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from heron.server.app import ServerConfig, build_app
 from heron.server.served_model import ServedModel
 from heron.server.serving import error_body
-from tests.conftest import assert_shutdown_aborts_what_is_left, start_server
+from tests.conftest import SERVER_MAX_BYTES, assert_shutdown_aborts_what_is_left, start_server
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -46,6 +46,27 @@ CASES = [
     ("n zero", COMPLETIONS, {"prompt": "a", "n": 0}, 400, "n"),
     ("n huge", COMPLETIONS, {"prompt": "a", "n": 100000}, 400, "n"),
     ("presence_penalty", CHAT, {"messages": MSG, "presence_penalty": 3}, 400, "presence_penalty"),
+    (
+        "frequency_penalty infinite",
+        COMPLETIONS,
+        b'{"prompt": "a", "frequency_penalty": -Infinity}',
+        400,
+        "frequency_penalty",
+    ),  # fmt: skip
+    (
+        "repetition_penalty zero",
+        CHAT,
+        {"messages": MSG, "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+    ),
+    (
+        "repetition_penalty underflow",
+        COMPLETIONS,
+        {"prompt": "a", "repetition_penalty": 1e-300},
+        400,
+        "repetition_penalty",
+    ),  # fmt: skip
     (
         "top_logprobs too many",
         CHAT,
@@ -87,6 +108,39 @@ CASES = [
     ("not an object", COMPLETIONS, b"[1, 2, 3]", 400, None),
     ("non-UTF-8 bytes", COMPLETIONS, b'{"prompt": "\xff\xfe"}', 400, None),
     ("unknown route", "/v1/embeddings", {"input": "a"}, 404, None),
+    # JSON's \ud800 escape is a lone surrogate: not valid Unicode, so no tokenizer can take it.
+    ("surrogate prompt", COMPLETIONS, rb'{"prompt": "a\ud800"}', 400, "prompt"),
+    ("surrogate in prompt list", COMPLETIONS, rb'{"prompt": ["a", "\udfff"]}', 400, "prompt"),
+    ("surrogate stop", COMPLETIONS, rb'{"prompt": "a", "stop": ["\ud800"]}', 400, "stop"),
+    (
+        "surrogate chat content",
+        CHAT,
+        rb'{"messages": [{"role": "user", "content": "hi \ud83d"}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    (
+        "surrogate chat content part",
+        CHAT,
+        rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    ("surrogate tokenize", "/tokenize", rb'{"prompt": "\ud800"}', 400, "prompt"),
+    (
+        "surrogate tokenize messages",
+        "/tokenize",
+        rb'{"messages": [{"role": "user", "content": "\ud800"}]}',
+        400,
+        "messages",
+    ),  # fmt: skip
+    (
+        "surrogate in an error message",
+        COMPLETIONS,
+        rb'{"prompt": "a", "strategy": "majority", "strategy_options": {"\ud800": 1}}',
+        400,
+        "strategy_options",
+    ),  # fmt: skip
 ]
 
 
@@ -204,6 +258,19 @@ def test_cors_only_with_allowed_origins():
     assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
     r = client.get("/v1/models", headers={"Origin": "http://b.example"})
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://b.example"
+
+
+def test_body_over_max_request_bytes_is_413(server):
+    big = b'{"prompt": "' + b"a" * SERVER_MAX_BYTES + b'"}'
+    _assert_error(_post(server, COMPLETIONS, big), 413)
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield from (big[i : i + 65536] for i in range(0, len(big), 65536))
+
+    json_type = {"content-type": "application/json"}
+    r = httpx.post(server.url + COMPLETIONS, content=chunked(), headers=json_type, timeout=60)
+    _assert_error(r, 413)
+    _ok(server)
 
 
 def test_api_key_and_queue_limit_and_sigterm():

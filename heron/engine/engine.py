@@ -18,7 +18,7 @@ from heron.config import EngineConfig, SamplingParams
 from heron.engine.block_manager import BlockManager
 from heron.engine.plugin import EngineParts, Plugins
 from heron.engine.runner import ModelRunner
-from heron.engine.sampler import Sampler, top_logprobs
+from heron.engine.sampler import Sampler, finite_rows, top_logprobs
 from heron.engine.scheduler import Scheduler
 from heron.engine.sequence import Request, Sequence, wants_prompt_logprobs
 from heron.errors import InvalidRequestError
@@ -158,7 +158,7 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt: must not be empty", param="prompt")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, self.max_model_len)
         else:
             text, ids = None, [int(t) for t in prompt]
             vocab = self.model_config.vocab_size
@@ -332,10 +332,14 @@ class Engine:
         samples = self.sampler.sample(logits, sample_seqs)
 
         touched: dict[str, Request] = {}
-        for row, (seq, (token, logprobs)) in enumerate(zip(sample_seqs, samples, strict=True)):
+        for row, (seq, sample) in enumerate(zip(sample_seqs, samples, strict=True)):
+            touched[seq.request.request_id] = seq.request
+            if sample is None:
+                self._fail(seq)
+                continue
+            token, logprobs = sample
             self.plugins.token_sampled(seq, token, logits[row])
             self._append_token(seq, token, logprobs)
-            touched[seq.request.request_id] = seq.request
         for seq in batch.seqs:
             if seq.seq_id in result.spec_logits:
                 self._settle_drafts(seq, result.spec_logits[seq.seq_id])
@@ -353,6 +357,8 @@ class Engine:
         """Keep the verified drafts: their K/V are already in the cache (a tree's accepted
         branch is moved up to follow the last real token); the rejected ones' blocks go back,
         and their stale slots are overwritten by later steps."""
+        if not bool(finite_rows(logits).all()):
+            return self._fail(seq)
         first = seq.num_computed_tokens + 1  # the first draft's slot
         tokens, path = self.plugins.settle_drafts(seq, logits)
         moves = [(first + i, first + j) for j, i in enumerate(path) if i != j]
@@ -408,6 +414,17 @@ class Engine:
         if num_out >= max_tokens or context >= self.max_model_len:
             return self._finish(seq, "length", None)
         return None
+
+    def _fail(self, seq: Sequence) -> None:
+        """Non-finite logits: this sample ends with finish_reason "error" (the front end
+        reports it); the rest of the batch, its siblings included, goes on."""
+        logger.warning(
+            "%s: sample %d ended: its logits are NaN or infinite after %d generated tokens",
+            seq.request.request_id,
+            seq.index,
+            len(seq.output_token_ids),
+        )
+        self._finish(seq, "error", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason

@@ -1,6 +1,7 @@
 """Sampler: penalties, temperature, top-k / top-p / min-p, then one draw per sequence from
 that sequence's own generator, so a seeded request samples the same tokens whatever else
-shares its batch. Logprobs are those of the raw model distribution (before any processing)."""
+shares its batch. Logprobs are those of the raw model distribution (before any processing).
+A row whose logits are not finite draws nothing (None): only its sequence fails."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ class Sampler:
     @torch.inference_mode()
     def sample(
         self, logits: torch.Tensor, seqs: list[Sequence]
-    ) -> list[tuple[int, PositionLogprobs | None]]:
-        """logits: [N, V] float32, row i for seqs[i]. Returns (token, logprobs) per sequence."""
+    ) -> list[tuple[int, PositionLogprobs | None] | None]:
+        """logits: [N, V] float32, row i for seqs[i]. Returns (token, logprobs) per sequence,
+        or None where the row is not finite (from the model, or after the penalties and the
+        temperature): its draw would be garbage, e.g. token 0 from NaN probabilities."""
         params = [s.request.params for s in seqs]
         want_logprobs = [p.logprobs is not None for p in params]
         raw = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
@@ -36,6 +39,7 @@ class Sampler:
                     "-inf"
                 )
 
+        finite = finite_rows(x)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         rand = [i for i, p in enumerate(params) if not p.greedy]
         # max(...).indices is argmax (the first maximum) at a third of its cost on CPU.
@@ -47,14 +51,21 @@ class Sampler:
             tokens[greedy] = x[greedy].max(dim=-1).indices
         if rand:
             probs = filtered_probs(x[rand], [params[i] for i in rand])
+            finite[rand] &= finite_rows(probs)  # logits / temperature may overflow
             for j, i in enumerate(rand):
                 tokens[i] = draw(probs[j], seqs[i].generator)
 
-        out = []
-        for i, tok in enumerate(tokens.tolist()):
+        out: list[tuple[int, PositionLogprobs | None] | None] = []
+        for i, (tok, ok) in enumerate(zip(tokens.tolist(), finite.tolist(), strict=True)):
             lp = top_logprobs(raw[i], tok, params[i].logprobs) if want_logprobs[i] else None
-            out.append((tok, lp))
+            out.append((tok, lp) if ok else None)
         return out
+
+
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows with no NaN, no +inf and some token above -inf (-inf alone is a mask).
+    One reduction: max propagates NaN."""
+    return torch.isfinite(x.amax(dim=-1))
 
 
 def _penalised(p: SamplingParams) -> bool:

@@ -3,11 +3,14 @@ failure.
 
 Every error leaves as ``{"error": {"message", "type", "param", "code"}}``: FastAPI's 422
 validation errors become 400 naming the field, heron's ``InvalidRequestError`` 400, an unknown
-model 404, a bad API key 401 (checked before the body is read), a full waiting queue 429,
-shutdown 503, a bug 500 (logged with its traceback; the other requests carry on)."""
+model 404, a bad API key 401 (checked before the body is read), a body over
+``max_request_bytes`` 413 (before it is read), a full waiting queue 429, shutdown 503, a
+sample whose logits became NaN/inf 500 (``generation_failed``), a bug 500 (logged with its
+traceback; the other requests carry on)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -35,7 +38,7 @@ from heron.server.protocol import (
     conversation,
 )
 from heron.server.served_model import ServedModel
-from heron.server.serving import ClientDisconnected, OpenAIServing, error_body
+from heron.server.serving import ClientDisconnected, GenerationFailed, OpenAIServing, error_body
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class ServerConfig:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    max_request_bytes: int = 4 * 2**20  # larger bodies get 413 before they are parsed
 
 
 class _ApiError(Exception):
@@ -109,7 +113,9 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        # A validator's verdict (a lone surrogate) over the other union members' type errors.
+        errors = exc.errors()
+        first = next((e for e in errors if e["type"] == "value_error"), errors[0] if errors else {})
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             msg = f"the body is not valid JSON: {first.get('msg')}"
@@ -136,6 +142,10 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(GenerationFailed)
+    async def _failed(request: Request, exc: GenerationFailed) -> JSONResponse:
+        return error(500, exc)  # the engine logged why
+
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
         logger.info("%s: client disconnected; request aborted", exc)
@@ -147,7 +157,9 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         return error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     # The last added runs first: CORS answers preflights (which carry no key), the count
-    # includes the 401s.
+    # includes the 401s and 413s, a client without the key is refused before its body's size
+    # is looked at.
+    app.add_middleware(_LimitBody, max_bytes=config.max_request_bytes)
     if config.api_key is not None:
         app.add_middleware(_RequireApiKey, key=config.api_key)
     app.add_middleware(_CountRequests, metrics=metrics)
@@ -204,12 +216,15 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         tok = model.tokenizer
         if (body.prompt is None) == (body.messages is None):
             raise InvalidRequestError("give exactly one of prompt or messages", param="prompt")
-        if body.messages is not None:
-            ids = tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
-        elif body.add_special_tokens:
-            ids = tok.encode(body.prompt)
-        else:
-            ids = tok.hf.encode(body.prompt, add_special_tokens=False)
+
+        def encode() -> list[int]:  # in a worker thread: megabytes take seconds
+            if body.messages is not None:
+                return tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
+            if body.add_special_tokens:
+                return tok.encode(body.prompt)
+            return tok.hf.encode(body.prompt, add_special_tokens=False)
+
+        ids = await asyncio.to_thread(encode)
         return {"tokens": ids, "count": len(ids), "max_model_len": model.max_model_len}
 
     @app.post("/detokenize")
@@ -219,7 +234,8 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
         bad = [t for t in body.tokens if t >= vocab]
         if bad:
             raise InvalidRequestError(f"tokens: ids must be < {vocab}; got {bad[:5]}", "tokens")
-        return {"prompt": model.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(model.tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     return app
 
@@ -280,6 +296,55 @@ class _CountRequests:
             route = scope.get("route")
             endpoint = getattr(route, "path", "other")
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+class _LimitBody:
+    """HTTP 413 for a body over ``max_bytes`` before anything parses it (a 20 MB prompt took
+    the event loop for seconds): a larger Content-Length is refused unread, a chunked body as
+    soon as the bytes received pass the limit. The body read here (Starlette reads it whole
+    anyway) is handed on to the app."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal body
+            if body is None:
+                return await receive()  # on to the disconnect
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = (
+            f"the request body is over {self.max_bytes} bytes (the server's --max-request-bytes)"
+        )
+        response = JSONResponse(
+            error_body(message, 413, code="request_too_large"),
+            status_code=413,
+            headers={"connection": "close"},  # the rest of the body is left unread
+        )
+        await response(scope, receive, send)
 
 
 def _to_response(result) -> Response:

@@ -1,7 +1,8 @@
 """OpenAI request bodies as pydantic models, with heron's extras (vLLM's names) beside them.
 
-Field types and ranges are checked here, so a bad value is a 400 naming the field before any
-work starts; the sampling values are then checked again, once, by ``SamplingParams``. Fields
+Field types and the API's own limits (temperature <= 2, ...) are checked here, so a bad value
+is a 400 naming the field before any work starts; the sampling values are then checked by
+``SamplingParams``, which alone holds the penalties' ranges (shared with LLM and the CLI). Fields
 OpenAI defines but heron does not implement (tools, logit_bias, ...) are refused with a clear
 message when set, rather than silently ignored; unknown extra fields are ignored, as vLLM and
 OpenAI's own server do for forward compatibility."""
@@ -10,15 +11,38 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    Tag,
+)
 
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.strategies import Strategy, make_strategy
+from heron.tokenizer import unicode_error
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+
+def _valid_unicode(text: str) -> str:
+    why = unicode_error(text)
+    if why is not None:
+        raise ValueError(why)
+    return text
+
+
+# A request's strings: a lone surrogate is a 400 naming its field, not a tokenizer crash. The
+# tags name them "str" and "list[str]" as union members (in an error's location).
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode), Tag("str")]
+Texts = Annotated[list[Text], Tag("list[str]")]
 
 
 class StreamOptions(BaseModel):
@@ -30,31 +54,31 @@ class _Sampling(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr | None = None
+    model: Text | None = None
     n: Annotated[StrictInt, Field(ge=1)] = 1
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | Texts | None = None
     seed: StrictInt | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: float = 0.0  # the penalties' ranges are SamplingParams'
+    frequency_penalty: float = 0.0
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
     # heron / vLLM extras (the openai client sends them through `extra_body`)
     top_k: StrictInt | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: float | None = None
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     stop_token_ids: TokenIds | None = None
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     # heron: a decoding strategy over the n samples (heron.strategies), e.g. "majority"
-    strategy: StrictStr | None = None
+    strategy: Text | None = None
     strategy_options: dict[str, Any] | None = None
     # heron: KV-cache compression for this request (heron.kv), e.g. "snapkv" with 0.2
-    kv_policy: StrictStr | None = None
+    kv_policy: Text | None = None
     kv_budget: float | None = None
     kv_prefix_tokens: StrictInt | None = None  # compress only the prompt's first tokens
 
@@ -81,7 +105,7 @@ class _Sampling(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=self.seed,
@@ -104,11 +128,11 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    prompt: Text | Texts | TokenIds | list[TokenIds]
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
     best_of: StrictInt | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -141,15 +165,15 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -197,13 +221,13 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 class TokenizeRequest(BaseModel):
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model: StrictStr | None = None
+    model: Text | None = None
     tokens: TokenIds

@@ -38,6 +38,13 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its response was ready."""
 
 
+class GenerationFailed(Exception):
+    """A sample of the request ended with finish_reason "error" (its logits became NaN or
+    infinite): the HTTP request fails, the other requests in the batch go on."""
+
+    code = "generation_failed"
+
+
 @dataclass
 class _Prompt:
     ids: list[int]
@@ -90,12 +97,7 @@ class OpenAIServing:
     async def completions(self, body: CompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
         strategy = body.decoding_strategy()
-        prompts = []
-        for p in body.prompts():
-            if isinstance(p, str):
-                prompts.append(_Prompt(self.tokenizer.encode(p), p))
-            else:
-                prompts.append(_Prompt(list(p), self.tokenizer.decode(p, False)))
+        prompts = await asyncio.to_thread(self._prompts, body.prompts())
         job_id = f"cmpl-{uuid.uuid4().hex}"
         if strategy is not None and not strategy.per_token:
             shown = self._job("completion", job_id, params, prompts, body.echo, body.logprobs)
@@ -111,7 +113,12 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
         strategy = body.decoding_strategy()
-        text, ids = self.tokenizer.encode_chat(body.conversation(), body.add_generation_prompt)
+        text, ids = await asyncio.to_thread(
+            self.tokenizer.encode_chat,
+            body.conversation(),
+            body.add_generation_prompt,
+            self.max_model_len,
+        )
         job_id, prompts = f"chatcmpl-{uuid.uuid4().hex}", [_Prompt(ids, text)]
         if strategy is not None and not strategy.per_token:
             shown = self._job("chat", job_id, params, prompts, logprobs=params.logprobs)
@@ -125,6 +132,16 @@ class OpenAIServing:
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     # ------------------------------------------------------------------ submission
+    def _prompts(self, items: list[str | list[int]]) -> list[_Prompt]:
+        """Each prompt as ids and text. Run in a worker thread, like all tokenizing and chat
+        templating here: megabytes take seconds, which would stall every other client."""
+        return [
+            _Prompt(self.tokenizer.encode(p, self.max_model_len), p)
+            if isinstance(p, str)
+            else _Prompt(list(p), self.tokenizer.decode(p, False))
+            for p in items
+        ]
+
     async def _submit(
         self, kind: str, job_id: str, params: SamplingParams, prompts: list[_Prompt]
     ) -> _Job:
@@ -267,6 +284,12 @@ class OpenAIServing:
                 if isinstance(item, BaseException):
                     raise item
                 self._track(job, i, item)
+                failed = [c.index for c in item.outputs if c.finish_reason == "error"]
+                if failed:
+                    raise GenerationFailed(
+                        f"{item.request_id}: generation failed (sample {failed[0]}): the "
+                        "model's logits became NaN or infinite; the request was stopped"
+                    )
                 yield i, item
         finally:
             for t in tasks:
@@ -541,7 +564,9 @@ def error_body(
     exc: BaseException | str, status: int, param: str | None = None, code: str | None = None
 ) -> dict:
     """OpenAI's error object. Its type follows the status: a 4xx without a type of its own
-    (405, 413, 422...) is the client's mistake, an ``invalid_request_error``."""
+    (405, 413, 422...) is the client's mistake, an ``invalid_request_error``. A message
+    quoting the request's own text (an unknown option's name) has its lone surrogates
+    escaped, or the body could not be encoded as UTF-8."""
     types = {
         401: "authentication_error",
         403: "permission_error",
@@ -551,8 +576,11 @@ def error_body(
     }
     default = "invalid_request_error" if 400 <= status < 500 else "internal_server_error"
     message = str(exc) if not isinstance(exc, str) else exc
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     if param is None and isinstance(exc, InvalidRequestError):
         param = exc.param
+    if code is None:
+        code = getattr(exc, "code", None)
     return {
         "error": {
             "message": message,
