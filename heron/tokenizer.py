@@ -85,8 +85,7 @@ class Tokenizer:
         if len(text) > limit:
             raise InvalidRequestError(
                 f"{param}: {len(text)} characters cannot fit in the context of {max_tokens} "
-                f"tokens (max_model_len; a token covers at most {self.max_token_chars}); "
-                "shorten the prompt",
+                "tokens (max_model_len), however they tokenize; shorten the prompt",
                 param=param,
             )
 
