@@ -1,0 +1,21 @@
+"""`heron bench`: one module per benchmark, each with its ``add_parser`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+
+from heron.cli.bench import kv, latency, prefill, scaling, serve, spec, throughput
+from heron.cli.common import HelpFormatter
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``bench`` and its benchmarks, in the order its help lists them."""
+    bench = subparsers.add_parser(
+        "bench",
+        formatter_class=HelpFormatter,
+        help="benchmarks",
+        description="Benchmarks. `heron bench throughput --help` for details.",
+    )
+    benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for benchmark in (throughput, scaling, serve, spec, prefill, latency, kv):
+        benchmark.add_parser(benchmarks)

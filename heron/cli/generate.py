@@ -1,0 +1,163 @@
+"""`heron generate`: one prompt's completion on stdout, streamed, sampled n times, or picked
+by a decoding strategy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from heron.cli.common import (
+    HelpFormatter,
+    chat_ids,
+    common_parent,
+    engine_parent,
+    has_chat_template,
+    kv_parent,
+    load_llm,
+    model_parent,
+    sampling_params,
+    sampling_parent,
+    write,
+)
+from heron.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``generate`` and its flags."""
+    gen = subparsers.add_parser(
+        "generate",
+        parents=[common_parent(), model_parent(), sampling_parent(), engine_parent(), kv_parent()],
+        formatter_class=HelpFormatter,
+        help="generate a completion for one prompt",
+        description="Generate a completion for PROMPT and print it on stdout.\n\n"
+        "With a chat model the prompt is sent as a user message through the model's chat "
+        "template (--no-chat sends it as raw text).\n\n"
+        'example: heron generate "Write a haiku about herons" --max-tokens 64',
+    )
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument(
+        "-n", "--n", type=int, default=1, help="number of completions to sample for the prompt"
+    )
+    gen.add_argument(
+        "--system",
+        default=None,
+        help="system message to put before the prompt (chat mode only)",
+    )
+    gen.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply the model's chat template to the prompt (default: on when the model has a "
+        "chat template)",
+    )
+    gen.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print tokens as they are generated (default: on when --n is 1 and no --strategy)",
+    )
+    gen.add_argument(
+        "--strategy",
+        default=None,
+        metavar="NAME",
+        help="draw --n samples and print the one this decoding strategy picks: best_of_n "
+        "(highest mean token logprob), majority (most frequent final answer), "
+        "best_of_majority (best-scored among popular answers), adaptive (samples in rounds "
+        "of 4, 8, ... up to --n, stops once the answers agree); or decode one sample token by "
+        "token with cad (context-aware decoding; needs context=TEXT) or entropy_adaptive "
+        "(layer-skipped model while the entropy is low); a report goes to stderr",
+    )
+    gen.add_argument(
+        "--strategy-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a strategy option, may be repeated: answer=auto|boxed|number, answer_regex=RE, "
+        "scorer=mean_logprob|sum_logprob|min_logprob, threshold=0.3 (best_of_majority), "
+        "initial=4 and agreement=0.75 (adaptive), context=TEXT and alpha=0.5 (cad), "
+        "threshold=1.0 (nats), window=4, min_span=8, cheap_layers=N (entropy_adaptive)",
+    )
+    gen.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generates, prints the text on stdout and a summary (tokens, speed, a strategy's report)
+    on stderr."""
+    if not args.prompt.strip():
+        raise InvalidRequestError("prompt: must not be empty", param="prompt")
+    from heron.strategies import make_strategy, parse_options
+
+    params = sampling_params(args, n=args.n)  # bad values fail before the model loads
+    strategy = None
+    if args.strategy is not None:
+        strategy = make_strategy(args.strategy, args.n, parse_options(args.strategy_option))
+    elif args.strategy_option:
+        raise InvalidRequestError("--strategy-option needs --strategy")
+    # A per-token strategy (cad, entropy_adaptive) streams like a plain request.
+    picks = strategy is not None and not strategy.per_token
+    stream = args.stream if args.stream is not None else args.n == 1 and not picks
+    if stream and picks:
+        raise InvalidRequestError(
+            "--stream: a strategy picks its completion after drawing all samples; drop --stream"
+        )
+    if stream and args.n > 1:
+        raise InvalidRequestError("--stream prints one completion; use --no-stream with --n > 1")
+    llm = load_llm(args)
+    chat = args.chat if args.chat is not None else has_chat_template(llm)
+    if args.system is not None and not chat:
+        raise InvalidRequestError("--system needs the chat template (drop --no-chat)")
+    messages = []
+    if args.system is not None:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+
+    t0 = time.perf_counter()
+    if stream:
+        prompt = chat_ids(llm, messages) if chat else args.prompt
+        last = ""
+        if strategy is not None:
+            params = strategy.request_params(params)
+        for piece in llm.stream(prompt, params):
+            write(piece)
+            last = piece or last
+        if not last.endswith("\n"):
+            write("\n")
+        logger.info("done in %.1fs", time.perf_counter() - t0)
+        return 0
+
+    if chat:
+        out = llm.chat(messages, params, use_tqdm=False, strategy=strategy)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False, strategy=strategy)[0]
+    for comp in out.outputs:
+        if len(out.outputs) > 1:
+            write(f"=== completion {comp.index + 1}/{len(out.outputs)} ===\n")
+        write(comp.text if comp.text.endswith("\n") else comp.text + "\n")
+    num_tokens = sum(len(c.token_ids) for c in out.outputs)
+    if out.strategy is not None and not picks:
+        r = out.strategy
+        spent = ", ".join(f"{k} {v:g}" for k, v in r.metrics.items())
+        print(f"{r.strategy}: {r.num_tokens} tokens; {spent}", file=sys.stderr)
+    elif out.strategy is not None:
+        r = out.strategy
+        num_tokens = r.num_tokens
+        share = f"{r.vote_share:.0%} of votes" if r.vote_share is not None else "no vote"
+        print(
+            f"{r.strategy}: sample {r.chosen + 1}/{r.num_samples}, answer {r.answer} ({share}), "
+            f"score {r.score}; {r.num_tokens} tokens, {r.model_calls} engine steps in "
+            f"{r.rounds} round(s)",
+            file=sys.stderr,
+        )
+    secs = time.perf_counter() - t0
+    logger.info(
+        "%d tokens in %.1fs (%.1f tok/s); finish: %s",
+        num_tokens,
+        secs,
+        num_tokens / secs if secs > 0 else 0.0,
+        ", ".join(str(c.finish_reason) for c in out.outputs),
+    )
+    return 0
