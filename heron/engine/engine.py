@@ -286,7 +286,7 @@ class Engine:
         if batch.empty:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
-        partial = {}
+        partial: dict[int, list[int]] = {}  # seq_id -> the layers its decode row runs
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             layers = self.plugins.layers(seq, n)
             if layers is not None:
