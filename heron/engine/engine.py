@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import random
 import time
 from dataclasses import replace
 
@@ -20,7 +19,7 @@ from heron.engine.plugin import EngineParts, Plugins
 from heron.engine.runner import ModelRunner
 from heron.engine.sampler import Sampler, finite_rows, top_logprobs
 from heron.engine.scheduler import Scheduler
-from heron.engine.sequence import Request, Sequence, wants_prompt_logprobs
+from heron.engine.sequence import Request, Sequence, SequenceFactory, wants_prompt_logprobs
 from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import make_policy
@@ -60,7 +59,10 @@ class Engine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config, self.block_manager, self._preempted)
+        self.scheduler = Scheduler(config, self.block_manager)
+        # Plugins hold parts of the engine, never the engine: no reference cycle keeps a
+        # dropped engine's KV cache and weights alive until the next garbage collection.
+        self.sequences = SequenceFactory(self.tokenizer, self.device, config.seed)
         self.runner = ModelRunner(
             model,
             cfg,
@@ -92,16 +94,14 @@ class Engine:
                 self.block_manager,
                 self.scheduler,
                 self.max_model_len,
-                self._new_sequence,
+                self.sequences.new,
             )
         )
         self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
         if config.kv_policy is not None:
             self._check_kv(config.kv_policy, config.kv_budget)
         self.requests: dict[str, Request] = {}
-        self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
-        self._rng = random.Random(config.seed)
         logger.info(
             "loaded %s (%s, %d layers) on %s in %s%s in %.1fs; KV cache: %d blocks of %d tokens%s",
             path.name,
@@ -182,7 +182,7 @@ class Engine:
         kv_state = self._kv_state(params, len(ids))
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
-        seq = self._new_sequence(req, 0, list(ids))
+        seq = self.sequences.new(req, 0, list(ids))
         seq.kv = kv_state
         try:
             extra = self.plugins.add_request(req, seq)
@@ -264,25 +264,12 @@ class Engine:
         stats.update(self.plugins.stats())
         return stats
 
-    def _preempted(self, seq: Sequence) -> None:
-        self.plugins.preempted(seq)
-
-    def _new_sequence(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
-        seed = req.params.seed
-        seed = self._rng.getrandbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        seq = Sequence(next(self._seq_ids), req, index, token_ids, gen)
-        seq.detokenizer = self.tokenizer.detokenizer(
-            req.prompt_token_ids, req.params.skip_special_tokens
-        )
-        req.seqs.append(seq)
-        return seq
-
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
         self.plugins.before_schedule(self.scheduler.running)
         batch = self.scheduler.schedule()
+        for seq in batch.preempted:  # its recomputation starts from nothing
+            self.plugins.preempted(seq)
         if batch.empty:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
@@ -318,7 +305,7 @@ class Engine:
                 req.forked = True
                 req.times.first_token = time.monotonic()
                 for i in range(1, req.params.n):
-                    child = self._new_sequence(req, i, list(req.prompt_token_ids))
+                    child = self.sequences.new(req, i, list(req.prompt_token_ids))
                     self.block_manager.fork(seq, child)
                     child.kv = seq.kv.fork() if seq.kv is not None else None
                     child.block_hashes = list(seq.block_hashes)

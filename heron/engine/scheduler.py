@@ -10,7 +10,6 @@ that cheap). Nothing is ever dropped."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from heron.config import EngineConfig
@@ -25,7 +24,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write block copies
-    num_preempted: int = 0
+    # Sequences preempted while this batch was scheduled (the engine tells its plugins).
+    preempted: list[Sequence] = field(default_factory=list)
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -37,15 +37,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        config: EngineConfig,
-        block_manager: BlockManager,
-        on_preempt: Callable[[Sequence], None] = lambda seq: None,
-    ) -> None:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.bm = block_manager
-        self.on_preempt = on_preempt  # the engine's plugins drop what the recompute redoes
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order = priority order
         self.num_preemptions = 0
@@ -98,7 +92,7 @@ class Scheduler:
         while (
             self.waiting
             and budget > 0
-            and not batch.num_preempted
+            and not batch.preempted
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
@@ -129,7 +123,7 @@ class Scheduler:
                 None,
             )
             self._preempt(victim or seq)
-            batch.num_preempted += 1
+            batch.preempted.append(victim or seq)
             if victim is None:
                 return False
         return True
@@ -141,7 +135,6 @@ class Scheduler:
         seq.num_evicted = 0
         if seq.kv is not None:
             seq.kv.reset()
-        self.on_preempt(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)

@@ -4,6 +4,8 @@ answer one prompt (they share the prompt's KV blocks copy-on-write)."""
 from __future__ import annotations
 
 import enum
+import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -12,7 +14,7 @@ import torch
 
 from heron.config import SamplingParams
 from heron.outputs import PositionLogprobs, RequestTimes
-from heron.tokenizer import Detokenizer
+from heron.tokenizer import Detokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from heron.kv.compressor import KVState
@@ -130,6 +132,30 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.forked and all(s.is_finished for s in self.seqs)
+
+
+class SequenceFactory:
+    """Numbers and seeds new sequences: a seeded request's sample i always gets the same
+    generator, an unseeded one a draw from the engine's seed. Plugins make sequences through
+    it too (heron.engine.plugin), without a reference back to the engine."""
+
+    def __init__(self, tokenizer: Tokenizer, device: torch.device, seed: int) -> None:
+        self.tokenizer, self.device = tokenizer, device
+        self._ids = itertools.count()
+        self._rng = random.Random(seed)
+
+    def new(self, req: Request, index: int, token_ids: list[int]) -> Sequence:
+        """Sample ``index`` of ``req``, starting from ``token_ids``; added to ``req.seqs``."""
+        seed = req.params.seed
+        seed = self._rng.getrandbits(63) if seed is None else (seed * 1_000_003 + index) % 2**63
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed)
+        seq = Sequence(next(self._ids), req, index, token_ids, gen)
+        seq.detokenizer = self.tokenizer.detokenizer(
+            req.prompt_token_ids, req.params.skip_special_tokens
+        )
+        req.seqs.append(seq)
+        return seq
 
 
 def wants_prompt_logprobs(req: Request) -> bool:
