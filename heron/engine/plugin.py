@@ -8,7 +8,8 @@ Every hook has a do-nothing default: a plugin overrides the few it needs. What a
 on a request goes into ``Request.metrics`` (reported in ``RequestOutput.metrics``).
 
 Plugins register with ``@register_plugin``; ``heron.plugins`` imports the modules that hold
-them, and the engine builds one instance of each per engine (``Plugins.build``)."""
+them, and each engine builds one instance of each enabled one (``Plugins``). Plugins get
+``EngineParts``, never the engine itself: no reference cycle keeps a dropped engine alive."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class EngineParts:
     block_manager: BlockManager
     scheduler: Scheduler
     max_model_len: int
-    # A new sequence of ``request`` (index, token ids), seeded as the engine seeds its own.
+    # A new sequence of ``request`` (index, token ids), seeded as the engine seeds its own
+    # (heron.engine.sequence.SequenceFactory.new).
     new_sequence: Callable[[Request, int, list[int]], Sequence]
     # Whether a plugin of this engine lets a step append several tokens to one sequence.
     multi_token_steps: bool = False
