@@ -147,4 +147,6 @@ def _table(record: Record, count: int, docs_dir: str | os.PathLike) -> str:
 def _number(value: float | None) -> str:
     if value is None or value != value:  # None or NaN
         return "-"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:#.4g}".rstrip(".")  # four digits, trailing zeros kept: 27.80, not 27.8

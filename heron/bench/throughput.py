@@ -404,7 +404,7 @@ def to_results(result: ThroughputResult) -> Results:
     measured = f"generated tok/s, {c.engine_kwargs.get('quantization', 'none')} weights"
     rows = []
     if result.transformers is not None:
-        hf = f"transformers (batches of {c.hf_batch_size})"
+        hf = f"transformers (batches of {min(c.hf_batch_size, c.num_prompts)})"
         rows.append(speed_row(measured, heron, hf, result.transformers.tokens_per_second))
     if result.llama_cpp is not None:
         lc = "llama.cpp llama-batched-bench (GGUF as stored)"
