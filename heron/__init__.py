@@ -5,12 +5,11 @@ import os
 # PyTorch's OpenMP (libgomp) lets a thread that waits for the next parallel region spin only
 # briefly (1,000 turns instead of 300,000) once it counts more of its threads than CPUs, which
 # it does as soon as a second thread runs parallel work: the model loads in the main thread
-# and the server steps the engine in its own. A decode step is ~200 short parallel regions,
-# each of which then wakes sleeping workers: on a 2-core Zen 4 EPYC, bf16 batch 1 ran at 86
-# tok/s in the main thread and 62 in another (server TPOT ~17.5 ms against a ~11 ms step);
-# with these, 83-90 in both. The same spin budget as libgomp's own default, kept when
-# oversubscribed. libgomp reads them when PyTorch loads, so they apply where heron is imported
-# first; settings of the user's own win.
+# and the server steps the engine in its own. A decode step is hundreds of short parallel
+# regions, each of which then wakes sleeping workers, so a step run from the server's thread
+# was far slower than from the main thread; with these both run alike. The same spin budget
+# as libgomp's own default, kept when oversubscribed. libgomp reads them when PyTorch loads,
+# so they apply where heron is imported first; settings of the user's own win.
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 

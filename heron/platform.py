@@ -45,8 +45,8 @@ def cpu_has_fast_bf16() -> bool:
 @functools.cache
 def cpu_is_intel() -> bool:
     """Whether the CPU is Intel's: PyTorch's float32 GEMMs go through MKL, which runs its fast
-    code paths only there (on a 2-core AMD EPYC, SmolLM2's products at 2-16 rows took 2.6-3x
-    oneDNN's time)."""
+    code paths only there (elsewhere its few-row float32 GEMMs are several times slower than
+    oneDNN's)."""
     return "GenuineIntel" in _cpuinfo()
 
 
@@ -91,7 +91,7 @@ def _release(nbytes: int) -> None:
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled tensor for a large cache. On CPU its memory comes from calloc (through
     numpy), whose fresh pages the OS zeroes on first touch: ``torch.zeros`` writes every byte up
-    front (~8 s for a 5 GB KV cache on a 2-core VM) and makes all of it resident, where this
+    front (seconds for a multi-GB KV cache) and makes all of it resident, where this
     costs nothing until used. 64-byte aligned, like PyTorch's own allocations. Until the
     memory is freed, ``free_memory_bytes`` counts it as taken, so a second engine in the same
     process sizes its cache as it did when the first one's was resident."""

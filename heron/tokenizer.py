@@ -1,8 +1,8 @@
 """Tokenizer, chat template and incremental detokenizer, from the model's own files.
 
 GGUF files carry their vocabulary and chat template in metadata; transformers converts them to
-a fast tokenizer (slow: ~8 s for a 49k vocab), so the result is cached on disk, keyed by the
-file's path, size and mtime. Hugging Face folders load their tokenizer.json directly."""
+a fast tokenizer (slow: seconds for a large vocabulary), so the result is cached on disk, keyed
+by the file's path, size and mtime. Hugging Face folders load their tokenizer.json directly."""
 
 from __future__ import annotations
 
