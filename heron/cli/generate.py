@@ -89,12 +89,15 @@ def run(args: argparse.Namespace) -> int:
     on stderr."""
     if not args.prompt.strip():
         raise InvalidRequestError("prompt: must not be empty", param="prompt")
-    from heron.strategies import make_strategy, parse_options
+    from heron.registry import parse_options
+    from heron.strategies import make_strategy
 
     params = sampling_params(args, n=args.n)  # bad values fail before the model loads
     strategy = None
     if args.strategy is not None:
-        strategy = make_strategy(args.strategy, args.n, parse_options(args.strategy_option))
+        strategy = make_strategy(
+            args.strategy, args.n, parse_options(args.strategy_option, "strategy_options")
+        )
     elif args.strategy_option:
         raise InvalidRequestError("--strategy-option needs --strategy")
     # A per-token strategy (cad, entropy_adaptive) streams like a plain request.

@@ -19,6 +19,11 @@ from typing import ClassVar
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput
+from heron.registry import Registry
+
+# Strategies by name, for ``LLM.generate(strategy=...)``, the CLI and the server; ``n`` is
+# given beside the options (``SamplingParams.n``, the CLI's ``--n``).
+STRATEGIES: Registry[Strategy] = Registry("strategy", given=("n",))
 
 
 @dataclass
@@ -33,11 +38,11 @@ class Selection:
 
 
 def check_option(ok: bool, option: str, message: str) -> None:
-    """Strategy options arrive from Python, the CLI and JSON: one error shape for all."""
-    if not ok:
-        param = "n" if option == "n" else "strategy_options"
-        name = option if option == "n" else f"strategy_options.{option}"
-        raise InvalidRequestError(f"{name}: {message}", param=param)
+    """A strategy's check of one of its options; ``n`` is a parameter of its own."""
+    if option != "n":
+        STRATEGIES.check(ok, option, message)
+    elif not ok:
+        raise InvalidRequestError(f"n: {message}", param="n")
 
 
 @dataclass

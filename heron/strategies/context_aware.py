@@ -24,16 +24,16 @@ from heron.config import SamplingParams
 from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
-from heron.strategies.base import TokenStrategy, check_option
+from heron.strategies.base import STRATEGIES, TokenStrategy, check_option
 from heron.tokenizer import Tokenizer
 
 
+@STRATEGIES.register("cad")
 @dataclass
 class ContextAware(TokenStrategy):
     """``context``: the exact text of the context inside the prompt (required);
     ``alpha``: how strongly the context-free prediction is subtracted."""
 
-    name = "cad"
     context: str | None = None
     alpha: float = 0.5
 

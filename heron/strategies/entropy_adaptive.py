@@ -29,13 +29,14 @@ from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
 from heron.speculative.layer_skip import default_kept_layers, spread_layers
-from heron.strategies.base import TokenStrategy, check_option
+from heron.strategies.base import STRATEGIES, TokenStrategy, check_option
 
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+@STRATEGIES.register("entropy_adaptive")
 @dataclass
 class EntropyAdaptive(TokenStrategy):
     """``threshold``: rolling mean entropy (nats) at or above which the full model draws;
@@ -43,7 +44,6 @@ class EntropyAdaptive(TokenStrategy):
     a model keeps before a switch away from it. ``cheap_layers``: layers of the cheap model
     (default 5/6 of them, spread over depth)."""
 
-    name = "entropy_adaptive"
     threshold: float = 1.0
     window: int = 4
     min_span: int = 8
