@@ -6,14 +6,15 @@ with ``n = k`` whose samples share the prompt's KV blocks copy-on-write, and han
 Strategies hold only their options, so one instance serves any number of prompts.
 
 A ``TokenStrategy`` decides each token of a single sample instead (context-aware and
-entropy-adaptive decoding): it only sets the engine request's settings, and the engine does
-the work step by step, so the front ends can stream it like a plain request."""
+entropy-adaptive decoding): it travels with the engine request as
+``SamplingParams.token_strategy``, and its engine plugin does the work step by step, so the
+front ends can stream it like a plain request."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from heron.config import SamplingParams
@@ -87,3 +88,6 @@ class TokenStrategy(Strategy):
 
     def select(self, samples: Sequence[CompletionOutput]) -> Selection:
         return Selection(index=0)
+
+    def request_params(self, params: SamplingParams) -> SamplingParams:
+        return replace(params, token_strategy=self)
