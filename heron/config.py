@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from heron.errors import InvalidRequestError
 from heron.layers.kivi import KIVI_BITS, KIVI_BLOCK_SIZE
 from heron.layers.kv_cache import KV_CACHE_DTYPES
 from heron.layers.quantized_linear import QUANTIZATIONS
-
-if TYPE_CHECKING:
-    from heron.strategies.base import TokenStrategy
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -224,9 +221,9 @@ class SamplingParams:
     # question does not choose what is kept. None: compress after the whole prompt.
     kv_prefix_tokens: int | None = None
     # heron extra: a per-token decoding strategy the engine applies to this request's one
-    # sample, given as the strategy's options object (heron.strategies: ``ContextAware``,
-    # ``EntropyAdaptive``); its engine plugin recognises and checks it.
-    token_strategy: TokenStrategy | None = None
+    # sample, given as the strategy's options object (a heron.strategies.TokenStrategy:
+    # ``ContextAware``, ``EntropyAdaptive``); its engine plugin recognises and checks it.
+    token_strategy: Any = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

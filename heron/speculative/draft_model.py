@@ -18,7 +18,6 @@ from heron.engine.block_manager import BlockManager
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import ScheduledBatch
 from heron.engine.sequence import Sequence
-from heron.errors import InvalidRequestError
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.speculative.proposer import (
@@ -82,12 +81,12 @@ class DraftModelProposer(Proposer):
         """Loads the draft, with a paged cache of as many blocks as the target's."""
         path = resolve_model_path(self.model)
         tokenizer = Tokenizer(path)
-        if tokenizer.backend.get_vocab() != parts.tokenizer.backend.get_vocab():
-            raise InvalidRequestError(
-                f"speculative_options.model: {path.name} uses another tokenizer than the "
-                "target model; a draft must share the target's vocabulary",
-                PROPOSERS.options_param,
-            )
+        PROPOSERS.check(
+            tokenizer.backend.get_vocab() == parts.tokenizer.backend.get_vocab(),
+            "model",
+            f"{path.name} uses another tokenizer than the target model; a draft must share "
+            "the target's vocabulary",
+        )
         ckpt = Checkpoint(path)
         if self.num_layers is not None:
             ckpt.keep_first_layers(self.num_layers)
