@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from heron.errors import InvalidRequestError
 from heron.layers.kivi import KIVI_BITS, KIVI_BLOCK_SIZE
@@ -51,26 +52,23 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
-    # Speculative decoding (heron.speculative): None = off, or a proposer name ("ngram", ...).
+    # Speculative decoding (heron.speculative): None = off, or a proposer name ("ngram", ...)
+    # with its options ({"ngram_max": 4}, {"model": "..."} for "draft", ...).
     speculative_method: str | None = None
-    # The most drafts per step (adaptive k shrinks it); None: 4, or 16 for "lookahead" (the
-    # nodes of its draft tree).
+    speculative_options: dict[str, Any] | None = None
+    # The most drafts per step (adaptive k shrinks it); None: the proposer's default (4, or
+    # 16 for "lookahead": the nodes of its draft tree).
     num_speculative_tokens: int | None = None
-    draft_model: str | None = None  # for speculative_method="draft"
-    # "layer_skip": keep this many layers (spread over depth); "draft": keep the draft model's
-    # first this many layers (a draft cut from a bigger model)
-    draft_num_layers: int | None = None
-    ngram_max: int = 3  # "ngram"/"lookahead": longest suffix matched
-    ngram_min: int = 1  # "ngram"/"lookahead": shortest suffix matched
-    lookahead_depth: int = 8  # "lookahead": the longest branch of its draft tree
     # Sparse prefill attention (heron.sparse): None = dense, or a pattern name ("xattention",
-    # "vertical_slash", "flexprefill"); used for prompts of at least sparse_min_tokens tokens.
+    # "vertical_slash", "flexprefill") with its options ({"threshold": 0.9, "min_tokens": 2048}:
+    # the attention mass kept, the shortest prompt that uses it, ...).
     sparse_prefill: str | None = None
-    sparse_threshold: float = 0.9  # cumulative attention mass kept; 1.0 = every block
-    sparse_min_tokens: int = 2048
+    sparse_prefill_options: dict[str, Any] | None = None
     # KV-cache compression (heron.kv): None = off (the full cache), or a policy name
-    # ("snapkv", "streaming_llm", ...) applied to every request that does not choose its own.
+    # ("snapkv", "streaming_llm", ...) with its options, applied to every request that does
+    # not choose its own.
     kv_policy: str | None = None
+    kv_policy_options: dict[str, Any] | None = None
     kv_budget: float = 0.2  # tokens kept: a fraction (0, 1] of the prompt, or a count (> 1)
 
     def __post_init__(self) -> None:
@@ -106,80 +104,51 @@ class EngineConfig:
             "max_model_len",
             f"must be >= 1, got {self.max_model_len}",
         )
-        if self.sparse_prefill is not None:
-            from heron.sparse import PATTERNS
-
-            _check(
-                self.sparse_prefill in PATTERNS,
-                "sparse_prefill",
-                f"must be one of {sorted(PATTERNS)} or None, got {self.sparse_prefill!r}",
-            )
-        _check(
-            0 < self.sparse_threshold <= 1,
-            "sparse_threshold",
-            f"must be in (0, 1], got {self.sparse_threshold}",
+        _check_method(
+            "sparse_prefill",
+            self.sparse_prefill,
+            "sparse_prefill_options",
+            self.sparse_prefill_options,
         )
-        _check(
-            self.sparse_min_tokens >= 1,
-            "sparse_min_tokens",
-            f"must be >= 1, got {self.sparse_min_tokens}",
-        )
-        _check_kv(self.kv_policy, self.kv_budget)
+        _check_method("kv_policy", self.kv_policy, "kv_policy_options", self.kv_policy_options)
+        _check_kv_budget(self.kv_budget)
         _check(
             self.kv_policy is None or self.speculative_method is None,
             "kv_policy",
             "KV compression cannot be combined with speculative decoding "
             "(drafts would be verified against an evicted cache); choose one",
         )
-        if self.speculative_method is not None:
-            from heron.speculative.registry import PROPOSERS
-
-            _check(
-                self.speculative_method in PROPOSERS,
-                "speculative_method",
-                f"must be one of {sorted(PROPOSERS)} or None, got {self.speculative_method!r}",
-            )
-            if self.num_speculative_tokens is None:
-                self.num_speculative_tokens = 16 if self.speculative_method == "lookahead" else 4
-            _check(
-                self.num_speculative_tokens >= 1,
-                "num_speculative_tokens",
-                f"must be >= 1, got {self.num_speculative_tokens}",
-            )
-            _check(
-                1 <= self.ngram_min <= self.ngram_max,
-                "ngram_min",
-                f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min} and {self.ngram_max}",
-            )
-            _check(
-                self.lookahead_depth >= 1,
-                "lookahead_depth",
-                f"must be >= 1, got {self.lookahead_depth}",
-            )
-            _check(
-                self.speculative_method != "lookahead" or self.kv_cache_dtype not in KIVI_BITS,
-                "kv_cache_dtype",
-                f"{self.kv_cache_dtype} (KIVI) cannot hold lookahead's draft trees, whose "
-                "accepted branch is moved in the cache; use auto or int8",
-            )
-            _check(
-                self.speculative_method != "draft" or self.draft_model is not None,
-                "draft_model",
-                "is required with speculative_method='draft' (a path or known model name)",
-            )
-            _check(
-                self.draft_num_layers is None or self.draft_num_layers >= 1,
-                "draft_num_layers",
-                f"must be >= 1, got {self.draft_num_layers}",
-            )
+        _check_method(
+            "speculative_method",
+            self.speculative_method,
+            "speculative_options",
+            self.speculative_options,
+        )
+        _check(
+            self.num_speculative_tokens is None or self.num_speculative_tokens >= 1,
+            "num_speculative_tokens",
+            f"must be >= 1, got {self.num_speculative_tokens}",
+        )
 
 
-def _check_kv(policy: str | None, budget: float | None, allow_none: bool = False) -> None:
-    if policy is not None and not (allow_none and policy == "none"):
-        from heron.kv.registry import POLICIES
+def _check_method(kind: str, name: object, options_param: str, options: object) -> None:
+    """A method family's two settings: a name (or None, or "none": off) and its options. The
+    name and the options themselves are the family registry's to check (heron.registry),
+    when the engine builds the method."""
+    _check(name is None or isinstance(name, str), kind, f"must be a name, got {name!r}")
+    _check(
+        options is None or isinstance(options, dict),
+        options_param,
+        f"must be an object of option names to values, got {options!r}",
+    )
+    _check(
+        not options or name not in (None, "none"),
+        options_param,
+        f"options of no method: set {kind} too",
+    )
 
-        names = sorted(POLICIES) + (["none"] if allow_none else [])
-        _check(policy in POLICIES, "kv_policy", f"must be one of {names}, got {policy!r}")
+
+def _check_kv_budget(budget: float | None) -> None:
     _check(
         budget is None or budget > 0,
         "kv_budget",
@@ -245,25 +214,16 @@ class SamplingParams:
     # heron extra: KV compression for this request (overrides EngineConfig.kv_policy/budget;
     # "none" = the full cache even when the engine compresses by default).
     kv_policy: str | None = None
+    kv_policy_options: dict[str, Any] | None = None  # the options of this request's kv_policy
     kv_budget: float | None = None
     # Query-agnostic compression: compress once the first this many prompt tokens (the
     # context) are in, then prefill the rest (the question) on the compressed cache, so the
     # question does not choose what is kept. None: compress after the whole prompt.
     kv_prefix_tokens: int | None = None
-    # heron extra: context-aware decoding (heron.strategies.context_aware). The prompt is also run
-    # without the text ``cad_context``, in lockstep, and tokens are drawn from
-    # (1 + cad_alpha) * logits(prompt) - cad_alpha * logits(prompt without the context).
-    cad_context: str | None = None
-    cad_alpha: float = 0.5
-    # heron extra: entropy-adaptive decoding (heron.strategies.entropy_adaptive). While the rolling
-    # mean of the next-token entropy (nats, over ``entropy_window`` tokens) is below
-    # ``entropy_threshold``, a cheap model (this one with ``cheap_layers`` of its layers)
-    # generates; above it the full model does. Each model keeps at least ``entropy_min_span``
-    # tokens before a switch away from it.
-    entropy_threshold: float | None = None
-    entropy_window: int = 4
-    entropy_min_span: int = 8
-    cheap_layers: int | None = None  # None: 5/6 of the layers, spread over depth
+    # heron extra: a per-token decoding strategy the engine applies to this request's one
+    # sample, given as the strategy's options object (a heron.strategies.TokenStrategy:
+    # ``ContextAware``, ``EntropyAdaptive``); its engine plugin recognises and checks it.
+    token_strategy: Any = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -313,57 +273,29 @@ class SamplingParams:
             "prompt_logprobs",
             f"must be >= 0, got {self.prompt_logprobs}",
         )
-        _check_kv(self.kv_policy, self.kv_budget, allow_none=True)
+        _check_method("kv_policy", self.kv_policy, "kv_policy_options", self.kv_policy_options)
+        _check_kv_budget(self.kv_budget)
         _check(
             self.kv_prefix_tokens is None or self.kv_prefix_tokens >= 1,
             "kv_prefix_tokens",
             f"must be >= 1, got {self.kv_prefix_tokens}",
         )
-        self._check_token_strategies()
+        _check(
+            self.token_strategy is None or getattr(self.token_strategy, "per_token", False),
+            "token_strategy",
+            f"must be a per-token strategy (heron.strategies), got {self.token_strategy!r}",
+        )
+        _check(
+            self.token_strategy is None or self.n == 1,
+            "n",
+            f"a per-token strategy draws one sample; got n={self.n}",
+        )
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stops), "stop", "must be non-empty strings")
         self.stop_strings = stops
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
-
-    def _check_token_strategies(self) -> None:
-        cad = self.cad_context is not None
-        ead = self.entropy_threshold is not None
-        _check(
-            not cad or (isinstance(self.cad_context, str) and self.cad_context != ""),
-            "cad_context",
-            "must be the non-empty text of the prompt's context",
-        )
-        _check(self.cad_alpha >= 0, "cad_alpha", f"must be >= 0, got {self.cad_alpha}")
-        _check(
-            not ead or self.entropy_threshold >= 0,
-            "entropy_threshold",
-            f"must be >= 0 (nats), got {self.entropy_threshold}",
-        )
-        _check(
-            self.entropy_window >= 1, "entropy_window", f"must be >= 1, got {self.entropy_window}"
-        )
-        _check(
-            self.entropy_min_span >= 1,
-            "entropy_min_span",
-            f"must be >= 1, got {self.entropy_min_span}",
-        )
-        _check(
-            self.cheap_layers is None or self.cheap_layers >= 1,
-            "cheap_layers",
-            f"must be >= 1, got {self.cheap_layers}",
-        )
-        _check(
-            not (cad and ead),
-            "cad_context",
-            "context-aware and entropy-adaptive decoding cannot be combined; choose one",
-        )
-        _check(
-            not (cad or ead) or self.n == 1,
-            "n",
-            f"context-aware and entropy-adaptive decoding draw one sample; got n={self.n}",
-        )
 
     @property
     def greedy(self) -> bool:

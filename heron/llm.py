@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from heron.config import EngineConfig, SamplingParams
 from heron.engine.engine import Engine
 from heron.errors import InvalidRequestError
+from heron.methods import check_engine_methods
 from heron.outputs import RequestOutput
 from heron.strategies import Strategy, StrategyRun, make_strategy
 
@@ -29,6 +30,7 @@ class LLM:
             config = EngineConfig(model=model, dtype=dtype, device=device, **kwargs)
         except TypeError as e:
             raise InvalidRequestError(f"LLM(): {e}") from None
+        check_engine_methods(config)  # before the model loads
         self.engine = Engine(config)
 
     def get_tokenizer(self):

@@ -11,6 +11,7 @@ import pytest
 
 from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError, ModelLoadError
+from heron.strategies import ContextAware, EntropyAdaptive
 from tests.conftest import poison_logits
 
 GOOD = SamplingParams(temperature=0, max_tokens=2)
@@ -56,7 +57,6 @@ def assert_still_serves(llm, good_output):
         ("top_p", {"top_p": float("nan")}),
         ("frequency_penalty", {"frequency_penalty": float("nan")}),
         ("kv_budget", {"kv_budget": float("inf")}),
-        ("cad_alpha", {"cad_alpha": float("inf"), "cad_context": "ctx"}),
         ("presence_penalty", {"presence_penalty": 3.0}),
         ("frequency_penalty", {"frequency_penalty": -2.5}),
         ("min_tokens", {"min_tokens": 10, "max_tokens": 5}),
@@ -69,6 +69,18 @@ def test_bad_sampling_params(field, kwargs):
         SamplingParams(**kwargs)
     assert info.value.param == field
     assert field in str(info.value)
+
+
+def test_bad_token_strategy_options():
+    """A per-token strategy's options are checked like SamplingParams' own (NaN and inf
+    included), naming the option."""
+    for kwargs in ({"alpha": float("inf")}, {"alpha": float("nan")}, {"alpha": -1}):
+        with pytest.raises(InvalidRequestError) as info:
+            ContextAware(context="ctx", **kwargs)
+        assert info.value.param == "strategy_options" and "alpha" in str(info.value)
+    with pytest.raises(InvalidRequestError) as info:
+        EntropyAdaptive(threshold=float("inf"))
+    assert info.value.param == "strategy_options" and "threshold" in str(info.value)
 
 
 def test_good_sampling_params_edges_are_accepted():

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from heron import SamplingParams
+from heron import LLM, SamplingParams
 from heron.config import EngineConfig
 from heron.engine.block_manager import BlockManager
 from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
-from heron.kv.registry import POLICIES, make_policy
+from heron.kv.registry import KV_POLICIES, make_policy
 from heron.kv.tokenselect import SelectedDecodes
 from tests.conftest import make_llm
 
@@ -99,7 +99,7 @@ def test_snapkv_keeps_each_heads_pooled_window_winners():
     q = torch.zeros(window, 2, D)  # 2 query heads, 2 KV heads (group 1)
     q[:, 0] = _focus_query(torch.eye(D)[0])
     q[:, 1] = _focus_query(torch.eye(D)[1])
-    policy = make_policy("snapkv", window=window, kernel=3)
+    policy = make_policy("snapkv", {"window": window, "kernel": 3})
     kept, seq, _ = _compress(policy, keys, q, budget=window + 3)
     window_ids = set(range(held - window, held))
     assert kept[0][0] == window_ids | {9, 10, 11}  # the winner and its pooled neighbours
@@ -115,7 +115,7 @@ def test_snapkv_gqa_reduction_mean_vs_max():
     q = 0.1 * torch.randn(window, 2, D, generator=torch.Generator().manual_seed(1))
     q[:, 0] = _focus_query(torch.eye(D)[0])
     for gqa in ("mean", "max"):
-        policy = make_policy("snapkv", window=window, kernel=1, gqa=gqa)
+        policy = make_policy("snapkv", {"window": window, "kernel": 1, "gqa": gqa})
         kept, _, _ = _compress(policy, keys, q, budget=window + 1)
         assert 10 in kept[0][0]  # a strong single-head vote survives both reductions
 
@@ -130,9 +130,11 @@ def test_defensivekv_keeps_the_max_aggregated_token():
     q = torch.zeros(window, 1, D)
     q[0, 0] = _focus_query(torch.eye(D)[0], 40.0)
     q[1:, 0] = _focus_query(torch.eye(D)[1], 9.0)
-    snap, _, _ = _compress(make_policy("snapkv", window=window, kernel=1), keys, q, window + 1)
+    snap, _, _ = _compress(
+        make_policy("snapkv", {"window": window, "kernel": 1}), keys, q, window + 1
+    )
     defensive, _, _ = _compress(
-        make_policy("defensivekv", window=window, kernel=1), keys, q, window + 1
+        make_policy("defensivekv", {"window": window, "kernel": 1}), keys, q, window + 1
     )
     assert 15 in snap[0][0] and 7 not in snap[0][0]
     assert 7 in defensive[0][0] and 15 not in defensive[0][0]
@@ -154,7 +156,7 @@ def test_h2o_evicts_while_decoding_and_keeps_the_decode_heavy_hitter():
     keys[5, 0] = torch.eye(D)[0]
     q = torch.zeros(window, 1, D)  # the prompt's window looks nowhere in particular
     heavy = _focus_query(torch.eye(D)[0])[None]  # every decode query wants token 5
-    policy = make_policy("h2o", window=window, recent_ratio=0.25)
+    policy = make_policy("h2o", {"window": window, "recent_ratio": 0.25})
     kept, seq, _ = _decode_run(policy, keys, q, held, heavy, steps=3 * BS, target=8)
     assert 5 in kept
     assert seq.num_kv_slots < 8 + BS and seq.kv.num_compressions >= 2
@@ -207,7 +209,7 @@ def test_scissorhands_counts_above_uniform_attention():
 
 
 def test_pyramidkv_layer_budgets_shrink_and_mask_their_unused_slots():
-    policy = make_policy("pyramidkv", window=4, kernel=1)
+    policy = make_policy("pyramidkv", {"window": 4, "kernel": 1})
     budgets = policy.layer_budgets(20, 4)
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > 20 > budgets[-1]
     assert abs(sum(budgets) - 80) <= 4
@@ -246,7 +248,7 @@ def test_d2o_layer_budgets_follow_attention_spread():
     # values are merged averages of token ids now, so only the slots are checked.
     keys = _keys(60, 1)
     q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(3))
-    policy = make_policy("d2o", window=4, budget_from_attention=True)
+    policy = make_policy("d2o", {"window": 4, "budget_from_attention": True})
     kept, seq, _ = _compress(policy, keys, q, budget=20, layers=3)
     assert seq.num_kv_slots == 20 and seq.num_evicted == 40 and seq.kv.layer_lens is None
     assert all(len(k[0]) > 1 for k in kept)
@@ -268,7 +270,7 @@ def test_tokenselect_attends_to_the_voted_tokens_sinks_and_recent_window():
     keys[20] = torch.eye(D)[0]  # both KV heads' needle
     q = torch.zeros(4, D)  # 4 query heads, 2 KV heads: a GQA group of 2
     q[0] = q[2] = _focus_query(torch.eye(D)[0])  # one head of each group votes for it
-    policy = make_policy("tokenselect", sinks=2, recent=4)
+    policy = make_policy("tokenselect", {"sinks": 2, "recent": 4})
     out, st = _selected(policy, keys, q, budget=2 + 4 + 1)
     chosen = st.selection[0].middle.tolist()
     assert chosen == [20]
@@ -289,7 +291,7 @@ def test_tokenselect_reuses_its_choice_for_a_similar_query_only():
     keys[20, 0], keys[40, 0] = torch.eye(D)[0], torch.eye(D)[1]
     q = torch.zeros(1, D)
     q[0] = _focus_query(torch.eye(D)[0])
-    policy = make_policy("tokenselect", sinks=2, recent=4)
+    policy = make_policy("tokenselect", {"sinks": 2, "recent": 4})
     _, st = _selected(policy, keys, q, budget=7)
     sel = SelectedDecodes(0, [torch.arange(held)], [st])
     values = torch.zeros(held, 1, D)
@@ -304,11 +306,13 @@ def test_tokenselect_reuses_its_choice_for_a_similar_query_only():
 
 
 def test_registry_and_budget_errors():
-    assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv", "d2o"} <= set(POLICIES)
+    assert {"streaming_llm", "snapkv", "h2o", "pyramidkv", "defensivekv", "d2o"} <= set(
+        KV_POLICIES.names()
+    )
     with pytest.raises(InvalidRequestError, match="kv_policy"):
         make_policy("nope")
     with pytest.raises(InvalidRequestError, match="kv_policy"):
-        EngineConfig(kv_policy="nope")
+        LLM(kv_policy="nope")
     with pytest.raises(InvalidRequestError, match="kv_budget"):
         EngineConfig(kv_policy="snapkv", kv_budget=0)
     with pytest.raises(InvalidRequestError, match="kv_budget"):

@@ -9,23 +9,29 @@ import torch
 import torch.nn.functional as F
 from conftest import make_llm
 
-from heron import SamplingParams
-from heron.config import EngineConfig
+from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError
 from heron.layers.kv_cache import ContextKV
 from heron.sparse import (
-    PATTERNS,
-    PatternParams,
+    SPARSE_PATTERNS,
     SparsePrefill,
     block_sparse_attention,
     causal_block_mask,
     enforce_always_kept,
-    get_pattern,
 )
 from heron.sparse.attention import causal_chunk_attention, flex_block_sparse_attention
 
 H, HKV, D, B = 9, 3, 64, 128
 SCALE = D**-0.5
+
+
+def _pattern(name, **options):
+    return SPARSE_PATTERNS.make(name, options)
+
+
+def _options(name, **options):
+    """EngineConfig settings of sparse prefill pattern ``name``."""
+    return {"sparse_prefill": name, "sparse_prefill_options": options}
 
 
 def _ctx(k, v=None):
@@ -102,13 +108,12 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("name", SPARSE_PATTERNS.names())
 @pytest.mark.parametrize("q_start", [0, 300])
 def test_threshold_one_is_dense(name, q_start, dtype):
     q, k, v = (x.to(dtype) for x in _random(1000, seed=1))
     q = q[:, q_start:]
-    p = PatternParams(threshold=1.0, scale=SCALE)
-    mask = get_pattern(name)(q, _ctx(k, v), q_start, p)
+    mask = _pattern(name, threshold=1.0).mask(q, _ctx(k, v), q_start, SCALE)
     assert _density(mask, q_start, q.shape[1], k.shape[1]) == 1.0
     out = _block_sparse(q, k, v, mask, q_start, B, SCALE)
     ref = _dense(q.float(), k.float(), v.float(), q_start)
@@ -213,7 +218,7 @@ def test_context_read_through_a_block_table(name, dtype):
     v_cache = torch.zeros_like(k_cache)
     k_cache[slots], v_cache[slots] = k.transpose(0, 1), v.transpose(0, 1)
     paged = ContextKV(k_cache, v_cache, length, table, bs)
-    sp = SparsePrefill(name, threshold=0.9, min_tokens=1)
+    sp = SparsePrefill(_pattern(name, threshold=0.9, min_tokens=1))
     chunk = q[:, q_start:].transpose(0, 1)
     ref = sp.attend(chunk, _ctx(k, v), q_start, SCALE)
     assert sp.density < 0.9
@@ -230,10 +235,10 @@ def _check_always_kept(mask, q_start=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("name", SPARSE_PATTERNS.names())
 def test_planted_column_kept(name, dtype):
     q, k, _ = (x.to(dtype) for x in _planted_column(column=3))
-    mask = get_pattern(name)(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = _pattern(name).mask(q, _ctx(k), 0, SCALE)
     _check_always_kept(mask)
     assert mask[:, 3:, 3].all(), "planted key block dropped"
     assert _density(mask, 0, 2048, 2048) < 0.5  # and the rest really is sparse
@@ -242,7 +247,7 @@ def test_planted_column_kept(name, dtype):
 @pytest.mark.parametrize("name", ["xattention", "flexprefill"])
 def test_planted_per_query_block_kept(name):
     q, k, _ = _planted_rows()
-    mask = get_pattern(name)(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = _pattern(name).mask(q, _ctx(k), 0, SCALE)
     _check_always_kept(mask)
     nb = 2048 // B
     for i in range(2, nb):
@@ -255,7 +260,7 @@ def test_planted_diagonal_kept():
     every query block far enough in, and few others."""
     offset = 600
     q, k, _ = _planted_diagonal(offset=offset)
-    mask = get_pattern("vertical_slash")(q, _ctx(k), 0, PatternParams(threshold=0.9, scale=SCALE))
+    mask = _pattern("vertical_slash").mask(q, _ctx(k), 0, SCALE)
     _check_always_kept(mask)
     for qb in range(offset // B + 1, 2048 // B):
         for kb in {(qb * B - offset) // B, ((qb + 1) * B - 1 - offset) // B}:
@@ -268,14 +273,12 @@ def test_xattention_compiled_scores_match(q_start):
     """heron's fused XAttention estimate equals the PyTorch ops' block scores (up to their
     bf16 rounding), for a whole prompt and a chunk starting mid-block."""
     from heron import kernels
-    from heron.sparse.patterns import _xattention_scores
 
     q, k, _ = (x.to(torch.bfloat16) for x in _planted_column(length=1300, column=2))
     q = q[:, q_start:]
     if not kernels.sparse_prefill_usable(q):
         pytest.skip("no AVX512_BF16 kernels here: the PyTorch path is used")
-    p = PatternParams(threshold=0.9, scale=SCALE)
-    ref = _xattention_scores(q, k, q_start, p)
+    ref = _pattern("xattention", threshold=0.9).scores(q, k, q_start, SCALE)
     got = kernels.xattention_scores(q.transpose(0, 1), k.transpose(0, 1), q_start, B, 8, SCALE)
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=2e-2)
     assert ref[:, -1, 2].min() > 0.5 * ref[:, -1].sum(-1).max()  # the planted block dominates
@@ -301,7 +304,7 @@ def test_compiled_block_selection_matches(threshold):
 
 def test_diagonal_sums_match_scatter():
     """The skewed-reshape diagonal sums equal summing each (query, key) by query - key."""
-    from heron.sparse.patterns import _diagonal_sums
+    from heron.sparse.vertical_slash import diagonal_sums
 
     n, length, pad = 5, 13, 3
     attn = torch.rand(2, n, length)
@@ -310,33 +313,30 @@ def test_diagonal_sums_match_scatter():
     offset = (pos[:, None] - torch.arange(length)[None, :]).clamp_min(0)
     ref = torch.zeros(2, length + pad)
     ref.scatter_add_(1, offset.reshape(1, -1).expand(2, -1), attn.reshape(2, -1))
-    torch.testing.assert_close(_diagonal_sums(attn, pad), ref)
+    torch.testing.assert_close(diagonal_sums(attn, pad), ref)
 
 
 def test_flexprefill_chooses_per_head():
     """Block-structured heads (pooled scores predict them) take query-aware selection; heads
     attending to their own token (a slash, invisible to pooled means) take vertical-slash."""
-    from heron.sparse.patterns import flexprefill_heads
-
-    p = PatternParams(threshold=0.9, scale=SCALE)
+    flexprefill = _pattern("flexprefill", threshold=0.9)
     q, k, _ = _planted_rows()
-    mask, query_aware = flexprefill_heads(q, _ctx(k), 0, p)
+    mask, query_aware = flexprefill.heads(q, _ctx(k), 0, SCALE)
     assert query_aware.all()
     _, k2, _ = _random(2048, seed=5)
     k2 = 10 * k2 / k2.norm(dim=-1, keepdim=True)
     q2 = k2.repeat_interleave(H // HKV, 0)  # each query matches its own key only
-    mask2, qa2 = flexprefill_heads(q2, _ctx(k2), 0, p)
+    mask2, qa2 = flexprefill.heads(q2, _ctx(k2), 0, SCALE)
     assert not qa2.any()
     _check_always_kept(mask2)
     assert _density(mask2, 0, 2048, 2048) < 0.5
 
 
-@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("name", SPARSE_PATTERNS.names())
 def test_lower_threshold_drops_more(name):
     q, k, _ = _planted_column()
-    pattern = get_pattern(name)
     dens = [
-        _density(pattern(q, _ctx(k), 0, PatternParams(threshold=t, scale=SCALE)), 0, 2048, 2048)
+        _density(_pattern(name, threshold=t).mask(q, _ctx(k), 0, SCALE), 0, 2048, 2048)
         for t in (0.5, 0.99, 1.0)
     ]
     assert dens[0] <= dens[1] < dens[2] == 1.0
@@ -353,7 +353,7 @@ def test_chunked_equals_unchunked(name, tol, chunk):
     if name == "xattention" and chunk % B:
         tol = None  # a query block split across chunks is estimated from part of its queries
     q, k, v = _planted_column(length=2048, seed=7)
-    sp = SparsePrefill(name, threshold=0.9, min_tokens=1)
+    sp = SparsePrefill(_pattern(name, threshold=0.9, min_tokens=1))
     t = lambda x: x.transpose(0, 1)  # noqa: E731 - [H, L, D] <-> [L, H, D]
     whole = sp.attend(t(q), _ctx(k, v), 0, SCALE).clone()
     assert sp.density < 0.6
@@ -370,17 +370,24 @@ def test_chunked_equals_unchunked(name, tol, chunk):
 
 # ---------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
-    ("kwargs", "param"),
+    ("kwargs", "param", "message"),
     [
-        ({"sparse_prefill": "nope"}, "sparse_prefill"),
-        ({"sparse_prefill": "xattention", "sparse_threshold": 0.0}, "sparse_threshold"),
-        ({"sparse_prefill": "xattention", "sparse_threshold": 1.5}, "sparse_threshold"),
-        ({"sparse_prefill": "xattention", "sparse_min_tokens": 0}, "sparse_min_tokens"),
+        ({"sparse_prefill": "nope"}, "sparse_prefill", "unknown sparse prefill 'nope'"),
+        ({"sparse_prefill_options": {"threshold": 0.9}}, "sparse_prefill_options", "no method"),
+        (_options("xattention", threshold=0.0), "sparse_prefill_options", ".threshold"),
+        (_options("xattention", threshold=1.5), "sparse_prefill_options", ".threshold"),
+        (_options("xattention", min_tokens=0), "sparse_prefill_options", ".min_tokens"),
+        (_options("xattention", stride=5), "sparse_prefill_options", ".stride"),
+        (_options("vertical_slash", last_q=0), "sparse_prefill_options", ".last_q"),
+        (_options("flexprefill", js_threshold=-1), "sparse_prefill_options", ".js_threshold"),
+        (_options("vertical_slash", stride=8), "sparse_prefill_options", "stride not an option"),
     ],
 )
-def test_config_errors(kwargs, param):
-    with pytest.raises(InvalidRequestError, match=param):
-        EngineConfig(**kwargs)
+def test_config_errors(kwargs, param, message):
+    """Bad names and options fail before the model loads."""
+    with pytest.raises(InvalidRequestError, match=message) as e:
+        LLM(**kwargs)
+    assert e.value.param == param
 
 
 # ---------------------------------------------------------------------------- engine
@@ -403,16 +410,12 @@ def engines():
     sparse = make_llm(
         max_num_batched_tokens=2048,
         enable_prefix_caching=False,
-        sparse_prefill="xattention",
-        sparse_threshold=0.9,
-        sparse_min_tokens=1024,
+        **_options("xattention", threshold=0.9, min_tokens=1024),
     )
     chunked = make_llm(
         max_num_batched_tokens=512,
         enable_prefix_caching=False,
-        sparse_prefill="xattention",
-        sparse_threshold=0.9,
-        sparse_min_tokens=1024,
+        **_options("xattention", threshold=0.9, min_tokens=1024),
     )
     return dense, sparse, chunked
 
@@ -451,9 +454,7 @@ def test_engine_bf16_chunked_equals_unchunked():
     kw = dict(
         dtype="bfloat16",
         enable_prefix_caching=False,
-        sparse_prefill="xattention",
-        sparse_threshold=0.9,
-        sparse_min_tokens=1024,
+        **_options("xattention", threshold=0.9, min_tokens=1024),
     )
     whole, chunked = (make_llm(max_num_batched_tokens=n, **kw) for n in (2048, 512))
     ids = _ids(1500, seed=1)

@@ -42,11 +42,11 @@ def test_ngram_lookup_takes_latest_longest_match():
 
 
 def test_spread_layers():
-    assert spread_layers(30, 30) == list(range(30))
-    kept = spread_layers(30, 15)
+    assert spread_layers(30, 30, "speculative_options", "num_layers") == list(range(30))
+    kept = spread_layers(30, 15, "speculative_options", "num_layers")
     assert len(kept) == 15 and kept[0] == 0 and kept[-1] == 29
     with pytest.raises(InvalidRequestError):
-        spread_layers(30, 31)
+        spread_layers(30, 31, "speculative_options", "num_layers")
 
 
 def test_accept_greedy():
@@ -259,20 +259,23 @@ def test_verify_rows_see_their_context_and_ancestors_only():
 
 
 def test_bad_settings():
+    """Names and options fail before the model loads (LLM checks them through the registry);
+    what needs the model's engine fails when it is built."""
     with pytest.raises(InvalidRequestError, match="speculative_method"):
-        EngineConfig(speculative_method="telepathy")
+        LLM(speculative_method="telepathy")
     with pytest.raises(InvalidRequestError, match="num_speculative_tokens"):
         EngineConfig(speculative_method="ngram", num_speculative_tokens=0)
-    with pytest.raises(InvalidRequestError, match="ngram_min"):
-        EngineConfig(speculative_method="ngram", ngram_min=3, ngram_max=2)
-    with pytest.raises(InvalidRequestError, match="draft_model: is required"):
-        EngineConfig(speculative_method="draft")
-    with pytest.raises(InvalidRequestError, match="lookahead_depth"):
-        EngineConfig(speculative_method="lookahead", lookahead_depth=0)
+    with pytest.raises(InvalidRequestError, match="ngram_max"):
+        LLM(speculative_method="ngram", speculative_options={"ngram_min": 3, "ngram_max": 2})
+    with pytest.raises(InvalidRequestError, match="speculative_options.model: required"):
+        LLM(speculative_method="draft")
+    with pytest.raises(InvalidRequestError, match="speculative_options.depth"):
+        LLM(speculative_method="lookahead", speculative_options={"depth": 0})
     with pytest.raises(InvalidRequestError, match="KIVI"):
-        EngineConfig(speculative_method="lookahead", kv_cache_dtype="int4")
-    assert EngineConfig(speculative_method="lookahead").num_speculative_tokens == 16
-    assert EngineConfig(speculative_method="ngram").num_speculative_tokens == 4
+        make_llm(speculative_method="lookahead", kv_cache_dtype="int4")
+    for method, k_max in (("lookahead", 16), ("ngram", 4)):
+        llm = make_llm(speculative_method=method, kv_cache_memory=16 * 2**20)
+        assert llm.engine.plugins.get("speculative").k_max == k_max
 
 
 def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
@@ -282,7 +285,7 @@ def test_draft_model_with_another_tokenizer_is_refused(tmp_path):
     words = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a"))
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="a").save_pretrained(tmp_path)
     with pytest.raises(InvalidRequestError, match="another tokenizer"):
-        make_llm(speculative_method="draft", draft_model=str(tmp_path))
+        make_llm(speculative_method="draft", speculative_options={"model": str(tmp_path)})
 
 
 # ---------------------------------------------------------------------------- engine
@@ -312,12 +315,15 @@ def test_bf16_greedy_identical_where_the_products_are_row_independent(method):
     [
         {"speculative_method": "ngram", "num_speculative_tokens": 5},
         {"speculative_method": "lookahead", "num_speculative_tokens": 12},
-        {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 26},
+        {
+            "speculative_method": "layer_skip",
+            "speculative_options": {"num_layers": 26},
+            "num_speculative_tokens": 2,
+        },
         # The default model's first 20 layers as a second model with its own cache.
         {
             "speculative_method": "draft",
-            "draft_model": "smollm2-135m-instruct",
-            "draft_num_layers": 20,
+            "speculative_options": {"model": "smollm2-135m-instruct", "num_layers": 20},
             "num_speculative_tokens": 3,
         },
     ],
@@ -369,7 +375,11 @@ def test_greedy_identical_alone_and_batched(reference, spec, monkeypatch):
     "spec, prompt",
     [
         (
-            dict(speculative_method="layer_skip", num_speculative_tokens=4, draft_num_layers=26),
+            dict(
+                speculative_method="layer_skip",
+                speculative_options={"num_layers": 26},
+                num_speculative_tokens=4,
+            ),
             PROMPTS[2],
         ),
         # Tree drafts: an accepted branch that is not the first is moved up in the cache.
@@ -463,7 +473,11 @@ def test_sampling_distribution_unchanged(llm, monkeypatch):
     every draft."""
     exact = exact_two_token_distribution(llm)
     assert len(exact) == TOP_K * TOP_K and abs(sum(exact.values()) - 1) < 1e-5
-    spec = {"speculative_method": "layer_skip", "num_speculative_tokens": 2, "draft_num_layers": 20}
+    spec = {
+        "speculative_method": "layer_skip",
+        "speculative_options": {"num_layers": 20},
+        "num_speculative_tokens": 2,
+    }
     chi2, stats = chi_square_of_spec_samples(exact, **spec)
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
     assert chi2 < CHI2_CRITICAL, chi2

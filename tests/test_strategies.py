@@ -18,6 +18,7 @@ from heron.bench.scaling import replay_adaptive, score_at_k
 from heron.bench.word_problems import make_problems
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput, Logprob
+from heron.registry import parse_options
 from heron.strategies import (
     Adaptive,
     AnswerExtractor,
@@ -26,7 +27,6 @@ from heron.strategies import (
     Majority,
     StrategyRun,
     make_strategy,
-    parse_options,
 )
 
 
@@ -205,7 +205,7 @@ def test_registry_and_option_errors():
     with pytest.raises(InvalidRequestError) as e:
         make_strategy("adaptive", 0)
     assert e.value.param == "n"
-    assert parse_options(["threshold=0.4", "answer=boxed", "initial=2"]) == {
+    assert parse_options(["threshold=0.4", "answer=boxed", "initial=2"], "strategy_options") == {
         "threshold": 0.4,
         "answer": "boxed",
         "initial": 2,

@@ -14,7 +14,7 @@ from conftest import make_llm
 
 from heron import SamplingParams
 from heron.errors import InvalidRequestError
-from heron.strategies import ContextAware, EntropyAdaptive, make_strategy
+from heron.strategies import ContextAware, EntropyAdaptive, Majority, make_strategy
 from heron.strategies.entropy_adaptive import ModelSwitch
 
 CONTEXT = "In this story, the capital of France is Lyon. "
@@ -76,7 +76,11 @@ def assert_engine_idle(engine) -> None:
 # ---------------------------------------------------------------- context-aware decoding
 def test_cad_with_alpha_zero_is_plain_decoding(llm):
     plain = llm.chat(MESSAGES, greedy(24), use_tqdm=False)[0].outputs[0]
-    cad = llm.chat(MESSAGES, greedy(24, cad_context=CONTEXT, cad_alpha=0.0), use_tqdm=False)
+    cad = llm.chat(
+        MESSAGES,
+        greedy(24, token_strategy=ContextAware(context=CONTEXT, alpha=0.0)),
+        use_tqdm=False,
+    )
     ids = chat_ids(llm, CONTEXT + QUESTION)
     assert_same_up_to_a_near_tie(
         cad[0].outputs[0].token_ids, plain.token_ids, lambda p: full_logprobs(llm, ids + p)
@@ -88,7 +92,7 @@ def test_cad_draws_from_the_contrasted_logits(llm):
     """Each greedy CAD token is the argmax of (1 + a) * logp(with context) - a * logp(without),
     computed here from two separate plain runs; and it changes the answer."""
     alpha = 1.0
-    params = greedy(3, cad_context=CONTEXT, cad_alpha=alpha)
+    params = greedy(3, token_strategy=ContextAware(context=CONTEXT, alpha=alpha))
     out = llm.chat(MESSAGES, params, use_tqdm=False)[0]
     tokens = out.outputs[0].token_ids
     assert out.metrics["cad_context_free_prompt_tokens"] == len(chat_ids(llm, QUESTION))
@@ -107,7 +111,7 @@ def test_cad_in_a_batch_with_small_chunks_and_preemption_equals_alone(llm):
     preempted (a tiny KV cache) produce what each produces alone."""
     contexts = [CONTEXT, "In this story, water boils at 40 degrees. ", "Bob is 7 feet tall. "]
     questions = [QUESTION, "At what temperature does water boil?", "How tall is Bob?"]
-    params = [greedy(16, cad_context=c, cad_alpha=0.5) for c in contexts]
+    params = [greedy(16, token_strategy=ContextAware(context=c, alpha=0.5)) for c in contexts]
     prompts = [
         {"prompt_token_ids": chat_ids(llm, c + q)} for c, q in zip(contexts, questions, strict=True)
     ]
@@ -128,7 +132,9 @@ def test_cad_in_a_batch_with_small_chunks_and_preemption_equals_alone(llm):
 
 def test_cad_abort_frees_the_companion(llm):
     engine = llm.engine
-    req = engine.add_request(chat_ids(llm, CONTEXT + QUESTION), greedy(50, cad_context=CONTEXT))
+    req = engine.add_request(
+        chat_ids(llm, CONTEXT + QUESTION), greedy(50, token_strategy=ContextAware(context=CONTEXT))
+    )
     for _ in range(3):
         engine.step()
     assert len(engine.scheduler.running) == 2  # the request and its context-free companion
@@ -137,15 +143,20 @@ def test_cad_abort_frees_the_companion(llm):
 
 
 def test_cad_bad_input(llm):
-    with pytest.raises(InvalidRequestError, match="does not occur in the prompt") as e:
-        llm.generate("Hello there", greedy(cad_context="Lyon"), use_tqdm=False)
-    assert e.value.param == "cad_context"
+    lyon = ContextAware(context="Lyon")
+    with pytest.raises(InvalidRequestError, match="context: the context text does not occur") as e:
+        llm.generate("Hello there", greedy(token_strategy=lyon), use_tqdm=False)
+    assert e.value.param == "strategy_options"
     with pytest.raises(InvalidRequestError, match="without its context is empty"):
-        llm.generate("Lyon", greedy(cad_context="Lyon"), use_tqdm=False)
-    with pytest.raises(InvalidRequestError, match="draw one sample"):
-        SamplingParams(n=2, cad_context="x")
-    with pytest.raises(InvalidRequestError, match="cannot be combined"):
-        SamplingParams(cad_context="x", entropy_threshold=1.0)
+        llm.generate("Lyon", greedy(token_strategy=lyon), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="draws one sample") as e:
+        SamplingParams(n=2, token_strategy=ContextAware(context="x"))
+    assert e.value.param == "n"
+    # One per-token strategy per request (two cannot be combined: one field holds it), and
+    # only a per-token one.
+    with pytest.raises(InvalidRequestError, match="per-token strategy") as e:
+        SamplingParams(token_strategy=Majority(n=1))
+    assert e.value.param == "token_strategy"
     with pytest.raises(InvalidRequestError, match="strategy_options.context"):
         make_strategy("cad", 1, {})
     with pytest.raises(InvalidRequestError, match="leave n at 1"):
@@ -154,7 +165,9 @@ def test_cad_bad_input(llm):
         ContextAware(context="x", alpha=-1)
     spec = make_llm(speculative_method="ngram")
     with pytest.raises(InvalidRequestError, match="speculative decoding"):
-        spec.generate(CONTEXT + QUESTION, greedy(cad_context=CONTEXT), use_tqdm=False)
+        spec.generate(
+            CONTEXT + QUESTION, greedy(token_strategy=ContextAware(context=CONTEXT)), use_tqdm=False
+        )
 
 
 # ---------------------------------------------------------------- entropy-adaptive decoding
@@ -173,7 +186,9 @@ def test_model_switch_follows_the_rolling_entropy():
 
 def test_entropy_adaptive_with_an_always_full_threshold_is_plain_decoding(llm):
     plain = llm.generate(PROMPT, greedy(32), use_tqdm=False)[0].outputs[0]
-    out = llm.generate(PROMPT, greedy(32, entropy_threshold=0.0), use_tqdm=False)[0]
+    out = llm.generate(
+        PROMPT, greedy(32, token_strategy=EntropyAdaptive(threshold=0.0)), use_tqdm=False
+    )[0]
     assert out.outputs[0].token_ids == plain.token_ids
     assert out.metrics["ead_cheap_tokens"] == 0 and out.metrics["ead_full_tokens"] == 32
 
@@ -185,7 +200,7 @@ def test_entropy_adaptive_switches_and_the_full_model_sees_a_full_cache(llm):
     model's own tokens are not all the full model's choices (it does run fewer layers)."""
     engine = llm.engine
     ids = llm.get_tokenizer().encode(PROMPT)
-    params = greedy(64, entropy_threshold=2.0, entropy_min_span=4, ignore_eos=True)
+    params = greedy(64, token_strategy=EntropyAdaptive(threshold=2.0, min_span=4), ignore_eos=True)
     req = engine.add_request(ids, params)
     seq = req.seqs[0]
     sw = engine.plugins.get("entropy_adaptive").switches[seq.seq_id]
@@ -220,9 +235,13 @@ def test_entropy_adaptive_strategy_and_bad_input(llm):
     with pytest.raises(InvalidRequestError, match="strategy_options.threshold"):
         EntropyAdaptive(threshold=-1)
     with pytest.raises(InvalidRequestError, match="cheap_layers"):
-        llm.generate(PROMPT, greedy(entropy_threshold=1.0, cheap_layers=99), use_tqdm=False)
+        llm.generate(
+            PROMPT, greedy(token_strategy=EntropyAdaptive(cheap_layers=99)), use_tqdm=False
+        )
     with pytest.raises(InvalidRequestError, match="KV compression"):
-        llm.generate(PROMPT, greedy(entropy_threshold=1.0, kv_policy="snapkv"), use_tqdm=False)
+        llm.generate(
+            PROMPT, greedy(token_strategy=EntropyAdaptive(), kv_policy="snapkv"), use_tqdm=False
+        )
 
 
 # ---------------------------------------------------------------- the server
@@ -247,7 +266,7 @@ def test_server_streams_a_per_token_strategy(server):
     assert len([d for d in deltas if d]) > 1  # token by token, not one whole chunk
     assert "".join(deltas) == choice["message"]["content"]
     bad = httpx.post(url, json={**body, "strategy_options": {"context": "not there"}}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cad_context"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy_options"
 
 
 # ---------------------------------------------------------------- heron bench scaling parts

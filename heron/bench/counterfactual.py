@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from heron.config import SamplingParams
+from heron.strategies.context_aware import ContextAware
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def run_counterfactual(
             SamplingParams(temperature=0, max_tokens=max_tokens)
             if alpha is None
             else SamplingParams(
-                temperature=0, max_tokens=max_tokens, cad_context=c.context + " ", cad_alpha=alpha
+                temperature=0,
+                max_tokens=max_tokens,
+                token_strategy=ContextAware(context=c.context + " ", alpha=alpha),
             )
             for c in cases
         ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from heron.config import SamplingParams
 from heron.speculative.layer_skip import default_kept_layers
-from heron.strategies import AnswerExtractor
+from heron.strategies import AnswerExtractor, EntropyAdaptive
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +31,10 @@ def run_entropy_adaptive(
     llm.generate(prompts[0], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm
     rows = []
     for threshold in (None, *thresholds):
-        extra = {}
+        ead = None
         if threshold is not None:
-            extra = dict(
-                entropy_threshold=threshold, entropy_min_span=min_span, cheap_layers=cheap_layers
-            )
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, **extra)
+            ead = EntropyAdaptive(threshold=threshold, min_span=min_span, cheap_layers=cheap_layers)
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, token_strategy=ead)
         ok, tokens, secs = 0, 0, 0.0
         spent = dict.fromkeys(_SPENT, 0.0)
         for prompt, truth in zip(prompts, answers, strict=True):

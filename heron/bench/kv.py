@@ -30,7 +30,7 @@ from heron.bench.plot import pyplot
 from heron.bench.record import Results, Row, speed_row
 from heron.config import SamplingParams
 from heron.engine.runner import ModelRunner
-from heron.kv.registry import POLICIES
+from heron.kv.registry import KV_POLICIES
 
 TASKS = ("passkey", "needle", "perplexity")
 SETTINGS = ("query_aware", "query_agnostic")
@@ -201,7 +201,7 @@ def run_kv_bench(
                     run = _run_perplexity(other, ids, context, None, None)
                     add_perplexity("-", f"{dtype}_cache", None, context, run)
                 # TokenSelect selects only in decode steps: the scored prefill is dense.
-                for policy in (p for p in cfg.policies if not POLICIES[p].selects):
+                for policy in (p for p in cfg.policies if not KV_POLICIES.get(p).selects):
                     for budget in cfg.budgets:
                         run = _run_perplexity(engine, ids, context, policy, budget)
                         add_perplexity("query_agnostic", policy, budget, context, run)

@@ -38,7 +38,7 @@ class PrefillBenchConfig:
     patterns: list[str] = field(
         default_factory=lambda: ["xattention", "vertical_slash", "flexprefill"]
     )
-    threshold: float = 0.9
+    threshold: float = 0.9  # every pattern's options
     min_tokens: int = 1024
     repeats: int = 1
     num_passkey: int = 3
@@ -48,6 +48,10 @@ class PrefillBenchConfig:
     skip_hf: bool = False  # the transformers baseline (one forward over the prompt)
     skip_llama_cpp: bool = False  # llama-bench -p LENGTHS, when built
     seed: int = 0
+
+    @property
+    def pattern_options(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "min_tokens": self.min_tokens}
 
 
 @dataclass
@@ -85,8 +89,7 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
         if method != "dense":
             kwargs = dict(
                 sparse_prefill=method,
-                sparse_threshold=cfg.threshold,
-                sparse_min_tokens=cfg.min_tokens,
+                sparse_prefill_options=cfg.pattern_options,
             )
         llm = LLM(
             cfg.model,

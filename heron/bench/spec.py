@@ -82,8 +82,8 @@ class SpecBenchConfig:
     device: str = "auto"
     methods: tuple[str, ...] = ("ngram", "lookahead", "layer_skip")
     num_speculative_tokens: int | None = None  # None: each proposer's default (EngineConfig)
-    draft_model: str | None = None
-    draft_num_layers: int | None = None
+    draft_model: str | None = None  # "draft"'s model option
+    draft_num_layers: int | None = None  # "layer_skip"'s and "draft"'s num_layers option
     tasks: tuple[str, ...] = TASKS
     batch_size: int = 8  # prompts per task; batch 1 times the first batch1_prompts alone
     batch1_prompts: int = 4
@@ -95,8 +95,10 @@ class SpecBenchConfig:
         from heron.speculative.registry import PROPOSERS
 
         for m in self.methods:
-            if m not in PROPOSERS:
-                raise InvalidRequestError(f"--methods: unknown {m!r}; known: {sorted(PROPOSERS)}")
+            if m not in PROPOSERS.names():
+                raise InvalidRequestError(
+                    f"--methods: unknown {m!r}; known: {', '.join(PROPOSERS.names())}"
+                )
         if "draft" in self.methods and self.draft_model is None:
             raise InvalidRequestError("--methods draft needs --draft-model")
         for t in self.tasks:
@@ -252,11 +254,16 @@ def _engine(cfg: SpecBenchConfig, method: str):
     # the prefill, and (in bf16) its other chunk shapes can change the greedy text.
     kwargs = {"enable_prefix_caching": False, **cfg.engine_kwargs}
     if method != "none":
-        kwargs.update(speculative_method=method, num_speculative_tokens=cfg.num_speculative_tokens)
+        options: dict[str, Any] = {}
         if method == "draft":
-            kwargs["draft_model"] = cfg.draft_model
+            options["model"] = cfg.draft_model
         if method in ("draft", "layer_skip") and cfg.draft_num_layers is not None:
-            kwargs["draft_num_layers"] = cfg.draft_num_layers
+            options["num_layers"] = cfg.draft_num_layers
+        kwargs.update(
+            speculative_method=method,
+            speculative_options=options,
+            num_speculative_tokens=cfg.num_speculative_tokens,
+        )
     llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, **kwargs)
     llm.generate(["Hello there, how are you?"], SamplingParams(max_tokens=8), use_tqdm=False)
     return llm

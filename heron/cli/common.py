@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from heron import LLM, SamplingParams
+    from heron.registry import Registry
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -38,12 +39,66 @@ class HelpFormatter(argparse.HelpFormatter):
         return help_text + " (default: %(default)s)"
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "\n".join(
-            textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
-            if line.strip()
-            else ""
-            for line in text.splitlines()
-        )
+        return "\n".join(_fill_line(line, width, indent) for line in text.splitlines())
+
+
+class OptionFlag(argparse.Action):
+    """``--*-option KEY=VALUE``, repeatable: the options of a method gather into one dict
+    (each value parsed as JSON where it parses: numbers, true, null...)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        from heron.errors import InvalidRequestError
+        from heron.registry import parse_options
+
+        try:
+            option = parse_options([values], self.dest)
+        except InvalidRequestError:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE, got {values!r}") from None
+        setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **option})
+
+
+def add_method_flags(
+    parser: argparse.ArgumentParser, title: str, registry: Registry, method_help: str
+) -> argparse._ArgumentGroup:
+    """A method family's flags, named after its registry's parameters (so their dests are
+    the EngineConfig fields): ``--kv-policy NAME`` and ``--kv-policy-option KEY=VALUE``, in a
+    group (returned) whose description lists every method's options."""
+    methods = "\n".join(f"  {registry.signature(name)}" for name in registry.names())
+    option_flag = "--" + registry.options_param.removesuffix("s").replace("_", "-")
+    g = parser.add_argument_group(
+        title, f"{option_flag} KEY=VALUE sets an option of the chosen method:\n{methods}"
+    )
+    g.add_argument(
+        "--" + registry.kind.replace("_", "-"),
+        default=None,
+        choices=registry.names(),
+        help=method_help,
+    )
+    g.add_argument(
+        option_flag,
+        dest=registry.options_param,
+        action=OptionFlag,
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of the method (listed above); may be repeated",
+    )
+    return g
+
+
+def _fill_line(line: str, width: int, indent: str) -> str:
+    """One line of a description, wrapped; an indented line's continuation lines are indented
+    two more."""
+    text = line.lstrip()
+    if not text:
+        return ""
+    lead = indent + line[: len(line) - len(text)]
+    return textwrap.fill(text, width, initial_indent=lead, subsequent_indent=lead + "  ")
 
 
 def common_parent() -> argparse.ArgumentParser:
@@ -131,15 +186,14 @@ def sampling_parent() -> argparse.ArgumentParser:
 
 def kv_parent() -> argparse.ArgumentParser:
     """KV-cache compression, for the commands that run one engine with one policy."""
-    from heron.kv.registry import POLICIES
+    from heron.kv.registry import KV_POLICIES
 
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("KV-cache compression")
-    g.add_argument(
-        "--kv-policy",
-        default=None,
-        choices=sorted(POLICIES),
-        help="compress each sequence's KV cache with this policy (off by default)",
+    g = add_method_flags(
+        p,
+        "KV-cache compression",
+        KV_POLICIES,
+        "compress each sequence's KV cache with this policy (off by default)",
     )
     g.add_argument(
         "--kv-budget",
@@ -205,65 +259,28 @@ def engine_parent() -> argparse.ArgumentParser:
         action="store_false",
         help="do not reuse the KV blocks of earlier prompts with the same prefix",
     )
+    from heron.sparse.registry import SPARSE_PATTERNS
     from heron.speculative.registry import PROPOSERS
 
-    g.add_argument(
-        "--speculative-method",
-        default=None,
-        choices=sorted(PROPOSERS),
-        help="speculative decoding proposer (lossless; off by default)",
+    spec = add_method_flags(
+        p,
+        "speculative decoding",
+        PROPOSERS,
+        "speculative decoding proposer (lossless; off by default); draft's model option is "
+        "a path or known name with the same tokenizer as --model",
     )
-    g.add_argument(
+    spec.add_argument(
         "--num-speculative-tokens",
         type=int,
         default=None,
         help="most drafted tokens per step (default: 4; lookahead: 16, the nodes of its tree)",
     )
-    g.add_argument(
-        "--ngram-max",
-        type=int,
-        default=3,
-        help="ngram/lookahead: longest run of latest tokens matched against earlier text",
-    )
-    g.add_argument("--ngram-min", type=int, default=1, help="ngram/lookahead: shortest run matched")
-    g.add_argument(
-        "--lookahead-depth",
-        type=int,
-        default=8,
-        help="lookahead: the longest branch of its draft tree",
-    )
-    from heron.sparse import PATTERNS
-
-    g.add_argument(
-        "--sparse-prefill",
-        default=None,
-        choices=sorted(PATTERNS),
-        help="sparse prefill attention pattern for long prompts (off by default)",
-    )
-    g.add_argument(
-        "--sparse-threshold",
-        type=float,
-        default=0.9,
-        help="sparse prefill: cumulative attention mass kept, in (0, 1]",
-    )
-    g.add_argument(
-        "--sparse-min-tokens",
-        type=int,
-        default=2048,
-        help="sparse prefill: shortest prompt that uses it",
-    )
-    g.add_argument(
-        "--draft-model",
-        default=None,
-        metavar="MODEL",
-        help="draft: the draft model (path or known name; same tokenizer as --model)",
-    )
-    g.add_argument(
-        "--draft-num-layers",
-        type=int,
-        default=None,
-        help="layer_skip: layers the draft keeps, spread over depth (default: 5/6 of them); "
-        "draft: keep only the draft model's first this many layers",
+    add_method_flags(
+        p,
+        "sparse prefill",
+        SPARSE_PATTERNS,
+        "sparse prefill attention pattern for long prompts (off by default); threshold: the "
+        "attention mass kept, min_tokens: the shortest prompt that uses it",
     )
     return p
 

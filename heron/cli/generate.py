@@ -10,6 +10,7 @@ import time
 
 from heron.cli.common import (
     HelpFormatter,
+    add_method_flags,
     chat_ids,
     common_parent,
     engine_parent,
@@ -60,26 +61,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="print tokens as they are generated (default: on when --n is 1 and no --strategy)",
     )
-    gen.add_argument(
-        "--strategy",
-        default=None,
-        metavar="NAME",
-        help="draw --n samples and print the one this decoding strategy picks: best_of_n "
+    from heron.strategies import STRATEGIES
+
+    add_method_flags(
+        gen,
+        "decoding strategy",
+        STRATEGIES,
+        "draw --n samples and print the one this decoding strategy picks: best_of_n "
         "(highest mean token logprob), majority (most frequent final answer), "
         "best_of_majority (best-scored among popular answers), adaptive (samples in rounds "
         "of 4, 8, ... up to --n, stops once the answers agree); or decode one sample token by "
         "token with cad (context-aware decoding; needs context=TEXT) or entropy_adaptive "
         "(layer-skipped model while the entropy is low); a report goes to stderr",
-    )
-    gen.add_argument(
-        "--strategy-option",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="a strategy option, may be repeated: answer=auto|boxed|number, answer_regex=RE, "
-        "scorer=mean_logprob|sum_logprob|min_logprob, threshold=0.3 (best_of_majority), "
-        "initial=4 and agreement=0.75 (adaptive), context=TEXT and alpha=0.5 (cad), "
-        "threshold=1.0 (nats), window=4, min_span=8, cheap_layers=N (entropy_adaptive)",
     )
     gen.set_defaults(func=run)
 
@@ -89,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
     on stderr."""
     if not args.prompt.strip():
         raise InvalidRequestError("prompt: must not be empty", param="prompt")
-    from heron.strategies import make_strategy, parse_options
+    from heron.strategies import make_strategy
 
     params = sampling_params(args, n=args.n)  # bad values fail before the model loads
     strategy = None
     if args.strategy is not None:
-        strategy = make_strategy(args.strategy, args.n, parse_options(args.strategy_option))
-    elif args.strategy_option:
+        strategy = make_strategy(args.strategy, args.n, args.strategy_options)
+    elif args.strategy_options:
         raise InvalidRequestError("--strategy-option needs --strategy")
     # A per-token strategy (cad, entropy_adaptive) streams like a plain request.
     picks = strategy is not None and not strategy.per_token

@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     from heron.config import DataParallelConfig, EngineConfig
     from heron.engine.engine import Engine
+    from heron.methods import check_engine_methods
     from heron.server import ServerConfig, run_server
     from heron.server.served_model import ServedModel
 
@@ -159,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
 
         served = serve_replicas(engine, scale, args.max_waiting)
     else:
-        served = ServedModel.local(Engine(EngineConfig(**engine)), args.max_waiting)
+        config = EngineConfig(**engine)
+        check_engine_methods(config)  # before the model loads
+        served = ServedModel.local(Engine(config), args.max_waiting)
     name = args.served_model_name or args.model
     aliases = (args.model, Path(args.model).name, Path(served.model_path).name)
     config = ServerConfig(

@@ -99,7 +99,7 @@ class Engine:
         )
         self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
         if config.kv_policy is not None:
-            self._check_kv(config.kv_policy, config.kv_budget)
+            self._check_kv(config.kv_policy, config.kv_policy_options, config.kv_budget)
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
         logger.info(
@@ -198,6 +198,7 @@ class Engine:
     def _kv_state(self, params: SamplingParams, prompt_len: int) -> KVState | None:
         """The request's KV-compression state: its own policy, else the engine's (or none)."""
         name = params.kv_policy or self.config.kv_policy
+        options = params.kv_policy_options if params.kv_policy else self.config.kv_policy_options
         prefix = params.kv_prefix_tokens
         if name is None or name == "none":
             if prefix is not None:
@@ -212,10 +213,10 @@ class Engine:
                 param="kv_prefix_tokens",
             )
         budget = params.kv_budget or self.config.kv_budget
-        self._check_kv(name, budget)
-        return KVState(make_policy(name), budget, compress_at=prefix)
+        self._check_kv(name, options, budget)
+        return KVState(make_policy(name, options), budget, compress_at=prefix)
 
-    def _check_kv(self, name: str, budget: float) -> None:
+    def _check_kv(self, name: str, options: dict | None, budget: float) -> None:
         if self.plugins.multi_token_steps:
             raise InvalidRequestError(
                 "kv_policy: KV compression cannot be combined with speculative decoding",
@@ -233,7 +234,7 @@ class Engine:
                 "tokens, max_model_len)",
                 param="kv_budget",
             )
-        make_policy(name)  # unknown names raise here
+        make_policy(name, options)  # unknown names and bad options raise here
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -20,15 +20,27 @@ simply drop an evicted token: merge it into its most similar kept token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from heron.kv.policy import KV_POLICIES
 from heron.kv.snapkv import SnapKV
 
 
+@KV_POLICIES.register("d2o")
+@dataclass(eq=False)
 class D2O(SnapKV):
-    name = "d2o"
-    budget_from_attention = False  # see the module docstring: measured harmful here
+    budget_from_attention: bool = False  # see the module docstring: measured harmful here
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        KV_POLICIES.check(
+            isinstance(self.budget_from_attention, bool),
+            "budget_from_attention",
+            f"true or false; got {self.budget_from_attention!r}",
+        )
 
     def layer_weight(self, attn: torch.Tensor) -> float:
         """1 / variance of the layer's mean window attention over the held tokens."""

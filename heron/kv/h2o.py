@@ -8,19 +8,32 @@ keys the query saw) and keeps the most often important ones, plus a recent windo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from heron.kv.policy import KVPolicy
+from heron.kv.policy import KV_POLICIES, KVPolicy
+from heron.registry import is_number
 
 
+@KV_POLICIES.register("h2o")
+@dataclass(eq=False)
 class H2O(KVPolicy):
-    name = "h2o"
-    window = 32
-    recent_ratio = 0.5  # of the budget, always kept
     protect_window = False
     evict_during_decode = True
     needs_decode_queries = True
     accumulates = True
+    window: int = 32
+    recent_ratio: float = 0.5  # of the budget, always kept
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        KV_POLICIES.check_int("window", self.window, 1)
+        KV_POLICIES.check(
+            is_number(self.recent_ratio) and 0 <= self.recent_ratio <= 1,
+            "recent_ratio",
+            f"a share of the budget in [0, 1]; got {self.recent_ratio!r}",
+        )
 
     def accumulate(self, acc, attn) -> torch.Tensor:
         new = attn.sum(dim=(1, 2))  # [Hkv, S]
@@ -30,9 +43,10 @@ class H2O(KVPolicy):
         return acc
 
 
+@KV_POLICIES.register("scissorhands")
+@dataclass(eq=False)
 class Scissorhands(H2O):
-    name = "scissorhands"
-    recent_ratio = 0.25
+    recent_ratio: float = 0.25
 
     def accumulate(self, acc, attn) -> torch.Tensor:
         seen = (attn > 0).sum(dim=-1, keepdim=True).clamp_min(1)  # keys each query saw

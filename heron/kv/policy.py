@@ -22,30 +22,43 @@ Scores come in as ``attn``: softmax attention of the captured queries over the h
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from heron.registry import Registry
 
+# KV policies by name, as ``EngineConfig.kv_policy``/``kv_policy_options``, the same fields of
+# ``SamplingParams``, the CLI's ``--kv-policy``/``--kv-policy-option`` and the server body.
+KV_POLICIES: Registry[KVPolicy] = Registry("kv_policy")
+
+
+@dataclass(eq=False)
 class KVPolicy:
-    name: str = ""
-    window: int = 32  # prompt queries captured at the end of the prefill (0: none)
+    """A policy's options are its fields; the class-level traits below tell the machinery
+    (``heron.kv.compressor``) when it runs and what it needs."""
+
+    name: ClassVar[str] = ""
+    # Prompt queries captured at the end of the prefill (0: none); a policy that scores with
+    # them has it as an option.
+    window: ClassVar[int] = 0
+    protect_window: ClassVar[bool] = True  # the observation window's own keys are always kept
+    evict_during_decode: ClassVar[bool] = False
+    needs_decode_queries: ClassVar[bool] = False
+    accumulates: ClassVar[bool] = False  # keeps running statistics (``accumulate``)
+    # Layer budgets from the window attention (``layer_weight`` per layer, D2O).
+    budget_from_attention: ClassVar[bool] = False
+    evicts: ClassVar[bool] = True  # False: the cache is kept whole (TokenSelect)
+    selects: ClassVar[bool] = False  # each decode step attends to a chosen subset (TokenSelect)
+
     sinks: int = 0  # first slots always kept
     recent: int = 0  # last slots always kept (besides the observation window)
-    protect_window: bool = True  # the observation window's own keys are always kept
-    evict_during_decode: bool = False
-    needs_decode_queries: bool = False
-    accumulates: bool = False  # keeps running statistics (``accumulate``) across evictions
-    # Layer budgets from the window attention (``layer_weight`` per layer, D2O).
-    budget_from_attention: bool = False
-    evicts: bool = True  # False: the cache is kept whole (TokenSelect)
-    selects: bool = False  # each decode step attends to a chosen subset (TokenSelect)
 
-    def __init__(self, **options) -> None:
-        for key, value in options.items():
-            if not hasattr(self, key):
-                raise TypeError(f"{self.name}: unknown option {key!r}")
-            setattr(self, key, value)
+    def __post_init__(self) -> None:
+        KV_POLICIES.check_int("sinks", self.sinks, 0)
+        KV_POLICIES.check_int("recent", self.recent, 0)
 
     # ------------------------------------------------------------------ the interface
     def score(

@@ -9,12 +9,20 @@ budget, not memory."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from heron.kv.policy import KV_POLICIES
 from heron.kv.snapkv import SnapKV
 
 
+@KV_POLICIES.register("pyramidkv")
+@dataclass(eq=False)
 class PyramidKV(SnapKV):
-    name = "pyramidkv"
-    beta = 20  # top layer keeps budget / beta ... bottom layer 2 * budget - top
+    beta: int = 20  # top layer keeps budget / beta ... bottom layer 2 * budget - top
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        KV_POLICIES.check_int("beta", self.beta, 1)
 
     def layer_budgets(
         self, budget: int, num_layers: int, weights: list[float] | None = None

@@ -1,31 +1,24 @@
-"""KV policies by name, as ``EngineConfig.kv_policy``, ``SamplingParams.kv_policy``, the CLI's
-``--kv-policy`` and the server body's ``kv_policy`` name them."""
+"""KV policies by name (``policy.KV_POLICIES``), as ``EngineConfig.kv_policy``,
+``SamplingParams.kv_policy``, the CLI's ``--kv-policy`` and the server body's ``kv_policy``
+name them, with their options (``kv_policy_options``). Importing this module registers every
+policy."""
 
 from __future__ import annotations
 
-from heron.errors import InvalidRequestError
-from heron.kv.d2o import D2O
-from heron.kv.defensivekv import DefensiveKV
-from heron.kv.h2o import H2O, Scissorhands
-from heron.kv.policy import KVPolicy
-from heron.kv.pyramidkv import PyramidKV
-from heron.kv.snapkv import SnapKV
-from heron.kv.streaming_llm import StreamingLLM
-from heron.kv.tokenselect import TokenSelect
+from collections.abc import Mapping
+from typing import Any
 
-POLICIES: dict[str, type[KVPolicy]] = {
-    cls.name: cls
-    for cls in (StreamingLLM, SnapKV, PyramidKV, DefensiveKV, H2O, Scissorhands, D2O, TokenSelect)
-}
+import heron.kv.d2o  # noqa: F401  (each policy registers in its module)
+import heron.kv.defensivekv  # noqa: F401
+import heron.kv.h2o  # noqa: F401
+import heron.kv.pyramidkv  # noqa: F401
+import heron.kv.snapkv  # noqa: F401
+import heron.kv.streaming_llm  # noqa: F401
+import heron.kv.tokenselect  # noqa: F401
+from heron.kv.policy import KV_POLICIES, KVPolicy
+
+__all__ = ["KV_POLICIES", "make_policy"]
 
 
-def make_policy(name: str, **options) -> KVPolicy:
-    cls = POLICIES.get(name)
-    if cls is None:
-        raise InvalidRequestError(
-            f"kv_policy: unknown {name!r}; one of {sorted(POLICIES)}", param="kv_policy"
-        )
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise InvalidRequestError(f"kv_policy_options: {e}", param="kv_policy_options") from None
+def make_policy(name: str, options: Mapping[str, Any] | None = None) -> KVPolicy:
+    return KV_POLICIES.make(name, options)

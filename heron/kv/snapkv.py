@@ -20,17 +20,29 @@ kernel. Defaults: window 32 (the paper's), kernel 15.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from heron.kv.policy import KVPolicy, group_reduce, pool1d, window_scores
+from heron.kv.policy import KV_POLICIES, KVPolicy, group_reduce, pool1d, window_scores
 
 
+@KV_POLICIES.register("snapkv")
+@dataclass(eq=False)
 class SnapKV(KVPolicy):
-    name = "snapkv"
-    window = 32
-    kernel = 15
-    pooling = "max"
-    gqa = "mean"
+    window: int = 32  # prompt queries that vote (the observation window)
+    kernel: int = 15  # max-pool width over the tokens (1: no pooling)
+    pooling: str = "max"  # or "avg"
+    gqa: str = "mean"  # or "max": how a KV head's query heads combine their votes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        KV_POLICIES.check_int("window", self.window, 1)
+        KV_POLICIES.check_int("kernel", self.kernel, 1)
+        KV_POLICIES.check(
+            self.pooling in ("max", "avg"), "pooling", f"max or avg; got {self.pooling!r}"
+        )
+        KV_POLICIES.check(self.gqa in ("mean", "max"), "gqa", f"mean or max; got {self.gqa!r}")
 
     def score(self, layer, attn, keys, values, acc) -> torch.Tensor:
         scores = window_scores(attn, "sum")  # [Hkv, G, S]

@@ -6,17 +6,19 @@ positions past the model's trained range extrapolate RoPE)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from heron.kv.policy import KVPolicy
+from heron.kv.policy import KV_POLICIES, KVPolicy
 
 
+@KV_POLICIES.register("streaming_llm")
+@dataclass(eq=False)
 class StreamingLLM(KVPolicy):
-    name = "streaming_llm"
-    window = 0  # needs no queries
-    sinks = 4
     protect_window = False
     evict_during_decode = True
+    sinks: int = 4
 
     def score(self, layer, attn, keys, values, acc) -> torch.Tensor:
         num_kv_heads, num_slots = keys.shape[0], keys.shape[1]

@@ -20,18 +20,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from heron.kv.policy import KVPolicy
+from heron.kv.policy import KV_POLICIES, KVPolicy
 from heron.layers.kv_cache import Cache, gather_slots
+from heron.registry import is_number
 
 
+@KV_POLICIES.register("tokenselect")
+@dataclass(eq=False)
 class TokenSelect(KVPolicy):
-    name = "tokenselect"
-    window = 0  # needs no prompt queries: each decode query chooses for itself
-    sinks = 4
-    recent = 32
-    reuse_similarity = 0.9
     evicts = False
     selects = True
+    sinks: int = 4
+    recent: int = 32
+    # A query at least this similar (cosine) to the one that made a layer's last choice
+    # reuses it; above 1: never.
+    reuse_similarity: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        KV_POLICIES.check(
+            is_number(self.reuse_similarity),
+            "reuse_similarity",
+            f"a cosine similarity (a number); got {self.reuse_similarity!r}",
+        )
 
     def score(self, layer, attn, keys, values, acc) -> torch.Tensor:
         """The heads' soft vote: ``attn`` [Hkv, G, 1, S] summed over every query head, one

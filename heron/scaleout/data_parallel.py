@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from heron.config import DataParallelConfig, EngineConfig, SamplingParams
 from heron.errors import HeronError, InvalidRequestError
 from heron.llm import Prompt, as_conversations, as_params_list, as_prompt_list
+from heron.methods import check_engine_methods
 from heron.outputs import RequestOutput
 from heron.scaleout.cluster import ReplicaGroup
 from heron.scaleout.replica import EngineReplica
@@ -50,7 +51,7 @@ class DataParallelLLM:
         config = DataParallelConfig(data_parallel_size, ray_address, cpus_per_replica)
         llm_kwargs = {"model": model, "dtype": dtype, "device": device, **kwargs}
         try:  # bad engine settings fail here, before any replica starts
-            EngineConfig(**llm_kwargs)
+            check_engine_methods(EngineConfig(**llm_kwargs))
         except TypeError as e:
             raise InvalidRequestError(f"DataParallelLLM(): {e}") from None
         self.group: ReplicaGroup | None = ReplicaGroup(EngineReplica, config, llm_kwargs)

@@ -21,6 +21,7 @@ from typing import Any
 
 from heron.config import DataParallelConfig, EngineConfig, SamplingParams
 from heron.errors import InvalidRequestError
+from heron.methods import check_engine_methods
 from heron.outputs import RequestOutput
 from heron.scaleout.cluster import ReplicaDiedError, ReplicaGroup, replica_error
 from heron.scaleout.prefix_affinity import PrefixAffinity
@@ -222,6 +223,7 @@ def serve_replicas(
         engine_config = EngineConfig(**engine_kwargs)
     except TypeError as e:
         raise InvalidRequestError(f"engine settings: {e}") from None
+    check_engine_methods(engine_config)
     group = ReplicaGroup(ServingReplica, config, engine_kwargs, max_waiting)
     first = group.info[0]
     return ServedModel(

@@ -79,6 +79,7 @@ class _Sampling(BaseModel):
     strategy_options: dict[str, Any] | None = None
     # heron: KV-cache compression for this request (heron.kv), e.g. "snapkv" with 0.2
     kv_policy: Text | None = None
+    kv_policy_options: dict[str, Any] | None = None  # the policy's options, e.g. {"window": 8}
     kv_budget: float | None = None
     kv_prefix_tokens: StrictInt | None = None  # compress only the prompt's first tokens
 
@@ -118,6 +119,7 @@ class _Sampling(BaseModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             kv_policy=self.kv_policy,
+            kv_policy_options=self.kv_policy_options,
             kv_budget=self.kv_budget,
             kv_prefix_tokens=self.kv_prefix_tokens,
         )

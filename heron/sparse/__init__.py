@@ -1,6 +1,6 @@
 """Sparse prefill attention: a pattern picks (query block, key block) pairs per head and a
 block-sparse attention computes only those. Used for the prompt chunks of sequences whose
-prompt has at least ``sparse_min_tokens`` tokens; decode and short prompts stay dense.
+prompt has at least the pattern's ``min_tokens`` tokens; decode and short prompts stay dense.
 
 ``SparsePrefill`` is what the model runner holds: it runs the pattern, counts the blocks kept
 (``density``) and calls :func:`block_sparse_attention`."""
@@ -16,40 +16,30 @@ from heron.sparse.attention import (
     causal_block_mask,
     enforce_always_kept,
 )
-from heron.sparse.patterns import PATTERNS, PatternParams, get_pattern, register
+from heron.sparse.patterns import SparsePattern
+from heron.sparse.registry import SPARSE_PATTERNS
 
 __all__ = [
-    "PATTERNS",
-    "PatternParams",
+    "SPARSE_PATTERNS",
+    "SparsePattern",
     "SparsePrefill",
     "block_sparse_attention",
     "build_sparse_prefill",
     "causal_block_mask",
     "enforce_always_kept",
-    "get_pattern",
-    "register",
 ]
 
 
 class SparsePrefill:
-    def __init__(
-        self,
-        pattern: str,
-        threshold: float = 0.9,
-        min_tokens: int = 2048,
-        block: int = 128,
-        stride: int = 8,
-    ) -> None:
-        self.name = pattern
-        self.pattern = get_pattern(pattern)
-        self.min_tokens = min_tokens
-        self.params = PatternParams(threshold=threshold, block=block, stride=stride)
+    def __init__(self, pattern: SparsePattern) -> None:
+        self.name = pattern.name
+        self.pattern = pattern
         self.kept_blocks = 0
         self.causal_blocks = 0
         self.workspace = Workspace()
 
     def applies(self, num_prompt_tokens: int) -> bool:
-        return num_prompt_tokens >= self.min_tokens
+        return num_prompt_tokens >= self.pattern.min_tokens
 
     @property
     def density(self) -> float | None:
@@ -63,13 +53,12 @@ class SparsePrefill:
         """q: [Lq, H, D] at positions ``q_start ..`` over the keys and values of positions
         ``0 .. q_start + Lq - 1``. Returns [Lq, H, D]."""
         qh = q.transpose(0, 1)
-        p = self.params
-        p.scale = scale
-        mask = self.pattern(qh, ctx, q_start, p)
-        causal = causal_block_mask(q_start, q.shape[0], ctx.length, p.block)
+        block = self.pattern.block
+        mask = self.pattern.mask(qh, ctx, q_start, scale)
+        causal = causal_block_mask(q_start, q.shape[0], ctx.length, block)
         self.kept_blocks += int(mask.sum())
         self.causal_blocks += int(causal.sum()) * q.shape[1]
-        out = block_sparse_attention(qh, ctx, mask, q_start, p.block, scale, self.workspace)
+        out = block_sparse_attention(qh, ctx, mask, q_start, block, scale, self.workspace)
         return out.transpose(0, 1)
 
 
@@ -77,4 +66,4 @@ def build_sparse_prefill(config) -> SparsePrefill | None:
     """The engine's SparsePrefill from an EngineConfig, or None when sparse prefill is off."""
     if config.sparse_prefill is None:
         return None
-    return SparsePrefill(config.sparse_prefill, config.sparse_threshold, config.sparse_min_tokens)
+    return SparsePrefill(SPARSE_PATTERNS.make(config.sparse_prefill, config.sparse_prefill_options))

@@ -12,16 +12,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from heron.engine.block_manager import BlockManager
 from heron.engine.runner import ModelRunner
 from heron.engine.scheduler import ScheduledBatch
 from heron.engine.sequence import Sequence
-from heron.errors import InvalidRequestError
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
-from heron.speculative.proposer import Draft, Proposer, draw_draft_token, stack_probs
+from heron.speculative.proposer import (
+    PROPOSERS,
+    Draft,
+    Proposer,
+    draw_draft_token,
+    stack_probs,
+)
 from heron.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from heron.engine.plugin import EngineParts
 
 logger = logging.getLogger(__name__)
 
@@ -53,33 +62,39 @@ class DraftSequence:
         return self.num_computed_tokens
 
 
+@PROPOSERS.register("draft")
+@dataclass(eq=False)
 class DraftModelProposer(Proposer):
-    name = "draft"
+    model: str  # the draft model: a path or a known model name
+    num_layers: int | None = None  # keep only the draft model's first this many layers
 
-    def __init__(
-        self,
-        model: str,
-        num_layers: int | None,
-        target_tokenizer: Tokenizer,
-        num_blocks: int,
-        block_size: int,
-        device,
-        dtype,
-    ) -> None:
-        path = resolve_model_path(model)
+    def __post_init__(self) -> None:
+        PROPOSERS.check(
+            isinstance(self.model, str) and self.model != "",
+            "model",
+            f"a path or known model name; got {self.model!r}",
+        )
+        if self.num_layers is not None:
+            PROPOSERS.check_int("num_layers", self.num_layers, 1)
+
+    def start(self, parts: EngineParts) -> None:
+        """Loads the draft, with a paged cache of as many blocks as the target's."""
+        path = resolve_model_path(self.model)
         tokenizer = Tokenizer(path)
-        if tokenizer.backend.get_vocab() != target_tokenizer.backend.get_vocab():
-            raise InvalidRequestError(
-                f"draft_model: {path.name} uses another tokenizer than the target model; "
-                "a draft must share the target's vocabulary",
-                "draft_model",
-            )
+        PROPOSERS.check(
+            tokenizer.backend.get_vocab() == parts.tokenizer.backend.get_vocab(),
+            "model",
+            f"{path.name} uses another tokenizer than the target model; a draft must share "
+            "the target's vocabulary",
+        )
         ckpt = Checkpoint(path)
-        if num_layers is not None:
-            ckpt.keep_first_layers(num_layers)
+        if self.num_layers is not None:
+            ckpt.keep_first_layers(self.num_layers)
         cfg = ckpt.config
+        device, dtype = parts.runner.device, parts.runner.dtype
         model_module = build_model(ckpt, device, dtype)
         del ckpt
+        num_blocks, block_size = parts.block_manager.num_blocks, parts.config.block_size
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(model_module, cfg, num_blocks, block_size, device, dtype)
         self.shadows: dict[int, DraftSequence] = {}

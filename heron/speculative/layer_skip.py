@@ -3,7 +3,7 @@ layers skipped is the draft. No second model and no second cache: the draft reus
 target's K/V of the context, writes its own K/V for the drafted positions into the same
 slots, and the verify pass overwrites them with the full model's.
 
-Which layers to keep: ``draft_num_layers`` of them spread evenly over depth (first and last
+Which layers to keep: ``num_layers`` of them spread evenly over depth (first and last
 always kept), the "balanced across depth" choice; the default keeps 5/6 of them. Small models
 suffer from skipping: on SmolLM2-135M, 22 of 30 layers agree with the full model's next token
 almost never and 25 of 30 about half the time (measured teacher-forced on a paragraph), so
@@ -13,12 +13,21 @@ there this proposer is a correctness feature more than a speed-up; a one-shot ca
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from heron.engine.block_manager import BlockManager
-from heron.engine.runner import ModelRunner
 from heron.engine.sequence import Sequence
 from heron.errors import InvalidRequestError
-from heron.speculative.proposer import Draft, Proposer, draw_draft_token, stack_probs
+from heron.speculative.proposer import (
+    PROPOSERS,
+    Draft,
+    Proposer,
+    draw_draft_token,
+    stack_probs,
+)
+
+if TYPE_CHECKING:
+    from heron.engine.plugin import EngineParts
 
 logger = logging.getLogger(__name__)
 
@@ -28,25 +37,36 @@ def default_kept_layers(num_layers: int) -> int:
     return max(1, num_layers * 5 // 6)
 
 
-def spread_layers(num_layers: int, keep: int) -> list[int]:
-    """``keep`` layer indices evenly spaced over ``num_layers``, first and last included."""
+def spread_layers(num_layers: int, keep: int, param: str, option: str) -> list[int]:
+    """``keep`` layer indices evenly spaced over ``num_layers``, first and last included;
+    ``keep`` is option ``option`` of ``param`` (e.g. ``speculative_options``), named in the
+    error when the model has fewer layers."""
     if not 1 <= keep <= num_layers:
         raise InvalidRequestError(
-            f"draft_num_layers: must be in [1, {num_layers}], got {keep}", "draft_num_layers"
+            f"{param}.{option}: must be in [1, {num_layers}] (the model's layers), got {keep}",
+            param=param,
         )
     if keep == 1:
         return [0]
     return sorted({round(i * (num_layers - 1) / (keep - 1)) for i in range(keep)})
 
 
+@PROPOSERS.register("layer_skip")
+@dataclass(eq=False)
 class LayerSkipProposer(Proposer):
-    name = "layer_skip"
+    num_layers: int | None = None  # layers the draft keeps (None: 5/6 of them)
 
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, keep: int) -> None:
-        self.runner = runner
-        self.bm = block_manager
-        self.layers = spread_layers(len(runner.model.layers), keep)
-        logger.info("layer_skip draft: %d of %d layers", len(self.layers), len(runner.model.layers))
+    def __post_init__(self) -> None:
+        if self.num_layers is not None:
+            PROPOSERS.check_int("num_layers", self.num_layers, 1)
+
+    def start(self, parts: EngineParts) -> None:
+        self.runner = parts.runner
+        self.bm = parts.block_manager
+        total = parts.model_config.num_layers
+        keep = self.num_layers or default_kept_layers(total)
+        self.layers = spread_layers(total, keep, PROPOSERS.options_param, "num_layers")
+        logger.info("layer_skip draft: %d of %d layers", len(self.layers), total)
 
     def propose(self, seq: Sequence, k: int) -> Draft:
         return self.propose_batch([seq], [k])[0]

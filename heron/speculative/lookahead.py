@@ -19,9 +19,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from heron.engine.sequence import Sequence
-from heron.speculative.proposer import Draft, Proposer
+from heron.errors import InvalidRequestError
+from heron.layers.kivi import KIVI_BITS
+from heron.speculative.ngram import check_ngram_range
+from heron.speculative.proposer import PROPOSERS, Draft, Proposer
+
+if TYPE_CHECKING:
+    from heron.engine.plugin import EngineParts
 
 _SHARED_MAX_NODES = 500_000  # the shared trie starts over past this many nodes
 
@@ -76,16 +84,29 @@ class NgramTrie:
         return node
 
 
+@PROPOSERS.register("lookahead")
+@dataclass(eq=False)
 class LookaheadProposer(Proposer):
-    name = "lookahead"
+    default_num_tokens = 16  # the nodes of its draft tree
+    ngram_min: int = 1  # shortest context matched
+    ngram_max: int = 3  # longest context matched
+    depth: int = 8  # the longest branch of the draft tree
 
-    def __init__(self, ngram_min: int = 1, ngram_max: int = 3, depth: int = 8) -> None:
-        self.ngram_min = ngram_min
-        self.ngram_max = ngram_max
-        self.depth = depth
+    def __post_init__(self) -> None:
+        check_ngram_range(self.ngram_min, self.ngram_max)
+        PROPOSERS.check_int("depth", self.depth, 1)
         self.tries: dict[int, NgramTrie] = {}  # seq_id -> its prompt + output
-        self.shared = NgramTrie(ngram_max + depth)  # finished outputs of earlier requests
+        self.shared = NgramTrie(self.ngram_max + self.depth)  # earlier requests' outputs
         self._seqs: dict[int, Sequence] = {}  # seq_id -> sequence, whose output feeds ``shared``
+
+    def start(self, parts: EngineParts) -> None:
+        dtype = parts.config.kv_cache_dtype
+        if dtype in KIVI_BITS:
+            raise InvalidRequestError(
+                f"kv_cache_dtype: {dtype} (KIVI) cannot hold lookahead's draft trees, whose "
+                "accepted branch is moved in the cache; use auto or int8",
+                param="kv_cache_dtype",
+            )
 
     def propose(self, seq: Sequence, k: int) -> Draft:
         trie = self.tries.get(seq.seq_id)

@@ -5,16 +5,26 @@ extraction, code edits)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from heron.engine.sequence import Sequence
-from heron.speculative.proposer import Draft, Proposer
+from heron.speculative.proposer import PROPOSERS, Draft, Proposer
 
 
+def check_ngram_range(ngram_min: object, ngram_max: object) -> None:
+    """The suffix lengths a lookup proposer matches: 1 <= ngram_min <= ngram_max."""
+    PROPOSERS.check_int("ngram_min", ngram_min, 1)
+    PROPOSERS.check_int("ngram_max", ngram_max, ngram_min)
+
+
+@PROPOSERS.register("ngram")
+@dataclass(eq=False)
 class NgramProposer(Proposer):
-    name = "ngram"
+    ngram_min: int = 1  # shortest suffix matched
+    ngram_max: int = 3  # longest suffix matched
 
-    def __init__(self, ngram_min: int = 1, ngram_max: int = 3) -> None:
-        self.ngram_min = ngram_min
-        self.ngram_max = ngram_max
+    def __post_init__(self) -> None:
+        check_ngram_range(self.ngram_min, self.ngram_max)
 
     def propose(self, seq: Sequence, k: int) -> Draft:
         return Draft(lookup(seq.token_ids, k, self.ngram_min, self.ngram_max))

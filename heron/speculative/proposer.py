@@ -5,17 +5,30 @@ draft model) run a network and also return the draft distribution ``probs`` each
 drawn from, which the verifier needs for the lossless acceptance rule. A proposer that returns
 no probabilities proposed deterministically (q is one-hot on the drafted token). A draft is a
 chain, or a tree (``parents``, parents before children) whose branches are verified together
-in one pass under a tree attention mask (heron.speculative.verify)."""
+in one pass under a tree attention mask (heron.speculative.verify).
+
+A proposer is a dataclass of its options (``PROPOSERS.make(name, options)``); what it needs of
+the engine it drafts for (the runner, the block manager, the tokenizer) it takes in
+``start``, once the engine is built."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from heron.engine.sampler import draw, filtered_probs
 from heron.engine.sequence import Sequence
+from heron.registry import Registry
+
+if TYPE_CHECKING:
+    from heron.engine.plugin import EngineParts
+
+# Proposers by name, as ``EngineConfig.speculative_method``/``speculative_options`` and the
+# CLI/server flags name them.
+PROPOSERS: Registry[Proposer] = Registry("speculative_method", "speculative_options")
 
 
 @dataclass
@@ -27,8 +40,16 @@ class Draft:
     parents: list[int] | None = None
 
 
+@dataclass(eq=False)
 class Proposer(ABC):
-    name: str
+    name: ClassVar[str]
+    # The most drafts per step unless EngineConfig.num_speculative_tokens says otherwise.
+    default_num_tokens: ClassVar[int] = 4
+
+    def start(self, parts: EngineParts) -> None:
+        """The engine this proposer drafts for is built: take what it needs of it, and
+        refuse (``InvalidRequestError``) what it cannot work with."""
+        return None
 
     @abstractmethod
     def propose(self, seq: Sequence, k: int) -> Draft:

@@ -1,47 +1,26 @@
-"""Proposers by name, as ``EngineConfig.speculative_method`` and the CLI/server flags name
-them."""
+"""Proposers by name (``proposer.PROPOSERS``), as ``EngineConfig.speculative_method`` and the
+CLI/server flags name them, with their options (``speculative_options``). Importing this
+module registers every proposer."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from heron.errors import InvalidRequestError
-from heron.speculative.draft_model import DraftModelProposer
-from heron.speculative.layer_skip import LayerSkipProposer, default_kept_layers
-from heron.speculative.lookahead import LookaheadProposer
-from heron.speculative.ngram import NgramProposer
-from heron.speculative.proposer import Proposer
+import heron.speculative.draft_model  # noqa: F401  (each proposer registers in its module)
+import heron.speculative.layer_skip  # noqa: F401
+import heron.speculative.lookahead  # noqa: F401
+import heron.speculative.ngram  # noqa: F401
+from heron.speculative.proposer import PROPOSERS, Proposer
 
 if TYPE_CHECKING:
     from heron.engine.plugin import EngineParts
 
-PROPOSERS: dict[str, type[Proposer]] = {
-    "ngram": NgramProposer,
-    "lookahead": LookaheadProposer,
-    "layer_skip": LayerSkipProposer,
-    "draft": DraftModelProposer,
-}
+__all__ = ["PROPOSERS", "build_proposer"]
 
 
 def build_proposer(parts: EngineParts) -> Proposer:
+    """The engine's proposer, from its options, started on the engine's parts."""
     config = parts.config
-    method = config.speculative_method
-    if method == "ngram":
-        return NgramProposer(config.ngram_min, config.ngram_max)
-    if method == "lookahead":
-        return LookaheadProposer(config.ngram_min, config.ngram_max, config.lookahead_depth)
-    if method == "layer_skip":
-        num_layers = parts.model_config.num_layers
-        keep = config.draft_num_layers or default_kept_layers(num_layers)
-        return LayerSkipProposer(parts.runner, parts.block_manager, keep)
-    if method == "draft":
-        return DraftModelProposer(
-            config.draft_model,
-            config.draft_num_layers,
-            parts.tokenizer,
-            parts.block_manager.num_blocks,
-            config.block_size,
-            parts.runner.device,
-            parts.runner.dtype,
-        )
-    raise InvalidRequestError(f"speculative_method: unknown {method!r}", "speculative_method")
+    proposer = PROPOSERS.make(config.speculative_method, config.speculative_options)
+    proposer.start(parts)
+    return proposer

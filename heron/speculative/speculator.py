@@ -127,7 +127,7 @@ class Speculator(EnginePlugin):
     def __init__(self, parts: EngineParts) -> None:
         super().__init__(parts)
         self.proposer = build_proposer(parts)
-        self.k_max = parts.config.num_speculative_tokens
+        self.k_max = parts.config.num_speculative_tokens or self.proposer.default_num_tokens
         self.max_model_len = parts.max_model_len
         self.adaptive: dict[int, AdaptiveK] = {}
         self.num_drafted = 0

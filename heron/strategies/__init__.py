@@ -11,7 +11,7 @@ from heron.strategies.best_of_n import BestOfN
 from heron.strategies.context_aware import ContextAware
 from heron.strategies.entropy_adaptive import EntropyAdaptive
 from heron.strategies.majority import Majority
-from heron.strategies.registry import STRATEGIES, make_strategy, parse_options
+from heron.strategies.registry import STRATEGIES, make_strategy
 from heron.strategies.run import StrategyRun
 
 __all__ = [
@@ -28,5 +28,4 @@ __all__ = [
     "StrategyRun",
     "TokenStrategy",
     "make_strategy",
-    "parse_options",
 ]

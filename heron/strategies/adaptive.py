@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from heron.outputs import CompletionOutput
-from heron.strategies.base import check_option
+from heron.strategies.base import STRATEGIES, check_option
 from heron.strategies.majority import Majority
 
 
+@STRATEGIES.register("adaptive")
 @dataclass
 class Adaptive(Majority):
     """``n``: the most samples; rounds draw ``initial``, then double (4, 8, 16 for n = 16)."""
 
-    name = "adaptive"
     n: int = 16
     initial: int = 4
     agreement: float = 0.75

@@ -6,19 +6,25 @@ with ``n = k`` whose samples share the prompt's KV blocks copy-on-write, and han
 Strategies hold only their options, so one instance serves any number of prompts.
 
 A ``TokenStrategy`` decides each token of a single sample instead (context-aware and
-entropy-adaptive decoding): it only sets the engine request's settings, and the engine does
-the work step by step, so the front ends can stream it like a plain request."""
+entropy-adaptive decoding): it travels with the engine request as
+``SamplingParams.token_strategy``, and its engine plugin does the work step by step, so the
+front ends can stream it like a plain request."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.outputs import CompletionOutput
+from heron.registry import Registry
+
+# Strategies by name, for ``LLM.generate(strategy=...)``, the CLI and the server; ``n`` is
+# given beside the options (``SamplingParams.n``, the CLI's ``--n``).
+STRATEGIES: Registry[Strategy] = Registry("strategy", given=("n",))
 
 
 @dataclass
@@ -33,11 +39,11 @@ class Selection:
 
 
 def check_option(ok: bool, option: str, message: str) -> None:
-    """Strategy options arrive from Python, the CLI and JSON: one error shape for all."""
-    if not ok:
-        param = "n" if option == "n" else "strategy_options"
-        name = option if option == "n" else f"strategy_options.{option}"
-        raise InvalidRequestError(f"{name}: {message}", param=param)
+    """A strategy's check of one of its options; ``n`` is a parameter of its own."""
+    if option != "n":
+        STRATEGIES.check(ok, option, message)
+    elif not ok:
+        raise InvalidRequestError(f"n: {message}", param="n")
 
 
 @dataclass
@@ -82,3 +88,6 @@ class TokenStrategy(Strategy):
 
     def select(self, samples: Sequence[CompletionOutput]) -> Selection:
         return Selection(index=0)
+
+    def request_params(self, params: SamplingParams) -> SamplingParams:
+        return replace(params, token_strategy=self)

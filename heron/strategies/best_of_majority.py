@@ -9,14 +9,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from heron.outputs import CompletionOutput
-from heron.strategies.base import Selection, check_option
+from heron.strategies.base import STRATEGIES, Selection, check_option
 from heron.strategies.best_of_n import BestOfN
 from heron.strategies.majority import Majority
 
 
+@STRATEGIES.register("best_of_majority")
 @dataclass
 class BestOfMajority(Majority, BestOfN):
-    name = "best_of_majority"
     threshold: float = 0.3
 
     def __post_init__(self) -> None:

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from heron.outputs import CompletionOutput
-from heron.strategies.base import Selection, Strategy
+from heron.strategies.base import STRATEGIES, Selection, Strategy
 from heron.strategies.scorers import Scorer, resolve_scorer
 
 
+@STRATEGIES.register("best_of_n")
 @dataclass
 class BestOfN(Strategy):
     """``scorer``: a name from ``scorers.SCORERS`` or a callable (higher is better)."""
 
-    name = "best_of_n"
     scorer: str | Scorer = "mean_logprob"
 
     def __post_init__(self) -> None:

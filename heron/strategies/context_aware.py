@@ -4,8 +4,8 @@ token is drawn from (1 + alpha) * logits(with context) - alpha * logits(without)
 is plain decoding. Use it when the context should override the model's prior (a document
 that contradicts what the model memorised).
 
-``ContextAware`` carries the options (front ends turn it into the request's ``cad_context``
-and ``cad_alpha``); ``ContextAwareDecoding`` is the engine's half. A CAD request runs as a
+``ContextAware`` carries the options (a request's ``SamplingParams.token_strategy``);
+``ContextAwareDecoding`` is the engine's half. A CAD request runs as a
 pair of sequences: the request's own (context + question) and a context-free companion (the
 same prompt with the context text removed), each with its own KV blocks, scheduled like any
 other sequence. Each step a sequence of a pair that reaches a new position hands its logits
@@ -16,7 +16,8 @@ the pair stays in lockstep whatever the batch, the chunking or the preemptions d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,16 +25,17 @@ from heron.config import SamplingParams
 from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
-from heron.strategies.base import TokenStrategy, check_option
+from heron.registry import is_number
+from heron.strategies.base import STRATEGIES, TokenStrategy, check_option
 from heron.tokenizer import Tokenizer
 
 
+@STRATEGIES.register("cad")
 @dataclass
 class ContextAware(TokenStrategy):
     """``context``: the exact text of the context inside the prompt (required);
     ``alpha``: how strongly the context-free prediction is subtracted."""
 
-    name = "cad"
     context: str | None = None
     alpha: float = 0.5
 
@@ -46,32 +48,29 @@ class ContextAware(TokenStrategy):
             "of the context-free run)",
         )
         check_option(
-            isinstance(self.alpha, int | float) and self.alpha >= 0,
+            is_number(self.alpha) and 0 <= self.alpha < math.inf,
             "alpha",
-            f"a number >= 0; got {self.alpha!r}",
+            f"a finite number >= 0; got {self.alpha!r}",
         )
-
-    def request_params(self, params: SamplingParams) -> SamplingParams:
-        return replace(params, cad_context=self.context, cad_alpha=float(self.alpha))
 
 
 def context_free_prompt(tokenizer: Tokenizer, prompt_ids: list[int], context: str) -> list[int]:
     """The prompt with the first occurrence of ``context`` removed from its text (special
     tokens kept, so a chat-templated prompt stays well formed)."""
     text = tokenizer.decode(prompt_ids, skip_special_tokens=False)
-    if context not in text:
-        raise InvalidRequestError(
-            "cad_context: the context text does not occur in the prompt; pass the exact "
-            "text of the context the prompt contains",
-            param="cad_context",
-        )
+    check_option(
+        context in text,
+        "context",
+        "the context text does not occur in the prompt; pass the exact text of the context "
+        "the prompt contains",
+    )
     ids = tokenizer.hf.encode(text.replace(context, "", 1), add_special_tokens=False)
-    if not ids:
-        raise InvalidRequestError(
-            "cad_context: the prompt without its context is empty; the question must follow "
-            "the context in the prompt",
-            param="cad_context",
-        )
+    check_option(
+        bool(ids),
+        "context",
+        "the prompt without its context is empty; the question must follow the context in "
+        "the prompt",
+    )
     return ids
 
 
@@ -97,16 +96,16 @@ class ContextAwareDecoding(EnginePlugin):
         """The context-free companion: the request's prompt without its context, as a
         sequence of an internal request (never reported) that follows the request's
         tokens."""
-        context = req.params.cad_context
-        if context is None:
+        cad = req.params.token_strategy
+        if not isinstance(cad, ContextAware):
             return []
         if self.parts.multi_token_steps:
             raise InvalidRequestError(
-                "cad_context: context-aware decoding cannot be combined with speculative "
+                "strategy: context-aware decoding cannot be combined with speculative "
                 "decoding (the engine runs with a speculative method)",
-                param="cad_context",
+                param="strategy",
             )
-        ids = context_free_prompt(self.parts.tokenizer, req.prompt_token_ids, context)
+        ids = context_free_prompt(self.parts.tokenizer, req.prompt_token_ids, cad.context)
         inner = Request(f"{req.request_id}#without-context", None, ids, SamplingParams())
         companion = self.parts.new_sequence(inner, 0, list(ids))
         self.companion[seq.seq_id], self.main[companion.seq_id] = companion, seq
@@ -136,7 +135,8 @@ class ContextAwareDecoding(EnginePlugin):
         for main in ready:
             with_context = self.pending.pop(main.seq_id)
             without = self.pending.pop(self.companion[main.seq_id].seq_id)
-            combined.append(contrast_logits(with_context, without, main.request.params.cad_alpha))
+            alpha = float(main.request.params.token_strategy.alpha)
+            combined.append(contrast_logits(with_context, without, alpha))
         return [seqs[i] for i in keep] + ready, torch.cat([logits[keep], torch.stack(combined)])
 
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """Entropy-adaptive decoding (EAD): a cheap model generates the easy stretches of a completion
 and the full model the uncertain ones, switching on the rolling mean of the next-token entropy.
 
-``EntropyAdaptive`` carries the options (front ends turn it into the request's
-``entropy_*`` settings); ``EntropyAdaptiveDecoding`` is the engine's half.
+``EntropyAdaptive`` carries the options (a request's ``SamplingParams.token_strategy``);
+``EntropyAdaptiveDecoding`` is the engine's half.
 
 The cheap model is the target with only some of its layers (``heron.speculative.layer_skip``'s
 even spread; no second model of the same tokenizer ships here), so both share one paged cache.
@@ -19,23 +19,25 @@ draws the next."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
-from heron.config import SamplingParams
 from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
+from heron.registry import is_int, is_number
 from heron.speculative.layer_skip import default_kept_layers, spread_layers
-from heron.strategies.base import TokenStrategy, check_option
+from heron.strategies.base import STRATEGIES, TokenStrategy, check_option
 
 
 def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1
 
 
+@STRATEGIES.register("entropy_adaptive")
 @dataclass
 class EntropyAdaptive(TokenStrategy):
     """``threshold``: rolling mean entropy (nats) at or above which the full model draws;
@@ -43,7 +45,6 @@ class EntropyAdaptive(TokenStrategy):
     a model keeps before a switch away from it. ``cheap_layers``: layers of the cheap model
     (default 5/6 of them, spread over depth)."""
 
-    name = "entropy_adaptive"
     threshold: float = 1.0
     window: int = 4
     min_span: int = 8
@@ -52,9 +53,9 @@ class EntropyAdaptive(TokenStrategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_option(
-            isinstance(self.threshold, int | float) and self.threshold >= 0,
+            is_number(self.threshold) and 0 <= self.threshold < math.inf,
             "threshold",
-            f"entropy in nats, >= 0; got {self.threshold!r}",
+            f"entropy in nats, finite and >= 0; got {self.threshold!r}",
         )
         check_option(_positive_int(self.window), "window", f"an integer >= 1; got {self.window!r}")
         check_option(
@@ -64,15 +65,6 @@ class EntropyAdaptive(TokenStrategy):
             self.cheap_layers is None or _positive_int(self.cheap_layers),
             "cheap_layers",
             f"an integer >= 1; got {self.cheap_layers!r}",
-        )
-
-    def request_params(self, params: SamplingParams) -> SamplingParams:
-        return replace(
-            params,
-            entropy_threshold=float(self.threshold),
-            entropy_window=self.window,
-            entropy_min_span=self.min_span,
-            cheap_layers=self.cheap_layers,
         )
 
 
@@ -146,33 +138,25 @@ class EntropyAdaptiveDecoding(EnginePlugin):
 
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
         p = req.params
-        if p.entropy_threshold is None:
+        ead = p.token_strategy
+        if not isinstance(ead, EntropyAdaptive):
             return []
         if self.parts.multi_token_steps:
             raise InvalidRequestError(
-                "entropy_threshold: entropy-adaptive decoding cannot be combined with "
-                "speculative decoding (the engine runs with a speculative method)",
-                param="entropy_threshold",
+                "strategy: entropy-adaptive decoding cannot be combined with speculative "
+                "decoding (the engine runs with a speculative method)",
+                param="strategy",
             )
         if p.kv_policy not in (None, "none") or self.parts.config.kv_policy is not None:
             raise InvalidRequestError(
-                "entropy_threshold: entropy-adaptive decoding cannot be combined with KV "
-                "compression (the full model recomputes the cheap model's positions)",
-                param="entropy_threshold",
+                "strategy: entropy-adaptive decoding cannot be combined with KV compression "
+                "(the full model recomputes the cheap model's positions)",
+                param="strategy",
             )
         num_layers = self.parts.model_config.num_layers
-        keep = p.cheap_layers or default_kept_layers(num_layers)
-        if keep > num_layers:
-            raise InvalidRequestError(
-                f"cheap_layers: the model has {num_layers} layers, got {keep}",
-                param="cheap_layers",
-            )
-        switch = ModelSwitch(
-            spread_layers(num_layers, keep),
-            p.entropy_threshold,
-            p.entropy_window,
-            p.entropy_min_span,
-        )
+        keep = ead.cheap_layers or default_kept_layers(num_layers)
+        layers = spread_layers(num_layers, keep, STRATEGIES.options_param, "cheap_layers")
+        switch = ModelSwitch(layers, float(ead.threshold), ead.window, ead.min_span)
         self.switches[seq.seq_id] = switch
         req.metrics.update(switch.metrics())
         return []

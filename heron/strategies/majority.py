@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from heron.outputs import CompletionOutput
 from heron.strategies.answers import AnswerExtractor
-from heron.strategies.base import Selection, Strategy
+from heron.strategies.base import STRATEGIES, Selection, Strategy
 
 
 @dataclass
@@ -30,12 +30,12 @@ class Votes:
         return self.counts[answer] / len(self.answers) if answer is not None else 0.0
 
 
+@STRATEGIES.register("majority")
 @dataclass
 class Majority(Strategy):
     """``answer``: "auto", "boxed" or "number" (see ``answers``); ``answer_regex``: a regex
     whose last match (group 1 if it has groups) is the answer, used instead."""
 
-    name = "majority"
     answer: str = "auto"
     answer_regex: str | None = None
 

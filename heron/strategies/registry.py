@@ -1,24 +1,20 @@
-"""Strategies by name, for ``LLM.generate(strategy=...)``, the CLI and the server."""
+"""Strategies by name (``base.STRATEGIES``), for ``LLM.generate(strategy=...)``, the CLI and
+the server. Importing this module registers every strategy."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import fields
 from typing import Any
 
+import heron.strategies.adaptive  # noqa: F401  (each strategy registers in its module)
+import heron.strategies.best_of_majority  # noqa: F401
+import heron.strategies.best_of_n  # noqa: F401
+import heron.strategies.context_aware  # noqa: F401
+import heron.strategies.entropy_adaptive  # noqa: F401
+import heron.strategies.majority  # noqa: F401
 from heron.errors import InvalidRequestError
-from heron.strategies.adaptive import Adaptive
-from heron.strategies.base import Strategy
-from heron.strategies.best_of_majority import BestOfMajority
-from heron.strategies.best_of_n import BestOfN
-from heron.strategies.context_aware import ContextAware
-from heron.strategies.entropy_adaptive import EntropyAdaptive
-from heron.strategies.majority import Majority
+from heron.strategies.base import STRATEGIES, Strategy
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (BestOfN, Majority, BestOfMajority, Adaptive, ContextAware, EntropyAdaptive)
-}
+__all__ = ["STRATEGIES", "make_strategy"]
 
 
 def make_strategy(
@@ -39,36 +35,4 @@ def make_strategy(
                 param="n",
             )
         return spec
-    cls = STRATEGIES.get(spec) if isinstance(spec, str) else None
-    if cls is None:
-        raise InvalidRequestError(
-            f"strategy: unknown strategy {spec!r}; known: {', '.join(STRATEGIES)}",
-            param="strategy",
-        )
-    options = dict(options or {})
-    allowed = [f.name for f in fields(cls) if f.init and f.name != "n"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise InvalidRequestError(
-            f"strategy_options: {', '.join(unknown)} not an option of {spec}; "
-            f"its options: {', '.join(allowed)}",
-            param="strategy_options",
-        )
-    return cls(n=n, **options)
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (the CLI's) as options: a JSON value (number, true, null...)
-    where the value parses as one, else the plain string."""
-    options: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequestError(
-                f"--strategy-option: expected KEY=VALUE, got {pair!r}", param="strategy_options"
-            )
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+    return STRATEGIES.make(spec, options, n=n)

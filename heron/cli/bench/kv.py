@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         to_results,
         write_png,
     )
-    from heron.kv.registry import POLICIES
+    from heron.kv.registry import KV_POLICIES
     from heron.layers.kv_cache import KV_CACHE_DTYPES
 
     cfg = config_from_args(
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         else (),
     )
     for flag, given, known in (
-        ("--policies", cfg.policies, POLICIES),
+        ("--policies", cfg.policies, KV_POLICIES.names()),
         ("--tasks", cfg.tasks, TASKS),
         ("--settings", cfg.settings, SETTINGS),
         ("--cache-dtypes", cfg.cache_dtypes, [d for d in KV_CACHE_DTYPES if d != "auto"]),

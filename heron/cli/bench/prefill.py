@@ -38,8 +38,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="xattention,vertical_slash,flexprefill",
         help="comma-separated sparse patterns",
     )
-    pf.add_argument("--threshold", type=float, default=0.9, help="sparse threshold")
-    pf.add_argument("--min-tokens", type=int, default=1024, help="sparse_min_tokens")
+    pf.add_argument(
+        "--threshold",
+        type=float,
+        default=0.9,
+        help="sparse patterns' threshold: attention mass kept",
+    )
+    pf.add_argument(
+        "--min-tokens",
+        type=int,
+        default=1024,
+        help="sparse patterns' min_tokens: shortest prompt that uses them",
+    )
     pf.add_argument("--repeats", type=int, default=1, help="timed prefills per length")
     pf.add_argument("--num-passkey", type=int, default=3, help="passkey prompts per length")
     pf.add_argument(
@@ -60,14 +70,14 @@ def run(args: argparse.Namespace) -> int:
         to_results,
         write_png,
     )
-    from heron.config import EngineConfig
+    from heron.sparse.registry import SPARSE_PATTERNS
 
     patterns = split_csv("patterns", args.patterns) if args.sparse else []
-    for p in patterns:  # bad names/thresholds fail before any model loads
-        EngineConfig(sparse_prefill=p, sparse_threshold=args.threshold)
     default_lengths = "2048,4096,8000" if args.sparse else "512,2048,8000"
     lengths = split_csv("lengths", args.lengths or default_lengths, int)
     cfg = config_from_args(PrefillBenchConfig, args, lengths=lengths, patterns=patterns)
+    for p in patterns:  # bad names and options fail before any model loads
+        SPARSE_PATTERNS.make(p, cfg.pattern_options)
     rows = run_prefill_bench(cfg)
     print(format_table(rows))
     save_results(args, to_results(rows, cfg), lambda path: write_png(rows, path))
