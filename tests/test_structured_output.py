@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import httpx
 import jsonschema
@@ -241,3 +243,28 @@ def test_bad_constraints_are_400s(server, body, param):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+# ---------------------------------------------------------------------------- the CLI
+def heron_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "heron.cli", "generate", "--dtype", "float32", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_constraint_flags(tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    proc = heron_cli("Describe a person.", "--json-schema", str(schema), "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    jsonschema.validate(json.loads(proc.stdout), SCHEMA)
+    proc = heron_cli("Is the sky blue?", "--choice", "yes,no")
+    assert proc.returncode == 0 and proc.stdout.strip() in ("yes", "no"), proc.stderr
+    proc = heron_cli("x", "--regex", "(a")
+    assert proc.returncode == 2 and "structured_outputs.regex" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = heron_cli("x", "--regex", "a", "--choice", "a,b")
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
