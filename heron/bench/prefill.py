@@ -13,7 +13,6 @@ at evenly spaced depths (greedy, 8 new tokens)."""
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,8 @@ import torch
 
 from heron.bench.passkey import RetrievalCase, is_correct, make_needle, make_passkey
 from heron.bench.plot import pyplot
+from heron.bench.record import Results, speed_row
+from heron.bench.record import Row as RecordRow
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +229,33 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: list[Row], cfg: PrefillBenchConfig, path: str) -> None:
+def to_results(rows: list[Row], cfg: PrefillBenchConfig) -> Results:
+    """The record's results: dense heron's prefill speed against each baseline, and each
+    sparse pattern's against dense (with the density and retrieval of both)."""
+    dense = {r.length: r for r in rows if r.method == "dense"}
+    table: list[RecordRow] = []
+    for length, d in dense.items():
+        speed = length / d.prefill_s
+        measured = f"prefill tok/s at {length} tokens, dense attention"
+        baselines = [r for r in rows if r.method in BASELINES and r.length == length]
+        table += [speed_row(measured, speed, b.method, length / b.prefill_s) for b in baselines]
+        if not baselines:
+            table.append(speed_row(measured, speed))
+        for r in rows:
+            if r.length != length or r.method in ("dense", *BASELINES):
+                continue
+            measured = f"prefill tok/s at {length} tokens, {r.method}"
+            if r.density is not None:
+                measured += f" (density {r.density:.2f})"
+            if r.passkey_total + r.needle_total:
+                measured += f", passkey + needle {_found(r)} vs dense {_found(d)}"
+            table.append(speed_row(measured, length / r.prefill_s, "dense", speed))
     data = {"config": asdict(cfg), "rows": [asdict(r) | {"accuracy": r.accuracy} for r in rows]}
-    Path(path).write_text(json.dumps(data, indent=2))
+    return Results("prefill", data, table)
+
+
+def _found(r: Row) -> str:
+    return f"{r.passkey_correct + r.needle_correct}/{r.passkey_total + r.needle_total}"
 
 
 def write_png(rows: list[Row], path: str) -> bool:

@@ -19,7 +19,6 @@ one prompt runs with n = 1 and with n = ``kv_n``."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,7 +30,7 @@ from heron.bench.counterfactual import format_counterfactual, run_counterfactual
 from heron.bench.entropy_adaptive import format_entropy_adaptive, run_entropy_adaptive
 from heron.bench.humaneval import format_humaneval, run_humaneval
 from heron.bench.plot import pyplot
-from heron.bench.throughput import machine_info
+from heron.bench.record import Results, Row, speed_row
 from heron.bench.word_problems import Problem, make_problems
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
@@ -150,8 +149,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
     ]
     truth = [str(p.answer) for p in problems]
     result: dict[str, Any] = {
-        "benchmark": "scaling",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": model,
         "model_path": str(engine.model_path),
         "dtype": str(engine.dtype).removeprefix("torch."),
@@ -174,7 +171,6 @@ def run_scaling(cfg: ScalingConfig) -> dict[str, Any]:
             llm, prompts[:n], truth[:n], cfg.entropy_thresholds, cfg.max_tokens
         )
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    result["machine"] = machine_info()
     return result
 
 
@@ -397,7 +393,7 @@ def _format_arithmetic(result: dict[str, Any]) -> list[str]:
         f"tokens/s: greedy {g['tokens_per_second']:.1f} (batch of {result['num_problems']}), "
         f"sampling {s['tokens_per_second']:.1f} (n = {s['samples_per_problem']} per problem); "
         f"load average before/after {result['load_average_before'][0]} / "
-        f"{result['load_average_after'][0]} on {result['machine']['cpu_count']} CPUs",
+        f"{result['load_average_after'][0]} on {os.cpu_count()} CPUs",
     ]
     kv = result["kv_blocks"]
     n_key = next(k for k in kv if k.startswith("n") and k != "n1")
@@ -413,8 +409,47 @@ def _format_arithmetic(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+def to_results(result: dict[str, Any]) -> Results:
+    """The record's results: each strategy's accuracy against greedy decoding's (and CAD's
+    share of answers that follow the context against plain decoding's), and the speed of
+    sampling and of entropy-adaptive decoding against greedy."""
+    table: list[Row] = []
+    if "greedy" in result:
+        greedy = result["greedy"]["accuracy"]
+        for method, by_k in result["methods"].items():
+            for k, r in by_k.items():
+                table.append(Row(f"word-problem accuracy, {method} at k = {k}", r["accuracy"],
+                                 "greedy", greedy))  # fmt: skip
+        for a in result["adaptive"]:
+            measured = (
+                f"word-problem accuracy, adaptive (agreement {a['agreement']:g}, "
+                f"{a['mean_samples']:.1f} samples)"
+            )
+            table.append(Row(measured, a["accuracy"], "greedy", greedy))
+        sampling = result["sampling"]
+        measured = f"tok/s, {sampling['samples_per_problem']} samples per problem"
+        greedy_speed = result["greedy"]["tokens_per_second"]
+        table.append(speed_row(measured, sampling["tokens_per_second"], "greedy", greedy_speed))
+    if "humaneval" in result:
+        h = result["humaneval"]
+        for pick in ("tests", "logprob"):
+            measured = f"HumanEval pass@1, best of {h['k']} by {pick}"
+            table.append(Row(measured, h[f"best_of_n_by_{pick}"], "greedy", h["greedy_pass_at_1"]))
+    if "cad" in result:
+        plain = result["cad"]["rows"][0]["follows_context"]
+        for r in result["cad"]["rows"][1:]:
+            measured = f"answers that follow the context, CAD alpha {r['alpha']:g}"
+            table.append(Row(measured, r["follows_context"], "plain decoding", plain))
+    if "entropy_adaptive" in result:
+        plain, *rows = result["entropy_adaptive"]["rows"]
+        for r in rows:
+            name = f"entropy-adaptive, threshold {r['threshold']:g} nats"
+            table.append(Row(f"word-problem accuracy, {name}", r["accuracy"], "greedy",
+                             plain["accuracy"]))  # fmt: skip
+            table.append(speed_row(f"tok/s (batch 1), {name}", r["tokens_per_second"], "greedy",
+                                   plain["tokens_per_second"]))  # fmt: skip
+    model = f"{Path(result['model_path']).name}, {result['dtype']} on {result['device']}"
+    return Results("scaling", result, table, model)
 
 
 def write_plots(result: dict[str, Any], prefix: str | os.PathLike) -> list[Path]:

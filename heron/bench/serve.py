@@ -21,10 +21,10 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import httpx
 
+from heron.bench.record import Results, Row, speed_row
 from heron.errors import InvalidRequestError
 from heron.server.process import ServerProcess
 
@@ -263,13 +263,27 @@ def format_table(result: ServeBenchResult) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: ServeBenchResult, path: str) -> None:
-    from heron.bench.throughput import machine_info
-
+def to_results(result: ServeBenchResult) -> Results:
+    """The record's results: heron's tok/s at each concurrency against the compared server,
+    and heron's replicas' against the single engine; heron alone where neither ran."""
+    c = result.config
+    table: list[Row] = []
+    by_key = {(r.server, r.concurrency): r for r in result.levels}
+    for conc in c.concurrency:
+        heron, other = by_key.get(("heron", conc)), by_key.get((c.comparison, conc))
+        if heron is None:
+            continue
+        measured = f"tok/s at concurrency {conc} (heron's TPOT p50 {heron.tpot_p50 * 1e3:.1f} ms)"
+        speed = heron.tokens_per_second
+        if other is None:
+            table.append(speed_row(measured, speed))
+        elif c.data_parallel_size > 1:
+            measured = f"tok/s at concurrency {conc}, {other.server}"
+            table.append(speed_row(measured, other.tokens_per_second, "heron, one engine", speed))
+        else:
+            table.append(speed_row(measured, speed, other.server, other.tokens_per_second))
     data = {
-        "benchmark": "serve",
-        "config": asdict(result.config),
+        "config": asdict(c),
         "levels": [{**asdict(r), "tokens_per_second": r.tokens_per_second} for r in result.levels],
-        "machine": machine_info(),
     }
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    return Results("serve", data, table, c.model or c.url or "")

@@ -56,6 +56,7 @@ import numpy as np
 
 from heron.bench.data import package_dir, paul_graham_essays
 from heron.bench.plot import pyplot
+from heron.bench.record import Results, speed_row
 from heron.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -390,8 +391,25 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+def to_results(result: dict[str, Any]) -> Results:
+    """The record's results: each proposer's tok/s against plain decoding's on each task and
+    batch, with its tokens per verify step and how many outputs equal plain decoding's."""
+    plain = {(r["task"], r["batch"]): r for r in result["runs"] if r["method"] == "none"}
+    table = []
+    for r in result["runs"]:
+        base = plain.get((r["task"], r["batch"]))
+        if r["method"] == "none" or base is None:
+            continue
+        steps = r["tokens_per_verify_step"]
+        measured = (
+            f"tok/s, {r['method']}, {r['task']}, batch {r['batch']} ("
+            + ("" if steps is None else f"{steps:.2f} tokens per verify step, ")
+            + f"{r['identical']}/{r['requests']} outputs equal plain decoding's)"
+        )
+        table.append(speed_row(measured, r["tokens_per_second"], "plain decoding",
+                               base["tokens_per_second"]))  # fmt: skip
+    model = f"{Path(result['model_path']).name}, {result['dtype'].removeprefix('torch.')}"
+    return Results("spec", result, table, model)
 
 
 def write_plot(result: dict[str, Any], path: str | os.PathLike) -> Path | None:

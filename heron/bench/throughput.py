@@ -13,10 +13,8 @@ freed before transformers loads the model. tok/s = generated tokens / wall time.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 
 from heron.bench import llama_cpp
 from heron.bench.plot import pyplot
+from heron.bench.record import Results, cpu_busy_elsewhere, speed_row
 from heron.errors import InvalidRequestError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ def _time_generate(
         cfg.input_len,
         cfg.output_len,
     )
-    load = _cpu_busy_elsewhere()
+    load = cpu_busy_elsewhere()
     _sync(device)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
@@ -276,7 +275,7 @@ def run_transformers(
         prompts[i : i + cfg.hf_batch_size] for i in range(0, len(prompts), cfg.hf_batch_size)
     ]
     generated = 0
-    load = _cpu_busy_elsewhere()
+    load = cpu_busy_elsewhere()
     _sync(device)
     t0 = time.perf_counter()
     for batch in tqdm(batches, desc="transformers", unit="batch"):
@@ -321,7 +320,7 @@ def run_llama_cpp(cfg: ThroughputConfig, path: Path) -> EngineResult | None:
         logger.warning("llama.cpp baseline skipped: %s is not a GGUF file", path.name)
         return None
     logger.info("llama.cpp: %d prompts in one batch", cfg.num_prompts)
-    load = _cpu_busy_elsewhere()
+    load = cpu_busy_elsewhere()
     r = llama_cpp.batched_bench(path, cfg.num_prompts, cfg.input_len, cfg.output_len)
     if r is None:
         return None
@@ -376,35 +375,6 @@ def format_table(result: ThroughputResult) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> dict[str, Any]:
-    import transformers
-
-    import heron
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "heron_version": heron.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def to_dict(result: ThroughputResult) -> dict[str, Any]:
     def engine(r: EngineResult | None) -> dict[str, Any] | None:
         if r is None:
@@ -412,8 +382,6 @@ def to_dict(result: ThroughputResult) -> dict[str, Any]:
         return {**asdict(r), "tokens_per_second": r.tokens_per_second}
 
     return {
-        "benchmark": "throughput",
-        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": asdict(result.config),
         "model_path": result.model_path,
         "dtype": result.dtype,
@@ -425,12 +393,30 @@ def to_dict(result: ThroughputResult) -> dict[str, Any]:
         "data_parallel_over_heron": result.data_parallel_ratio,
         "heron_over_transformers": result.ratio,
         "heron_over_llama_cpp": result.llama_cpp_ratio,
-        "machine": machine_info(),
     }
 
 
-def write_json(result: ThroughputResult, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(to_dict(result), indent=2) + "\n")
+def to_results(result: ThroughputResult) -> Results:
+    """The record's results: heron's tok/s against each baseline, and the replicas' against
+    the single engine."""
+    c = result.config
+    heron = result.heron.tokens_per_second
+    measured = f"generated tok/s, {c.engine_kwargs.get('quantization', 'none')} weights"
+    rows = []
+    if result.transformers is not None:
+        hf = f"transformers (batches of {min(c.hf_batch_size, c.num_prompts)})"
+        rows.append(speed_row(measured, heron, hf, result.transformers.tokens_per_second))
+    if result.llama_cpp is not None:
+        lc = "llama.cpp llama-batched-bench (GGUF as stored)"
+        rows.append(speed_row(measured, heron, lc, result.llama_cpp.tokens_per_second))
+    if not rows:
+        rows.append(speed_row(measured, heron))
+    if result.data_parallel is not None:
+        replicas = f"generated tok/s, {c.data_parallel_size} engine replicas on Ray"
+        dp = result.data_parallel.tokens_per_second
+        rows.append(speed_row(replicas, dp, "heron, one engine", heron))
+    model = f"{Path(result.model_path).name}, {result.dtype} on {result.device}"
+    return Results("throughput", to_dict(result), rows, model)
 
 
 def write_png(result: ThroughputResult, path: str | os.PathLike) -> bool:
@@ -449,36 +435,6 @@ def write_png(result: ThroughputResult, path: str | os.PathLike) -> bool:
     fig.tight_layout()
     fig.savefig(path)
     return True
-
-
-def _cpu_busy_elsewhere(window: float = 1.0) -> float | None:
-    """CPU cores kept busy by other processes over ``window`` seconds, while this one idles.
-
-    On a small machine another process running torch makes both engines' thread pools fight
-    for cores and slows them many times over, so the number goes into the results."""
-    try:
-        before = _cpu_times()
-        time.sleep(window)
-        after = _cpu_times()
-    except (OSError, ValueError):
-        return None
-    busy = (after[0] - before[0]) / max(after[1] - before[1], 1) * (os.cpu_count() or 1)
-    if busy >= 0.2:
-        logger.warning(
-            "other processes keep %.1f of %d CPU cores busy: the timings will be noisy",
-            busy,
-            os.cpu_count() or 0,
-        )
-    return round(busy, 2)
-
-
-def _cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs, from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    return total - idle, total
 
 
 def _sync(device: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from heron.cli.bench import kv, latency, prefill, scaling, serve, spec, throughput
+from heron.cli.bench import kv, latency, prefill, report, scaling, serve, spec, throughput
+from heron.cli.bench.common import add_record_flag
 from heron.cli.common import HelpFormatter
 
 
@@ -19,3 +20,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for benchmark in (throughput, scaling, serve, spec, prefill, latency, kv):
         benchmark.add_parser(benchmarks)
+    for parser in benchmarks.choices.values():
+        add_record_flag(parser)
+    report.add_parser(benchmarks)

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         KVBenchConfig,
         header,
         run_kv_bench,
-        write_json,
+        to_results,
         write_png,
     )
     from heron.kv.registry import POLICIES
@@ -120,9 +120,5 @@ def run(args: argparse.Namespace) -> int:
     results = run_kv_bench(
         llm.engine, cfg, log=lambda row: print(row, flush=True), quantized=quantized
     )
-    save_results(
-        args,
-        lambda path: write_json(results, cfg, path),
-        lambda prefix: write_png(results, cfg, prefix),
-    )
+    save_results(args, to_results(results, cfg), lambda prefix: write_png(results, cfg, prefix))
     return 0

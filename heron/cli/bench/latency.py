@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         LatencyBenchConfig,
         format_table,
         run_latency_bench,
-        write_json,
+        to_results,
         write_png,
     )
     from heron.config import EngineConfig
@@ -59,5 +59,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(LatencyBenchConfig, args, quantizations=quantizations)
     result = run_latency_bench(cfg)
     print(format_table(result))
-    save_results(args, partial(write_json, result), partial(write_png, result))
+    save_results(args, to_results(result), partial(write_png, result))
     return 0

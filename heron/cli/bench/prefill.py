@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         PrefillBenchConfig,
         format_table,
         run_prefill_bench,
-        write_json,
+        to_results,
         write_png,
     )
     from heron.config import EngineConfig
@@ -70,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(PrefillBenchConfig, args, lengths=lengths, patterns=patterns)
     rows = run_prefill_bench(cfg)
     print(format_table(rows))
-    save_results(args, lambda path: write_json(rows, cfg, path), lambda path: write_png(rows, path))
+    save_results(args, to_results(rows, cfg), lambda path: write_png(rows, path))
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from functools import partial
 
 from heron.cli.bench.common import config_from_args, save_results, split_csv
 from heron.cli.common import HelpFormatter, common_parent, model_parent
@@ -86,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         ScalingConfig,
         format_table,
         run_scaling,
-        write_json,
+        to_results,
         write_plots,
     )
 
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_scaling(cfg)
     print(format_table(result))
-    save_results(args, partial(write_json, result))
+    save_results(args, to_results(result))
     if args.plots:
         for path in write_plots(result, args.plots):
             logger.info("chart written to %s", path)

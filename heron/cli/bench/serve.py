@@ -4,7 +4,6 @@ it starts."""
 from __future__ import annotations
 
 import argparse
-from functools import partial
 
 from heron.cli.bench.common import config_from_args, save_results, split_csv
 from heron.cli.common import HelpFormatter, common_parent
@@ -55,11 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark, prints its table and writes the files asked for."""
-    from heron.bench.serve import ServeBenchConfig, format_table, run_serve_bench, write_json
+    from heron.bench.serve import ServeBenchConfig, format_table, run_serve_bench, to_results
 
     levels = tuple(split_csv("concurrency", args.concurrency, int))
     cfg = config_from_args(ServeBenchConfig, args, concurrency=levels)
     result = run_serve_bench(cfg)
     print(format_table(result))
-    save_results(args, partial(write_json, result))
+    save_results(args, to_results(result))
     return 0

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         SpecBenchConfig,
         format_table,
         run_spec_bench,
-        write_json,
+        to_results,
         write_plot,
     )
 
@@ -89,5 +89,5 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_spec_bench(cfg)
     print(format_table(result))
-    save_results(args, partial(write_json, result), partial(write_plot, result))
+    save_results(args, to_results(result), partial(write_plot, result))
     return 0

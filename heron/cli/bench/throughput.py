@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         ThroughputConfig,
         format_table,
         run_throughput,
-        write_json,
+        to_results,
         write_png,
     )
 
@@ -90,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(ThroughputConfig, args, engine_kwargs=engine_kwargs)
     result = run_throughput(cfg)
     print(format_table(result))
-    save_results(args, partial(write_json, result), partial(write_png, result))
+    save_results(args, to_results(result), partial(write_png, result))
     return 0
