@@ -3,9 +3,9 @@
 //
 // At batch 1 a bf16 step reads every weight once (SmolLM2-135M: 270 MB), so its speed is the
 // speed at which the products stream their weights. oneDNN's packed GEMM (what PackedLinear
-// calls for many rows) streams them at ~17-20 GB/s at one row on a 2-core Zen 4 EPYC; this
-// kernel reads the plain [out, in] weight, eight rows ahead in L2 (heron_simd::prefetch_l2),
-// at ~30 GB/s. Each weight vector meets up to four activation rows (vdpbf16ps: 32 products
+// calls for many rows) streams them well below the memory's speed at one row; this kernel
+// reads the plain [out, in] weight, eight rows ahead in L2 (heron_simd::prefetch_l2), close
+// to it. Each weight vector meets up to four activation rows (vdpbf16ps: 32 products
 // per instruction, fp32 sums), so a few-row speculative verify step reads the weight once as
 // well. Each output is one activation row's dot product with one weight row, summed in the
 // same order whatever the number of rows: a row's result does not depend on the other rows
@@ -27,12 +27,11 @@
 
 bool bf16_gemv_supported() { return HERON_BF16_GEMV; }
 
-// Rows up to which bf16_gemv beats oneDNN's packed GEMM. SmolLM2's 121 products (all layers
-// and the head), cold, on a 2-core Zen 4 EPYC (AVX512_BF16, no AMX), oneDNN / bf16_gemv, ms:
-// 1 row 14-16 / 9.2, 4: 12-15 / 9.3, 8: 14-18 / 9.9, 16: 18-19 / 15.4-16, 24: 23 / 20.5,
-// 32: 28 / 26.5, 40: 33 / 31.6, 48: 45 / 37, 64: 51 / 48; prefill chunks and bigger batches
-// stay with oneDNN. With AMX, oneDNN's many-row products are several times faster (tile
-// multiplies): there the kernel takes 16 rows at most (not measured: no AMX CPU at hand).
+// Rows up to which bf16_gemv beats oneDNN's packed GEMM: without AMX its lead shrinks as rows
+// grow (every row past the fourth reads the weight again) and is gone past 64; prefill
+// chunks and bigger batches stay with oneDNN. With AMX, oneDNN's many-row products are
+// several times faster (tile multiplies): there the kernel takes 16 rows at most (a guess,
+// not tuned on an AMX CPU).
 int64_t bf16_gemv_max_rows() { return at::native::cpublas::could_pack(at::kBFloat16) ? 16 : 64; }
 
 namespace {
@@ -62,8 +61,7 @@ inline __m128 sum_lanes4(const __m512* v) {
 // both constants, every loop over the accumulators unrolled (HERON_UNROLL), so they stay in
 // registers. Every pass asks for the weight rows kAhead on into L2 (the first fetches them,
 // the others find them there or on their way): so memory keeps streaming while the block's
-// later passes compute from L1 (prefetching in the first pass only: 8 rows 11.4 vs 9.9 ms,
-// 16 rows 17.4 vs 15.1, SmolLM2's 121 products on a 2-core Zen 4 EPYC).
+// later passes compute from L1 (prefetching in the first pass only was slower).
 template <int64_t Rows, int64_t XRows>
 void bf16_pass(const uint16_t* x, const uint16_t* w, const float* bias, at::BFloat16* y,
                int64_t m0, int64_t K, int64_t N, int64_t n) {

@@ -1,8 +1,8 @@
 // A decode step's decoder layers (Llama, SmolLM2, Qwen2, Gemma3) in one C++ loop.
 //
-// At batch 1 a layer's matmuls take ~160 us and the ~20 ops around them ~5 us of work, but in
-// Python each op costs a dispatch, a module call and attribute lookups: ~70 us per layer, ~2 ms
-// of a ~10 ms step. This replays the decoder layers' forward (heron.models.llama,
+// At batch 1 the ~20 ops around a layer's matmuls are little work, but in Python each op costs
+// a dispatch, a module call and attribute lookups: a large share of a small model's step.
+// This replays the decoder layers' forward (heron.models.llama,
 // heron.models.gemma3) for a step of plain decode rows (one query each, attending through
 // paged_decode to a plain cache) with the same ops in the same order, so its output equals
 // the Python path's bit for bit: the Python modules stay the reference and serve every other

@@ -4,8 +4,8 @@
 // PyTorch's CPU int4 pack is [out / block_n, in, block_n / 2] bytes: byte [b, k, j] holds
 // row b * block_n + j in its low nibble and row b * block_n + block_n / 2 + j in its high one.
 // Int4Linear.dequantize unpacks that with PyTorch ops (two strided copies, then the level's
-// offset, scale and zero as three bf16 ops: six passes over the weight, ~1.6 ms for a
-// 3072 x 576 weight here, and a prefill step dequantizes every weight). Here one gather reads
+// offset, scale and zero as three bf16 ops: six passes over the weight, and a prefill step
+// dequantizes every weight). Here one gather reads
 // the bytes of four rows for 16 inputs (a stride of block_n / 2 bytes apart), and each row's
 // 16 values are computed and rounded where the PyTorch ops round: the same bits.
 #include "heron_kernels.h"
@@ -112,8 +112,8 @@ torch::Tensor dequantize_int4(torch::Tensor packed, torch::Tensor scale_zero,
 }
 
 // Int8Linear.dequantize in bf16 is bf16(q) * bf16(scale), rounded once (the product of an
-// int8 and a bf16 is exact in fp32): PyTorch's mixed-dtype mul ran at ~1.4 ns per weight here
-// (SmolLM2's 28 MB LM head: 41 ms into a ready buffer, 56 ms with the int8 -> bf16 copy).
+// int8 and a bf16 is exact in fp32): one pass, where PyTorch's mixed-dtype mul is slow and
+// wants an int8 -> bf16 copy first.
 torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
                               std::optional<torch::Tensor> into) {
 #if HERON_DEQUANTIZE
@@ -147,8 +147,8 @@ torch::Tensor dequantize_int8(torch::Tensor weight, torch::Tensor scale,
 
 // The float32 forms, for CPUs that only emulate bf16 matmul (the many-row path runs its GEMM in
 // float32 there): plain loops the compiler vectorizes for the machine, rounding where the
-// PyTorch ops of Int4Linear / Int8Linear.dequantize(float32) round, so the same bits. Those
-// ops took ~9 ms for a 3072 x 576 int4 weight on a 2-core AMD EPYC (six passes over it).
+// PyTorch ops of Int4Linear / Int8Linear.dequantize(float32) round, so the same bits, in one
+// pass where those ops take six.
 namespace {
 
 torch::Tensor float_output(const std::optional<torch::Tensor>& into, int64_t rows, int64_t cols,

@@ -320,8 +320,7 @@ void merge_parts(const float* partial, const Parts& parts, T* out, int64_t batch
 
 // The vector kernels' key scores: a query's kN vectors times a key's, as lanes of partial
 // sums, in kSums independent FMA chains added at the end: one chain of kN dependent FMAs
-// waited on each FMA's latency (a key of Gemma's 256 dims took ~1,000 cycles instead of ~150
-// in the AVX2 kernel).
+// waits on each FMA's latency.
 #if HERON_DECODE_AVX2
 inline __m256 vec_mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
 inline __m256 vec_add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
@@ -511,10 +510,8 @@ void decode_kernel_avx2(const T* q, const T* k_cache, const T* v_cache, const in
 // transpose-and-add pass instead of a horizontal sum per key and query), the online softmax
 // on 16 scores at once with a polynomial exp2 (the portable kernel's std::exp ran as scalar
 // calls), the 16 values converted to fp32 once for all G queries, and the next 16 rows
-// prefetched. Measured on a 2-core AVX-512 CPU at batch 64 x 192 tokens: 0.37 ms per call
-// against 0.875 ms for the portable kernel (~45 cycles per token and KV head on one core).
-// In the same parts as the other kernels, and with all KV heads per task where parts alone
-// keep the threads busy (see decode_kernel_avx2).
+// prefetched. In the same parts as the other kernels, and with all KV heads per task where
+// parts alone keep the threads busy (see decode_kernel_avx2).
 
 using heron_simd::exp2_neg;
 using heron_simd::load16;
@@ -862,8 +859,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 // cache[slots[t]] = x[t] for x [T, Hkv, D] (any strides, D contiguous) and a contiguous cache
 // [rows, Hkv, D] of the same dtype: a step's new keys (or values) into the paged cache.
-// index_copy_ does the same through a generic indexing loop at ~36 us for a batch-64 step's
-// 64 rows here (a batch-1 step pays ~4 us per call, 60 calls); these are plain row copies.
+// index_copy_ does the same through a generic indexing loop, slow for what are plain row
+// copies, and a step makes two calls per layer.
 void write_rows_(torch::Tensor cache, torch::Tensor slots, torch::Tensor x) {
   TORCH_CHECK(cache.dim() == 3 && x.dim() == 3 && cache.is_contiguous() &&
                   cache.size(1) == x.size(1) && cache.size(2) == x.size(2) &&

@@ -2,35 +2,28 @@
 // to their max_gemv_rows, and the int8 LM head that int4 models keep).
 //
 // At batch 1 these products are most of a step and their weights are not in cache (a step
-// reads ~80 MB of int4 layers and int8 head), where a plain read of memory runs at ~19 GB/s
-// here. PyTorch's kernels stream them at ~10.5 GB/s: int8 waits on memory (no prefetch);
-// int4 is compute-bound turning nibbles into floats (one core, a 3072 x 576 weight in cache,
-// one row: 98 us; 52 us here). Here:
+// reads ~80 MB of int4 layers and int8 head), so they should run at the memory's speed.
+// PyTorch's kernels stream them well below it: int8 waits on memory (no prefetch); int4 is
+// compute-bound turning nibbles into floats. Here:
 // - int8: each weight converted to fp32 once for up to four activation rows, the weight
-//   prefetched two row blocks ahead. SmolLM2's 28 MB head cold: 2.70 -> 1.64 ms. (Both
-//   kernels prefetch into L2, heron_simd::prefetch_l2: on a Zen 4 EPYC the head cold then
-//   takes ~1.0 ms.) GCC kept the 4 x 4 accumulators on the stack as well until every loop
-//   over them was unrolled (HERON_UNROLL): on that Zen 4 the head at 1 / 4 / 8 / 16 rows
-//   1.10 / 3.30 / 5.36 / 10.5 -> 0.83 / 1.75 / 3.31 / 6.16 ms, SmolLM2's int8 layers at 2-16
-//   rows 1.5-1.65x faster.
+//   prefetched two row blocks ahead (into L2, heron_simd::prefetch_l2, as the int4 kernel
+//   does). GCC kept the 4 x 4 accumulators on the stack until every loop over them was
+//   unrolled (HERON_UNROLL), which made the many-row calls much slower.
 // - int4 (PyTorch's packed layout, unchanged): no float conversion of weights at all. The
 //   nibbles of four inputs of 16 rows are gathered into one 32-bit lane (vpermi2b) and
 //   multiplied by integer activations with VNNI (vpdpbusd, 64 products per instruction).
 //   The activations become integers per weight group without losing bf16 precision: a group
 //   is scaled to +-16256 and split into hi * 128 + lo (two int8s, two vpdpbusd), so the
 //   integer products are exact and the only rounding is that scale (~2^-14 of the group's
-//   largest input, below bf16's 2^-9). SmolLM2's 120 int4 layer products at batch 1, cold:
-//   4.3-5.0 -> 3.1-3.2 ms. Rows go two at a time (16 accumulators), and a weight group is
-//   unpacked once for all of them (kept in L1 past the first pair): on a Zen 4 EPYC the 120
-//   products at 1 / 4 / 8 / 16 rows take 3.4 / 5.6 / 9.1 / 16.0 ms (unpacking again per
-//   pair of rows: 3.7 / 6.4 / 10.9 / 20.9), where vpdpbusd alone needs ~0.45 ms per row.
+//   largest input, below bf16's 2^-9). Rows go two at a time (16 accumulators), and a weight
+//   group is unpacked once for all of them (kept in L1 past the first pair), so a few-row
+//   call costs little more than one row: unpacking, not vpdpbusd, is the work per row.
 // Both accumulate in fp32 (int4: exact int32 per group, then fp32 across groups) and round the
 // output to bf16 once, as PyTorch's kernels do; results agree with them within bf16 rounding.
 //
 // Without AVX-512 (AVX2 + FMA, e.g. AMD Zen 3) the same two designs in 8-lane form. There
 // PyTorch's int4 kernel converts every nibble to a float and its int8 kernel streams at half
-// the memory's speed: on a 2-core AMD EPYC at batch 1, SmolLM2's 120 int4 products took
-// 11.1 ms and the int8 head 4.8 ms, where reading their 94 MB takes ~7.7 ms (12 GB/s).
+// the memory's speed, so both stay well above the time their weights take to read.
 // - int8: weights widened to fp32 once for up to two activation rows.
 // - int4: no VNNI, so the integer products are vpmaddubsw (unsigned nibble x signed int8,
 //   pairs summed into int16; 2 * 15 * 127 < 2^15, so eight of them add up exactly) and a

@@ -15,20 +15,17 @@
 namespace heron_simd {
 
 // Asks for the cache line holding p into L2 (prefetcht1), not L1 (prefetcht0), ahead of its
-// use by a kernel that streams from memory. On a 2-core AMD EPYC (Zen 4) every streaming
-// kernel ran faster this way: a 28 MB int8 GEMV cold 1.6-1.7 -> 0.97-1.0 ms, and a batch-1
-// int4 decode step 8.4 -> 6.2 ms (int8 head 1.9 -> 1.15, int4 layers 3.6 -> 3.2, attention
-// 0.83 -> 0.58); the AVX2 build (-march=znver3) on that CPU, batch-1 int8 step 11.7 ->
-// 7.7-8.4 ms in 2 runs of 3. Lines asked into L1 early seem to crowd out the ones in use.
+// use by a kernel that streams from memory: every streaming kernel, AVX-512 and AVX2 builds
+// alike, ran faster this way. Lines asked into L1 early seem to crowd out the ones in use.
 inline void prefetch_l2(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // Put before every loop over a register-blocked kernel's accumulator array (its set-up, its
 // inner products, its stores): the loops are then unrolled whole and the array lives in
 // registers only. GCC 12 otherwise keeps the array on the stack as well and stores all of it
 // on every step where it holds more than 8 vectors or a loop over it stays rolled (a
-// horizontal sum per element, say): the prefill block kernel's 4 x 4 tile ran 16 stores per
-// 16 vdpbf16ps, and the int8 GEMV's 4 x 4 passes ran at half speed. (int4_group_pass, two
-// arrays of at most 8 vectors with short loops, compiles to registers without it.)
+// horizontal sum per element, say): the prefill block kernel's 4 x 4 tile stored all 16
+// accumulators per 16 vdpbf16ps, and so did the int8 GEMV's 4 x 4 passes. (int4_group_pass,
+// two arrays of at most 8 vectors with short loops, compiles to registers without it.)
 #define HERON_UNROLL _Pragma("GCC unroll 16")
 
 // A register-blocked kernel's block sizes are template constants (HERON_UNROLL above); these

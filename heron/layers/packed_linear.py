@@ -2,14 +2,12 @@
 
 ``F.linear`` on a plain bf16 weight lets oneDNN re-block the weight on every call; packed
 once at load time (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU weight
-prepacking uses), the same products are bit-identical and, measured on a 2-core AVX-512 BF16 /
-AMX CPU with SmolLM2's shapes, 25-50% faster up to a few hundred rows (the 49k-vocab head at
-64 rows: 5.6 -> 2.8 ms) and within 10% either way at 2,048 rows.
+prepacking uses), the same products are bit-identical and faster: the re-blocking weighs most
+up to a few hundred rows, and at thousands the GEMM's own work hides it.
 
 float32 goes through MKL, which is fast on Intel CPUs (there the packed kernel was neither
-faster nor bit-identical, so float32 stays unpacked) and slow elsewhere: on a 2-core AMD EPYC
-(AVX2) SmolLM2's products took 39 / 88 / 198 / 428 ms at 1 / 2 / 16 / 64 rows through MKL and
-31 / 34 / 67 / 202 ms packed, 10-20% less at 512-2,048 rows. So on other vendors' CPUs
+faster nor bit-identical, so float32 stays unpacked) and slow elsewhere, most of all at a few
+rows, where oneDNN's packed kernel is several times faster. So on other vendors' CPUs
 float32 linears are packed too; their outputs then differ from F.linear's by rounding
 (~1e-6 relative), and each row's result no longer depends on how many rows share the call
 (MKL's does).
@@ -19,8 +17,8 @@ embedding-sized tensor in memory.
 
 A decode step's few rows (up to ``kernels.bf16_gemv_max_rows()``: 64, 16 with AMX) go through
 heron's bf16 GEMV instead where the CPU has AVX512_BF16 (``heron.kernels.bf16_gemv``): it
-streams the plain [out, in] weight ~1.5x faster than oneDNN's packed GEMM at 1-4 rows
-(SmolLM2's 121 products cold, 2-core Zen 4 EPYC: 9.2 vs 14-16 ms), and each row's result does
+streams the plain [out, in] weight faster than oneDNN's packed GEMM at a few rows (close to
+the memory's speed, where a step spends most of its time), and each row's result does
 not depend on how many rows share the call, so speculative verify rows reproduce plain
 decoding's tokens in bf16.
 That keeps the plain weight next to the packed one: a second copy of every bf16 linear's

@@ -3,7 +3,7 @@
 Decode is memory-bound: a step reads every weight once for a handful of rows, so reading 1 or
 0.5 byte per weight instead of 4 is the speed-up. Those few-row products take bf16
 activations and run through heron's kernels (``heron.kernels.int8_gemv`` / ``int4_gemv``, on
-PyTorch's packed layouts, ~1.4-1.6x faster per weight here) where the CPU has AVX-512 (VNNI
+PyTorch's packed layouts, faster per weight than PyTorch's) where the CPU has AVX-512 (VNNI
 and VBMI for int4), else PyTorch's packed CPU kernels (``_weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``). Many-row products (prefill chunks, big decode batches) are
 compute-bound and those kernels are slow there, so above a module's ``max_gemv_rows`` rows
@@ -32,14 +32,11 @@ from heron.layers.workspace import Workspace
 from heron.platform import cpu_has_fast_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Rows up to which the packed kernels beat dequantize + dense GEMM. PyTorch's (measured on a
-# 2-core AVX2 CPU: int8 is ~3.5x faster than fp32 at 1 row, even at 16, slower from ~32), and
-# heron's int8 (2-core AVX-512 CPU, SmolLM2's 120 layer products cold: even at 16 rows, 59 vs
-# 60 ms; its int8 head 9.8 vs 11.0 ms):
+# Rows up to which the packed kernels beat dequantize + dense GEMM. PyTorch's and heron's int8
+# widen every weight to floats for each few rows, so by a few dozen rows the GEMM catches up:
 GEMV_MAX_ROWS = 16
-# heron's int4, which does not widen weights to floats: 34 vs 74 ms at 16 rows, 76 vs 86 at 48
-# (that 2-core CPU); since it unpacks a weight group once for all rows, on a 2-core Zen 4 EPYC
-# (no AMX) 23 vs 59 ms at 16 rows, 52-82 vs 69-102 at 64, even at ~128.
+# heron's int4 does not widen weights to floats and unpacks a weight group once for all rows,
+# so it stays ahead for several times as many rows:
 HERON_INT4_MAX_ROWS = 64
 INT4_GROUP_SIZES = (32, 64, 128)  # the first that divides in_features is used
 _KERNEL_DTYPE = torch.bfloat16  # the packed kernels take bf16 activations and scales
@@ -172,8 +169,7 @@ def unpack_int4(
 
 def _fast_dequantize(weight: torch.Tensor) -> bool:
     """Whether heron's one-pass kernels dequantize this packed weight to bf16 (the same bits
-    as the modules' PyTorch ops, which take several passes: ~10x slower for int4, ~8x for
-    int8)."""
+    as the modules' PyTorch ops, in one pass where those take several)."""
     return kernels.usable(weight) and kernels.dequantize_runs()
 
 
@@ -264,9 +260,8 @@ _WORKSPACES = threading.local()
 
 def _workspace() -> Workspace:
     """This thread's buffers. Every many-row product dequantizes into the same one (a fresh
-    tensor of the weight's size page-faults its memory in every time: SmolLM2's int8 head
-    dequantizes in 25 ms into a new tensor, ~5 ms into a reused one); it holds the largest
-    weight the thread dequantized."""
+    tensor of the weight's size page-faults its memory in every time, which costs more than
+    the dequantization); it holds the largest weight the thread dequantized."""
     ws = getattr(_WORKSPACES, "ws", None)
     if ws is None:
         ws = _WORKSPACES.ws = Workspace()

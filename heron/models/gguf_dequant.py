@@ -1,14 +1,12 @@
 """GGUF block formats to float32, in torch: the same arithmetic as ``gguf.quants`` (whose
-numpy code is the reference, and the fallback for every other format), bit for bit, 2-5x
-faster on 2 cores.
+numpy code is the reference, and the fallback for every other format), bit for bit, faster.
 
-Why: ``gguf.quants`` spends ~35 ns per weight in single-threaded numpy temporaries, 19 s of
-a 35 s load for Qwen2.5-0.5B (Q5_0 / Q8_0 / K-quants) and 3.6 s for SmolLM2-135M (Q4_1) on a
-2-core machine; the same operations on torch tensors run on every core without the per-group
-Python loop (Qwen2.5-0.5B's tensors 14.7 -> 4.8 s, gemma-3-270m's 6.6 -> 1.4 s, SmolLM2's
-1.6 -> 0.7 s). Each function takes the tensor's raw bytes as ``[n_blocks, type_size]`` uint8
-and returns ``[n_blocks, block_size]`` float32, with the operations in gguf's order (float32
-products and sums, no fused multiply-add), so the weights equal what transformers loads."""
+Why: ``gguf.quants`` works in single-threaded numpy temporaries with a Python loop per group,
+which made dequantizing most of a model's load time; the same operations on torch tensors run
+on every core without that loop. Each function takes the tensor's raw bytes as
+``[n_blocks, type_size]`` uint8 and returns ``[n_blocks, block_size]`` float32, with the
+operations in gguf's order (float32 products and sums, no fused multiply-add), so the weights
+equal what transformers loads."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """A GGUF reader for loading weights: the metadata and where each tensor lies, in one pass.
 
 gguf's ``GGUFReader`` makes a numpy view of every element of every metadata array, which
-takes 20-30 s on this machine for a 262k-token vocabulary (Gemma 3) and ~15 s for 152k
-(Qwen2). Loading needs the scalar metadata and the tensors, not the vocabulary (the tokenizer
+takes many seconds for a vocabulary of a few hundred thousand tokens (Gemma 3, Qwen2). Loading
+needs the scalar metadata and the tensors, not the vocabulary (the tokenizer
 reads that itself, once, and is cached), so this reader steps over the ``tokenizer.ggml.*``
 arrays by their lengths. Tensor bytes are memory-mapped; heron.models.gguf_dequant dequantizes
 them."""

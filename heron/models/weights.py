@@ -12,7 +12,7 @@ from heron.models.config import ModelConfig
 def empty_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
     """An embedding whose weight the loader sets, built without the random init: besides
     being wasted work, ``normal_`` on the meta device (where models are built) imports
-    ``torch._dynamo``, ~2 s of every process's start-up."""
+    ``torch._dynamo``, seconds of every process's start-up."""
     return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
 
 
