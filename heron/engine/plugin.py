@@ -46,6 +46,8 @@ class EngineParts:
     new_sequence: Callable[[Request, int, list[int]], Sequence]
     # Whether a plugin of this engine lets a step append several tokens to one sequence.
     multi_token_steps: bool = False
+    # The tokens that end a sequence (the model's EOS and end-of-turn tokens).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 class EnginePlugin:

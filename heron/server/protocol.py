@@ -25,6 +25,7 @@ from pydantic import (
 from heron.config import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.strategies import Strategy, make_strategy
+from heron.structured import StructuredOutputsParams
 from heron.tokenizer import unicode_error
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
@@ -82,6 +83,14 @@ class _Sampling(BaseModel):
     kv_policy_options: dict[str, Any] | None = None  # the policy's options, e.g. {"window": 8}
     kv_budget: float | None = None
     kv_prefix_tokens: StrictInt | None = None  # compress only the prompt's first tokens
+    # Constrained output: OpenAI's response_format, or vLLM's structured_outputs (json, regex,
+    # choice, grammar, json_object) and its older guided_* fields
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Texts | None = None
+    guided_grammar: Text | None = None
 
     def decoding_strategy(self) -> Strategy | None:
         if self.strategy is None:
@@ -122,7 +131,42 @@ class _Sampling(BaseModel):
             kv_policy_options=self.kv_policy_options,
             kv_budget=self.kv_budget,
             kv_prefix_tokens=self.kv_prefix_tokens,
+            structured_outputs=self._structured_outputs(),
         )
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one output constraint the body asks for (or None); two at once are a 400."""
+        given: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None:
+            given["response_format"] = response_format_spec(fmt)
+        if self.structured_outputs is not None:
+            given["structured_outputs"] = self.structured_outputs
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        for kind, value in guided.items():
+            if value is not None:
+                given[f"guided_{kind}"] = {kind: value}
+        given = {name: spec for name, spec in given.items() if spec}
+        if len(given) > 1:
+            raise InvalidRequestError(
+                f"{' and '.join(given)}: give one output constraint", param=next(iter(given))
+            )
+        if not given:
+            return None
+        ((name, spec),) = given.items()
+        unknown = set(spec) - {"json", "regex", "choice", "grammar", "json_object"}
+        if unknown:
+            raise InvalidRequestError(
+                f"{name}: unknown {', '.join(sorted(unknown))}; one of json, regex, choice, "
+                "grammar, json_object",
+                param=name,
+            )
+        return StructuredOutputsParams(**spec)
 
     @property
     def include_usage(self) -> bool:
@@ -192,7 +236,6 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     # heron / vLLM extras
     add_generation_prompt: StrictBool = True
 
@@ -202,15 +245,33 @@ class ChatCompletionRequest(_Sampling):
     def sampling_params(self) -> SamplingParams:
         if self.tools:
             raise InvalidRequestError("tools are not supported by heron yet", param="tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise InvalidRequestError(
-                "response_format: only {'type': 'text'} is supported", param="response_format"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens or self.max_tokens
         return self._sampling_params(max_tokens, logprobs)
+
+
+def response_format_spec(fmt: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``response_format`` as StructuredOutputsParams fields (empty for text)."""
+    kind = fmt.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise InvalidRequestError(
+                "response_format.json_schema: expected {'name': ..., 'schema': {...}}",
+                param="response_format.json_schema",
+            )
+        # A json_schema without its schema asks for any JSON object.
+        return {"json": spec["schema"]} if "schema" in spec else {"json_object": True}
+    raise InvalidRequestError(
+        f"response_format.type: one of text, json_object, json_schema; got {kind!r}",
+        param="response_format.type",
+    )
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:

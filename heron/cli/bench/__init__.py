@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from heron.cli.bench import kv, latency, prefill, report, scaling, serve, spec, throughput
+from heron.cli.bench import (
+    kv,
+    latency,
+    prefill,
+    report,
+    scaling,
+    serve,
+    spec,
+    structured,
+    throughput,
+)
 from heron.cli.bench.common import add_record_flag
 from heron.cli.common import HelpFormatter
 
@@ -18,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Benchmarks. `heron bench throughput --help` for details.",
     )
     benchmarks = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
-    for benchmark in (throughput, scaling, serve, spec, prefill, latency, kv):
+    for benchmark in (throughput, scaling, serve, spec, prefill, latency, kv, structured):
         benchmark.add_parser(benchmarks)
     for parser in benchmarks.choices.values():
         add_record_flag(parser)
