@@ -3,16 +3,16 @@ policies, but (1) give each layer a budget from how its attention is spread, and
 simply drop an evicted token: merge it into its most similar kept token.
 
 * Scoring: SnapKV's (the observation window's summed attention, max-pooled; the window
-  kept): the paper's H2O-style sum without pooling keeps 0/3 pass keys on SmolLM2-135M at
-  10-20% (measured), for the reason ``snapkv`` explains. Compression happens once the prompt
+  kept): the paper's H2O-style sum without pooling loses the pass keys on SmolLM2-135M at
+  small budgets, for the reason ``snapkv`` explains. Compression happens once the prompt
   is in (no decode-time eviction here).
 * Layer budgets (``budget_from_attention``, off by default): a layer whose window attention
   is spread over many tokens (low variance) gets more than one that attends to a few; budgets
   follow 1 / variance, keep the uniform total and stay within [budget / 2, 2 * budget]. As
   with PyramidKV a sequence then holds its largest layer's budget in slots (one block table
-  for all layers). Measured on the passkey bench (1k / 2k tokens, 3 cases each): 0/3, 1/3,
-  0/3, 2/3 at 10% / 20% with them, against 1/3, 3/3, 2/3, 2/3 uniform, at twice the memory:
-  the peaky (high-variance) layers are the ones that retrieve the key, and they lose budget.
+  for all layers), twice the memory, and on the passkey bench it retrieved less than
+  uniform budgets: the peaky (high-variance) layers are the ones that retrieve the key, and
+  they lose budget.
 * Merging: per layer and head, each evicted token's key is compared (cosine) with the kept
   keys; when its best similarity reaches the threshold (the mean best similarity of that
   head's evicted tokens, the paper's running average taken over one compression) its key and
@@ -32,7 +32,7 @@ from heron.kv.snapkv import SnapKV
 @KV_POLICIES.register("d2o")
 @dataclass(eq=False)
 class D2O(SnapKV):
-    budget_from_attention: bool = False  # see the module docstring: measured harmful here
+    budget_from_attention: bool = False  # see the module docstring: retrieves less here
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,16 +6,12 @@ plus the window itself.
 GQA: a KV head serves ``group`` query heads; their scores are averaged (as in the paper and
 kvpress), ``gqa="max"`` keeps a key any one of them needs.
 
-Why SnapKV collapses on SmolLM2-135M in kvpress (passkey, 0/8 at 10-20%): the pooling. The
-pass key's digits are separate tokens and the window's attention peaks on one or two of
-them; kvpress's avg-pool (kernel 5, window 64) dilutes that peak below the filler's, and no
-pooling keeps only the peak digit (heron, 1k, 10%: kvpress-like settings 0/3, no pooling 0/3
-answering "6"). Max-pooling keeps the winner's neighbours, and the kernel must cover the
-whole key sentence ("The pass key is 68142. Remember it. 68142 is the pass key."), not just
-the digits: on passkey prompts at 6 depths x 1k/2k x 10%/20% (24 cases, query-aware),
-window 32 with max-pool kernel 7 kept 19/24, kernel 15 24/24 (gqa mean or max alike); window
-64 kernel 7 7/24 (more filler queries vote), window 8 (just the question) 24/24 with either
-kernel. Defaults: window 32 (the paper's), kernel 15.
+Why max-pooling with a wide kernel: a pass key's digits are separate tokens and the window's
+attention peaks on one or two of them. kvpress's avg-pool dilutes that peak below the
+filler's and no pooling keeps only the peak digit, so both lose the key on SmolLM2-135M;
+max-pooling keeps the winner's neighbours, and the kernel must cover the whole key sentence
+("The pass key is 68142. ..."), not just the digits. A longer window lets more filler
+queries vote. Defaults: window 32 (the paper's), kernel 15; ``heron bench kv`` measures them.
 """
 
 from __future__ import annotations

@@ -299,8 +299,8 @@ class _CountRequests:
 
 
 class _LimitBody:
-    """HTTP 413 for a body over ``max_bytes`` before anything parses it (a 20 MB prompt took
-    the event loop for seconds): a larger Content-Length is refused unread, a chunked body as
+    """HTTP 413 for a body over ``max_bytes`` before anything parses it (parsing a huge body
+    blocks the event loop): a larger Content-Length is refused unread, a chunked body as
     soon as the bytes received pass the limit. The body read here (Starlette reads it whole
     anyway) is handed on to the app."""
 

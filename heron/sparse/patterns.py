@@ -91,8 +91,9 @@ def grouped_softmax(
 ) -> torch.Tensor:
     """softmax(scale * q . k^T) with ``hidden`` [Lq, Lk] (True = masked) for q [H, Lq, E] and
     k [Hkv, Lk, E]: [H, Lq, Lk] in the inputs' dtype. The query heads of one KV head are
-    stacked along the rows (no key copy per head). bf16 GEMMs are ~7x fp32 on CPUs with AMX
-    and an estimate needs no more (the softmax accumulates in fp32 either way)."""
+    stacked along the rows (no key copy per head). bf16 GEMMs are several times faster than
+    fp32 on CPUs with AMX and an estimate needs no more (the softmax accumulates in fp32
+    either way)."""
     num_heads, q_len, _ = q.shape
     grouped = (q * scale).reshape(k.shape[0], -1, q.shape[-1])
     s = torch.matmul(grouped, k.transpose(1, 2)).view(num_heads, q_len, -1)

@@ -88,5 +88,5 @@ class XAttention(SparsePattern):
         probs[:, int(inside[-1]) + 1 :] = 0
         per = block // stride
         # (bf16 reductions accumulate in fp32; asking for an fp32 result, a mean or two axes at
-        # once copies the whole tensor first: 10x slower)
+        # once copies the whole tensor first, which costs more than the sum)
         return probs.view(num_heads, nqb, per, nkb, per).sum(-1).sum(2).float()

@@ -5,10 +5,10 @@ slots, and the verify pass overwrites them with the full model's.
 
 Which layers to keep: ``num_layers`` of them spread evenly over depth (first and last
 always kept), the "balanced across depth" choice; the default keeps 5/6 of them. Small models
-suffer from skipping: on SmolLM2-135M, 22 of 30 layers agree with the full model's next token
-almost never and 25 of 30 about half the time (measured teacher-forced on a paragraph), so
-there this proposer is a correctness feature more than a speed-up; a one-shot calibration
-(drop the individually least harmful layers) did no better than the even spread at 25."""
+suffer from skipping: on SmolLM2-135M a draft of most of its layers rarely agrees with the
+full model's next token, so there this proposer is a correctness feature more than a
+speed-up; a one-shot calibration (drop the individually least harmful layers) did no better
+than the even spread."""
 
 from __future__ import annotations
 

@@ -13,11 +13,10 @@ grows while drafts pay twice over, halves when they do not pay, and speculation 
 while when even one draft does not. On top, a step's drafts together may add at most a
 quarter to its time (``_DRAFT_SHARE``), given first to the sequences whose drafts are
 accepted most; where even one row is priced above that, one draft row every
-``_PAUSE_STEPS`` steps keeps the price measured. On a CPU at batch 1 a step of 17 rows costs
-~1.2x one of 1 row, so a wide draft tree stays on; at batch 8 136 rows cost ~1.9x 8 rows, so
-drafts get narrower (with int4 weights on a Zen 4 EPYC a row costs ~0.4 of a step: the int4
-step is memory-bound and cheap, each extra row adds its integer products, its int8-head row
-and its attention, so drafts stay short).
+``_PAUSE_STEPS`` steps keeps the price measured. On a CPU at batch 1 a verify row costs a
+small share of a step (the weights are read once for all rows), so a wide draft tree stays
+on; at larger batches, and with int4 weights (a cheap memory-bound step where each extra row
+adds its integer products and its attention), a row costs more, so drafts get narrower.
 Step times are measured, so which drafts are tried can differ between runs: outputs are still
 exactly the target's (greedy) or distributed as the target's (sampling), but a seeded sampled
 request repeats only in distribution, not token for token."""
@@ -40,8 +39,8 @@ from heron.speculative.verify import accept_sampled, accept_tree
 
 _EMA = 0.3  # weight of the latest step in the acceptance-rate average
 # Drafts may add at most this share to a step's time: the sequences whose drafts are accepted
-# most get the rows first. Past the knee of the cost curve (a few tens of rows on a 2-core
-# CPU) a step of many sequences slows every one of them, drafted or not.
+# most get the rows first. Past the knee of the cost curve (where the products turn
+# compute-bound) a step of many sequences slows every one of them, drafted or not.
 _DRAFT_SHARE = 0.25
 _PAUSE_STEPS = 16
 
