@@ -14,6 +14,7 @@ from heron import kernels
 from heron.engine.scheduler import ScheduledBatch
 from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.layers.chunk_attention import block_kernel_runs
 from heron.layers.kivi import KIVI_BITS, KiviCache
 from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
 from heron.layers.rotary import RotaryEmbedding
@@ -69,7 +70,7 @@ class ModelRunner:
         # Plain decode rows attend through heron's compiled kernel, straight from the cache.
         self.decode_kernel = device.type == "cpu" and kernels.available()
         # Prefill chunks attend causally through the block kernel (``_prefill_span``).
-        self.chunk_kernel = kernels.sparse_prefill_runs(device, dtype)
+        self.chunk_kernel = block_kernel_runs(device, dtype)
         slots = num_blocks * block_size
         shape = (
             model_config.num_layers,

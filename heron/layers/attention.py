@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from heron import kernels
+from heron.layers.chunk_attention import causal_chunk_attention
 from heron.layers.kv_cache import Cache, ContextKV, gather_blocks, write_slots
-from heron.sparse.attention import causal_chunk_attention
 
 
 @dataclass
