@@ -23,11 +23,11 @@ from heron.engine.sequence import Request, Sequence, SequenceFactory, wants_prom
 from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import make_policy
+from heron.layers.attention import RowsAttention
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
-from heron.sparse import build_sparse_prefill
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,6 @@ class Engine:
             config.block_size,
             self.device,
             self.dtype,
-            sparse=build_sparse_prefill(config),
             kv_cache_dtype=config.kv_cache_dtype,
         )
         if self.runner.kivi is not None:
@@ -274,12 +273,16 @@ class Engine:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
         partial: dict[int, list[int]] = {}  # seq_id -> the layers its decode row runs
+        plans: dict[int, RowsAttention] = {}  # seq_id -> how its rows attend, where it differs
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             layers = self.plugins.layers(seq, n)
             if layers is not None:
                 partial[seq.seq_id] = layers
+            plan = self.plugins.attention(seq, n)
+            if plan is not None:
+                plans[seq.seq_id] = plan
         started = time.perf_counter()
-        result = self.runner.execute(batch, need_prompt, partial)
+        result = self.runner.execute(batch, need_prompt, partial, plans)
         self.plugins.after_forward(batch, time.perf_counter() - started)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
+from heron.layers.attention import RowsAttention
+
 if TYPE_CHECKING:
     from heron.config import EngineConfig
     from heron.engine.block_manager import BlockManager
@@ -81,6 +83,11 @@ class EnginePlugin:
     def layers(self, seq: Sequence, n: int) -> list[int] | None:
         """The layers ``seq``'s ``n`` scheduled rows go through this step (None: all of
         them). Only a decode row (``n == 1`` after a computed context) may skip layers."""
+        return None
+
+    def attention(self, seq: Sequence, n: int) -> RowsAttention | None:
+        """How ``seq``'s ``n`` scheduled rows attend where this plugin changes it (queries to
+        capture, slots a layer must not read, the rows' own attention); None: as usual."""
         return None
 
     def blocks_exact(self, seq: Sequence) -> bool:
@@ -161,6 +168,12 @@ class Plugins:
 
     def layers(self, seq: Sequence, n: int) -> list[int] | None:
         return next((ls for p in self.all if (ls := p.layers(seq, n)) is not None), None)
+
+    def attention(self, seq: Sequence, n: int) -> RowsAttention | None:
+        plans = [a for p in self.all if (a := p.attention(seq, n)) is not None]
+        if len(plans) > 1:
+            return RowsAttention.combine(plans)
+        return plans[0] if plans else None
 
     def blocks_exact(self, seq: Sequence) -> bool:
         return all(p.blocks_exact(seq) for p in self.all)

@@ -13,7 +13,7 @@ from torch import nn
 from heron import kernels
 from heron.engine.scheduler import ScheduledBatch
 from heron.kv.tokenselect import SelectedDecodes
-from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.layers.attention import AttentionMetadata, PrefillSpan, RowsAttention
 from heron.layers.chunk_attention import block_kernel_runs
 from heron.layers.kivi import KIVI_BITS, KiviCache
 from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
@@ -55,13 +55,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        sparse=None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.dtype = dtype  # what the model and attention compute in
-        # heron.sparse.SparsePrefill, or None: every prefill is dense.
-        self.sparse = sparse
         self.cfg = model_config
         self.block_size = block_size
         self.device = device
@@ -119,10 +116,13 @@ class ModelRunner:
         batch: ScheduledBatch,
         needs_prompt_logits: set[int],
         partial: dict[int, list[int]] | None = None,
+        plans: dict[int, RowsAttention] | None = None,
     ) -> StepLogits:
         """``partial``: seq_id -> the only layers that sequence's decode row goes through
-        (an engine plugin's cheaper model; heron.engine.plugin)."""
+        (an engine plugin's cheaper model); ``plans``: seq_id -> how its rows attend where a
+        plugin changes it (heron.engine.plugin)."""
         partial = partial or {}
+        plans = plans or {}
         if batch.copies:
             self.copy_blocks(batch.copies)
         bs = self.block_size
@@ -217,13 +217,9 @@ class ModelRunner:
                     causal = _context_mask(start - ev, n, width, self.device)
                     hole = _hole(lens, seq.kv.hole_end, causal.shape[-1])
                     span.layer_masks = causal[None] & ~hole[:, None, :]
-                if (
-                    self.sparse is not None
-                    and not ev  # block-sparse masks assume slot == position
-                    and start < seq.num_prompt_tokens
-                    and self.sparse.applies(seq.num_prompt_tokens)
-                ):
-                    span.sparse = self.sparse
+                plan = plans.get(seq.seq_id)
+                if plan is not None:
+                    span.attend = plan.attend
                 prefills.append(span)
 
         dev = self.device

@@ -20,6 +20,7 @@ takes the window as a bound instead (``AttentionMetadata.sliding_window``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,46 @@ import torch.nn.functional as F
 from heron import kernels
 from heron.layers.chunk_attention import causal_chunk_attention
 from heron.layers.kv_cache import Cache, ContextKV, gather_blocks, write_slots
+
+
+class RowsAttend(Protocol):
+    """A sequence's own attention for its rows of a step, in the model's global layers
+    (sliding-window layers attend to them densely, under their window)."""
+
+    def attend(self, q: torch.Tensor, ctx: ContextKV, layer: int, scale: float) -> torch.Tensor:
+        """``q`` [n, H, D]: the rows at the last ``n`` of the ``ctx.length`` slots they see,
+        their own K/V already written. Returns [n, H, D]."""
+        ...
+
+
+@dataclass
+class RowsAttention:
+    """What an engine plugin changes about how one sequence's rows of a step attend
+    (heron.engine.plugin: ``EnginePlugin.attention``); a field left at its default changes
+    nothing."""
+
+    # Offsets among the rows whose rotated queries every layer captures: the runner returns
+    # them ([L, len(capture), H, D]) with the slots those rows were written to.
+    capture: list[int] = field(default_factory=list)
+    # Slots layer l must not read, ``hole_start[l] .. hole_end`` ([L]): a layer that holds
+    # fewer tokens than the sequence has slots for. None: every layer reads every slot.
+    hole_start: torch.Tensor | None = None
+    hole_end: int = 0
+    # The rows' attention in the global layers instead of the dense one, or None.
+    attend: RowsAttend | None = None
+
+    @staticmethod
+    def combine(plans: list[RowsAttention]) -> RowsAttention:
+        """One plan from several plugins' plans; no two of them may set the same part."""
+        capture = [p.capture for p in plans if p.capture]
+        holes = [(p.hole_start, p.hole_end) for p in plans if p.hole_start is not None]
+        attend = [p.attend for p in plans if p.attend is not None]
+        if max(len(capture), len(holes), len(attend)) > 1:
+            raise ValueError("two engine plugins change the same part of a sequence's attention")
+        hole_start, hole_end = holes[0] if holes else (None, 0)
+        return RowsAttention(
+            capture[0] if capture else [], hole_start, hole_end, attend[0] if attend else None
+        )
 
 
 @dataclass
@@ -45,8 +86,8 @@ class PrefillSpan:
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
     window_mask: torch.Tensor | None = None
-    # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
-    sparse: object | None = None
+    # The sequence's own attention for these rows (global layers only); None = dense.
+    attend: RowsAttend | None = None
     q_start: int = 0  # slot of the chunk's first token
     # Causal attention through ``causal_chunk_attention`` (the compiled block kernel where it
     # runs, else two flash calls): on a CPU every chunk after cached tokens, and a first chunk
@@ -208,8 +249,8 @@ def paged_attention(
             length, bs = span.q_start + n, meta.block_size
             ctx = ContextKV(k_cache, v_cache, length, span.context_blocks, bs)
         qs = q[span.start : span.end]
-        if span.sparse is not None and not sliding:
-            out[span.start : span.end] = span.sparse.attend(qs, ctx, span.q_start, scale)
+        if span.attend is not None and not sliding:
+            out[span.start : span.end] = span.attend.attend(qs, ctx, layer, scale)
             continue
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         if span.layer_masks is not None:
