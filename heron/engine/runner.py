@@ -12,6 +12,7 @@ from torch import nn
 
 from heron import kernels
 from heron.engine.scheduler import ScheduledBatch
+from heron.engine.sequence import chain_parents
 from heron.kv.tokenselect import SelectedDecodes
 from heron.layers.attention import AttentionMetadata, PrefillSpan, RowsAttention
 from heron.layers.chunk_attention import block_kernel_runs
@@ -21,7 +22,6 @@ from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 from heron.platform import lazy_zeros
-from heron.speculative.verify import chain_parents
 
 logger = logging.getLogger(__name__)
 

@@ -46,9 +46,9 @@ class Sequence:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
-    # Drafted tokens a plugin (speculative decoding) adds to this step, scheduled after the
-    # last real one; the draft each follows when they form a tree (heron.speculative.verify;
-    # None: a chain), and the draft distributions they came from (None: deterministic).
+    # Drafted tokens a plugin adds to this step, scheduled after the last real one; the draft
+    # each follows when they form a tree (-1: the last real token; None: a chain,
+    # ``chain_parents``), and the draft distributions they came from (None: deterministic).
     draft_token_ids: list[int] = field(default_factory=list)
     draft_parents: list[int] | None = None
     draft_probs: torch.Tensor | None = None
@@ -156,6 +156,11 @@ class SequenceFactory:
         )
         req.seqs.append(seq)
         return seq
+
+
+def chain_parents(n: int) -> list[int]:
+    """The parents of ``n`` drafts that form a chain (``Sequence.draft_parents`` None)."""
+    return list(range(-1, n - 1))
 
 
 def wants_prompt_logprobs(req: Request) -> bool:
