@@ -1,6 +1,7 @@
 """The method families the engine loads: importing this module registers their engine
 plugins (heron.engine.plugin). A new family adds its module here."""
 
+import heron.kv.plugin  # noqa: F401  (first: its request checks come first)
 import heron.sparse.plugin  # noqa: F401
 import heron.speculative.speculator  # noqa: F401
 import heron.strategies.context_aware  # noqa: F401

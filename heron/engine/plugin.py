@@ -55,8 +55,8 @@ class EnginePlugin:
 
     name: ClassVar[str]
     # A step may append several tokens to one sequence (speculative decoding): per-token
-    # methods, which decide each token from the one before, and KV compression, which would
-    # verify drafts against an evicted cache, refuse to run beside it.
+    # methods, which decide each token from the one before, and methods that evict from the
+    # cache, which would verify drafts against an evicted cache, refuse to run beside it.
     multi_token_steps: ClassVar[bool] = False
 
     def __init__(self, parts: EngineParts) -> None:
@@ -102,8 +102,14 @@ class EnginePlugin:
         or replace them."""
         return seqs, logits
 
+    def captured(self, seq: Sequence, queries: torch.Tensor, slots: list[int]) -> None:
+        """The rotated queries [L, n, H, D] of the rows this step captured for ``seq``
+        (``RowsAttention.capture``) and the cache slots those rows were written to."""
+        return None
+
     def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
-        """The model ran ``batch`` in ``seconds``."""
+        """The model ran ``batch`` in ``seconds``; its rows are counted as computed (those
+        verifying drafts settle later), its samples not drawn yet."""
         return None
 
     def settle_drafts(
@@ -120,6 +126,11 @@ class EnginePlugin:
         return None
 
     # ------------------------------------------------------------------ a sequence's life
+    def forked(self, parent: Sequence, child: Sequence) -> None:
+        """``child``, a sibling sample of ``parent``'s request (``n > 1``), was just forked
+        from it once its prompt was in: it shares ``parent``'s blocks copy-on-write."""
+        return None
+
     def preempted(self, seq: Sequence) -> None:
         """``seq`` lost its KV blocks and will be recomputed from its first token."""
         return None
@@ -185,6 +196,10 @@ class Plugins:
             seqs, logits = p.before_sampling(seqs, logits)
         return seqs, logits
 
+    def captured(self, seq: Sequence, queries: torch.Tensor, slots: list[int]) -> None:
+        for p in self.all:
+            p.captured(seq, queries, slots)
+
     def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
         for p in self.all:
             p.after_forward(batch, seconds)
@@ -201,6 +216,10 @@ class Plugins:
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         for p in self.all:
             p.token_sampled(seq, token, logits)
+
+    def forked(self, parent: Sequence, child: Sequence) -> None:
+        for p in self.all:
+            p.forked(parent, child)
 
     def preempted(self, seq: Sequence) -> None:
         for p in self.all:

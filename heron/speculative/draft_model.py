@@ -41,7 +41,6 @@ class DraftSequence:
     # a cheaper model.
     draft_token_ids: list[int] = field(default_factory=list)
     num_evicted: int = 0
-    kv = None
     switch = None
 
     @property
