@@ -2,6 +2,8 @@
 plugins (heron.engine.plugin), in the order their hooks run (structured output last: it
 masks the logits the other plugins produce). A new family adds its module here."""
 
+import heron.kv.plugin  # noqa: F401  (first: its request checks come first)
+import heron.sparse.plugin  # noqa: F401
 import heron.speculative.speculator  # noqa: F401
 import heron.strategies.context_aware  # noqa: F401
 import heron.strategies.entropy_adaptive  # noqa: F401

@@ -18,7 +18,8 @@ from heron.engine.sequence import Request, Sequence
 from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import KV_POLICIES, make_policy
-from heron.kv.tokenselect import SelectedDecodes
+from heron.kv.tokenselect import SelectedRows
+from heron.layers.kv_cache import ContextKV
 from tests.conftest import make_llm
 
 BS = 4  # block size of the hand-built caches
@@ -37,14 +38,15 @@ def _compress(policy, keys, queries=None, budget=8, layers=1, decode_queries=Non
 
     keys: [S, Hkv, D]; queries: [n, H, D] at the prompt's last n positions. Each token's
     value vector is filled with its index, so the compacted cache tells which tokens each
-    head kept. Returns (kept token ids per layer and head, the sequence, the block manager)."""
+    head kept. Returns (kept token ids per layer and head, the sequence, its KVState, the
+    block manager)."""
     held, num_kv_heads, _ = keys.shape
     num_blocks = 64
     cache = torch.zeros(layers, 2, num_blocks * BS, num_kv_heads, D)
     bm = BlockManager(num_blocks, BS, enable_prefix_caching=False)
     req = Request("r", None, list(range(held)), SamplingParams())
     seq = Sequence(0, req, 0, list(range(held)), torch.Generator())
-    seq.kv = KVState(policy, budget)
+    st = KVState(policy, budget)
     bm.append_slots(seq, held)
     seq.num_computed_tokens = held
     slots = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(held)])
@@ -52,24 +54,24 @@ def _compress(policy, keys, queries=None, budget=8, layers=1, decode_queries=Non
     for layer in range(layers):
         cache[layer, 0, slots] = keys
         cache[layer, 1, slots] = values
-    kv_queries = None
     if queries is not None:
         q = queries.unsqueeze(0).expand(layers, *queries.shape)
-        kv_queries = {0: (q, list(range(held - queries.shape[0], held)))}
+        st.add_queries(q, list(range(held - queries.shape[0], held)))
     comp = KVCompressor(_runner(cache), bm, D**-0.5)
-    comp.after_step([seq], kv_queries)
+    comp.after_step(seq, st)
     if decode_queries is not None:  # one more held token per decode query
         for q in decode_queries:
-            comp.after_step([seq], {0: (q[None, None].expand(layers, 1, *q.shape), [0])})
+            st.add_queries(q[None, None].expand(layers, 1, *q.shape), [0])
+            comp.after_step(seq, st)
     kept = []
     n = seq.num_kv_slots
     dst = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(n)])
     for layer in range(layers):
         vals = cache[layer, 1, dst, :, 0]  # [n, Hkv]
-        lens = seq.kv.layer_lens
+        lens = st.layer_lens
         width = n if lens is None else int(lens[layer])
         kept.append([set(vals[:width, h].long().tolist()) for h in range(num_kv_heads)])
-    return kept, seq, bm
+    return kept, seq, st, bm
 
 
 def _focus_query(key_dirs: torch.Tensor, strength: float = 30.0) -> torch.Tensor:
@@ -83,7 +85,7 @@ def _keys(held: int, num_kv_heads: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_streaming_llm_keeps_sinks_and_recent_window():
-    kept, seq, bm = _compress(make_policy("streaming_llm"), _keys(40, 2), budget=12)
+    kept, seq, _, bm = _compress(make_policy("streaming_llm"), _keys(40, 2), budget=12)
     for head in kept[0]:
         assert head == {0, 1, 2, 3, *range(32, 40)}
     assert seq.num_kv_slots == 12 and seq.num_evicted == 28
@@ -100,7 +102,7 @@ def test_snapkv_keeps_each_heads_pooled_window_winners():
     q[:, 0] = _focus_query(torch.eye(D)[0])
     q[:, 1] = _focus_query(torch.eye(D)[1])
     policy = make_policy("snapkv", {"window": window, "kernel": 3})
-    kept, seq, _ = _compress(policy, keys, q, budget=window + 3)
+    kept, seq, _, _ = _compress(policy, keys, q, budget=window + 3)
     window_ids = set(range(held - window, held))
     assert kept[0][0] == window_ids | {9, 10, 11}  # the winner and its pooled neighbours
     assert kept[0][1] == window_ids | {24, 25, 26}
@@ -116,7 +118,7 @@ def test_snapkv_gqa_reduction_mean_vs_max():
     q[:, 0] = _focus_query(torch.eye(D)[0])
     for gqa in ("mean", "max"):
         policy = make_policy("snapkv", {"window": window, "kernel": 1, "gqa": gqa})
-        kept, _, _ = _compress(policy, keys, q, budget=window + 1)
+        kept, _, _, _ = _compress(policy, keys, q, budget=window + 1)
         assert 10 in kept[0][0]  # a strong single-head vote survives both reductions
 
 
@@ -130,10 +132,10 @@ def test_defensivekv_keeps_the_max_aggregated_token():
     q = torch.zeros(window, 1, D)
     q[0, 0] = _focus_query(torch.eye(D)[0], 40.0)
     q[1:, 0] = _focus_query(torch.eye(D)[1], 9.0)
-    snap, _, _ = _compress(
+    snap, _, _, _ = _compress(
         make_policy("snapkv", {"window": window, "kernel": 1}), keys, q, window + 1
     )
-    defensive, _, _ = _compress(
+    defensive, _, _, _ = _compress(
         make_policy("defensivekv", {"window": window, "kernel": 1}), keys, q, window + 1
     )
     assert 15 in snap[0][0] and 7 not in snap[0][0]
@@ -157,9 +159,9 @@ def test_h2o_evicts_while_decoding_and_keeps_the_decode_heavy_hitter():
     q = torch.zeros(window, 1, D)  # the prompt's window looks nowhere in particular
     heavy = _focus_query(torch.eye(D)[0])[None]  # every decode query wants token 5
     policy = make_policy("h2o", {"window": window, "recent_ratio": 0.25})
-    kept, seq, _ = _decode_run(policy, keys, q, held, heavy, steps=3 * BS, target=8)
+    kept, seq, st = _decode_run(policy, keys, q, held, heavy, steps=3 * BS, target=8)
     assert 5 in kept
-    assert seq.num_kv_slots < 8 + BS and seq.kv.num_compressions >= 2
+    assert seq.num_kv_slots < 8 + BS and st.num_compressions >= 2
     # Without the decode queries' votes token 5 is gone: the statistics did the keeping.
     kept, _, _ = _decode_run(policy, keys, q, held, torch.zeros(1, D), steps=3 * BS, target=8)
     assert 5 not in kept
@@ -167,13 +169,14 @@ def test_h2o_evicts_while_decoding_and_keeps_the_decode_heavy_hitter():
 
 def _decode_run(policy, keys, q, held, heavy, steps, target):
     """Prefill ``held`` tokens (nothing evicted), then decode ``steps`` tokens whose queries
-    are ``heavy`` with a budget of ``target`` tokens."""
+    are ``heavy`` with a budget of ``target`` tokens. Returns (the tokens held, the sequence,
+    its KVState)."""
     total = keys.shape[0]
     cache = torch.zeros(1, 2, 64 * BS, 1, D)
     bm = BlockManager(64, BS, enable_prefix_caching=False)
     req = Request("r", None, list(range(held)), SamplingParams())
     seq = Sequence(0, req, 0, list(range(held)), torch.Generator())
-    seq.kv = KVState(policy, held)
+    st = KVState(policy, held)
     comp = KVCompressor(_runner(cache), bm, D**-0.5)
 
     def write(token):
@@ -187,16 +190,18 @@ def _decode_run(policy, keys, q, held, heavy, steps, target):
 
     for t in range(held):
         write(t)
-    comp.after_step([seq], {0: (q[None], list(range(held - q.shape[0], held)))})
-    assert seq.num_evicted == 0 and seq.kv.acc is not None  # statistics kept, none evicted
-    seq.kv.target = target
+    st.add_queries(q[None], list(range(held - q.shape[0], held)))
+    comp.after_step(seq, st)
+    assert seq.num_evicted == 0 and st.acc is not None  # statistics kept, none evicted
+    st.target = target
     for t in range(held, min(total, held + steps)):
         seq.token_ids.append(t)
         slot = write(t)
-        comp.after_step([seq], {0: (heavy[None, None], [slot])})
+        st.add_queries(heavy[None, None], [slot])
+        comp.after_step(seq, st)
     n = seq.num_kv_slots
     dst = torch.tensor([seq.block_table[i // BS] * BS + i % BS for i in range(n)])
-    return set(cache[0, 1, dst, 0, 0].long().tolist()), seq, bm
+    return set(cache[0, 1, dst, 0, 0].long().tolist()), seq, st
 
 
 def test_scissorhands_counts_above_uniform_attention():
@@ -215,11 +220,11 @@ def test_pyramidkv_layer_budgets_shrink_and_mask_their_unused_slots():
     assert abs(sum(budgets) - 80) <= 4
     keys = _keys(60, 1)
     q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(2))
-    kept, seq, _ = _compress(policy, keys, q, budget=20, layers=4)
+    kept, seq, st, _ = _compress(policy, keys, q, budget=20, layers=4)
     sizes = [len(k[0]) for k in kept]
     assert sizes == [min(b, 60) for b in budgets]
     assert seq.num_kv_slots == max(sizes)  # slots for the largest layer budget
-    assert seq.kv.layer_lens.tolist() == sizes
+    assert st.layer_lens.tolist() == sizes
 
 
 def test_d2o_merges_similar_evicted_tokens_into_kept_ones():
@@ -249,8 +254,8 @@ def test_d2o_layer_budgets_follow_attention_spread():
     keys = _keys(60, 1)
     q = torch.randn(4, 1, D, generator=torch.Generator().manual_seed(3))
     policy = make_policy("d2o", {"window": 4, "budget_from_attention": True})
-    kept, seq, _ = _compress(policy, keys, q, budget=20, layers=3)
-    assert seq.num_kv_slots == 20 and seq.num_evicted == 40 and seq.kv.layer_lens is None
+    kept, seq, st, _ = _compress(policy, keys, q, budget=20, layers=3)
+    assert seq.num_kv_slots == 20 and seq.num_evicted == 40 and st.layer_lens is None
     assert all(len(k[0]) > 1 for k in kept)
 
 
@@ -260,8 +265,8 @@ def _selected(policy, keys, q, budget, layer=0):
     held, num_kv_heads, _ = keys.shape
     values = torch.arange(held, dtype=torch.float32)[:, None, None].expand(held, num_kv_heads, D)
     st = KVState(policy, budget, target=budget, prefilled=True)
-    sel = SelectedDecodes(0, [torch.arange(held)], [st])
-    return sel.attend(q[None], keys, values.contiguous(), layer, D**-0.5)[0], st
+    ctx = ContextKV(keys, values.contiguous(), held)
+    return SelectedRows(st, torch.arange(held)).attend(q[None], ctx, layer, D**-0.5)[0], st
 
 
 def test_tokenselect_attends_to_the_voted_tokens_sinks_and_recent_window():
@@ -293,14 +298,14 @@ def test_tokenselect_reuses_its_choice_for_a_similar_query_only():
     q[0] = _focus_query(torch.eye(D)[0])
     policy = make_policy("tokenselect", {"sinks": 2, "recent": 4})
     _, st = _selected(policy, keys, q, budget=7)
-    sel = SelectedDecodes(0, [torch.arange(held)], [st])
-    values = torch.zeros(held, 1, D)
+    sel = SelectedRows(st, torch.arange(held))
+    ctx = ContextKV(keys, torch.zeros(held, 1, D), held)
     near = q + 0.05 * torch.randn(1, D, generator=torch.Generator().manual_seed(0))
-    sel.attend(near[None], keys, values, 0, D**-0.5)
+    sel.attend(near[None], ctx, 0, D**-0.5)
     assert (st.num_selections, st.num_reused) == (1, 1)
     far = torch.zeros(1, D)
     far[0] = _focus_query(torch.eye(D)[1])
-    sel.attend(far[None], keys, values, 0, D**-0.5)
+    sel.attend(far[None], ctx, 0, D**-0.5)
     assert (st.num_selections, st.num_reused) == (2, 1)
     assert st.selection[0].middle.tolist() == [40]
 
@@ -334,6 +339,11 @@ def _passkey_prompt(llm, reps: int = 14) -> list[int]:
     return llm.engine.tokenizer.encode(text)
 
 
+def _kv_state(engine, seq) -> KVState:
+    """The KV-compression plugin's state of ``seq`` (it drops it once ``seq`` finishes)."""
+    return engine.plugins.get("kv_compression").states[seq.seq_id]
+
+
 def _greedy(n=12, **kw) -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
 
@@ -342,10 +352,10 @@ def test_budget_above_prompt_is_the_full_cache(llm):
     ids = _passkey_prompt(llm)
     full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
     for name in ("snapkv", "h2o", "streaming_llm", "pyramidkv", "d2o", "tokenselect"):
-        before = llm.engine.kv.num_evicted
+        before = llm.engine.stats()["kv_tokens_evicted"]
         out = llm.generate([ids], _greedy(kv_policy=name, kv_budget=len(ids) + 64), use_tqdm=False)
         assert out[0].outputs[0].token_ids == full, name
-        assert llm.engine.kv.num_evicted == before, name
+        assert llm.engine.stats()["kv_tokens_evicted"] == before, name
 
 
 def test_compressed_sequence_holds_only_its_budget_of_blocks(llm):
@@ -392,11 +402,12 @@ def test_tokenselect_keeps_the_cache_and_its_prefix_hits(llm):
     ids = _passkey_prompt(llm)
     full = llm.generate([ids], _greedy(), use_tqdm=False)[0].outputs[0].token_ids
     req = eng.add_request(ids, _greedy(kv_policy="tokenselect", kv_budget=0.5))
+    seq = req.seqs[0]
+    st = _kv_state(eng, seq)
     while not req.finished:
         eng.step()
-    seq = req.seqs[0]
     assert seq.num_evicted == 0 and seq.num_cached_tokens > 0  # nothing evicted, cache read
-    assert seq.kv.num_selections > 0 and seq.kv.num_reused > 0  # both paths ran
+    assert st.num_selections > 0 and st.num_reused > 0  # both paths ran
     assert seq.output_token_ids == full  # half the prompt is enough for this key
 
 
@@ -421,7 +432,7 @@ def test_streaming_llm_generates_past_the_context_window():
         [prompt], _greedy(n=200, kv_policy="streaming_llm", kv_budget=48), use_tqdm=False
     )[0].outputs[0]
     assert len(out.token_ids) == 200 and out.finish_reason == "length"
-    assert llm.engine.kv.num_evicted > 100
+    assert llm.engine.stats()["kv_tokens_evicted"] > 100
 
 
 def test_engine_refuses_unsupported_combinations(llm):
@@ -458,12 +469,13 @@ def test_query_agnostic_compresses_the_context_before_the_question(llm):
     eng = llm.engine
     req = eng.add_request(ids, _greedy(kv_policy="snapkv", kv_budget=0.3, kv_prefix_tokens=context))
     seq = req.seqs[0]
+    st = _kv_state(eng, seq)
     while not req.finished:
         eng.step()
-        if seq.kv.prefilled and seq.num_computed_tokens == context:  # stopped at the context
+        if st.prefilled and seq.num_computed_tokens == context:  # stopped at the context
             assert seq.num_kv_slots == math.ceil(0.3 * context)
     target = math.ceil(0.3 * context)
-    assert seq.kv.num_compressions == 1 and seq.num_evicted == context - target
+    assert st.num_compressions == 1 and seq.num_evicted == context - target
     with pytest.raises(InvalidRequestError, match="kv_prefix_tokens"):
         llm.generate([ids], _greedy(kv_policy="snapkv", kv_prefix_tokens=len(ids)), use_tqdm=False)
     with pytest.raises(InvalidRequestError, match="kv_prefix_tokens"):

@@ -11,6 +11,7 @@ from conftest import make_llm
 
 from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError
+from heron.layers.chunk_attention import causal_chunk_attention
 from heron.layers.kv_cache import ContextKV
 from heron.sparse import (
     SPARSE_PATTERNS,
@@ -19,7 +20,7 @@ from heron.sparse import (
     causal_block_mask,
     enforce_always_kept,
 )
-from heron.sparse.attention import causal_chunk_attention, flex_block_sparse_attention
+from heron.sparse.attention import flex_block_sparse_attention
 
 H, HKV, D, B = 9, 3, 64, 128
 SCALE = D**-0.5
@@ -423,18 +424,19 @@ def engines():
 def test_engine_short_prompt_identical_to_dense(engines):
     dense, sparse, _ = engines
     ids = _ids(300)
-    sparse.engine.runner.sparse.reset_stats()
+    plugin = sparse.engine.plugins.get("sparse_prefill")
+    plugin.reset_stats()
     assert _run(sparse, ids) == _run(dense, ids)
-    assert sparse.engine.runner.sparse.causal_blocks == 0  # never took the sparse path
+    assert plugin.sparse.causal_blocks == 0  # never took the sparse path
 
 
 def test_engine_long_prompt_sparse_and_chunked(engines):
     dense, sparse, chunked = engines
     ids = _ids(1500, seed=1)
-    runner_sparse = sparse.engine.runner.sparse
-    runner_sparse.reset_stats()
+    plugin = sparse.engine.plugins.get("sparse_prefill")
+    plugin.reset_stats()
     toks_s, lps_s = _run(sparse, ids)
-    assert runner_sparse.density is not None and runner_sparse.density < 1.0  # it dropped blocks
+    assert plugin.density is not None and plugin.density < 1.0  # it dropped blocks
     toks_d, lps_d = _run(dense, ids)
     assert lps_s != lps_d  # sparse attention changed the numbers ...
     first = max(lps_d[0], key=lps_d[0].get)
@@ -460,7 +462,7 @@ def test_engine_bf16_chunked_equals_unchunked():
     ids = _ids(1500, seed=1)
     toks_w, lps_w = _run(whole, ids)
     toks_c, lps_c = _run(chunked, ids)
-    assert whole.engine.runner.sparse.density < 1.0
+    assert whole.engine.plugins.get("sparse_prefill").density < 1.0
     assert toks_c == toks_w
     first = toks_w[0]
     assert abs(lps_c[0][first] - lps_w[0][first]) < 0.1

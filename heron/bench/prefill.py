@@ -100,7 +100,7 @@ def run_prefill_bench(cfg: PrefillBenchConfig) -> list[Row]:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             **kwargs,
         )
-        sparse = llm.engine.runner.sparse
+        sparse = llm.engine.plugins.get("sparse_prefill")
         tok = llm.get_tokenizer()
         vocab = llm.engine.model_config.vocab_size
         model_path, dtype, device = llm.engine.model_path, llm.engine.dtype, llm.engine.device

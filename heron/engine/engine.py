@@ -21,13 +21,11 @@ from heron.engine.sampler import Sampler, finite_rows, top_logprobs
 from heron.engine.scheduler import Scheduler
 from heron.engine.sequence import Request, Sequence, SequenceFactory, wants_prompt_logprobs
 from heron.errors import InvalidRequestError
-from heron.kv.compressor import KVCompressor, KVState
-from heron.kv.registry import make_policy
+from heron.layers.attention import RowsAttention
 from heron.models.catalog import resolve_model_path
 from heron.models.loader import Checkpoint, build_model
 from heron.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from heron.platform import free_memory_bytes, resolve_device, resolve_dtype
-from heron.sparse import build_sparse_prefill
 from heron.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -70,7 +68,6 @@ class Engine:
             config.block_size,
             self.device,
             self.dtype,
-            sparse=build_sparse_prefill(config),
             kv_cache_dtype=config.kv_cache_dtype,
         )
         if self.runner.kivi is not None:
@@ -98,9 +95,6 @@ class Engine:
                 eos_token_ids=tuple(self.eos_token_ids),
             )
         )
-        self.kv = KVCompressor(self.runner, self.block_manager, cfg.head_dim**-0.5)
-        if config.kv_policy is not None:
-            self._check_kv(config.kv_policy, config.kv_policy_options, config.kv_budget)
         self.requests: dict[str, Request] = {}
         self._request_ids = itertools.count()
         logger.info(
@@ -180,11 +174,9 @@ class Engine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already running", "request_id")
         req = Request(request_id, text, ids, params)
-        kv_state = self._kv_state(params, len(ids))
         if params.prompt_logprobs is not None and len(ids) == 1:
             req.prompt_logprobs = [None]  # nothing precedes the only token
         seq = self.sequences.new(req, 0, list(ids))
-        seq.kv = kv_state
         try:
             extra = self.plugins.add_request(req, seq)
         except BaseException:
@@ -195,47 +187,6 @@ class Engine:
         for other in extra:
             self.scheduler.add(other)
         return req
-
-    def _kv_state(self, params: SamplingParams, prompt_len: int) -> KVState | None:
-        """The request's KV-compression state: its own policy, else the engine's (or none)."""
-        name = params.kv_policy or self.config.kv_policy
-        options = params.kv_policy_options if params.kv_policy else self.config.kv_policy_options
-        prefix = params.kv_prefix_tokens
-        if name is None or name == "none":
-            if prefix is not None:
-                raise InvalidRequestError(
-                    "kv_prefix_tokens: only means something with a kv_policy", "kv_prefix_tokens"
-                )
-            return None
-        if prefix is not None and prefix >= prompt_len:
-            raise InvalidRequestError(
-                f"kv_prefix_tokens: must be less than the prompt ({prompt_len} tokens), got "
-                f"{prefix}; leave it unset to compress the whole prompt",
-                param="kv_prefix_tokens",
-            )
-        budget = params.kv_budget or self.config.kv_budget
-        self._check_kv(name, options, budget)
-        return KVState(make_policy(name, options), budget, compress_at=prefix)
-
-    def _check_kv(self, name: str, options: dict | None, budget: float) -> None:
-        if self.plugins.multi_token_steps:
-            raise InvalidRequestError(
-                "kv_policy: KV compression cannot be combined with speculative decoding",
-                param="kv_policy",
-            )
-        if self.runner.sliding_window is not None:
-            raise InvalidRequestError(
-                f"kv_policy: {self.model_path.name} has sliding-window layers, which KV "
-                "compression does not support yet",
-                param="kv_policy",
-            )
-        if budget > self.max_model_len:
-            raise InvalidRequestError(
-                f"kv_budget: {budget} tokens is more than the context ({self.max_model_len} "
-                "tokens, max_model_len)",
-                param="kv_budget",
-            )
-        make_policy(name, options)  # unknown names and bad options raise here
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -260,8 +211,6 @@ class Engine:
             "prefix_cache_hits": bm.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_blocks_used": bm.num_blocks - bm.num_free_blocks,
-            "kv_tokens_evicted": self.kv.num_evicted,
-            "kv_compressions": self.kv.num_compressions,
         }
         stats.update(self.plugins.stats())
         return stats
@@ -276,21 +225,27 @@ class Engine:
             return []
         need_prompt = {s.seq_id for s in batch.seqs if wants_prompt_logprobs(s.request)}
         partial: dict[int, list[int]] = {}  # seq_id -> the layers its decode row runs
+        plans: dict[int, RowsAttention] = {}  # seq_id -> how its rows attend, where it differs
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             layers = self.plugins.layers(seq, n)
             if layers is not None:
                 partial[seq.seq_id] = layers
+            plan = self.plugins.attention(seq, n)
+            if plan is not None:
+                plans[seq.seq_id] = plan
         started = time.perf_counter()
-        result = self.runner.execute(batch, need_prompt, partial)
-        self.plugins.after_forward(batch, time.perf_counter() - started)
+        result = self.runner.execute(batch, need_prompt, partial, plans)
+        seconds = time.perf_counter() - started
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.seq_id not in result.spec_logits:  # settled after verification below
                 seq.num_computed_tokens += n
-                # Compressed blocks, and blocks a plugin's partial model wrote, are not what
-                # their hashes name.
-                if not seq.compacts_cache and self.plugins.blocks_exact(seq):
+                # Blocks a plugin rewrites, or its partial model wrote, are not what their
+                # hashes name.
+                if seq.uses_prefix_cache and self.plugins.blocks_exact(seq):
                     self.block_manager.register_full_blocks(seq)
-        self.kv.after_step(batch.seqs, result.kv_queries)
+            if seq.seq_id in result.captured:
+                self.plugins.captured(seq, *result.captured[seq.seq_id])
+        self.plugins.after_forward(batch, seconds)
         for seq in batch.seqs:
             if seq.seq_id in result.prompt_logits:
                 first, logits = result.prompt_logits[seq.seq_id]
@@ -309,8 +264,8 @@ class Engine:
                 for i in range(1, req.params.n):
                     child = self.sequences.new(req, i, list(req.prompt_token_ids))
                     self.block_manager.fork(seq, child)
-                    child.kv = seq.kv.fork() if seq.kv is not None else None
                     child.block_hashes = list(seq.block_hashes)
+                    self.plugins.forked(seq, child)
                     self.scheduler.add_running(child)
                     sample_seqs.append(child)
                     rows.append(row)
@@ -398,7 +353,7 @@ class Engine:
                 return self._finish(seq, "stop", stop)
         max_tokens = p.max_tokens or self.max_model_len
         context = seq.num_tokens
-        if seq.kv is not None and seq.kv.policy.evict_during_decode:
+        if seq.context_counts_slots:
             context -= seq.num_evicted  # a bounded cache: what it holds is the limit
         if num_out >= max_tokens or context >= self.max_model_len:
             return self._finish(seq, "length", None)

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
+from heron.layers.attention import RowsAttention
+
 if TYPE_CHECKING:
     from heron.config import EngineConfig
     from heron.engine.block_manager import BlockManager
@@ -55,8 +57,8 @@ class EnginePlugin:
 
     name: ClassVar[str]
     # A step may append several tokens to one sequence (speculative decoding): per-token
-    # methods, which decide each token from the one before, and KV compression, which would
-    # verify drafts against an evicted cache, refuse to run beside it.
+    # methods, which decide each token from the one before, and methods that evict from the
+    # cache, which would verify drafts against an evicted cache, refuse to run beside it.
     multi_token_steps: ClassVar[bool] = False
 
     def __init__(self, parts: EngineParts) -> None:
@@ -85,6 +87,11 @@ class EnginePlugin:
         them). Only a decode row (``n == 1`` after a computed context) may skip layers."""
         return None
 
+    def attention(self, seq: Sequence, n: int) -> RowsAttention | None:
+        """How ``seq``'s ``n`` scheduled rows attend where this plugin changes it (queries to
+        capture, slots a layer must not read, the rows' own attention); None: as usual."""
+        return None
+
     def blocks_exact(self, seq: Sequence) -> bool:
         """Whether the K/V the model wrote for ``seq`` are those its tokens name, so its full
         blocks may enter the prefix cache."""
@@ -97,8 +104,14 @@ class EnginePlugin:
         or replace them."""
         return seqs, logits
 
+    def captured(self, seq: Sequence, queries: torch.Tensor, slots: list[int]) -> None:
+        """The rotated queries [L, n, H, D] of the rows this step captured for ``seq``
+        (``RowsAttention.capture``) and the cache slots those rows were written to."""
+        return None
+
     def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
-        """The model ran ``batch`` in ``seconds``."""
+        """The model ran ``batch`` in ``seconds``; its rows are counted as computed (those
+        verifying drafts settle later), its samples not drawn yet."""
         return None
 
     def settle_drafts(
@@ -115,6 +128,11 @@ class EnginePlugin:
         return None
 
     # ------------------------------------------------------------------ a sequence's life
+    def forked(self, parent: Sequence, child: Sequence) -> None:
+        """``child``, a sibling sample of ``parent``'s request (``n > 1``), was just forked
+        from it once its prompt was in: it shares ``parent``'s blocks copy-on-write."""
+        return None
+
     def preempted(self, seq: Sequence) -> None:
         """``seq`` lost its KV blocks and will be recomputed from its first token."""
         return None
@@ -164,6 +182,12 @@ class Plugins:
     def layers(self, seq: Sequence, n: int) -> list[int] | None:
         return next((ls for p in self.all if (ls := p.layers(seq, n)) is not None), None)
 
+    def attention(self, seq: Sequence, n: int) -> RowsAttention | None:
+        plans = [a for p in self.all if (a := p.attention(seq, n)) is not None]
+        if len(plans) > 1:
+            return RowsAttention.combine(plans)
+        return plans[0] if plans else None
+
     def blocks_exact(self, seq: Sequence) -> bool:
         return all(p.blocks_exact(seq) for p in self.all)
 
@@ -173,6 +197,10 @@ class Plugins:
         for p in self.all:
             seqs, logits = p.before_sampling(seqs, logits)
         return seqs, logits
+
+    def captured(self, seq: Sequence, queries: torch.Tensor, slots: list[int]) -> None:
+        for p in self.all:
+            p.captured(seq, queries, slots)
 
     def after_forward(self, batch: ScheduledBatch, seconds: float) -> None:
         for p in self.all:
@@ -190,6 +218,10 @@ class Plugins:
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
         for p in self.all:
             p.token_sampled(seq, token, logits)
+
+    def forked(self, parent: Sequence, child: Sequence) -> None:
+        for p in self.all:
+            p.forked(parent, child)
 
     def preempted(self, seq: Sequence) -> None:
         for p in self.all:

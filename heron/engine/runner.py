@@ -5,22 +5,22 @@ returns the logits of the rows that need sampling (and of prompt rows for prompt
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from heron import kernels
 from heron.engine.scheduler import ScheduledBatch
-from heron.kv.tokenselect import SelectedDecodes
-from heron.layers.attention import AttentionMetadata, PrefillSpan
+from heron.engine.sequence import chain_parents
+from heron.layers.attention import AttentionMetadata, RowsAttention, RowSpan
+from heron.layers.chunk_attention import block_kernel_runs
 from heron.layers.kivi import KIVI_BITS, KiviCache
-from heron.layers.kv_cache import Int8Slots, block_bytes, table_slots
+from heron.layers.kv_cache import Int8Slots, block_bytes
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 from heron.platform import lazy_zeros
-from heron.speculative.verify import chain_parents
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ class StepLogits:
     spec_logits: dict[int, torch.Tensor]  # seq_id -> [1 + drafts, V]
     # seq -> (first prompt position predicted, [rows, V] logits) for prompt logprobs
     prompt_logits: dict[int, tuple[int, torch.Tensor]]
-    # KV compression: seq_id -> (captured queries [L, n, H, D], the slots they were at)
-    kv_queries: dict[int, tuple[torch.Tensor, list[int]]] | None = None
+    # seq_id -> (the queries [L, n, H, D] of the rows a plugin asked to capture, their slots)
+    captured: dict[int, tuple[torch.Tensor, list[int]]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -54,13 +54,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        sparse=None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         self.model = model
         self.dtype = dtype  # what the model and attention compute in
-        # heron.sparse.SparsePrefill, or None: every prefill is dense.
-        self.sparse = sparse
         self.cfg = model_config
         self.block_size = block_size
         self.device = device
@@ -68,8 +65,8 @@ class ModelRunner:
         self.sliding_window: int | None = model.sliding_window
         # Plain decode rows attend through heron's compiled kernel, straight from the cache.
         self.decode_kernel = device.type == "cpu" and kernels.available()
-        # Prefill chunks attend causally through the block kernel (``_prefill_span``).
-        self.chunk_kernel = kernels.sparse_prefill_runs(device, dtype)
+        # Prefill chunks attend causally through the block kernel (``_span``).
+        self.chunk_kernel = block_kernel_runs(device, dtype)
         slots = num_blocks * block_size
         shape = (
             model_config.num_layers,
@@ -118,10 +115,13 @@ class ModelRunner:
         batch: ScheduledBatch,
         needs_prompt_logits: set[int],
         partial: dict[int, list[int]] | None = None,
+        plans: dict[int, RowsAttention] | None = None,
     ) -> StepLogits:
         """``partial``: seq_id -> the only layers that sequence's decode row goes through
-        (an engine plugin's cheaper model; heron.engine.plugin)."""
+        (an engine plugin's cheaper model); ``plans``: seq_id -> how its rows attend where a
+        plugin changes it (heron.engine.plugin)."""
         partial = partial or {}
+        plans = plans or {}
         if batch.copies:
             self.copy_blocks(batch.copies)
         bs = self.block_size
@@ -136,11 +136,10 @@ class ModelRunner:
         decode_lens: list[int] = []
         decode_trees: list[list[int] | None] = []  # a verifying sequence's draft tree
         decode_visible: list[tuple[int, int] | None] = []  # a draft-tree row's (from, bits)
-        prefills: list[PrefillSpan] = []
-        capture: list[int] = []  # KV compression: rows whose queries the policies need
-        capture_of: dict[int, tuple[int, int, list[int]]] = {}
-        holes: list[tuple[int, torch.Tensor, int]] = []  # (decode row, layer lens, hole end)
-        any_kv = False
+        spans: list[RowSpan] = []
+        capture: list[int] = []  # rows whose queries a plugin asked for
+        capture_of: dict[int, tuple[int, int, list[int]]] = {}  # seq_id -> (from, to, slots)
+        holes: list[tuple[int, torch.Tensor, int]] = []  # (decode row, hole starts, hole end)
 
         # Decode rows through fewer layers run apart, grouped by their layers.
         work = list(zip(batch.seqs, batch.num_new_tokens, strict=True))
@@ -149,14 +148,14 @@ class ModelRunner:
                 raise ValueError(f"only a decode row may skip layers (sequence {seq.seq_id})")
         partial_seqs = [seq for seq, _ in work if seq.seq_id in partial]
         # Attention batches decode steps together (one query each, or the last real token and
-        # its drafts when verifying), so they go first in the flat batch (TokenSelect's after
-        # the dense ones).
+        # its drafts when verifying), so they go first in the flat batch; decode rows with
+        # their own attention (a plugin's) attend apart, as spans, after the dense ones.
         items = sorted(
             (item for item in work if item[0].seq_id not in partial),
-            key=lambda item: (not _is_decode(*item), _selects(*item)),
+            key=lambda item: (not _is_decode(*item), _attends_apart(plans, item[0])),
         )
-        selected: SelectedDecodes | None = None
         for seq, n in items:
+            plan = plans.get(seq.seq_id)
             start = seq.num_computed_tokens
             row = len(ids)
             ids.extend((seq.token_ids + seq.draft_token_ids)[start : start + n])
@@ -166,17 +165,12 @@ class ModelRunner:
                 tree = seq.draft_parents or chain_parents(len(seq.draft_token_ids))
             positions.extend(pos if tree is None else _tree_positions(start, tree))
             table = seq.block_table
-            ev = seq.num_evicted  # slot = position - evicted tokens (0 without compression)
+            ev = seq.num_evicted  # slot = position - evicted tokens (0 where none were)
             slots.extend(table[(p - ev) // bs] * bs + (p - ev) % bs for p in pos)
-            if seq.kv is not None:
-                any_kv = True
-                offsets = seq.kv.capture_offsets(seq, start, n)
-                if offsets:
-                    a = len(capture)
-                    capture.extend(row + o for o in offsets)
-                    capture_of[seq.seq_id] = (a, len(capture), [start - ev + o for o in offsets])
-                if seq.kv.layer_lens is not None and _is_decode(seq, n):
-                    holes.append((len(decode_lens), seq.kv.layer_lens, seq.kv.hole_end))
+            if plan is not None and plan.capture:
+                a = len(capture)
+                capture.extend(row + o for o in plan.capture)
+                capture_of[seq.seq_id] = (a, len(capture), [start - ev + o for o in plan.capture])
             if seq.draft_token_ids:  # verify: every row predicts the token after it
                 spec_rows[seq.seq_id] = (row, row + n)
             elif start + n == seq.num_tokens:
@@ -185,13 +179,9 @@ class ModelRunner:
             if seq.seq_id in needs_prompt_logits and start < seq.num_prompt_tokens - 1:
                 last = min(start + n, seq.num_prompt_tokens - 1)  # rows predicting prompt tokens
                 prompt_rows[seq.seq_id] = (start + 1, row, row + last - start)
-            if _selects(seq, n):
-                if selected is None:
-                    selected = SelectedDecodes(row, [], [])
-                selected.slots.append(table_slots(table, start - ev + 1, bs, self.device))
-                selected.states.append(seq.kv)
-            elif _is_decode(seq, n):
-                if tree is not None and _rows_as_decodes(seq, tree, self.sliding_window):
+            if _is_decode(seq, n) and not _attends_apart(plans, seq):
+                plain = plan is None  # no holes to mask, no queries to capture
+                if tree is not None and plain and _rows_as_decodes(tree, self.sliding_window):
                     # Row i of a draft tree sees the context, its ancestors and itself, all
                     # at slots up to its own (parents precede children): a decode row of its
                     # own length that skips the other drafts' slots (a chain skips none), so
@@ -203,35 +193,30 @@ class ModelRunner:
                         bits = sum(1 << j for j, seen in enumerate(sees) if seen)
                         decode_visible.append((start, bits))
                 else:
+                    if plan is not None and plan.hole_start is not None:
+                        holes.append((len(decode_lens), plan.hole_start, plan.hole_end))
                     decode_tables.append(table)
                     decode_lens.append(start - ev + n)
                     decode_trees.append(tree)
                     decode_visible.append(None)
             else:
-                span = self._prefill_span(row, start - ev, n, table)
-                if seq.kv is not None and seq.kv.layer_lens is not None:
-                    # the question's chunk after a query-agnostic PyramidKV/D2O compression
-                    lens = seq.kv.layer_lens.to(self.device)
-                    width = len(span.context_blocks) * bs
-                    causal = _context_mask(start - ev, n, width, self.device)
-                    hole = _hole(lens, seq.kv.hole_end, causal.shape[-1])
-                    span.layer_masks = causal[None] & ~hole[:, None, :]
-                if (
-                    self.sparse is not None
-                    and not ev  # block-sparse masks assume slot == position
-                    and start < seq.num_prompt_tokens
-                    and self.sparse.applies(seq.num_prompt_tokens)
-                ):
-                    span.sparse = self.sparse
-                prefills.append(span)
+                span = self._span(row, start - ev, n, table)
+                if plan is not None:
+                    span.attend = plan.attend
+                    if plan.hole_start is not None:  # e.g. a chunk after a compressed context
+                        width = len(span.context_blocks) * bs
+                        causal = _context_mask(start - ev, n, width, self.device)
+                        starts = plan.hole_start.to(self.device)
+                        hole = _hole(starts, plan.hole_end, causal.shape[-1])
+                        span.layer_masks = causal[None] & ~hole[:, None, :]
+                spans.append(span)
 
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_size=bs,
             num_decodes=len(decode_lens),
-            prefills=prefills,
-            selected=selected,
+            spans=spans,
         )
         if decode_lens:
             self._decode_tables(meta, decode_tables, decode_lens, decode_trees, decode_visible)
@@ -240,9 +225,9 @@ class ModelRunner:
         meta.make_masks_additive(self.dtype)
         if capture:
             meta.capture_rows = torch.tensor(capture, dtype=torch.long, device=dev)
-        if any_kv:
+        if positions:
             top = max(positions)
-            for rotary in self.rotaries:  # a bounded cache may outlive the trained positions
+            for rotary in self.rotaries:  # a cache kept bounded may outlive the trained range
                 if top >= rotary.cos.shape[0]:
                     rotary.max_positions = 2 * top
                     rotary.reset_buffers(rotary.cos.device)
@@ -268,11 +253,11 @@ class ModelRunner:
             sid: (first, self.model.compute_logits(hidden[a:b]))
             for sid, (first, a, b) in prompt_rows.items()
         }
-        kv_queries = None
+        captured = {}
         if capture:
             queries = torch.stack(meta.captured)  # [L, R, H, D]
-            kv_queries = {sid: (queries[:, a:b], qs) for sid, (a, b, qs) in capture_of.items()}
-        return StepLogits(sample_seqs, sample_logits, spec_logits, prompt_logits, kv_queries)
+            captured = {sid: (queries[:, a:b], qs) for sid, (a, b, qs) in capture_of.items()}
+        return StepLogits(sample_seqs, sample_logits, spec_logits, prompt_logits, captured)
 
     @torch.inference_mode()
     def decode_logits(
@@ -338,7 +323,7 @@ class ModelRunner:
                 rows[i] = logits[j]
         return torch.stack(rows)
 
-    def _prefill_span(self, row: int, start: int, n: int, table: list[int]) -> PrefillSpan:
+    def _span(self, row: int, start: int, n: int, table: list[int]) -> RowSpan:
         dev, window = self.device, self.sliding_window
         q_pos = torch.arange(start, start + n, device=dev)
         if start == 0:
@@ -347,7 +332,7 @@ class ModelRunner:
             if window is not None and n > window:
                 window_mask = _context_mask(0, n, n, dev) & _in_window(q_pos, q_pos, window)
             kernel = self.chunk_kernel and n >= _KERNEL_MIN_FIRST_CHUNK
-            return PrefillSpan(row, row + n, None, None, window_mask, causal_chunk=kernel)
+            return RowSpan(row, row + n, None, None, window_mask, causal_chunk=kernel)
         bs = self.block_size
         width = -(-(start + n) // bs)
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
@@ -365,9 +350,7 @@ class ModelRunner:
             pos = torch.arange(width * bs, device=dev)
             window_mask = causal & _in_window(q_pos, pos, window)
         mask = None if split else causal
-        return PrefillSpan(
-            row, row + n, blocks, mask, window_mask, q_start=start, causal_chunk=split
-        )
+        return RowSpan(row, row + n, blocks, mask, window_mask, q_start=start, causal_chunk=split)
 
     def _decode_tables(
         self,
@@ -507,24 +490,25 @@ def _hole(lens: torch.Tensor, end: int, width: int) -> torch.Tensor:
     return (pos[None, :] >= lens[:, None]) & (pos[None, :] < end)
 
 
-def _rows_as_decodes(seq, tree: list[int], sliding_window: int | None) -> bool:
-    """Whether a verifying sequence's rows can attend as independent decode rows: its cache
-    is uncompressed (no per-layer holes), the tree fits the kernel's 63-bit visibility mask,
-    and, where the model has sliding windows (measured from a row's slot, which for a branch
-    is past its position), the drafts form a chain."""
-    if seq.kv is not None or len(tree) >= 63:
+def _rows_as_decodes(tree: list[int], sliding_window: int | None) -> bool:
+    """Whether a verifying sequence's rows (attending as usual) can attend as independent
+    decode rows: the tree fits the kernel's 63-bit visibility mask and, where the model has
+    sliding windows (measured from a row's slot, which for a branch is past its position),
+    the drafts form a chain."""
+    if len(tree) >= 63:
         return False
     return sliding_window is None or tree == chain_parents(len(tree))
+
+
+def _attends_apart(plans: dict[int, RowsAttention], seq) -> bool:
+    """A plugin gave the sequence's rows their own attention (they go in a span)."""
+    plan = plans.get(seq.seq_id)
+    return plan is not None and plan.attend is not None
 
 
 def _is_decode(seq, n: int) -> bool:
     """One new token (and the drafts it is verifying, if any) after a computed context."""
     return n == 1 + len(seq.draft_token_ids) and seq.num_computed_tokens > 0
-
-
-def _selects(seq, n: int) -> bool:
-    """A decode step that attends through TokenSelect."""
-    return seq.kv is not None and _is_decode(seq, n) and seq.kv.selects_now(seq)
 
 
 def _context_mask(

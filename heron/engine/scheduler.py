@@ -97,8 +97,8 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             # Prompt logprobs need logits at every prompt position: no prefix may be skipped.
-            # A compressed sequence rewrites its blocks: it neither reads nor feeds the cache.
-            use_cache = not wants_prompt_logprobs(seq.request) and not seq.compacts_cache
+            # A sequence whose blocks a plugin rewrites neither reads nor feeds the cache.
+            use_cache = not wants_prompt_logprobs(seq.request) and seq.uses_prefix_cache
             cached = self.bm.allocate_cached_prefix(seq) if use_cache else 0
             seq.num_computed_tokens = cached
             seq.num_cached_tokens = max(seq.num_cached_tokens, min(cached, seq.num_prompt_tokens))
@@ -133,8 +133,6 @@ class Scheduler:
         seq.set_drafts([])
         seq.num_computed_tokens = 0
         seq.num_evicted = 0
-        if seq.kv is not None:
-            seq.kv.reset()
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -142,7 +140,8 @@ class Scheduler:
 
 
 def _cap(seq: Sequence, n: int) -> int:
-    """``n`` tokens, or fewer where query-agnostic KV compression stops a chunk at the
-    context's end."""
-    limit = seq.kv.chunk_limit(seq) if seq.kv is not None else None
-    return n if limit is None else min(n, limit)
+    """``n`` tokens, or fewer where the chunk would cross the sequence's ``chunk_boundary``."""
+    stop = seq.chunk_boundary
+    if stop is None or seq.num_computed_tokens >= stop:
+        return n
+    return min(n, stop - seq.num_computed_tokens)

@@ -8,16 +8,12 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from heron.config import SamplingParams
 from heron.outputs import PositionLogprobs, RequestTimes
 from heron.tokenizer import Detokenizer, Tokenizer
-
-if TYPE_CHECKING:
-    from heron.kv.compressor import KVState
 
 
 class Status(enum.Enum):
@@ -46,17 +42,24 @@ class Sequence:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     detokenizer: Detokenizer | None = None
-    # Drafted tokens a plugin (speculative decoding) adds to this step, scheduled after the
-    # last real one; the draft each follows when they form a tree (heron.speculative.verify;
-    # None: a chain), and the draft distributions they came from (None: deterministic).
+    # Drafted tokens a plugin adds to this step, scheduled after the last real one; the draft
+    # each follows when they form a tree (-1: the last real token; None: a chain,
+    # ``chain_parents``), and the draft distributions they came from (None: deterministic).
     draft_token_ids: list[int] = field(default_factory=list)
     draft_parents: list[int] | None = None
     draft_probs: torch.Tensor | None = None
-    # KV compression (heron.kv): the policy's state, and how many of the computed tokens
-    # were evicted from the cache. Token i's position stays i (RoPE was applied at write
-    # time); the sequence holds ``num_kv_slots`` slots, its latest tokens at the end.
-    kv: KVState | None = None
+    # How many of the computed tokens a plugin evicted from the cache (BlockManager.compact).
+    # Token i's position stays i (RoPE was applied at write time); the sequence holds
+    # ``num_kv_slots`` slots, its latest tokens at the end.
     num_evicted: int = 0
+    # Set by a plugin for the sequence's life. ``uses_prefix_cache``: its blocks may start
+    # from and feed the prefix cache (not where a plugin rewrites them). ``chunk_boundary``:
+    # a position no prefill chunk crosses (a plugin works on the cache there). And
+    # ``context_counts_slots``: max_model_len bounds the slots it holds, not its positions (a
+    # cache kept bounded while decoding; positions may pass the trained range).
+    uses_prefix_cache: bool = True
+    chunk_boundary: int | None = None
+    context_counts_slots: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -74,12 +77,6 @@ class Sequence:
     def num_kv_slots(self) -> int:
         """Cache slots the sequence holds (its computed tokens less the evicted ones)."""
         return self.num_computed_tokens - self.num_evicted
-
-    @property
-    def compacts_cache(self) -> bool:
-        """KV compression rewrites this sequence's blocks: they are not what their token
-        hashes name, so they neither read nor feed the prefix cache."""
-        return self.kv is not None and self.kv.policy.evicts
 
     @property
     def num_uncomputed(self) -> int:
@@ -156,6 +153,11 @@ class SequenceFactory:
         )
         req.seqs.append(seq)
         return seq
+
+
+def chain_parents(n: int) -> list[int]:
+    """The parents of ``n`` drafts that form a chain (``Sequence.draft_parents`` None)."""
+    return list(range(-1, n - 1))
 
 
 def wants_prompt_logprobs(req: Request) -> bool:

@@ -70,13 +70,6 @@ class KVState:
         """Prompt tokens the first compression covers: all, or the context's."""
         return self.compress_at or seq.num_prompt_tokens
 
-    def chunk_limit(self, seq) -> int | None:
-        """Most tokens the next chunk may hold: a chunk stops at the context's end, so the
-        compression runs before the rest of the prompt (None: no limit)."""
-        if self.prefilled or self.compress_at is None:
-            return None
-        return max(1, self.compress_at - seq.num_computed_tokens)
-
     def capture_offsets(self, seq, start: int, n: int) -> list[int]:
         """Rows (offsets in this step's chunk) whose queries this sequence's policy needs."""
         if not self.prefilled:
@@ -84,6 +77,12 @@ class KVState:
             first = max(start, self.context_end(seq) - self.policy.window)
             return list(range(first - start, end - start)) if first < end else []
         return list(range(n)) if self.policy.needs_decode_queries else []
+
+    def add_queries(self, queries: torch.Tensor, slots: list[int]) -> None:
+        """Captured queries [L, n, H, D] and the slots they were at, kept until the next
+        compression."""
+        self.queries.append(queries)
+        self.query_slots.extend(slots)
 
     def reset(self) -> None:
         """The sequence was preempted: everything is recomputed."""
@@ -124,31 +123,24 @@ class KVCompressor:
         self.num_evicted = 0  # tokens evicted over the engine's life
         self.num_compressions = 0
 
-    def after_step(self, seqs, kv_queries) -> None:
-        """Called once the step's tokens are counted as computed, before sampled tokens are
-        appended and before ``n > 1`` samples fork."""
-        for seq in seqs:
-            st = seq.kv
-            if st is None or seq.is_finished:
-                continue
-            if kv_queries and seq.seq_id in kv_queries:
-                q, slots = kv_queries[seq.seq_id]
-                st.queries.append(q)
-                st.query_slots.extend(slots)
-            if not st.prefilled:
-                if seq.num_computed_tokens < st.context_end(seq):
-                    continue  # more prompt chunks to come
-                st.prefilled = True
-                st.target = resolve_budget(st.budget, st.context_end(seq))
-                if st.policy.evicts:
-                    self.compress(seq, prompt=True)
-            elif st.policy.evict_during_decode and seq.num_kv_slots >= st.target + self.block_size:
-                self.compress(seq, prompt=False)
+    def after_step(self, seq, st: KVState) -> None:
+        """Called once the step's tokens are counted as computed (and its captured queries
+        added to ``st``), before sampled tokens are appended and before ``n > 1`` samples
+        fork."""
+        if not st.prefilled:
+            if seq.num_computed_tokens < st.context_end(seq):
+                return  # more prompt chunks to come
+            st.prefilled = True
+            st.target = resolve_budget(st.budget, st.context_end(seq))
+            if st.policy.evicts:
+                self.compress(seq, st, prompt=True)
+        elif st.policy.evict_during_decode and seq.num_kv_slots >= st.target + self.block_size:
+            self.compress(seq, st, prompt=False)
 
     # ------------------------------------------------------------------ the compaction
     @torch.inference_mode()
-    def compress(self, seq, prompt: bool) -> None:
-        st, policy = seq.kv, seq.kv.policy
+    def compress(self, seq, st: KVState, prompt: bool) -> None:
+        policy = st.policy
         caches = self.runner.kv_caches  # per layer (K, V): plain, int8 or KIVI storage
         dev = self.runner.device
         num_layers = len(caches)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from heron.kv.compressor import KVState
 from heron.kv.policy import KV_POLICIES, KVPolicy
-from heron.layers.kv_cache import Cache, gather_slots
+from heron.layers.kv_cache import Cache, ContextKV, gather_slots
 from heron.registry import is_number
 
 
@@ -61,31 +62,23 @@ class Selection:
 
 
 @dataclass
-class SelectedDecodes:
-    """The decode rows of one step that attend through TokenSelect: rows ``start ..
-    start + len(slots)`` of the flat batch, one per sequence."""
+class SelectedRows:
+    """A decode row that attends through TokenSelect (heron.layers.attention.RowsAttend)."""
 
-    start: int
-    slots: list[torch.Tensor]  # each sequence's cache slots in token order [S_i]
-    states: list  # each sequence's heron.kv.compressor.KVState
+    state: KVState  # the sequence's
+    slots: torch.Tensor  # the sequence's cache slots in token order [S]
 
-    @property
-    def end(self) -> int:
-        return self.start + len(self.slots)
-
-    def attend(
-        self, q: torch.Tensor, k_cache: Cache, v_cache: Cache, layer: int, scale: float
-    ) -> torch.Tensor:
-        """q: [B, H, D] (this step's K/V already written). Returns [B, H, D]."""
-        out = torch.empty_like(q)
-        for i, (slots, st) in enumerate(zip(self.slots, self.states, strict=True)):
-            idx = _choose(st, layer, q[i], slots, k_cache, scale)
-            keys = gather_slots(k_cache, slots[idx]).transpose(0, 1)  # [Hkv, n, D]
-            values = gather_slots(v_cache, slots[idx]).transpose(0, 1)
-            num_kv_heads, d = keys.shape[0], keys.shape[2]
-            qi = q[i].view(num_kv_heads, -1, d)  # the group's query heads as query rows
-            out[i] = F.scaled_dot_product_attention(qi, keys, values, scale=scale).view(-1, d)
-        return out
+    def attend(self, q: torch.Tensor, ctx: ContextKV, layer: int, scale: float) -> torch.Tensor:
+        """q: [1, H, D] (this step's K/V already written to the cache ``ctx`` reads).
+        Returns [1, H, D]."""
+        k_cache, v_cache = ctx.k, ctx.v
+        idx = _choose(self.state, layer, q[0], self.slots, k_cache, scale)
+        keys = gather_slots(k_cache, self.slots[idx]).transpose(0, 1)  # [Hkv, n, D]
+        values = gather_slots(v_cache, self.slots[idx]).transpose(0, 1)
+        num_kv_heads, d = keys.shape[0], keys.shape[2]
+        qi = q[0].view(num_kv_heads, -1, d)  # the group's query heads as query rows
+        out = F.scaled_dot_product_attention(qi, keys, values, scale=scale)
+        return out.view(1, -1, d)
 
 
 def _choose(

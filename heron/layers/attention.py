@@ -5,8 +5,9 @@ sequence's block table names its blocks, so slot ``block_table[i // bs] * bs + i
 its token ``i`` (in the model's dtype, or int8: ``kv_cache``). The runner orders each step's
 flat batch as decodes first (one query each, or the last real token and its drafts for a
 sequence verifying a draft tree, under a tree mask; a draft chain's rows are plain decode rows
-of growing length; those attending through TokenSelect after the dense ones), then prefill
-chunks, and builds the block tables once per step; every layer reuses them. Reads gather
+of growing length), then spans: decode rows with their own attention (an engine plugin's,
+``RowsAttention``), then prefill chunks. It builds the block tables once per step; every layer
+reuses them. Reads gather
 whole blocks; the slots past a sequence's length are masked out. On CPU, plain decode rows
 (one query each, float cache) instead attend through heron's compiled kernel, which reads
 the blocks in place (``heron.kernels``).
@@ -20,18 +21,60 @@ takes the window as a bound instead (``AttentionMetadata.sliding_window``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from heron import kernels
+from heron.layers.chunk_attention import causal_chunk_attention
 from heron.layers.kv_cache import Cache, ContextKV, gather_blocks, write_slots
-from heron.sparse.attention import causal_chunk_attention
+
+
+class RowsAttend(Protocol):
+    """A sequence's own attention for its rows of a step, in the model's global layers
+    (sliding-window layers attend to them densely, under their window)."""
+
+    def attend(self, q: torch.Tensor, ctx: ContextKV, layer: int, scale: float) -> torch.Tensor:
+        """``q`` [n, H, D]: the rows at the last ``n`` of the ``ctx.length`` slots they see,
+        their own K/V already written. Returns [n, H, D]."""
+        ...
 
 
 @dataclass
-class PrefillSpan:
-    """One sequence's prefill chunk: rows ``start:end`` of the batch."""
+class RowsAttention:
+    """What an engine plugin changes about how one sequence's rows of a step attend
+    (heron.engine.plugin: ``EnginePlugin.attention``); a field left at its default changes
+    nothing."""
+
+    # Offsets among the rows whose rotated queries every layer captures: the runner returns
+    # them ([L, len(capture), H, D]) with the slots those rows were written to.
+    capture: list[int] = field(default_factory=list)
+    # Slots layer l must not read, ``hole_start[l] .. hole_end`` ([L]): a layer that holds
+    # fewer tokens than the sequence has slots for. None: every layer reads every slot.
+    hole_start: torch.Tensor | None = None
+    hole_end: int = 0
+    # The rows' attention in the global layers instead of the dense one, or None.
+    attend: RowsAttend | None = None
+
+    @staticmethod
+    def combine(plans: list[RowsAttention]) -> RowsAttention:
+        """One plan from several plugins' plans; no two of them may set the same part."""
+        capture = [p.capture for p in plans if p.capture]
+        holes = [(p.hole_start, p.hole_end) for p in plans if p.hole_start is not None]
+        attend = [p.attend for p in plans if p.attend is not None]
+        if max(len(capture), len(holes), len(attend)) > 1:
+            raise ValueError("two engine plugins change the same part of a sequence's attention")
+        hole_start, hole_end = holes[0] if holes else (None, 0)
+        return RowsAttention(
+            capture[0] if capture else [], hole_start, hole_end, attend[0] if attend else None
+        )
+
+
+@dataclass
+class RowSpan:
+    """One sequence's rows ``start:end`` of the batch that attend apart from the decode rows:
+    a prefill chunk, or decode rows with their own attention (``attend``)."""
 
     start: int
     end: int
@@ -45,14 +88,14 @@ class PrefillSpan:
     # The mask of sliding-window layers ([Lq, Lk] like ``mask``); None where the window hides
     # no key, so those layers use ``mask``.
     window_mask: torch.Tensor | None = None
-    # heron.sparse.SparsePrefill for a long prompt's chunk (global layers only); None = dense.
-    sparse: object | None = None
+    # The sequence's own attention for these rows (global layers only); None = dense.
+    attend: RowsAttend | None = None
     q_start: int = 0  # slot of the chunk's first token
     # Causal attention through ``causal_chunk_attention`` (the compiled block kernel where it
     # runs, else two flash calls): on a CPU every chunk after cached tokens, and a first chunk
     # of many tokens where the kernel runs.
     causal_chunk: bool = False
-    # KV compression with layer-varying budgets: ``mask`` per layer ([L, Lq, Lk]), or None.
+    # ``mask`` per layer ([L, Lq, Lk]) where layers do not read all slots, or None.
     layer_masks: torch.Tensor | None = None
 
 
@@ -77,32 +120,28 @@ class AttentionMetadata:
     # The model's sliding window, for the kernel's decode rows of sliding-window layers (0:
     # none): a row of length n attends to slots n - window .. n - 1.
     sliding_window: int = 0
-    prefills: list[PrefillSpan] = field(default_factory=list)
+    spans: list[RowSpan] = field(default_factory=list)
     # Sequences verifying drafts have several decode rows: the flat batch row of each
     # sequence's i-th query ([B, M], padded with its first) and the indices of the real ones
     # among B * M, in flat-batch order; None: one row each.
     decode_rows: torch.Tensor | None = None
     decode_valid: torch.Tensor | None = None
-    # KV compression: per-layer decode masks where a sequence's layers hold different numbers
-    # of tokens ([L, B, 1, 1, W * bs], PyramidKV), else None; and the rows whose (rotated)
-    # queries each layer appends to ``captured`` for the policies' statistics.
+    # Per-layer decode masks where some sequence's layers do not read all its slots
+    # ([L, B, 1, 1, W * bs], ``RowsAttention.hole_start``), else None; and the rows whose
+    # (rotated) queries each layer appends to ``captured`` (``RowsAttention.capture``).
     decode_layer_masks: torch.Tensor | None = None
     capture_rows: torch.Tensor | None = None
     captured: list[torch.Tensor] = field(default_factory=list)
-    # TokenSelect: the decode rows right after the ``num_decodes`` dense ones that attend to
-    # a chosen subset of their cache (heron.kv.tokenselect.SelectedDecodes), or None.
-    selected: object | None = None
 
     def plain_decodes(self, num_rows: int) -> bool:
         """Whether all ``num_rows`` rows of the step are decode rows of one query each that
-        attend through the compiled kernel, with nothing else per layer: no prefill chunk, no
-        captured queries, no TokenSelect rows, no per-layer masks."""
+        attend through the compiled kernel, with nothing else per layer: no span (prefill
+        chunk, rows with their own attention), no captured queries, no per-layer masks."""
         return (
             self.decode_lens is not None
             and self.num_decodes == num_rows
-            and not self.prefills
+            and not self.spans
             and self.capture_rows is None
-            and self.selected is None
             and self.decode_layer_masks is None
         )
 
@@ -112,7 +151,7 @@ class AttentionMetadata:
         was 5% of a prefill), and takes a bias faster."""
         for holder, names in [
             (self, ("decode_mask", "decode_window_mask", "decode_layer_masks")),
-            *((span, ("mask", "window_mask", "layer_masks")) for span in self.prefills),
+            *((span, ("mask", "window_mask", "layer_masks")) for span in self.spans),
         ]:
             for name in names:
                 mask = getattr(holder, name)
@@ -194,13 +233,8 @@ def paged_attention(
             out[:b] = od
         else:
             out[: meta.decode_valid.numel()] = od.index_select(0, meta.decode_valid)
-    if meta.selected is not None:
-        sel = meta.selected
-        out[sel.start : sel.end] = sel.attend(
-            q[sel.start : sel.end], k_cache, v_cache, layer, scale
-        )
 
-    for span in meta.prefills:
+    for span in meta.spans:
         n = span.end - span.start
         if span.context_blocks is None:
             ctx = ContextKV(k[span.start : span.end], v[span.start : span.end], n)
@@ -208,8 +242,8 @@ def paged_attention(
             length, bs = span.q_start + n, meta.block_size
             ctx = ContextKV(k_cache, v_cache, length, span.context_blocks, bs)
         qs = q[span.start : span.end]
-        if span.sparse is not None and not sliding:
-            out[span.start : span.end] = span.sparse.attend(qs, ctx, span.q_start, scale)
+        if span.attend is not None and not sliding:
+            out[span.start : span.end] = span.attend.attend(qs, ctx, layer, scale)
             continue
         mask = span.window_mask if sliding and span.window_mask is not None else span.mask
         if span.layer_masks is not None:

@@ -7,7 +7,7 @@ import torch
 
 class Workspace:
     """Named buffers reused across calls. A fresh large CPU allocation is page-faulted in on
-    first touch, which can cost as much as the work that fills it (sparse prefill's gathers,
+    first touch, which can cost as much as the work that fills it (gathered key blocks,
     a dequantized weight); reusing the buffer avoids that. Each name holds the largest shape
     asked of it; ``get`` returns a view of the size asked."""
 

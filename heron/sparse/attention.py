@@ -18,21 +18,16 @@ import functools
 import torch
 
 from heron import kernels
+from heron.layers.chunk_attention import attend_with_lse, kernel_attention
+
+# heron.sparse and its patterns read these from here (the dense chunk path owns them).
+from heron.layers.chunk_attention import causal_block_mask as causal_block_mask
+from heron.layers.chunk_attention import kernel_kv as kernel_kv
 from heron.layers.kv_cache import ContextKV
 from heron.layers.workspace import Workspace
 
 # Elements of the gathered keys of one SDPA call; bounds memory.
 _TILE_BUDGET = 1 << 25
-
-
-def causal_block_mask(q_start: int, q_len: int, k_len: int, block: int) -> torch.Tensor:
-    """[nQB, nKB] bool: key block ``kb`` is at or before query block ``qb`` (absolute blocks
-    ``q_start // block ..``)."""
-    qb0 = q_start // block
-    nqb = (q_start + q_len - 1) // block - qb0 + 1
-    nkb = -(-k_len // block)
-    qb = torch.arange(qb0, qb0 + nqb)
-    return torch.arange(nkb)[None, :] <= qb[:, None]
 
 
 def enforce_always_kept(mask: torch.Tensor, q_start: int, block: int) -> torch.Tensor:
@@ -76,7 +71,7 @@ def block_sparse_attention(
     call serves each group: no padding, no mask, no dense score matrix."""
     if kernels.sparse_prefill_usable(q):
         mask = with_diagonal(mask, q_start, block, True)
-        out = _kernel_attention(q.transpose(0, 1), ctx, mask, q_start, block, scale)
+        out = kernel_attention(q.transpose(0, 1), ctx, mask, q_start, block, scale)
         return out.transpose(0, 1)
     k, v = ctx.keys.transpose(0, 1), ctx.values.transpose(0, 1)
     if q.device.type == "cuda":
@@ -96,7 +91,7 @@ def block_sparse_attention(
     diag = head_base + qb_abs
     kd = torch.index_select(k_blocks, 0, diag, out=ws.get("kd", q_rows.shape, q))
     vd = torch.index_select(v_blocks, 0, diag, out=ws.get("vd", q_rows.shape, q))
-    out, lse = _attend(q_rows, kd, vd, scale, causal=True)
+    out, lse = attend_with_lse(q_rows, kd, vd, scale, causal=True)
     off = with_diagonal(mask, q_start, block, False).reshape(rows, nkb)
     counts = off.sum(-1)
     # The earlier blocks' part of every row (rows without one keep weight 0: lse -inf).
@@ -120,69 +115,15 @@ def block_sparse_attention(
             qg = q_rows
             if n != rows:
                 qg = torch.index_select(q_rows, 0, sel, out=ws.get("qg", (n, block, head_dim), q))
-            o, o_lse = _attend(qg, kg.view(n, c * block, head_dim), vg.view(n, -1, head_dim), scale)
+            o, o_lse = attend_with_lse(
+                qg, kg.view(n, c * block, head_dim), vg.view(n, -1, head_dim), scale
+            )
             out_off.index_copy_(0, sel, o)
             lse_off.index_copy_(0, sel, o_lse)
     # One softmax over both parts: the earlier blocks' share is sigmoid(lse_off - lse).
     share = torch.sigmoid(lse_off - lse).to(q.dtype).unsqueeze(-1)
     out = out.lerp_(out_off, share.expand_as(out))
     return out.view(num_heads, nqb * block, head_dim)[:, lead : lead + q_len]
-
-
-def causal_chunk_attention(
-    q: torch.Tensor, ctx: ContextKV, q_start: int, scale: float, block: int = 128
-) -> torch.Tensor:
-    """Dense causal attention of a prefill chunk ``q`` [Lq, H, D] (positions ``q_start ..``)
-    over its context. Returns [Lq, H, D]. Through the compiled block kernel with every causal
-    block kept where it runs (``kernels.sparse_prefill_usable(q)``); elsewhere (a CPU) in two
-    parts merged by their log-sum-exps: the earlier context, unmasked, with the query heads
-    of one KV head stacked into one call, and the chunk's own keys, causal. SDPA with the
-    chunk's mask computes every masked score: a 2k chunk after 6k tokens took ~1.4x as long."""
-    if kernels.sparse_prefill_usable(q):
-        causal = causal_block_mask(q_start, q.shape[0], ctx.length, block)  # [nQB, nKB]
-        return _kernel_attention(q, ctx, causal.expand(q.shape[1], -1, -1), q_start, block, scale)
-    q_len, num_heads, head_dim = q.shape
-    k, v = ctx.keys.transpose(0, 1), ctx.values.transpose(0, 1)  # [Hkv, Lk, D]
-    kv_heads = k.shape[0]
-    group = num_heads // kv_heads
-    qh = q.transpose(0, 1)  # [H, Lq, D]; head h reads KV head h // group
-    own_k = k[:, q_start:].repeat_interleave(group, 0)
-    own_v = v[:, q_start:].repeat_interleave(group, 0)
-    out, lse = _attend(qh, own_k, own_v, scale, causal=True)
-    if q_start:
-        stacked = qh.reshape(kv_heads, group * q_len, head_dim)
-        early, early_lse = _attend(stacked, k[:, :q_start], v[:, :q_start], scale)
-        # One softmax over both parts: the earlier context's share is sigmoid(lse_e - lse).
-        share = torch.sigmoid(early_lse.reshape(num_heads, q_len) - lse).unsqueeze(-1)
-        merged = out.float().lerp_(early.reshape(num_heads, q_len, head_dim).float(), share)
-        out = merged.to(q.dtype)
-    return out.transpose(0, 1)
-
-
-def kernel_kv(ctx: ContextKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """What the compiled kernels read for ``ctx``: (k, v, block table, block size), the cache
-    itself where it is plain, else the gathered (dequantized) context."""
-    if ctx.in_place:
-        return ctx.k, ctx.v, ctx.table, ctx.block_size
-    return ctx.keys, ctx.values, None, 1
-
-
-def _kernel_attention(
-    q: torch.Tensor,
-    ctx: ContextKV,
-    mask: torch.Tensor,
-    q_start: int,
-    block: int,
-    scale: float,
-) -> torch.Tensor:
-    """``heron.kernels.sparse_prefill`` over the blocks ``mask`` [H, nQB, nKB] keeps (each
-    row's diagonal among them), for q [Lq, H, D]: the mask as CSR."""
-    counts = mask.sum(-1).view(-1)
-    row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    cols = mask.nonzero()[:, 2]  # row-major: each row's kept blocks, in order
-    k, v, table, bs = kernel_kv(ctx)
-    return kernels.sparse_prefill(q, k, v, row_ptr, cols, q_start, block, scale, table, bs)
 
 
 @functools.cache
@@ -246,24 +187,6 @@ def flex_block_sparse_attention(
     attend = _compiled_flex_attention() if dev.type == "cuda" else flex_attention
     out = attend(q_pad[None], k[None], v[None], block_mask=block_mask, scale=scale, enable_gqa=True)
     return out[0, :, lead : lead + q_len]
-
-
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` [N, Lq, D] over ``k``/``v`` [N, Lk, D], and the log-sum-exp of each
-    query's scores [N, Lq] (fp32), which lets two parts of one softmax be merged. On CPU this
-    is PyTorch's flash kernel (which returns it); elsewhere the scores are materialised."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, causal, scale=scale
-        )
-        return out[0], lse[0]
-    s = torch.matmul(q.float(), k.float().transpose(1, 2)) * scale
-    if causal:
-        s.masked_fill_(torch.ones_like(s[0], dtype=torch.bool).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v.float()).to(q.dtype), lse
 
 
 def _pad(ws: Workspace, name: str, x: torch.Tensor, length: int, lead: int) -> torch.Tensor:

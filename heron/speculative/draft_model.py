@@ -50,7 +50,6 @@ class DraftSequence:
     # a cheaper model.
     draft_token_ids: list[int] = field(default_factory=list)
     num_evicted: int = 0
-    kv = None
     switch = None
 
     @property

@@ -17,10 +17,7 @@ from __future__ import annotations
 import torch
 
 from heron.engine.sampler import draw
-
-
-def chain_parents(n: int) -> list[int]:
-    return list(range(-1, n - 1))
+from heron.engine.sequence import chain_parents
 
 
 def accept_tree(
