@@ -24,10 +24,9 @@ from heron.platform import lazy_zeros
 
 logger = logging.getLogger(__name__)
 
-# A prompt's first chunk attends through the block kernel from this many tokens (bf16). Per
-# layer at SmolLM2's shape against SDPA's causal flash: with AMX 0.39 vs 0.44 ms at 256 tokens,
-# 2.8 vs 3.7 ms at 1,024, 9.5 vs 11.2 ms at 2,048, below 256 SDPA is faster; on a Zen 4 EPYC
-# (AVX512_BF16, no AMX) 0.62 vs 1.38 ms at 256, 5.1 vs 12.4 at 1,024, 18 vs 44 at 2,048.
+# A prompt's first chunk attends through the block kernel from this many tokens (bf16): from
+# there the kernel beats SDPA's causal flash attention, with AMX or without; below it SDPA is
+# faster (`heron bench prefill` measures both).
 _KERNEL_MIN_FIRST_CHUNK = 256
 
 
@@ -337,10 +336,8 @@ class ModelRunner:
         width = -(-(start + n) // bs)
         blocks = torch.tensor(table[:width], dtype=torch.long, device=dev)
         windowed = window is not None and start + n > window
-        # SDPA with the chunk's mask computes every masked score (the block kernel was ~1.4x
-        # faster at 8k tokens; the two flash calls of causal_chunk_attention ~1.4x on a 2k
-        # chunk after 6k tokens), and building and converting the mask took 1-2% of a
-        # prefill: on a CPU only sliding-window layers need it.
+        # SDPA with the chunk's mask computes every masked score, and building and converting
+        # the mask is a visible share of a prefill: on a CPU only sliding-window layers need it.
         split = self.chunk_kernel or dev.type == "cpu"
         causal = None
         if windowed or not split:

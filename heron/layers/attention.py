@@ -147,8 +147,8 @@ class AttentionMetadata:
 
     def make_masks_additive(self, dtype: torch.dtype) -> None:
         """Turn every mask of the step (shared by all layers) into 0 / -inf biases once: SDPA
-        would otherwise convert a boolean mask in every layer (at 8k tokens that conversion
-        was 5% of a prefill), and takes a bias faster."""
+        would otherwise convert a boolean mask in every layer, a visible cost on long prompts,
+        and takes a bias faster."""
         for holder, names in [
             (self, ("decode_mask", "decode_window_mask", "decode_layer_masks")),
             *((span, ("mask", "window_mask", "layer_masks")) for span in self.spans),
