@@ -19,6 +19,7 @@ from heron.errors import InvalidRequestError
 from heron.kv.compressor import KVCompressor, KVState
 from heron.kv.registry import KV_POLICIES, make_policy
 from heron.kv.tokenselect import SelectedRows
+from heron.layers.attention import RowsAttention
 from heron.layers.kv_cache import ContextKV
 from tests.conftest import make_llm
 
@@ -308,6 +309,19 @@ def test_tokenselect_reuses_its_choice_for_a_similar_query_only():
     sel.attend(far[None], ctx, 0, D**-0.5)
     assert (st.num_selections, st.num_reused) == (2, 1)
     assert st.selection[0].middle.tolist() == [40]
+
+
+def test_attention_plans_of_two_plugins_combine_unless_they_clash():
+    """One plugin's captured rows and holes and another's own attention for the same rows make
+    one plan; two plugins setting the same part is an error, not a silent pick."""
+    holes = RowsAttention([3, 4], torch.tensor([5, 8]), 8)
+    st = KVState(make_policy("tokenselect"), 8)
+    own = RowsAttention(attend=SelectedRows(st, torch.arange(8)))
+    plan = RowsAttention.combine([holes, own])
+    assert plan.capture == [3, 4] and plan.hole_start.tolist() == [5, 8] and plan.hole_end == 8
+    assert plan.attend is own.attend
+    with pytest.raises(ValueError, match="same part"):
+        RowsAttention.combine([holes, RowsAttention(capture=[0])])
 
 
 def test_registry_and_budget_errors():

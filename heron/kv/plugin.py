@@ -85,7 +85,7 @@ class KVCompression(EnginePlugin):
         make_policy(name, options)  # unknown names and bad options raise here
 
     @staticmethod
-    def _shape(seq: Sequence, st: KVState) -> None:
+    def _set_cache_rules(seq: Sequence, st: KVState) -> None:
         """What ``st``'s policy does to ``seq``'s cache, in the engine's terms."""
         seq.uses_prefix_cache = not st.policy.evicts  # compacted blocks are not their hashes'
         seq.chunk_boundary = st.compress_at  # compressed before the rest of the prompt
@@ -96,7 +96,7 @@ class KVCompression(EnginePlugin):
         st = self._state(req.params, len(req.prompt_token_ids))
         if st is not None:
             self.states[seq.seq_id] = st
-            self._shape(seq, st)
+            self._set_cache_rules(seq, st)
         return []
 
     def forked(self, parent: Sequence, child: Sequence) -> None:
@@ -104,7 +104,7 @@ class KVCompression(EnginePlugin):
         st = self.states.get(parent.seq_id)
         if st is not None:
             self.states[child.seq_id] = st.fork()
-            self._shape(child, st)
+            self._set_cache_rules(child, st)
 
     def preempted(self, seq: Sequence) -> None:
         st = self.states.get(seq.seq_id)
