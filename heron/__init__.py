@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 
+import heron.plugins  # noqa: F401  (every Engine gets the method families' plugins)
 from heron.config import EngineConfig, SamplingParams
 from heron.errors import HeronError, InvalidRequestError, ModelLoadError
 from heron.llm import LLM

@@ -12,7 +12,6 @@ from dataclasses import replace
 
 import torch
 
-import heron.plugins  # noqa: F401  (registers the method families' engine plugins)
 from heron.config import EngineConfig, SamplingParams
 from heron.engine.block_manager import BlockManager
 from heron.engine.plugin import EngineParts, Plugins
