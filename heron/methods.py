@@ -8,7 +8,7 @@ from __future__ import annotations
 from heron.config import EngineConfig
 from heron.kv.registry import KV_POLICIES
 from heron.registry import Registry
-from heron.sparse.registry import SPARSE_PATTERNS
+from heron.sparse.patterns import SPARSE_PATTERNS
 from heron.speculative.registry import PROPOSERS
 
 ENGINE_METHODS: tuple[Registry, ...] = (KV_POLICIES, PROPOSERS, SPARSE_PATTERNS)

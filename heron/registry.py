@@ -1,19 +1,22 @@
 """Methods by name, one ``Registry`` per family: KV policies, speculative proposers, sparse
 prefill patterns, decoding strategies.
 
-A method is a dataclass registered under its name (``@KV_POLICIES.register("snapkv")``, in
-its own module); its fields are its options, typed and defaulted, and its ``__post_init__``
-checks their values. What a method needs of a running engine (a runner, a block manager...)
-is never an option: the family hands it over after construction. So every front end (Python,
-the CLI, the HTTP server) reaches a method the same way, ``registry.make(name, options)``,
-and a bad name, an unknown option or a bad value gives the same ``InvalidRequestError``: the
-family's ``kind`` (``kv_policy``) names an unknown method, its ``options_param``
-(``kv_policy_options``) a bad option."""
+A method is a dataclass registered under its name (``@KV_POLICIES.register("snapkv")``) in its
+own module of the family's package, which the registry imports the first time a name is looked
+up: adding a method touches its module and its test, nothing else. Its fields are its options,
+typed and defaulted, and its ``__post_init__`` checks their values. What a method needs of a
+running engine (a runner, a block manager...) is never an option: the family hands it over
+after construction. So every front end (Python, the CLI, the HTTP server) reaches a method the
+same way, ``registry.make(name, options)``, and a bad name, an unknown option or a bad value
+gives the same ``InvalidRequestError``: the family's ``kind`` (``kv_policy``) names an unknown
+method, its ``options_param`` (``kv_policy_options``) a bad option."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import pkgutil
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -45,26 +48,44 @@ class Registry(Generic[T]):
     """The methods of one family. ``kind``: the parameter that names a method (an
     EngineConfig field or request field, e.g. ``kv_policy``); ``options_param``: the one that
     holds its options (default ``<kind>_options``); ``given``: fields that are set by the
-    caller, not options (a strategy's ``n``)."""
+    caller, not options (a strategy's ``n``); ``package``: the family's package, whose
+    modules register its methods."""
 
     def __init__(
-        self, kind: str, options_param: str | None = None, given: Iterable[str] = ()
+        self,
+        kind: str,
+        package: str,
+        options_param: str | None = None,
+        given: Iterable[str] = (),
     ) -> None:
         self.kind = kind
+        self.package = package
         self.options_param = options_param or f"{kind}_options"
         self.given = frozenset(given)
-        self._methods: dict[str, type[T]] = {}
+        self._registered: dict[str, type[T]] = {}
+        self._discovered = False
+
+    @property
+    def _methods(self) -> dict[str, type[T]]:
+        """The registered methods, once every module of the family's package is imported
+        (each registers its methods as it loads)."""
+        if not self._discovered:
+            self._discovered = True  # set first: a module importing the registry finds it
+            path = importlib.import_module(self.package).__path__
+            for module in pkgutil.iter_modules(path):
+                importlib.import_module(f"{self.package}.{module.name}")
+        return self._registered
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator: the class is the method ``name`` (which it gets as ``name``)."""
 
         def deco(cls: C) -> C:
-            if name in self._methods:
+            if name in self._registered:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             if not dataclasses.is_dataclass(cls):
                 raise TypeError(f"{self.kind} {name!r}: a method is a dataclass of its options")
             cls.name = name
-            self._methods[name] = cls
+            self._registered[name] = cls
             return cls
 
         return deco

@@ -5,6 +5,8 @@ status 2 and one line, no traceback) and the server (400 naming the parameter)."
 
 from __future__ import annotations
 
+import importlib
+import sys
 from dataclasses import dataclass
 
 import httpx
@@ -13,8 +15,7 @@ import pytest
 from heron import LLM, SamplingParams
 from heron.errors import InvalidRequestError
 from heron.kv.registry import KV_POLICIES
-from heron.registry import Registry
-from heron.sparse.registry import SPARSE_PATTERNS
+from heron.sparse.patterns import SPARSE_PATTERNS
 from heron.speculative.registry import PROPOSERS
 from heron.strategies import STRATEGIES, make_strategy
 from tests.test_cli import assert_user_error, heron
@@ -41,8 +42,21 @@ def _errors(registry, method, unknown, bad, option):
 
 
 # ---------------------------------------------------------------------------- the registry
-def test_a_registered_method_is_reachable_by_name():
-    family = Registry("toy_method")
+def test_a_registered_method_is_reachable_by_name(tmp_path, monkeypatch):
+    # A family's package: a method registered in its own module is found without an import.
+    package = tmp_path / "toy_family"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "base.py").write_text(
+        "from heron.registry import Registry\nTOYS = Registry('toy_method', 'toy_family')\n"
+    )
+    (package / "shiny.py").write_text(
+        "from dataclasses import dataclass\nfrom toy_family.base import TOYS\n\n"
+        "@TOYS.register('shiny')\n@dataclass\nclass Shiny:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    family = importlib.import_module("toy_family.base").TOYS
+    assert "toy_family.shiny" not in sys.modules
 
     @family.register("toy")
     @dataclass
@@ -56,7 +70,7 @@ def test_a_registered_method_is_reachable_by_name():
     class Needy:
         model: str
 
-    assert family.names() == ["needy", "toy"] and family.get("toy") is Toy
+    assert family.names() == ["needy", "shiny", "toy"] and family.get("toy") is Toy
     assert Toy.name == "toy" and family.make("toy", {"size": 5}) == Toy(size=5)
     assert family.options_param == "toy_method_options"
     assert family.signature("toy") == "toy(size: int = 3, label: str = 'a', given: int = 0)"

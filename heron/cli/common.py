@@ -259,7 +259,7 @@ def engine_parent() -> argparse.ArgumentParser:
         action="store_false",
         help="do not reuse the KV blocks of earlier prompts with the same prefix",
     )
-    from heron.sparse.registry import SPARSE_PATTERNS
+    from heron.sparse.patterns import SPARSE_PATTERNS
     from heron.speculative.registry import PROPOSERS
 
     spec = add_method_flags(

@@ -32,7 +32,7 @@ from heron.registry import Registry
 
 # KV policies by name, as ``EngineConfig.kv_policy``/``kv_policy_options``, the same fields of
 # ``SamplingParams``, the CLI's ``--kv-policy``/``--kv-policy-option`` and the server body.
-KV_POLICIES: Registry[KVPolicy] = Registry("kv_policy")
+KV_POLICIES: Registry[KVPolicy] = Registry("kv_policy", "heron.kv")
 
 
 @dataclass(eq=False)

@@ -16,8 +16,7 @@ from heron.sparse.attention import (
     causal_block_mask,
     enforce_always_kept,
 )
-from heron.sparse.patterns import SparsePattern
-from heron.sparse.registry import SPARSE_PATTERNS
+from heron.sparse.patterns import SPARSE_PATTERNS, SparsePattern
 
 __all__ = [
     "SPARSE_PATTERNS",

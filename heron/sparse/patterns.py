@@ -26,7 +26,7 @@ from heron.registry import Registry, is_number
 
 # Patterns by name, as ``EngineConfig.sparse_prefill``/``sparse_prefill_options`` and the
 # CLI's ``--sparse-prefill``/``--sparse-prefill-option`` name them.
-SPARSE_PATTERNS: Registry[SparsePattern] = Registry("sparse_prefill")
+SPARSE_PATTERNS: Registry[SparsePattern] = Registry("sparse_prefill", "heron.sparse")
 
 
 @dataclass(eq=False)

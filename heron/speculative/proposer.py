@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 # Proposers by name, as ``EngineConfig.speculative_method``/``speculative_options`` and the
 # CLI/server flags name them.
-PROPOSERS: Registry[Proposer] = Registry("speculative_method", "speculative_options")
+PROPOSERS: Registry[Proposer] = Registry(
+    "speculative_method", "heron.speculative", "speculative_options"
+)
 
 
 @dataclass

@@ -1,15 +1,10 @@
 """Proposers by name (``proposer.PROPOSERS``), as ``EngineConfig.speculative_method`` and the
-CLI/server flags name them, with their options (``speculative_options``). Importing this
-module registers every proposer."""
+CLI/server flags name them, with their options (``speculative_options``)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import heron.speculative.draft_model  # noqa: F401  (each proposer registers in its module)
-import heron.speculative.layer_skip  # noqa: F401
-import heron.speculative.lookahead  # noqa: F401
-import heron.speculative.ngram  # noqa: F401
 from heron.speculative.proposer import PROPOSERS, Proposer
 
 if TYPE_CHECKING:

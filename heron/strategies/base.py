@@ -24,7 +24,7 @@ from heron.registry import Registry
 
 # Strategies by name, for ``LLM.generate(strategy=...)``, the CLI and the server; ``n`` is
 # given beside the options (``SamplingParams.n``, the CLI's ``--n``).
-STRATEGIES: Registry[Strategy] = Registry("strategy", given=("n",))
+STRATEGIES: Registry[Strategy] = Registry("strategy", "heron.strategies", given=("n",))
 
 
 @dataclass

@@ -1,16 +1,10 @@
 """Strategies by name (``base.STRATEGIES``), for ``LLM.generate(strategy=...)``, the CLI and
-the server. Importing this module registers every strategy."""
+the server."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import heron.strategies.adaptive  # noqa: F401  (each strategy registers in its module)
-import heron.strategies.best_of_majority  # noqa: F401
-import heron.strategies.best_of_n  # noqa: F401
-import heron.strategies.context_aware  # noqa: F401
-import heron.strategies.entropy_adaptive  # noqa: F401
-import heron.strategies.majority  # noqa: F401
 from heron.errors import InvalidRequestError
 from heron.strategies.base import STRATEGIES, Strategy
 

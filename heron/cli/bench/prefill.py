@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         to_results,
         write_png,
     )
-    from heron.sparse.registry import SPARSE_PATTERNS
+    from heron.sparse.patterns import SPARSE_PATTERNS
 
     patterns = split_csv("patterns", args.patterns) if args.sparse else []
     default_lengths = "2048,4096,8000" if args.sparse else "512,2048,8000"
