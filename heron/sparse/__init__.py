@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from heron.layers.chunk_attention import causal_block_mask
 from heron.layers.kv_cache import ContextKV
 from heron.layers.workspace import Workspace
-from heron.sparse.attention import (
-    block_sparse_attention,
-    causal_block_mask,
-    enforce_always_kept,
-)
+from heron.sparse.attention import block_sparse_attention, enforce_always_kept
 from heron.sparse.patterns import SPARSE_PATTERNS, SparsePattern
 
 __all__ = [

@@ -19,10 +19,6 @@ import torch
 
 from heron import kernels
 from heron.layers.chunk_attention import attend_with_lse, kernel_attention
-
-# heron.sparse and its patterns read these from here (the dense chunk path owns them).
-from heron.layers.chunk_attention import causal_block_mask as causal_block_mask
-from heron.layers.chunk_attention import kernel_kv as kernel_kv
 from heron.layers.kv_cache import ContextKV
 from heron.layers.workspace import Workspace
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from heron import kernels
+from heron.layers.chunk_attention import kernel_kv
 from heron.layers.kv_cache import ContextKV
-from heron.sparse.attention import enforce_always_kept, kernel_kv
+from heron.sparse.attention import enforce_always_kept
 from heron.sparse.patterns import (
     SPARSE_PATTERNS,
     SparsePattern,

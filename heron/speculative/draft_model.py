@@ -46,11 +46,9 @@ class DraftSequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    # Read by the runner; a draft never speculates, compresses its own cache or switches to
-    # a cheaper model.
+    # Read by the runner; a draft never speculates or compresses its own cache.
     draft_token_ids: list[int] = field(default_factory=list)
     num_evicted: int = 0
-    switch = None
 
     @property
     def num_tokens(self) -> int:
