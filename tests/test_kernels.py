@@ -6,6 +6,8 @@ SiLU-and-multiply) alone and through the engine. Skipped where the kernels canno
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,6 +322,25 @@ def test_silu_mul_equals_the_torch_path(dtype, tol):
     gate_up = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(2)).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
+
+
+def test_token_bitmask_equals_unpacked_bits():
+    """Constrained decoding's masks: -inf exactly where a chosen row's bit is clear, the other
+    rows untouched; words all set, all clear and mixed, a vocabulary that ends mid-word."""
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 5, 1005
+    words = (vocab + 31) // 32
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (rows, words), generator=gen, dtype=torch.int32)
+    bitmask[:, ::3] = -1  # every token of the word allowed
+    bitmask[:, 1::5] = 0  # none
+    logits = torch.randn(rows, vocab + 3, generator=gen)  # wider than the vocabulary
+    chosen = torch.tensor([0, 2, 3])
+    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    allowed = bits.view(rows, words * 32)[:, :vocab].bool()
+    expected = logits.clone()
+    expected[chosen, :vocab] = expected[chosen, :vocab].masked_fill(~allowed[chosen], -math.inf)
+    kernels.apply_token_bitmask_(logits, bitmask, chosen, vocab)
+    assert torch.equal(logits, expected)
 
 
 def test_engine_runs_the_layer_ops_with_the_same_tokens(monkeypatch):

@@ -51,6 +51,7 @@ _SOURCES = [
         "quantized_gemv.cpp",
         "bf16_gemv.cpp",
         "decode_layers.cpp",
+        "token_mask.cpp",
         "bindings.cpp",
     )
 ]
@@ -473,6 +474,15 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``gate_up`` [T, 2I] (the fused projection's two halves)."""
     return _module().silu_mul(gate_up)
+
+
+def apply_token_bitmask_(
+    logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor, vocab_size: int
+) -> None:
+    """``logits[r, t] = -inf`` wherever bit ``t`` of ``bitmask[r]`` is clear, for each ``r``
+    in ``rows`` (int64); ``logits`` [B, V] float32, ``bitmask`` [B, ceil(V / 32)] int32, as
+    xgrammar fills it."""
+    _module().apply_token_bitmask_(logits, bitmask, rows, vocab_size)
 
 
 @functools.cache

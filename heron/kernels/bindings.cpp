@@ -13,6 +13,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_blocks", &select_blocks, "cumulative-threshold block selection per row");
   m.def("vnni_matmul", &vnni_matmul, "c + a b through the kernels' AVX512_BF16 tile loop");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up projection");
+  m.def("apply_token_bitmask_", &apply_token_bitmask_,
+        "-inf in the rows' logits wherever their token bitmask has a clear bit");
   m.def("int8_gemv_supported", &int8_gemv_supported,
         "whether int8_gemv runs here (AVX-512 or AVX2)");
   m.def("int8_gemv", &int8_gemv, "int8 weight-only product of a few bf16 rows");

@@ -20,6 +20,10 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, std::optional<torch::Tensor
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
+// token_mask.cpp
+void apply_token_bitmask_(torch::Tensor logits, torch::Tensor bitmask, torch::Tensor rows,
+                          int64_t vocab_size);
+
 // sparse_prefill.cpp
 bool sparse_prefill_supported();
 torch::Tensor sparse_prefill(torch::Tensor q, torch::Tensor k, torch::Tensor v,

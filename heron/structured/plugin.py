@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from heron import kernels
 from heron.engine.plugin import EngineParts, EnginePlugin, register_plugin
 from heron.errors import InvalidRequestError
 from heron.structured.grammar import GrammarCompiler, xgrammar_module
@@ -102,9 +103,13 @@ class StructuredOutput(EnginePlugin):
                 bitmask[i] = early[1][done[0]]
             else:
                 _fill_row(self._matcher(seq), bitmask, i, self.parts.eos_token_ids)
-        xgr.apply_token_bitmask_inplace(
-            logits, bitmask, vocab_size=self.compiler.info.vocab_size, indices=constrained
-        )
+        vocab_size = self.compiler.info.vocab_size
+        if kernels.usable(logits) and logits.dtype == torch.float32:
+            kernels.apply_token_bitmask_(logits, bitmask, torch.tensor(constrained), vocab_size)
+        else:
+            xgr.apply_token_bitmask_inplace(
+                logits, bitmask, vocab_size=vocab_size, indices=constrained
+            )
         return seqs, logits
 
     def token_sampled(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
