@@ -3,10 +3,12 @@ list or grammar, on the real default model, alone and batched with free requests
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import sys
+import threading
 
 import httpx
 import jsonschema
@@ -19,6 +21,8 @@ from heron import SamplingParams, StructuredOutputsParams
 from heron.engine.runner import ModelRunner
 from heron.errors import InvalidRequestError
 from heron.models.catalog import DEFAULT_MODEL
+from heron.server.async_engine import AsyncEngine
+from heron.structured.grammar import GrammarCompiler
 from tests.conftest import make_llm
 
 SCHEMA = {
@@ -144,6 +148,42 @@ def test_ignore_eos_goes_on_with_stop_tokens_only(llm):
     text_ids = [t for t in out.token_ids if t not in eos]
     assert llm.get_tokenizer().decode(text_ids) in ("yes", "no")
     assert len(out.token_ids) == 8 and all(t in eos for t in out.token_ids[len(text_ids) :])
+
+
+def test_a_slow_compile_does_not_hold_the_running_requests(llm, monkeypatch):
+    """The server compiles a request's grammar before handing it to the engine's thread: a
+    free request goes on generating while another's compile is stuck."""
+    release = threading.Event()
+    compile_ = GrammarCompiler._compile
+
+    def stuck(self, spec):
+        release.wait(timeout=120)
+        return compile_(self, spec)
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", stuck)
+    engine = AsyncEngine(llm.engine)
+    engine.start()
+    tok = llm.get_tokenizer()
+
+    async def run(prompt: str, params: SamplingParams, request_id: str):
+        stream = await engine.add(tok.encode(prompt), params, request_id)
+        return [out async for out in stream][-1]
+
+    async def both():
+        slow = asyncio.ensure_future(run("A person as JSON:", constrained(json=SCHEMA), "slow"))
+        free = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+        done = await asyncio.wait_for(run("Tell me a story.", free, "free"), timeout=120)
+        stuck_then = not slow.done()
+        release.set()
+        return done, stuck_then, await slow
+
+    try:
+        free_out, stuck_then, slow_out = asyncio.run(both())
+    finally:
+        release.set()
+        engine.stop()
+    assert len(free_out.outputs[0].token_ids) == 16 and stuck_then
+    jsonschema.validate(json.loads(slow_out.outputs[0].text), SCHEMA)
 
 
 @pytest.mark.parametrize(

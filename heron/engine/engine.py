@@ -142,6 +142,12 @@ class Engine:
         return num_blocks
 
     # ------------------------------------------------------------------ requests
+    def prepare_request(self, params: SamplingParams) -> None:
+        """The slow part of checking and setting up ``params`` (a grammar to compile), safe to
+        call from another thread before ``add_request``: the server does, so that a request
+        being added never holds the running ones."""
+        self.plugins.prepare(params)
+
     def add_request(
         self,
         prompt: str | list[int],

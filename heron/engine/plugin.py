@@ -22,7 +22,7 @@ import torch
 from heron.layers.attention import RowsAttention
 
 if TYPE_CHECKING:
-    from heron.config import EngineConfig
+    from heron.config import EngineConfig, SamplingParams
     from heron.engine.block_manager import BlockManager
     from heron.engine.runner import ModelRunner
     from heron.engine.scheduler import ScheduledBatch, Scheduler
@@ -71,6 +71,13 @@ class EnginePlugin:
         return True
 
     # ------------------------------------------------------------------ a request is added
+    def prepare(self, params: SamplingParams) -> None:
+        """Slow work a request's settings need before it is added (compiling its grammar),
+        which a front end runs off the engine's thread so that the running requests do not
+        wait: thread-safe; raises ``InvalidRequestError`` for settings this method refuses.
+        ``add_request`` must still work where it was not called (then it does the work)."""
+        return None
+
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
         """``req`` and its first sequence are being added: validate the request's settings
         for this method (raise ``InvalidRequestError``), set up state, and return any extra
@@ -171,6 +178,10 @@ class Plugins:
     def get(self, name: str) -> Any:
         """The plugin registered as ``name``, or None where this engine does not run it."""
         return next((p for p in self.all if p.name == name), None)
+
+    def prepare(self, params: SamplingParams) -> None:
+        for p in self.all:
+            p.prepare(params)
 
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
         return [extra for p in self.all for extra in p.add_request(req, seq)]

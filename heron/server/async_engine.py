@@ -149,6 +149,7 @@ class AsyncEngine:
         if self._stopped or self._closing or self._thread is None:
             raise EngineDeadError("the server is shutting down")
         refuse_if_full(self.num_waiting, self.max_waiting)
+        await asyncio.to_thread(self.engine.prepare_request, params)
         loop = asyncio.get_running_loop()
         stream = RequestStream(self.abort, request_id)
 

@@ -9,6 +9,7 @@ Rows it did not cover (a prompt's first token, a forked sibling) are filled on t
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from heron.structured.params import PARAM, StructuredOutputsParams
 if TYPE_CHECKING:
     import xgrammar
 
+    from heron.config import SamplingParams
     from heron.engine.sequence import Request, Sequence
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class StructuredOutput(EnginePlugin):
     def __init__(self, parts: EngineParts) -> None:
         super().__init__(parts)
         self._compiler: GrammarCompiler | None = None  # built by the first constrained request
+        self._compiler_lock = threading.Lock()
         self.grammars: dict[str, xgrammar.CompiledGrammar] = {}  # request_id -> grammar
         self.matchers: dict[int, xgrammar.GrammarMatcher] = {}  # seq_id -> its matcher
         # The masks being filled for the decoding sequences: (seq_id -> (row, tokens the
@@ -45,30 +48,24 @@ class StructuredOutput(EnginePlugin):
 
     @property
     def compiler(self) -> GrammarCompiler:
-        if self._compiler is None:
-            p = self.parts
-            self._compiler = GrammarCompiler(
-                p.tokenizer, p.model_config.vocab_size, list(p.eos_token_ids)
-            )
-        return self._compiler
+        with self._compiler_lock:  # the server's request threads and the engine's
+            if self._compiler is None:
+                p = self.parts
+                self._compiler = GrammarCompiler(
+                    p.tokenizer, p.model_config.vocab_size, list(p.eos_token_ids)
+                )
+            return self._compiler
 
     # ------------------------------------------------------------------ a request is added
+    def prepare(self, params: SamplingParams) -> None:
+        """Compiles the request's grammar (cached by the compiler, so ``add_request`` finds
+        it at once); the server calls this off the engine's thread."""
+        self._grammar(params)
+
     def add_request(self, req: Request, seq: Sequence) -> list[Sequence]:
-        spec = req.params.structured_outputs
-        if spec is None:
+        grammar = self._grammar(req.params)
+        if grammar is None:
             return []
-        if not isinstance(spec, StructuredOutputsParams):
-            raise InvalidRequestError(
-                f"{PARAM}: expected StructuredOutputsParams, got {type(spec).__name__}",
-                param=PARAM,
-            )
-        if self.parts.multi_token_steps:
-            raise InvalidRequestError(
-                f"{PARAM}: constrained decoding cannot be combined with speculative decoding "
-                "yet (the engine runs with a speculative method)",
-                param=PARAM,
-            )
-        grammar = self.compiler.compile(spec)
         self.grammars[req.request_id] = grammar
         self.matchers[seq.seq_id] = self.compiler.matcher(grammar)
         return []
@@ -127,6 +124,23 @@ class StructuredOutput(EnginePlugin):
         req = seq.request
         if all(s.is_finished for s in req.seqs):
             self.grammars.pop(req.request_id, None)
+
+    def _grammar(self, params: SamplingParams) -> xgrammar.CompiledGrammar | None:
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if not isinstance(spec, StructuredOutputsParams):
+            raise InvalidRequestError(
+                f"{PARAM}: expected StructuredOutputsParams, got {type(spec).__name__}",
+                param=PARAM,
+            )
+        if self.parts.multi_token_steps:
+            raise InvalidRequestError(
+                f"{PARAM}: constrained decoding cannot be combined with speculative decoding "
+                "yet (the engine runs with a speculative method)",
+                param=PARAM,
+            )
+        return self.compiler.compile(spec)
 
     def _matcher(self, seq: Sequence) -> xgrammar.GrammarMatcher:
         """The sequence's matcher; a sibling forked from the request's first sample gets its
