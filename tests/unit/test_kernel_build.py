@@ -3,7 +3,7 @@
 machine with or without a compiler. A build left by a killed process does not block a start,
 two processes building at once build once, each torch build has its own cache key, and a
 build that fails leaves one warning and the PyTorch ops. The real build runs in
-tests/test_kernels.py."""
+tests/unit/test_kernels.py."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""heron's compiled CPU kernels (heron.kernels) against the PyTorch path they replace: the
-decode attention read in place from the paged cache, alone, inside paged_attention, and
-through the engine; the fused layer ops (RMSNorm with its residual add, rotary in place,
-SiLU-and-multiply) alone and through the engine. Skipped where the kernels cannot be built
+"""heron's compiled CPU kernels (heron.kernels) against the PyTorch path they replace, on
+stand-in tensors: the decode attention read in place from the paged cache, alone and inside
+paged_attention; the fused layer ops (RMSNorm with its residual add, rotary in place,
+SiLU-and-multiply); dequantization and the few-row int8 / int4 / bf16 products. Through the
+engine: tests/integration/test_kernels_engine.py. Skipped where the kernels cannot be built
 (no C++ compiler)."""
 
 from __future__ import annotations
@@ -10,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heron import SamplingParams, kernels
+from heron import kernels
 from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
 from heron.layers.quantized_linear import Int4Linear, Int8Linear
 from heron.layers.rotary import RotaryEmbedding
-from tests.support.parity import assert_decode_loop_matches_the_layers
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
 
@@ -258,25 +258,6 @@ def test_paged_attention_kernel_path_equals_torch_path():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
-def test_engine_decodes_through_the_kernel_with_the_same_tokens(heron_runner, monkeypatch):
-    """Greedy outputs of a batch are the same with the kernel and with the PyTorch path, and
-    the kernel really ran (it would be easy to build and never call)."""
-    llm = heron_runner()
-    calls = []
-    original = kernels.paged_decode
-    monkeypatch.setattr(kernels, "paged_decode", lambda *a: calls.append(1) or original(*a))
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    llm.engine.runner.model.decode_loop.enabled = False  # its C++ calls bypass the wrapper
-    with_kernel = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert llm.engine.runner.decode_kernel and calls
-    llm.engine.runner.decode_kernel = False
-    calls.clear()
-    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert not calls
-    assert with_kernel == plain
-
-
 # bf16 rounds after every op exactly as the PyTorch code does: equal bits. fp32 differs in the
 # last bits (reduction order, fused multiply-adds).
 EXACT = [(torch.bfloat16, 0.0), (torch.float32, 1e-5)]
@@ -320,116 +301,6 @@ def test_silu_mul_equals_the_torch_path(dtype, tol):
     gate_up = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(2)).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(gate_up), F.silu(gate) * up, atol=tol, rtol=tol)
-
-
-def test_engine_runs_the_layer_ops_with_the_same_tokens(heron_runner, monkeypatch):
-    """bf16, where the fused ops are bit-exact: greedy tokens with them equal those of the
-    PyTorch ops, and each op really ran."""
-    llm = heron_runner(dtype="bfloat16")
-    calls: dict[str, int] = {}
-    for name in ("rms_norm", "rotary_", "silu_mul"):
-        original = getattr(kernels, name)
-
-        def counted(*a, _name=name, _original=original, **kw):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(*a, **kw)
-
-        monkeypatch.setattr(kernels, name, counted)
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    fused = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert set(calls) == {"rms_norm", "rotary_", "silu_mul"}
-    monkeypatch.setattr(kernels, "usable", lambda x: False)
-    calls.clear()
-    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert not calls
-    assert fused == plain
-
-
-def test_engine_chunked_prefill_through_the_block_kernel(heron_runner, monkeypatch):
-    """bf16 with AVX512_BF16: a prompt prefilled in chunks of 96 (each after the first
-    attending to the cached context through the block-sparse kernel with every causal block
-    kept) predicts what the whole prompt in one chunk (SDPA, causal) predicts, and the kernel
-    really ran."""
-    whole = heron_runner(dtype="bfloat16")
-    if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("no AVX512_BF16 kernel here: chunks keep the SDPA path")
-    chunked = heron_runner(dtype="bfloat16", max_num_batched_tokens=96, enable_prefix_caching=False)
-    calls = []
-    original = kernels.sparse_prefill
-    monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or original(*a))
-    prompt = " ".join(["The heron stands in the river and waits for a fish."] * 30)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    a, b = (
-        llm.generate([prompt], params, use_tqdm=False)[0].outputs[0] for llm in (whole, chunked)
-    )
-    assert calls
-    assert a.token_ids == b.token_ids
-    first = a.token_ids[0]
-    assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05
-
-
-def test_engine_long_first_chunk_through_the_block_kernel(heron_runner, monkeypatch):
-    """bf16 with AVX512_BF16: a prompt's first chunk of >= 256 tokens attends through the block
-    kernel and predicts what SDPA's causal flash attention predicts for it."""
-    from heron.engine import runner
-
-    llm = heron_runner(dtype="bfloat16", enable_prefix_caching=False)
-    if not kernels.sparse_prefill_usable(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("no AVX512_BF16 kernel here: first chunks keep SDPA")
-    calls = []
-    original = kernels.sparse_prefill
-    monkeypatch.setattr(kernels, "sparse_prefill", lambda *a: calls.append(1) or original(*a))
-    prompt = " ".join(["The heron stands in the river and waits for a fish."] * 60)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
-    a = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    assert calls
-    calls.clear()
-    monkeypatch.setattr(runner, "_KERNEL_MIN_FIRST_CHUNK", 10**9)
-    b = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
-    assert not calls
-    assert a.token_ids == b.token_ids
-    first = a.token_ids[0]
-    assert abs(a.logprobs[0][first].logprob - b.logprobs[0][first].logprob) < 0.05
-
-
-@pytest.mark.parametrize(
-    "quantization, dtype",
-    [("none", "float32"), ("none", "bfloat16"), ("int8", "bfloat16"), ("int4", "float32")],
-)
-def test_decode_loop_equals_the_python_layers(heron_runner, quantization, dtype):
-    """Each weight kind the loop replays (F.linear, oneDNN-packed bf16, int8, int4 with the
-    fp32 <-> bf16 conversions around it), alone and batched."""
-    llm = heron_runner(quantization=quantization, dtype=dtype, max_num_seqs=4)
-    assert_decode_loop_matches_the_layers(llm, ["The capital of France is", "def f(x):", "Hi"])
-    assert type(llm.engine.runner.model.decode_loop._built[0]).__name__ == "DecodeLayers"
-
-
-@pytest.mark.parametrize("quantization", ["none", "int8"])
-def test_decode_loop_takes_decode_steps_only(heron_runner, quantization):
-    """Prefill chunks run the Python layers, and so do decode steps of more rows than a
-    quantized linear's few-row kernel takes (the loop replays those kernels only)."""
-    llm = heron_runner(quantization=quantization, max_num_seqs=40)
-    model = llm.engine.runner.model
-    limit = getattr(model.layers[0].self_attn.qkv_proj, "max_gemv_rows", None)
-    batch = 20 if limit is None else limit + 4
-    loop = model.decode_loop
-    sizes = []
-    applies = loop.applies
-
-    def spy(x, kv_caches, meta):
-        found = applies(x, kv_caches, meta)
-        if found:
-            sizes.append(x.shape[0])
-        return found
-
-    loop.applies = spy
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    llm.generate([f"Tell me about {i}" for i in range(batch)], params, use_tqdm=False)
-    assert sizes == ([batch, batch] if limit is None else [])  # the two decode steps
-    sizes.clear()
-    llm.generate(["Tell me about a cat"], params, use_tqdm=False)
-    assert sizes == [1, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
