@@ -1,24 +1,20 @@
-"""Per-token decoding strategies the engine applies inside continuous batching:
-context-aware decoding (a context-free companion sequence in lockstep) and entropy-adaptive
-decoding (a layer-skipped cheap model, the full model recomputing its positions on the way
-back). Each test would fail if the strategy silently did nothing."""
+"""Per-token decoding strategies the engine applies inside continuous batching, on the real
+model: context-aware decoding (a context-free companion sequence in lockstep) and
+entropy-adaptive decoding (a layer-skipped cheap model, the full model recomputing its
+positions on the way back). Each test would fail if the strategy silently did nothing. The
+switch logic on stand-in entropies: tests/unit/test_strategies.py; through the server:
+tests/server/test_server_strategies.py."""
 
 from __future__ import annotations
 
-import json
-
-import httpx
 import pytest
 import torch
 
 from heron import SamplingParams
 from heron.errors import InvalidRequestError
 from heron.strategies import ContextAware, EntropyAdaptive, Majority, make_strategy
-from heron.strategies.entropy_adaptive import ModelSwitch
+from tests.support.prompts import CAD_CONTEXT, CAD_MESSAGES, CAD_QUESTION
 
-CONTEXT = "In this story, the capital of France is Lyon. "
-QUESTION = "What is the capital of France? Answer in one word."
-MESSAGES = [{"role": "user", "content": CONTEXT + QUESTION}]
 PROMPT = "The history of the Roman Empire spans"
 NEAR_TIE = 1e-2
 
@@ -74,13 +70,13 @@ def assert_engine_idle(engine) -> None:
 
 # ---------------------------------------------------------------- context-aware decoding
 def test_cad_with_alpha_zero_is_plain_decoding(llm):
-    plain = llm.chat(MESSAGES, greedy(24), use_tqdm=False)[0].outputs[0]
+    plain = llm.chat(CAD_MESSAGES, greedy(24), use_tqdm=False)[0].outputs[0]
     cad = llm.chat(
-        MESSAGES,
-        greedy(24, token_strategy=ContextAware(context=CONTEXT, alpha=0.0)),
+        CAD_MESSAGES,
+        greedy(24, token_strategy=ContextAware(context=CAD_CONTEXT, alpha=0.0)),
         use_tqdm=False,
     )
-    ids = chat_ids(llm, CONTEXT + QUESTION)
+    ids = chat_ids(llm, CAD_CONTEXT + CAD_QUESTION)
     assert_same_up_to_a_near_tie(
         cad[0].outputs[0].token_ids, plain.token_ids, lambda p: full_logprobs(llm, ids + p)
     )
@@ -91,16 +87,16 @@ def test_cad_draws_from_the_contrasted_logits(llm):
     """Each greedy CAD token is the argmax of (1 + a) * logp(with context) - a * logp(without),
     computed here from two separate plain runs; and it changes the answer."""
     alpha = 1.0
-    params = greedy(3, token_strategy=ContextAware(context=CONTEXT, alpha=alpha))
-    out = llm.chat(MESSAGES, params, use_tqdm=False)[0]
+    params = greedy(3, token_strategy=ContextAware(context=CAD_CONTEXT, alpha=alpha))
+    out = llm.chat(CAD_MESSAGES, params, use_tqdm=False)[0]
     tokens = out.outputs[0].token_ids
-    assert out.metrics["cad_context_free_prompt_tokens"] == len(chat_ids(llm, QUESTION))
-    scores = cad_scores(llm, CONTEXT, QUESTION, alpha)
+    assert out.metrics["cad_context_free_prompt_tokens"] == len(chat_ids(llm, CAD_QUESTION))
+    scores = cad_scores(llm, CAD_CONTEXT, CAD_QUESTION, alpha)
     for i, token in enumerate(tokens):
         mixed = scores(tokens[:i])
         best = int(mixed.argmax())
         assert token == best or mixed[best] - mixed[token] < NEAR_TIE, (i, token, best)
-    plain = llm.chat(MESSAGES, greedy(3), use_tqdm=False)[0].outputs[0].token_ids
+    plain = llm.chat(CAD_MESSAGES, greedy(3), use_tqdm=False)[0].outputs[0].token_ids
     assert tokens != plain
     assert "Lyon" in llm.get_tokenizer().decode(tokens)
 
@@ -108,8 +104,8 @@ def test_cad_draws_from_the_contrasted_logits(llm):
 def test_cad_in_a_batch_with_small_chunks_and_preemption_equals_alone(llm, heron_runner):
     """Pairs whose halves finish their prompts in different steps (16-token chunks) and get
     preempted (a tiny KV cache) produce what each produces alone."""
-    contexts = [CONTEXT, "In this story, water boils at 40 degrees. ", "Bob is 7 feet tall. "]
-    questions = [QUESTION, "At what temperature does water boil?", "How tall is Bob?"]
+    contexts = [CAD_CONTEXT, "In this story, water boils at 40 degrees. ", "Bob is 7 feet tall. "]
+    questions = [CAD_QUESTION, "At what temperature does water boil?", "How tall is Bob?"]
     params = [greedy(16, token_strategy=ContextAware(context=c, alpha=0.5)) for c in contexts]
     prompts = [
         {"prompt_token_ids": chat_ids(llm, c + q)} for c, q in zip(contexts, questions, strict=True)
@@ -132,7 +128,8 @@ def test_cad_in_a_batch_with_small_chunks_and_preemption_equals_alone(llm, heron
 def test_cad_abort_frees_the_companion(llm):
     engine = llm.engine
     req = engine.add_request(
-        chat_ids(llm, CONTEXT + QUESTION), greedy(50, token_strategy=ContextAware(context=CONTEXT))
+        chat_ids(llm, CAD_CONTEXT + CAD_QUESTION),
+        greedy(50, token_strategy=ContextAware(context=CAD_CONTEXT)),
     )
     for _ in range(3):
         engine.step()
@@ -165,24 +162,13 @@ def test_cad_bad_input(llm, heron_runner):
     spec = heron_runner(speculative_method="ngram")
     with pytest.raises(InvalidRequestError, match="speculative decoding"):
         spec.generate(
-            CONTEXT + QUESTION, greedy(token_strategy=ContextAware(context=CONTEXT)), use_tqdm=False
+            CAD_CONTEXT + CAD_QUESTION,
+            greedy(token_strategy=ContextAware(context=CAD_CONTEXT)),
+            use_tqdm=False,
         )
 
 
 # ---------------------------------------------------------------- entropy-adaptive decoding
-def test_model_switch_follows_the_rolling_entropy():
-    sw = ModelSwitch([0, 1], threshold=1.0, window=2, min_span=2)
-    # full: low entropy, but min_span first
-    assert [sw.observe(e) for e in (0.2, 0.2)] == [False, True]
-    assert sw.cheap
-    # cheap: the mean of the last 2 crosses 1.0 only at the 2nd high value ...
-    assert [sw.observe(e) for e in (0.5, 1.4, 1.6)] == [False, False, True]
-    assert not sw.cheap and sw.modes == [False, False, True, True, True]
-    assert (sw.num_cheap_tokens, sw.num_full_tokens, sw.num_switches) == (3, 2, 2)
-    always_full = ModelSwitch([0], threshold=0.0, window=1, min_span=1)
-    assert not any(always_full.observe(e) for e in (0.0, 0.0, 3.0))
-
-
 def test_entropy_adaptive_with_an_always_full_threshold_is_plain_decoding(llm):
     plain = llm.generate(PROMPT, greedy(32), use_tqdm=False)[0].outputs[0]
     out = llm.generate(
@@ -243,41 +229,7 @@ def test_entropy_adaptive_strategy_and_bad_input(llm):
         )
 
 
-# ---------------------------------------------------------------- the server
-def test_server_streams_a_per_token_strategy(server):
-    body = {
-        "messages": MESSAGES,
-        "max_tokens": 8,
-        "temperature": 0,
-        "strategy": "cad",
-        "strategy_options": {"context": CONTEXT, "alpha": 1.0},
-    }
-    url = server.url + "/v1/chat/completions"
-    r = httpx.post(url, json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    assert "Lyon" in choice["message"]["content"]
-    assert choice["strategy"]["metrics"]["cad_context_free_prompt_tokens"] > 0
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as s:
-        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    deltas = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
-    assert len([d for d in deltas if d]) > 1  # token by token, not one whole chunk
-    assert "".join(deltas) == choice["message"]["content"]
-    bad = httpx.post(url, json={**body, "strategy_options": {"context": "not there"}}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy_options"
-
-
 # ---------------------------------------------------------------- heron bench scaling parts
-def test_humaneval_runs_the_problems_own_tests():
-    from heron.bench.humaneval import load_problems, passes
-
-    problem = load_problems(1)[0]
-    assert passes(problem, problem["canonical_solution"])
-    assert not passes(problem, "    return not True\n")
-    assert not passes(problem, "    while True:\n        pass\n", timeout=2.0)
-
-
 def test_counterfactual_scoring_and_run(llm):
     from heron.bench.counterfactual import CASES, run_counterfactual
 

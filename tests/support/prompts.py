@@ -52,3 +52,9 @@ TEXT = (
     "rocks below, its cork sealed with red wax. Inside was a letter written in a careful, "
     "old-fashioned hand, addressed to nobody in particular but meant, it seemed, for him. "
 ) * 3
+
+
+# Context-aware decoding's case: a context that contradicts what the model knows.
+CAD_CONTEXT = "In this story, the capital of France is Lyon. "
+CAD_QUESTION = "What is the capital of France? Answer in one word."
+CAD_MESSAGES = [{"role": "user", "content": CAD_CONTEXT + CAD_QUESTION}]

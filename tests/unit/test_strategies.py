@@ -1,17 +1,15 @@
 """Decoding strategies: answer extraction, the choices of each strategy on hand-made samples,
-adaptive's early stop (with a replayed sampler), the scaling benchmark's problems and scoring,
-and end to end on the real engine: the samples really share the prompt's KV blocks, the CLI
-and the server take a strategy."""
+adaptive's early stop (with a replayed sampler), the registry's errors, entropy-adaptive
+decoding's switch on stand-in entropies, the scaling benchmark's problems, scoring and
+HumanEval's test runs. On the real engine: tests/integration/test_strategies_engine.py;
+through the server: tests/server/test_server_strategies.py."""
 
 from __future__ import annotations
 
-import json
 import re
 
-import httpx
 import pytest
 
-from heron import SamplingParams
 from heron.bench.scaling import replay_adaptive, score_at_k
 from heron.bench.word_problems import make_problems
 from heron.errors import InvalidRequestError
@@ -26,7 +24,7 @@ from heron.strategies import (
     StrategyRun,
     make_strategy,
 )
-from tests.support.cli import heron
+from heron.strategies.entropy_adaptive import ModelSwitch
 
 
 def sample(text: str, logprobs: list[float] | None = None, index: int = 0) -> CompletionOutput:
@@ -264,140 +262,25 @@ def test_scaling_scores_slices_and_replays_adaptive():
     assert adaptive["mean_samples"] == 4 and adaptive["accuracy"] == 0.5
 
 
-# ---------------------------------------------------------------- the real engine
-def test_strategy_end_to_end_on_the_engine(llm):
-    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=8)
-    prompts = ["Two plus two is", "The capital of France is"]
-    plain = llm.generate(prompts, params, use_tqdm=False)
-    outs = llm.generate(prompts, params, use_tqdm=False, strategy="majority")
-    for p, out in zip(plain, outs, strict=True):
-        r = out.strategy
-        assert r is not None and r.strategy == "majority"
-        assert len(out.outputs) == 1 and out.outputs[0].index == 0
-        # Round 0 uses the request's own seed: the same samples as plain n = 4 sampling.
-        assert [s.text for s in r.samples] == [c.text for c in p.outputs]
-        assert out.outputs[0].text == r.samples[r.chosen].text
-        assert (r.num_samples, r.rounds) == (4, 1)
-        assert r.num_tokens == sum(len(c.token_ids) for c in p.outputs)
-        # one prefill step (the first token of every sample), then one step per token
-        assert r.model_calls == max(len(c.token_ids) for c in p.outputs)
+# ---------------------------------------------------------------- entropy-adaptive switching
+def test_model_switch_follows_the_rolling_entropy():
+    sw = ModelSwitch([0, 1], threshold=1.0, window=2, min_span=2)
+    # full: low entropy, but min_span first
+    assert [sw.observe(e) for e in (0.2, 0.2)] == [False, True]
+    assert sw.cheap
+    # cheap: the mean of the last 2 crosses 1.0 only at the 2nd high value ...
+    assert [sw.observe(e) for e in (0.5, 1.4, 1.6)] == [False, False, True]
+    assert not sw.cheap and sw.modes == [False, False, True, True, True]
+    assert (sw.num_cheap_tokens, sw.num_full_tokens, sw.num_switches) == (3, 2, 2)
+    always_full = ModelSwitch([0], threshold=0.0, window=1, min_span=1)
+    assert not any(always_full.observe(e) for e in (0.0, 0.0, 3.0))
 
 
-def test_adaptive_on_the_engine_spends_more_when_samples_disagree(llm):
-    """With the whole text as the answer, greedy samples always agree (one round) and hot
-    random samples almost never do, so adaptive draws further rounds, with new seeds."""
-    prompt = "Pick a random number between 1 and 1000:"
-    strategy = Adaptive(n=8, initial=2, agreement=1.0, answer_regex=r"(?s).+")
-    agree = llm.generate(
-        prompt, SamplingParams(temperature=0, max_tokens=6), use_tqdm=False, strategy=strategy
-    )[0].strategy
-    assert (agree.num_samples, agree.rounds) == (2, 1)
-    hot = SamplingParams(temperature=1.5, seed=0, max_tokens=6)
-    spread = llm.generate(prompt, hot, use_tqdm=False, strategy=strategy)[0].strategy
-    assert spread.rounds >= 2 and spread.num_samples in (4, 8)
-    texts = [s.text for s in spread.samples]
-    assert len(set(texts)) > 2, "later rounds must not replay the first round's seeds"
+# ---------------------------------------------------------------- heron bench scaling parts
+def test_humaneval_runs_the_problems_own_tests():
+    from heron.bench.humaneval import load_problems, passes
 
-
-def test_best_of_n_returns_the_most_likely_sample_on_the_engine(llm):
-    params = SamplingParams(n=4, temperature=1.2, seed=5, max_tokens=6, logprobs=2)
-    out = llm.generate("Once upon a time", params, use_tqdm=False, strategy="best_of_n")[0]
-    r = out.strategy
-    means = [sum(p[t].logprob for t, p in zip(s.token_ids, s.logprobs, strict=True)) / 6
-             for s in r.samples]  # fmt: skip
-    assert all(len(s.token_ids) == 6 for s in r.samples)
-    assert r.chosen == max(range(4), key=means.__getitem__)
-    assert r.score == pytest.approx(max(means))
-    assert all(len(p) >= 2 for p in out.outputs[0].logprobs)  # the user's top-2 kept
-
-
-def test_samples_share_the_prompt_kv_blocks(llm):
-    """n = 4 forks at prompt end: during decoding every full prompt block has ref count 4
-    and the group holds far fewer blocks than four separate requests would."""
-    engine = llm.engine
-    bm = engine.block_manager
-    prompt = list(range(100, 100 + 5 * bm.block_size + 3))  # 5 full blocks + 3 tokens
-
-    def run(n: int) -> tuple[int, list[list[int]]]:
-        params = SamplingParams(n=n, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
-        req = engine.add_request(prompt, params)
-        held, refs = 0, []
-        while not req.finished:
-            engine.step()
-            if req.forked and not req.finished:
-                held = max(held, bm.num_blocks - bm.num_free_blocks)
-                refs = [[bm.blocks[b].ref_count for b in s.block_table] for s in req.seqs]
-        return held, refs
-
-    held_1, _ = run(1)
-    held_4, refs = run(4)
-    assert all(r[:5] == [4] * 5 for r in refs), refs  # the full prompt blocks: shared by 4
-    assert all(r[5] == 1 for r in refs), refs  # the partial block: copied on first write
-    assert held_1 == 6 and held_4 == 5 + 4  # vs 24 without sharing
-
-
-def test_cli_generate_with_a_strategy():
-    proc = heron(
-        "generate", "Two plus two is", "--no-chat", "-q",
-        "--strategy", "best_of_majority", "--n", "3", "--strategy-option", "threshold=0.5",
-        "--max-tokens", "4", "--seed", "1", "--dtype", "float32", "--device", "cpu",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "===" not in proc.stdout and proc.stdout.strip()  # one completion, the chosen one
-    assert re.search(r"best_of_majority: sample [123]/3, .* tokens, \d+ engine steps", proc.stderr)
-
-
-# ---------------------------------------------------------------- the server
-def test_server_strategy_in_the_body(server):
-    body = {
-        "prompt": "Q: What is 2 + 3?\nA:",
-        "max_tokens": 8,
-        "temperature": 1.0,
-        "seed": 7,
-        "n": 3,
-        "strategy": "majority",
-        "strategy_options": {"answer": "number"},
-    }
-    url = server.url + "/v1/completions"
-    r = httpx.post(url, json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    data = r.json()
-    assert len(data["choices"]) == 1 and data["choices"][0]["index"] == 0
-    report = data["choices"][0]["strategy"]
-    assert report["strategy"] == "majority" and report["num_samples"] == 3
-    assert "samples" not in report
-    assert data["usage"]["completion_tokens"] == report["num_tokens"]
-    # The plain n = 3 samples with the same seed contain the chosen text.
-    plain_body = {k: v for k, v in body.items() if not k.startswith("strategy")}
-    plain = httpx.post(url, json=plain_body, timeout=300).json()
-    assert data["choices"][0]["text"] in [c["text"] for c in plain["choices"]]
-
-    # Streaming sends the chosen completion once it is decided, then [DONE].
-    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=300) as s:
-        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["text"] for c in chunks) == data["choices"][0]["text"]
-    assert chunks[-1]["choices"][0]["strategy"]["answer"] == report["answer"]
-
-    bad = httpx.post(url, json={**body, "strategy": "vote"}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy"
-    bad = httpx.post(url, json={**body, "strategy_options": {"threshold": 2}}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "strategy_options"
-
-
-def test_server_chat_with_adaptive(server):
-    body = {
-        "messages": [{"role": "user", "content": "What is 6 times 7? Answer with a number."}],
-        "max_tokens": 6,
-        "temperature": 0,
-        "n": 8,
-        "strategy": "adaptive",
-        "strategy_options": {"answer_regex": "(?s).+"},  # the whole text is the answer
-    }
-    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    choice = r.json()["choices"][0]
-    report = choice["strategy"]
-    assert (report["num_samples"], report["rounds"]) == (4, 1)  # greedy samples agree at once
-    assert choice["message"]["role"] == "assistant" and report["model_calls"] >= 1
+    problem = load_problems(1)[0]
+    assert passes(problem, problem["canonical_solution"])
+    assert not passes(problem, "    return not True\n")
+    assert not passes(problem, "    while True:\n        pass\n", timeout=2.0)
