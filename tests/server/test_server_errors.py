@@ -1,7 +1,9 @@
 """Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
 after each one a normal request still succeeds. API keys, a full waiting queue, SIGTERM (also
 past --shutdown-timeout) and CORS run against their own server processes; the app's own checks
-(key, CORS) also run in-process, on an app whose request loop is never reached."""
+(key, CORS) also run in-process, on an app whose request loop is never reached. A method
+family's unknown name, unknown option or bad option value is a 400 naming the parameter, as
+in every other front end (tests/unit/test_registry.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from fastapi.testclient import TestClient
 from heron.server.app import ServerConfig, build_app
 from heron.server.served_model import ServedModel
 from heron.server.serving import error_body
+from tests.support.methods import FAMILIES, IDS, error_cases
 from tests.support.server import SERVER_MAX_BYTES, assert_shutdown_aborts_what_is_left, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -325,3 +328,19 @@ def test_shutdown_past_the_grace_period_and_cors():
         assert_shutdown_aborts_what_is_left(proc)
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------- method families
+@pytest.mark.parametrize(
+    ("registry", "method", "unknown", "bad", "option"),
+    [FAMILIES[0], FAMILIES[3]],
+    ids=[IDS[0], IDS[3]],
+)
+def test_server_errors(server, registry, method, unknown, bad, option):
+    for (name, options), param, message in error_cases(registry, method, unknown, bad, option):
+        body = {"prompt": "Hello", "max_tokens": 2, "n": 2, registry.kind: name}
+        body[registry.options_param] = options
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and message in error["message"], error
