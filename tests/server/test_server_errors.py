@@ -1,27 +1,26 @@
 """Bad requests get the right 4xx with OpenAI's error body, and never disturb the server:
 after each one a normal request still succeeds. API keys, a full waiting queue, SIGTERM (also
-past --shutdown-timeout) and CORS run against their own server processes; the app's own checks
-(key, CORS) also run in-process, on an app whose request loop is never reached. A method
+past --shutdown-timeout) and CORS run against their own server processes (the app's own
+checks of key and CORS in this process: tests/unit/test_server_app.py). A method
 family's unknown name, unknown option or bad option value is a 400 naming the parameter, as
 in every other front end (tests/unit/test_registry.py)."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import hmac
 import signal
 import time
-from typing import ClassVar
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from heron.server.app import ServerConfig, build_app
-from heron.server.served_model import ServedModel
-from heron.server.serving import error_body
 from tests.support.methods import FAMILIES, IDS, error_cases
-from tests.support.server import SERVER_MAX_BYTES, assert_shutdown_aborts_what_is_left, start_server
+from tests.support.server import (
+    SERVER_MAX_BYTES,
+    assert_error,
+    assert_shutdown_aborts_what_is_left,
+    start_server,
+)
 
 MODEL = "smollm2-135m-instruct"
 CHAT = "/v1/chat/completions"
@@ -154,17 +153,6 @@ def _post(server, path: str, body, **kw) -> httpx.Response:
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
 
 
-def _assert_error(r: httpx.Response, status: int, param: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert isinstance(err["message"], str) and err["message"]
-    if 400 <= status < 500:
-        assert err["type"] != "internal_server_error", err
-    if param is not None:
-        assert err["param"] == param, err
-
-
 def _ok(server) -> None:
     r = _post(server, COMPLETIONS, {"prompt": "The sky is", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -175,104 +163,31 @@ def _ok(server) -> None:
     ("name", "path", "body", "status", "param"), CASES, ids=[c[0] for c in CASES]
 )
 def test_bad_request(server, name, path, body, status, param):
-    _assert_error(_post(server, path, body), status, param)
+    assert_error(_post(server, path, body), status, param)
     _ok(server)
 
 
 def test_bad_stream_request_fails_before_streaming(server):
     r = _post(server, COMPLETIONS, {"prompt": LONG_PROMPT, "stream": True})
-    _assert_error(r, 400, "prompt")
+    assert_error(r, 400, "prompt")
 
 
 def test_wrong_method_is_a_client_error(server):
     r = httpx.get(server.url + COMPLETIONS)
-    _assert_error(r, 405)
+    assert_error(r, 405)
     assert r.json()["error"]["type"] == "invalid_request_error"
-
-
-def test_error_type_follows_the_status():
-    types = {status: error_body("x", status)["error"]["type"] for status in range(400, 600)}
-    assert types[400] == types[405] == types[413] == types[422] == "invalid_request_error"
-    assert types[401] == "authentication_error" and types[429] == "rate_limit_error"
-    assert all(types[s] != "internal_server_error" for s in range(400, 500))
-    assert types[500] == "internal_server_error" and types[503] == "service_unavailable"
-
-
-# ---------------------------------------------------------------------------- in-process app
-class _UnusedLoop:
-    """A request loop no test request reaches: the key, CORS and routing answer first."""
-
-    last_stats: ClassVar[dict[str, float]] = {}  # /metrics is tried on a real server
-    alive = True
-
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-
-    async def add(self, *args, **kwargs):
-        raise AssertionError("a request reached the engine loop")
-
-    def abort(self, request_id: str) -> None: ...
-    def abort_all(self, error: BaseException) -> None: ...
-
-
-def _client(**config) -> TestClient:
-    served = ServedModel(_UnusedLoop(), None, "m", 64, 1, 100)  # type: ignore[arg-type]
-    return TestClient(build_app(served, ServerConfig(MODEL, **config)))
-
-
-def test_api_key_is_checked_before_the_body_and_in_constant_time(monkeypatch):
-    compared = []
-    constant_time = hmac.compare_digest
-
-    def compare_digest(a: bytes, b: bytes) -> bool:
-        compared.append((a, b))
-        return constant_time(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
-    client = _client(api_key="sekret")
-    bad_json = b'{"prompt": '
-    for auth in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic sekret"}):
-        headers = {"content-type": "application/json", **auth}
-        r = client.post(COMPLETIONS, content=bad_json, headers=headers)
-        _assert_error(r, 401)
-        assert r.json()["error"]["code"] == "invalid_api_key"
-    assert (b"wrong", b"sekret") in compared
-    auth = {"Authorization": "Bearer sekret", "content-type": "application/json"}
-    _assert_error(client.post(COMPLETIONS, content=bad_json, headers=auth), 400)
-    assert client.get("/v1/models", headers=auth).status_code == 200
-    for path in ("/health", "/docs", "/openapi.json"):  # open without a key
-        assert client.get(path).status_code == 200, path
-
-
-def test_cors_only_with_allowed_origins():
-    preflight = {
-        "Origin": "http://app.example",
-        "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,content-type",
-    }
-    r = _client().options(CHAT, headers=preflight)
-    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
-    client = _client(api_key="sekret", allowed_origins=("http://app.example", "http://b.example"))
-    r = client.options(CHAT, headers=preflight)  # a preflight carries no key
-    assert r.status_code == 200, r.text
-    assert r.headers["access-control-allow-origin"] == "http://app.example"
-    assert "POST" in r.headers["access-control-allow-methods"]
-    r = client.options(CHAT, headers={**preflight, "Origin": "http://evil.example"})
-    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
-    r = client.get("/v1/models", headers={"Origin": "http://b.example"})
-    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == "http://b.example"
 
 
 def test_body_over_max_request_bytes_is_413(server):
     big = b'{"prompt": "' + b"a" * SERVER_MAX_BYTES + b'"}'
-    _assert_error(_post(server, COMPLETIONS, big), 413)
+    assert_error(_post(server, COMPLETIONS, big), 413)
 
     def chunked():  # no Content-Length: counted as it arrives
         yield from (big[i : i + 65536] for i in range(0, len(big), 65536))
 
     json_type = {"content-type": "application/json"}
     r = httpx.post(server.url + COMPLETIONS, content=chunked(), headers=json_type, timeout=60)
-    _assert_error(r, 413)
+    assert_error(r, 413)
     _ok(server)
 
 
@@ -280,10 +195,10 @@ def test_api_key_and_queue_limit_and_sigterm():
     proc = start_server("--api-key", "sekret", "--max-num-seqs", "1", "--max-waiting", "1")
     try:
         body = {"prompt": "The sky is", "max_tokens": 2}
-        _assert_error(_post(proc, COMPLETIONS, body), 401)
-        _assert_error(_post(proc, COMPLETIONS, body, headers={"Authorization": "Bearer no"}), 401)
+        assert_error(_post(proc, COMPLETIONS, body), 401)
+        assert_error(_post(proc, COMPLETIONS, body, headers={"Authorization": "Bearer no"}), 401)
         # The key comes before the body: no validation errors for a client without it.
-        _assert_error(_post(proc, COMPLETIONS, b'{"prompt": ', headers={"Authorization": "x"}), 401)
+        assert_error(_post(proc, COMPLETIONS, b'{"prompt": ', headers={"Authorization": "x"}), 401)
         assert httpx.get(proc.url + "/health").status_code == 200  # open without a key
         assert httpx.get(proc.url + "/metrics").status_code == 200
         auth = {"Authorization": "Bearer sekret"}
@@ -297,7 +212,7 @@ def test_api_key_and_queue_limit_and_sigterm():
         assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
         for f in futures:
             if f.result().status_code == 429:
-                _assert_error(f.result(), 429)
+                assert_error(f.result(), 429)
 
         # SIGTERM with a request in flight: it finishes, then the process exits 0.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:

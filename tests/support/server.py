@@ -59,3 +59,16 @@ def assert_shutdown_aborts_what_is_left(proc: ServerProcess) -> None:
 def _running(proc: ServerProcess) -> float:
     text = httpx.get(proc.url + "/metrics", timeout=60).text
     return float(re.search(r"^heron:num_requests_running\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None) -> None:
+    """``r`` is an error of ``status`` with OpenAI's error body (naming ``param`` if given);
+    a 4xx never claims an internal error."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    if 400 <= status < 500:
+        assert err["type"] != "internal_server_error", err
+    if param is not None:
+        assert err["param"] == param, err
