@@ -58,3 +58,7 @@ TEXT = (
 CAD_CONTEXT = "In this story, the capital of France is Lyon. "
 CAD_QUESTION = "What is the capital of France? Answer in one word."
 CAD_MESSAGES = [{"role": "user", "content": CAD_CONTEXT + CAD_QUESTION}]
+
+
+# A phone number: what the structured-output tests constrain text to.
+PHONE = r"\d{3}-\d{4}"
