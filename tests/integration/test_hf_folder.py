@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron import LLM, SamplingParams, kernels
+from heron import LLM, SamplingParams
 from tests.support.parity import assert_decode_loop_matches_the_layers, assert_matches
+from tests.support.skips import needs_kernels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 _SHAPE = dict(
@@ -133,7 +134,7 @@ def test_random_model_matches_transformers(random_model, device):
             assert (got - want).abs().max().item() < 1e-3, f"{device} {label} prompt {i}"
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+@needs_kernels
 @pytest.mark.parametrize("quantization", ["none", "int4"])
 def test_random_model_decode_loop_equals_its_layers(random_model, quantization):
     """The C++ decode loop on each family: Qwen2's Q/K/V biases (added by the op, or after the

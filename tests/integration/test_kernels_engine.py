@@ -10,8 +10,9 @@ import torch
 
 from heron import SamplingParams, kernels
 from tests.support.parity import assert_decode_loop_matches_the_layers
+from tests.support.skips import needs_kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+pytestmark = needs_kernels
 
 
 def test_engine_decodes_through_the_kernel_with_the_same_tokens(heron_runner, monkeypatch):

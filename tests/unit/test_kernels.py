@@ -16,8 +16,9 @@ from heron.layers.attention import AttentionMetadata, paged_attention
 from heron.layers.norm import RMSNorm
 from heron.layers.quantized_linear import Int4Linear, Int8Linear
 from heron.layers.rotary import RotaryEmbedding
+from tests.support.skips import needs_kernels
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernels")
+pytestmark = needs_kernels
 
 BS, HKV, GROUP, D = 16, 3, 3, 64
 

@@ -1,7 +1,8 @@
-"""Linears pre-packed for oneDNN (heron.layers.packed_linear): in bf16 the same bits as
-F.linear at every row count oneDNN serves, in float32 the same within rounding; a decode
-step's few bf16 rows through heron's bf16 GEMV; every linear of a bf16 CPU model packed at
-load, of a float32 one only off Intel CPUs; the engine's greedy tokens unchanged by it."""
+"""Linears pre-packed for oneDNN (heron.layers.packed_linear) on stand-in weights: in bf16
+the same bits as F.linear at every row count oneDNN serves, in float32 the same within
+rounding; a decode step's few bf16 rows through heron's bf16 GEMV; a float32 linear packed
+only off Intel CPUs. In models loaded from the real GGUF:
+tests/integration/test_packed_linear_engine.py."""
 
 from __future__ import annotations
 
@@ -9,20 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from heron import SamplingParams, kernels
+from heron import kernels
 from heron.layers import packed_linear
 from heron.layers.packed_linear import PackedLinear, pack_linears
-from heron.models import loader
+from tests.support.skips import needs_packing
 
 
-def _needs_packing(dtype: torch.dtype) -> pytest.MarkDecorator:
-    return pytest.mark.skipif(
-        not packed_linear._packs_correctly(dtype),
-        reason=f"no oneDNN {dtype} weight packing (matching F.linear) here",
-    )
-
-
-@_needs_packing(torch.bfloat16)
+@needs_packing(torch.bfloat16)
 @pytest.mark.parametrize("rows", [1, 3, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_gives_f_linear_bits(rows, bias, monkeypatch):
@@ -38,7 +32,7 @@ def test_packed_linear_gives_f_linear_bits(rows, bias, monkeypatch):
         assert torch.equal(packed(x), linear(x))
 
 
-@_needs_packing(torch.bfloat16)
+@needs_packing(torch.bfloat16)
 @pytest.mark.parametrize("rows", [1, 3, 16])  # 16: its most rows where the CPU has AMX
 @pytest.mark.parametrize("bias", [False, True])
 def test_few_bf16_rows_go_through_the_bf16_gemv(rows, bias):
@@ -74,7 +68,7 @@ def _bf16_linear(rows: int, bias: bool) -> tuple[nn.Linear, torch.Tensor]:
     return linear, torch.randn(rows, 576, generator=g).to(torch.bfloat16)
 
 
-@_needs_packing(torch.float32)
+@needs_packing(torch.float32)
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_packed_float32_linear_is_f_linear_within_rounding(rows):
     g = torch.Generator().manual_seed(rows)
@@ -84,32 +78,7 @@ def test_packed_float32_linear_is_f_linear_within_rounding(rows):
         torch.testing.assert_close(PackedLinear(linear)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-@_needs_packing(torch.bfloat16)
-def test_bf16_models_pack_every_linear(heron_runner):
-    bf16 = heron_runner(dtype="bfloat16").engine.runner.model
-    assert not any(isinstance(m, nn.Linear) for m in bf16.modules())
-    packed = [m for m in bf16.modules() if isinstance(m, PackedLinear)]
-    assert len(packed) == 4 * bf16.config.num_layers + 1  # + the LM head
-    if kernels.bf16_gemv_runs():  # the tied head's GEMV reads the embedding itself
-        head, embedding = bf16.lm_head.few_rows_weight, bf16.embed_tokens.weight
-        assert head.data_ptr() == embedding.data_ptr()
-
-
-@_needs_packing(torch.bfloat16)
-@pytest.mark.parametrize("free_mib", [100, 10_000])
-def test_bf16_gemv_weights_kept_only_where_memory_allows(heron_runner, monkeypatch, free_mib):
-    """SmolLM2's untied linears hold 202 MiB: kept next to the packed weights with 10 GB
-    available, not with 100 MB (oneDNN serves every row count then)."""
-    if not kernels.bf16_gemv_runs():
-        pytest.skip("needs AVX512_BF16")
-    monkeypatch.setattr(packed_linear, "free_memory_bytes", lambda device: free_mib * 2**20)
-    model = heron_runner(dtype="bfloat16").engine.runner.model
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    kept = [m.few_rows_weight is not None for m in packed]
-    assert all(kept) if free_mib > 1000 else not any(kept)
-
-
-@_needs_packing(torch.float32)
+@needs_packing(torch.float32)
 @pytest.mark.parametrize("intel", [True, False])
 def test_float32_is_packed_only_off_intel(monkeypatch, intel):
     monkeypatch.setattr(packed_linear, "cpu_is_intel", lambda: intel)
@@ -119,23 +88,3 @@ def test_float32_is_packed_only_off_intel(monkeypatch, intel):
     bf16 = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16))
     pack_linears(bf16)
     assert isinstance(bf16[0], PackedLinear) == packed_linear._packs_correctly(torch.bfloat16)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_engine_tokens_are_the_same_packed_and_unpacked(heron_runner, monkeypatch, dtype):
-    if not (
-        packed_linear.packs(getattr(torch, dtype))
-        and packed_linear._packs_correctly(getattr(torch, dtype))
-    ):
-        pytest.skip(f"{dtype} linears are not packed on this CPU")
-    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    runs = []
-    for pack in (True, False):
-        if not pack:
-            monkeypatch.setattr(loader, "pack_linears", lambda model: None)
-        llm = heron_runner(dtype=dtype)
-        model = llm.engine.runner.model
-        assert any(isinstance(m, PackedLinear) for m in model.modules()) == pack
-        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
-    assert runs[0] == runs[1]

@@ -1,4 +1,5 @@
-"""Sampler and its helpers on hand-built logits, plus one engine-level seeding check."""
+"""Sampler and its helpers on hand-built logits. Seeding in the engine:
+tests/integration/test_sampler_engine.py."""
 
 from __future__ import annotations
 
@@ -253,24 +254,3 @@ def test_logprobs_zero_gives_only_chosen_token():
     assert list(lp) == [1]
     assert lp[1].rank == 1
     assert lp[1].logprob == pytest.approx(torch.log_softmax(raw[0], -1)[1].item(), abs=1e-5)
-
-
-# ---------------------------------------------------------------- engine level
-
-
-def test_engine_seed_same_text_alone_and_in_batch(llm):
-    prompt = "Write a short poem about the sea:"
-    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True)
-    alone = llm.generate(prompt, seeded, use_tqdm=False)[0].outputs[0]
-    batch = llm.generate(
-        ["The history of Rome", prompt, prompt],
-        [
-            SamplingParams(temperature=1.0, max_tokens=8),
-            seeded,
-            SamplingParams(temperature=1.0, seed=4321, max_tokens=8, ignore_eos=True),
-        ],
-        use_tqdm=False,
-    )
-    assert batch[1].outputs[0].token_ids == alone.token_ids
-    assert batch[1].outputs[0].text == alone.text
-    assert batch[2].outputs[0].token_ids != alone.token_ids  # another seed, another sample
