@@ -1,10 +1,7 @@
-"""How checkpoint tensors become a model's parameters (heron.models.weights), and what that
-costs at start-up."""
+"""How checkpoint tensors become a model's parameters (heron.models.weights). What building
+the real model costs at start-up: tests/integration/test_process_start.py."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -36,16 +33,3 @@ def test_missing_or_misshapen_tensors_are_load_errors():
         load_state_dict_strict(_Tied(), {})
     with pytest.raises(ModelLoadError, match="shape"):
         load_state_dict_strict(_Tied(), {"embed.weight": torch.zeros(4, 10)})
-
-
-def test_building_a_model_does_not_import_dynamo(model_path):
-    """The random init that ``empty_embedding`` skips imported torch._dynamo (~2 s of every
-    process's start-up) when run on the meta device, where models are built."""
-    code = (
-        "import sys; from heron import LLM; "
-        f"LLM({str(model_path)!r}, kv_cache_memory=2**27, device='cpu'); "
-        "print('torch._dynamo' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "False"

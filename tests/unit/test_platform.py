@@ -1,11 +1,10 @@
-"""heron.platform: the lazily zeroed cache allocation; the OpenMP settings heron sets on import."""
+"""heron.platform: the lazily zeroed cache allocation and the free memory it leaves. The
+OpenMP settings heron sets on import: tests/integration/test_process_start.py."""
 
 from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -51,17 +50,3 @@ def test_free_memory_counts_live_lazy_caches():
     del view  # the last reference
     gc.collect()
     assert abs(free_memory_bytes(cpu) - before) < 0.1 * (1 << 30)
-
-
-@pytest.mark.parametrize("preset", [None, "PASSIVE"])
-def test_importing_heron_keeps_openmp_workers_spinning_unless_told_otherwise(preset):
-    """libgomp reads these when PyTorch loads (see heron/__init__.py): heron sets them before
-    that, and leaves a user's own setting alone."""
-
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if preset:
-        env["OMP_WAIT_POLICY"] = preset
-    code = "import heron, os; print(os.environ['OMP_WAIT_POLICY'], os.environ['GOMP_SPINCOUNT'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [preset or "ACTIVE", "300000"]
