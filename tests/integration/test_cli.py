@@ -1,7 +1,7 @@
 """The ``heron`` command line, run as a real subprocess (``python -m heron.cli``).
 
 Commands that load the model take ~5-15 s each on CPU, so only a handful do; the error paths
-fail before the model loads."""
+fail before the model loads. ``heron kernels`` runs on an empty build folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from tests.support.cli import assert_user_error, heron
 
@@ -215,3 +216,23 @@ def test_bench_latency_and_prefill_cli(tmp_path):
     assert "dense" in proc.stdout and "transformers" in proc.stdout
     proc = heron("bench", "latency", "--quantizations", "int3")
     assert_user_error(proc, "quantization")
+
+
+# ---------------------------------------------------------------------------- heron kernels
+def test_heron_kernels_status_shows_the_cache_folder_and_what_its_key_hashes(tmp_path):
+    proc = heron("kernels", "status", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["folder", str(tmp_path / lines[0].split("/")[-1])]
+    assert lines[0].split("/")[-1].startswith("heron_kernels_")
+    assert lines[1].startswith("built      no")
+    assert f"  torch     {torch.__version__} {torch.version.git_version}" in proc.stdout
+
+
+def test_heron_kernels_build_without_a_compiler_fails_with_a_clear_message(tmp_path):
+    proc = heron("kernels", "build", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(
+        "error: heron's CPU kernels did not build: no C++ compiler: '/nonexistent/c++' not found"
+    )
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

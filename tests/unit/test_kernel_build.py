@@ -3,7 +3,7 @@
 machine with or without a compiler. A build left by a killed process does not block a start,
 two processes building at once build once, each torch build has its own cache key, and a
 build that fails leaves one warning and the PyTorch ops. The real build runs in
-tests/unit/test_kernels.py."""
+tests/unit/test_kernels.py; `heron kernels` in tests/integration/test_cli.py."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from torch.utils.file_baton import FileBaton
 
 from heron import kernels
 from heron.layers.norm import RMSNorm
-from tests.support.cli import heron
 
 BUILT = object()  # what the stand-in import returns
 
@@ -249,22 +248,3 @@ def test_a_failed_compile_gives_one_warning_naming_the_first_error(folder, recor
     assert "(build failed: layer_ops.cpp:3:5: error: expected ';' before '}';" in warning
     assert output in records.messages()[-1]  # the whole output at debug level
     assert not kernels.is_built(folder)
-
-
-def test_heron_kernels_status_shows_the_cache_folder_and_what_its_key_hashes(tmp_path):
-    proc = heron("kernels", "status", TORCH_EXTENSIONS_DIR=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["folder", str(tmp_path / lines[0].split("/")[-1])]
-    assert lines[0].split("/")[-1].startswith("heron_kernels_")
-    assert lines[1].startswith("built      no")
-    assert f"  torch     {torch.__version__} {torch.version.git_version}" in proc.stdout
-
-
-def test_heron_kernels_build_without_a_compiler_fails_with_a_clear_message(tmp_path):
-    proc = heron("kernels", "build", TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++")
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.startswith(
-        "error: heron's CPU kernels did not build: no C++ compiler: '/nonexistent/c++' not found"
-    )
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
