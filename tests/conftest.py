@@ -14,7 +14,6 @@ import pytest
 from heron import LLM
 from heron.models.catalog import DEFAULT_MODEL, KNOWN_MODELS
 from tests.support.engines import make_llm
-from tests.support.server import SERVER_MAX_BYTES, start_server
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +36,3 @@ def heron_runner(model_path) -> Callable[..., LLM]:
 def llm(heron_runner) -> LLM:
     """The session's engine (512 MiB of KV cache), for tests that leave it as they found it."""
     return heron_runner(kv_cache_memory=512 * 2**20)
-
-
-@pytest.fixture(scope="session")
-def server():
-    proc = start_server("--max-num-seqs", "64", "--max-request-bytes", str(SERVER_MAX_BYTES))
-    yield proc
-    proc.stop()
