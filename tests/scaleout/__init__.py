@@ -1,0 +1,1 @@
+"""Scale-out tests: engine replicas on a local Ray cluster."""
