@@ -154,6 +154,12 @@ def test_ignore_eos_goes_on_with_stop_tokens_only(llm):
         ({"regex": "(a"}, "structured_outputs.regex", "parenthesis"),
         ({"grammar": 'root ::= "a" |'}, "structured_outputs.grammar", "EBNF"),
         ({"choice": []}, "structured_outputs.choice", "non-empty list"),
+        ({"structural_tag": "{"}, "structured_outputs.structural_tag", "not valid JSON"),
+        (
+            {"structural_tag": {"type": "structural_tag"}},
+            "structured_outputs.structural_tag",
+            "format",
+        ),
         ({"regex": "a", "choice": ["a"]}, "structured_outputs", "exactly one"),
         ({}, "structured_outputs", "exactly one"),
     ],
