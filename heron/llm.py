@@ -13,6 +13,7 @@ from heron.errors import InvalidRequestError
 from heron.methods import check_engine_methods
 from heron.outputs import RequestOutput
 from heron.strategies import Strategy, StrategyRun, make_strategy
+from heron.tools import ToolParams, prepare_chat
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -61,14 +62,28 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         strategy: str | Strategy | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them.
+
+        ``tools`` and ``tool_choice`` as in OpenAI's chat API (heron.tools.ToolParams): each
+        completion's ``message`` then holds its content and parsed ``tool_calls``."""
         conversations = as_conversations(messages)
+        offered = None if tools is None and tool_choice is None else ToolParams(tools, tool_choice)
         tok = self.engine.tokenizer
-        encoded = [tok.encode_chat(c, add_generation_prompt) for c in conversations]
-        outs = self.generate([ids for _, ids in encoded], sampling_params, use_tqdm, strategy)
-        for out, (text, _) in zip(outs, encoded, strict=True):
+        chats = [prepare_chat(tok, c, offered) for c in conversations]
+        encoded = [tok.encode_chat(c.messages, add_generation_prompt, tools=c.tools) for c in chats]
+        params = [
+            chat.sampling_params(p)
+            for chat, p in zip(chats, as_params_list(sampling_params, len(chats)), strict=True)
+        ]
+        outs = self.generate([ids for _, ids in encoded], params, use_tqdm, strategy)
+        for out, (text, _), chat in zip(outs, encoded, chats, strict=True):
             out.prompt = text
+            if chat.parser is not None:
+                for c in out.outputs:
+                    c.message = chat.parser.parse(c.text)
         return outs
 
     def stream(

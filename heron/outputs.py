@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from heron.tools import AssistantMessage
 
 
 @dataclass
@@ -27,6 +31,8 @@ class CompletionOutput:
     # infinite (the server fails the request), the batch's other samples unaffected.
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    # LLM.chat with tools: the text read for tool calls (content outside them, the calls)
+    message: AssistantMessage | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,5 +1,5 @@
 """Methods by name, one ``Registry`` per family: KV policies, speculative proposers, sparse
-prefill patterns, decoding strategies.
+prefill patterns, decoding strategies, tool-call parsers.
 
 A method is a dataclass registered under its name (``@KV_POLICIES.register("snapkv")``) in its
 own module of the family's package, which the registry imports the first time a name is looked

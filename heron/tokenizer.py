@@ -103,7 +103,16 @@ class Tokenizer:
         """The text of one token alone (for logprob listings)."""
         return self.hf.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """``tools``: OpenAI's function entries, for a template that renders them
+        (heron.tools.chat decides)."""
+        import jinja2
+
         if not self.hf.chat_template:
             raise InvalidRequestError(
                 "this model has no chat template; use generate() with a plain prompt",
@@ -116,19 +125,25 @@ class Tokenizer:
                 )
             if isinstance(m["content"], str):
                 _check_unicode(m["content"], f"messages[{i}].content", "messages")
-        return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.hf.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except jinja2.TemplateError as e:  # the template refuses the conversation
+            raise InvalidRequestError(
+                f"messages: the model's chat template refused them: {e}", param="messages"
+            ) from None
 
     def encode_chat(
         self,
         messages: list[dict],
         add_generation_prompt: bool = True,
         max_tokens: int | None = None,
+        tools: list[dict] | None = None,
     ) -> tuple[str, list[int]]:
-        """The chat template applied to ``messages``, as text and token ids; ``max_tokens`` as
-        for ``encode``."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        """The chat template applied to ``messages`` (and ``tools``), as text and token ids;
+        ``max_tokens`` as for ``encode``."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         if max_tokens is not None:
             self.check_fits(text, max_tokens, "messages")
         # The template already holds the special tokens; do not add a BOS again.

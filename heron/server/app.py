@@ -39,6 +39,7 @@ from heron.server.protocol import (
 )
 from heron.server.served_model import ServedModel
 from heron.server.serving import ClientDisconnected, GenerationFailed, OpenAIServing, error_body
+from heron.tools import prepare_chat
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,8 @@ def build_app(model: ServedModel, config: ServerConfig) -> FastAPI:
 
         def encode() -> list[int]:  # in a worker thread: megabytes take seconds
             if body.messages is not None:
-                return tok.encode_chat(conversation(body.messages), body.add_generation_prompt)[1]
+                chat = prepare_chat(tok, conversation(body.messages), None)
+                return tok.encode_chat(chat.messages, body.add_generation_prompt)[1]
             if body.add_special_tokens:
                 return tok.encode(body.prompt)
             return tok.hf.encode(body.prompt, add_special_tokens=False)

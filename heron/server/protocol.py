@@ -2,13 +2,15 @@
 
 Field types and the API's own limits (temperature <= 2, ...) are checked here, so a bad value
 is a 400 naming the field before any work starts; the sampling values are then checked by
-``SamplingParams``, which alone holds the penalties' ranges (shared with LLM and the CLI). Fields
-OpenAI defines but heron does not implement (tools, logit_bias, ...) are refused with a clear
-message when set, rather than silently ignored; unknown extra fields are ignored, as vLLM and
-OpenAI's own server do for forward compatibility."""
+``SamplingParams``, which alone holds the penalties' ranges (shared with LLM and the CLI), the
+tools by ``ToolParams`` (shared with LLM.chat). Fields OpenAI defines but heron does not
+implement (logit_bias, ...) are refused with a clear message when set, rather than silently
+ignored; unknown extra fields are ignored, as vLLM and OpenAI's own server do for forward
+compatibility."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,6 +29,7 @@ from heron.errors import InvalidRequestError
 from heron.strategies import Strategy, make_strategy
 from heron.structured import StructuredOutputsParams
 from heron.tokenizer import unicode_error
+from heron.tools import ToolParams
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs / logprobs
 
@@ -159,11 +162,11 @@ class _Sampling(BaseModel):
         if not given:
             return None
         ((name, spec),) = given.items()
-        unknown = set(spec) - {"json", "regex", "choice", "grammar", "json_object"}
+        kinds = [f.name for f in fields(StructuredOutputsParams)]
+        unknown = set(spec) - set(kinds)
         if unknown:
             raise InvalidRequestError(
-                f"{name}: unknown {', '.join(sorted(unknown))}; one of json, regex, choice, "
-                "grammar, json_object",
+                f"{name}: unknown {', '.join(sorted(unknown))}; one of {', '.join(kinds)}",
                 param=name,
             )
         return StructuredOutputsParams(**spec)
@@ -214,12 +217,29 @@ class ContentPart(BaseModel):
     text: Text
 
 
+class ToolCallFunction(BaseModel):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    """A call an assistant message made (a past turn)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: Text | None = None  # a tool result's call
 
     def text(self) -> str:
         if self.content is None:
@@ -235,16 +255,21 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked by ToolParams
+    tool_choice: Text | dict[str, Any] | None = None
     # heron / vLLM extras
     add_generation_prompt: StrictBool = True
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         return conversation(self.messages)
 
+    def tool_params(self) -> ToolParams | None:
+        """The tools offered and how the model may use them (None: no tools field)."""
+        if self.tools is None and self.tool_choice is None:
+            return None
+        return ToolParams(self.tools, self.tool_choice)
+
     def sampling_params(self) -> SamplingParams:
-        if self.tools:
-            raise InvalidRequestError("tools are not supported by heron yet", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -274,13 +299,21 @@ def response_format_spec(fmt: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template expects them; "developer" is OpenAI's new name for the
-    system role."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as plain dicts, in OpenAI's form (heron.tools.chat makes them what the chat
+    template expects); "developer" is OpenAI's new name for the system role."""
+    out = []
+    for m in messages:
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.text(),
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
 
 
 class TokenizeRequest(BaseModel):

@@ -5,7 +5,11 @@ One HTTP request becomes one engine request per prompt (``n`` samples each share
 KV blocks inside the engine). Choices are numbered ``prompt_index * n + sample_index`` as
 OpenAI does. Non-streaming requests wait for the final outputs while watching for a client
 disconnect; streaming requests turn each engine step into Server-Sent Events. Either way a
-request whose client goes away is aborted and its KV blocks freed."""
+request whose client goes away is aborted and its KV blocks freed.
+
+A chat request with tools (heron.tools) has each choice's text read for calls: whole, or as
+it streams, where text outside calls streams as content and each call goes out in one delta
+once its closing tag arrives."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from heron.server.protocol import ChatCompletionRequest, CompletionRequest
 from heron.server.served_model import RequestLoop
 from heron.strategies import Strategy, StrategyRun
 from heron.tokenizer import Tokenizer
+from heron.tools import ToolParser, prepare_chat
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ class _Job:
     # A per-token strategy (context-aware, entropy-adaptive) the engine applies to the
     # request: reported with each whole choice.
     token_strategy: Strategy | None = None
+    tool_parser: ToolParser | None = None  # a chat with tools: choices are read for calls
 
     @property
     def n(self) -> int:
@@ -113,22 +119,27 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, is_disconnected: Disconnected):
         params = body.sampling_params()
         strategy = body.decoding_strategy()
-        text, ids = await asyncio.to_thread(
-            self.tokenizer.encode_chat,
-            body.conversation(),
-            body.add_generation_prompt,
-            self.max_model_len,
-        )
+
+        def encode():
+            chat = prepare_chat(self.tokenizer, body.conversation(), body.tool_params())
+            text, ids = self.tokenizer.encode_chat(
+                chat.messages, body.add_generation_prompt, self.max_model_len, chat.tools
+            )
+            return chat, text, ids
+
+        chat, text, ids = await asyncio.to_thread(encode)
+        params = chat.sampling_params(params)
         job_id, prompts = f"chatcmpl-{uuid.uuid4().hex}", [_Prompt(ids, text)]
         if strategy is not None and not strategy.per_token:
             shown = self._job("chat", job_id, params, prompts, logprobs=params.logprobs)
+            shown.tool_parser = chat.parser
             return await self._respond_strategy(
                 shown, strategy, body.stream, body.include_usage, is_disconnected
             )
         if strategy is not None:
             params = strategy.request_params(params)
         job = await self._submit("chat", job_id, params, prompts)
-        job.logprobs, job.token_strategy = params.logprobs, strategy
+        job.logprobs, job.token_strategy, job.tool_parser = params.logprobs, strategy, chat.parser
         return await self._respond(job, body.stream, body.include_usage, is_disconnected)
 
     # ------------------------------------------------------------------ submission
@@ -365,9 +376,13 @@ class OpenAIServing:
             logprobs = None
             if job.logprobs is not None:
                 logprobs = {"content": _chat_logprobs(c.token_ids, c.logprobs, job.logprobs)}
+            message = {"role": "assistant", "content": c.text}
+            if job.tool_parser is not None:
+                message = job.tool_parser.parse(c.text).to_openai()
+                finish = _finish_reason(c, called="tool_calls" in message)
             return {
                 "index": index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
@@ -402,6 +417,8 @@ class OpenAIServing:
         text_offset = [[0] * n for _ in job.prompts]
         done = [[False] * n for _ in job.prompts]
         echoed = [[not job.echo] * n for _ in job.prompts]
+        parser = job.tool_parser
+        readers = [[parser.reader() for _ in range(n)] for _ in job.prompts] if parser else None
         finals: list[RequestOutput | None] = [None] * len(job.prompts)
         base = {
             "id": job.id,
@@ -442,7 +459,20 @@ class OpenAIServing:
                     echoed[i][j] = True
                     if not (new_text or new_ids or prefix or c.finished):
                         continue
-                    chunk = self._chunk(job, i, j, prefix + new_text, new_ids, new_lps, c)
+                    text, calls, reader = prefix + new_text, [], None
+                    if readers is not None:
+                        reader = readers[i][j]
+                        first = len(reader.calls)
+                        text, calls = reader.feed(text)
+                        if c.finished:
+                            text += reader.finish()
+                    chunk = self._chunk(job, i, j, text, new_ids, new_lps, c)
+                    if calls:
+                        chunk["delta"]["tool_calls"] = [
+                            {"index": first + k, **call.to_openai()} for k, call in enumerate(calls)
+                        ]
+                    if reader is not None and c.finished:
+                        chunk["finish_reason"] = _finish_reason(c, called=bool(reader.calls))
                     if c.finished and out.strategy is not None:
                         chunk["strategy"] = out.strategy.summary()
                     if chunk.get("logprobs") and job.kind == "completion":
@@ -488,8 +518,13 @@ class OpenAIServing:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _finish_reason(c: CompletionOutput) -> str | None:
-    return "length" if c.finish_reason == "length" else ("stop" if c.finished else None)
+def _finish_reason(c: CompletionOutput, called: bool = False) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when a reply that made calls ended on its own."""
+    if c.finish_reason == "length":
+        return "length"
+    if not c.finished:
+        return None
+    return "tool_calls" if called else "stop"
 
 
 def _usage(job: _Job, finals: list[RequestOutput]) -> dict:

@@ -37,6 +37,12 @@ def xgrammar_module():
     return xgrammar
 
 
+def xgrammar_message(error: RuntimeError) -> str:
+    """The first line of an xgrammar error, without its time and source location."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return _XGRAMMAR_PREFIX.sub("", lines[0])
+
+
 class GrammarCompiler:
     """One engine's compiler: the tokenizer's vocabulary as xgrammar sees it, and its cache."""
 
@@ -61,8 +67,7 @@ class GrammarCompiler:
                 param=param,
             ) from None
         except RuntimeError as e:  # xgrammar's parse and conversion errors
-            message = _XGRAMMAR_PREFIX.sub("", str(e).strip().splitlines()[0])
-            raise InvalidRequestError(f"{param}: {message}", param=param) from None
+            raise InvalidRequestError(f"{param}: {xgrammar_message(e)}", param=param) from None
 
     def _compile(self, spec: StructuredOutputsParams) -> xgrammar.CompiledGrammar:
         c = self.compiler
@@ -74,6 +79,8 @@ class GrammarCompiler:
             return c.compile_regex(spec.regex)
         if spec.choice is not None:
             return c.compile_grammar(choice_grammar(spec.choice))
+        if spec.structural_tag is not None:
+            return c.compile_structural_tag(spec.structural_tag)
         return c.compile_grammar(spec.grammar)
 
     def matcher(self, grammar: xgrammar.CompiledGrammar) -> xgrammar.GrammarMatcher:

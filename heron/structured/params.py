@@ -15,25 +15,30 @@ PARAM = "structured_outputs"
 class StructuredOutputsParams:
     """Exactly one constraint: a JSON schema (``json``, a dict, its JSON text or a pydantic
     model class), any JSON object (``json_object``), a regular expression (``regex``), one of
-    a list of strings (``choice``) or an EBNF grammar in xgrammar's GBNF dialect
-    (``grammar``)."""
+    a list of strings (``choice``), an EBNF grammar in xgrammar's GBNF dialect (``grammar``)
+    or an xgrammar structural tag (``structural_tag``, a dict or its JSON text: tagged
+    sections such as tool calls, each with its own schema)."""
 
     json: str | dict | Any | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
+    structural_tag: str | dict | None = None
 
     def __post_init__(self) -> None:
         given = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
         if len(given) != 1:
             raise InvalidRequestError(
-                f"{PARAM}: give exactly one of json, regex, choice, grammar or json_object; "
-                f"got {', '.join(given) or 'none'}",
+                f"{PARAM}: give exactly one of json, regex, choice, grammar, json_object or "
+                f"structural_tag; got {', '.join(given) or 'none'}",
                 param=PARAM,
             )
         if self.json is not None:
-            object.__setattr__(self, "json", _schema_text(self.json))
+            object.__setattr__(self, "json", _json_text(self.json, "json", sort_keys=True))
+        if self.structural_tag is not None:
+            tag = _json_text(self.structural_tag, "structural_tag", sort_keys=False)
+            object.__setattr__(self, "structural_tag", tag)
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -65,21 +70,23 @@ class StructuredOutputsParams:
         return self.kind, value if isinstance(value, str) else json.dumps(value)
 
 
-def _schema_text(schema: Any) -> str:
-    """A JSON schema as canonical JSON text (a pydantic model class gives its own schema)."""
-    model_json_schema = getattr(schema, "model_json_schema", None)
+def _json_text(value: Any, name: str, sort_keys: bool) -> str:
+    """A JSON schema or structural tag as JSON text (a pydantic model class gives its own
+    schema); ``sort_keys``: canonical, so equal schemas share a compiled grammar. A structural
+    tag keeps its order: the order of a schema's properties there is the order written."""
+    model_json_schema = getattr(value, "model_json_schema", None)
     if callable(model_json_schema):
-        schema = model_json_schema()
-    if isinstance(schema, str):
+        value = model_json_schema()
+    if isinstance(value, str):
         try:
-            schema = json.loads(schema)
+            value = json.loads(value)
         except json.JSONDecodeError as e:
             raise InvalidRequestError(
-                f"{PARAM}.json: not valid JSON ({e})", param=f"{PARAM}.json"
+                f"{PARAM}.{name}: not valid JSON ({e})", param=f"{PARAM}.{name}"
             ) from None
-    if not isinstance(schema, dict):
+    if not isinstance(value, dict):
         raise InvalidRequestError(
-            f"{PARAM}.json: a JSON schema must be an object, got {type(schema).__name__}",
-            param=f"{PARAM}.json",
+            f"{PARAM}.{name}: must be a JSON object, got {type(value).__name__}",
+            param=f"{PARAM}.{name}",
         )
-    return json.dumps(schema, sort_keys=True)
+    return json.dumps(value, sort_keys=sort_keys)

@@ -191,6 +191,12 @@ def test_a_slow_compile_does_not_hold_the_running_requests(llm, monkeypatch):
         ({"regex": "(a"}, "structured_outputs.regex", "parenthesis"),
         ({"grammar": 'root ::= "a" |'}, "structured_outputs.grammar", "EBNF"),
         ({"choice": []}, "structured_outputs.choice", "non-empty list"),
+        ({"structural_tag": "{"}, "structured_outputs.structural_tag", "not valid JSON"),
+        (
+            {"structural_tag": {"type": "structural_tag"}},
+            "structured_outputs.structural_tag",
+            "format",
+        ),
         ({"regex": "a", "choice": ["a"]}, "structured_outputs", "exactly one"),
         ({}, "structured_outputs", "exactly one"),
     ],

@@ -96,7 +96,7 @@ CASES = [
     ),  # fmt: skip
     ("top_k negative", COMPLETIONS, {"prompt": "a", "top_k": -7}, 400, "top_k"),
     ("stream not bool", COMPLETIONS, {"prompt": "a", "stream": "yes"}, 400, "stream"),
-    ("tools unsupported", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("tool no function", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
     ("unknown model", COMPLETIONS, {"model": "gpt-9", "prompt": "a"}, 404, "model"),
     ("prompt too long", COMPLETIONS, {"prompt": LONG_PROMPT, "max_tokens": 4}, 400, "prompt"),
     (
