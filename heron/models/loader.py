@@ -4,7 +4,6 @@ then build the registered model family on the requested device and dtype."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,15 @@ from heron.errors import ModelLoadError
 from heron.layers.packed_linear import pack_linears
 from heron.layers.quantized_linear import quantize_linears
 from heron.models.config import ModelConfig
+from heron.models.config_checks import (
+    HARMLESS_GGUF_TENSORS,
+    check_gguf_metadata,
+    check_hf_config,
+)
 from heron.models.gguf_dequant import dequantize
-from heron.models.gguf_file import GGUFFile
+from heron.models.gguf_file import GGUFFile, GGUFTensor
 from heron.models.registry import HF_ARCHITECTURES, get_model_class
-
-logger = logging.getLogger(__name__)
+from heron.models.rope_config import hf_rope_parameters, rope_from_gguf, rope_from_hf
 
 # GGUF tensor names (per block, after "blk.N.") -> Hugging Face names (after "model.layers.N.").
 _GGUF_BLOCK_NAMES = {
@@ -144,6 +147,12 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     shapes = {t.name: t.shape for t in gguf.tensors}
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", hidden // heads))
+    check_gguf_metadata(arch, meta, head_dim)
+    rope_freqs = next((t for t in gguf.tensors if t.name == "rope_freqs.weight"), None)
+    freq_factors = None
+    if rope_freqs is not None:
+        freq_factors = _dequantize(path, gguf, rope_freqs).reshape(-1).tolist()
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     cfg = ModelConfig(
@@ -154,7 +163,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         num_layers=int(key("block_count")),
         num_heads=heads,
         num_kv_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=int(key("attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(key("context_length")),
@@ -162,22 +171,30 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         attention_bias=any(n.endswith("attn_q.bias") for n in shapes),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=sorted({int(t) for t in (eos, eot) if t is not None}),
+        rope_scaling=rope_from_gguf(meta, arch, freq_factors),
         extra={"gguf_metadata": meta},
     )
     weights: dict[str, torch.Tensor] = {}
     for t in gguf.tensors:
+        if t is rope_freqs:
+            continue
         hf_name = gguf_to_hf_name(t.name, cls.gguf_block_names)
         if hf_name is None:
-            logger.debug("skipping GGUF tensor %s", t.name)
-            continue
-        try:
-            tensor = dequantize(gguf.raw(t), t.qtype).reshape(t.shape)
-        except (NotImplementedError, ValueError, KeyError) as e:
-            raise ModelLoadError(
-                f"{path}: tensor {t.name} has type {t.qtype.name}, which heron cannot read ({e})"
-            ) from None
+            if t.name.split(".")[-2] in HARMLESS_GGUF_TENSORS:
+                continue
+            raise ModelLoadError(f"{path}: GGUF tensor {t.name} is not supported for {arch}")
+        tensor = _dequantize(path, gguf, t)
         weights[hf_name] = cls.gguf_tensor_fixup(hf_name, tensor, cfg)
     return cfg, weights
+
+
+def _dequantize(path: Path, gguf: GGUFFile, t: GGUFTensor) -> torch.Tensor:
+    try:
+        return dequantize(gguf.raw(t), t.qtype).reshape(t.shape)
+    except (NotImplementedError, ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"{path}: tensor {t.name} has type {t.qtype.name}, which heron cannot read ({e})"
+        ) from None
 
 
 def _gguf_vocab_size(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -204,6 +221,9 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     arch = next((HF_ARCHITECTURES[a] for a in arch_names if a in HF_ARCHITECTURES), None)
     arch = arch or hf.get("model_type", "?")
     get_model_class(arch)  # fail early on an unsupported family
+    check_hf_config(arch, hf)
+    rope = hf_rope_parameters(hf)
+    rope_scaling = rope_from_hf(rope, hf)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weight files")
@@ -213,7 +233,6 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
             weights.update({k: v.float() for k, v in load_file(str(f)).items()})
         except Exception as e:
             raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from None
-    rope = hf.get("rope_parameters") or {}
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
@@ -227,6 +246,7 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rope_scaling=rope_scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
