@@ -72,6 +72,32 @@ CONFIGS = {
         "Qwen2Config",
         {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     ),
+    "gemma3-yarn": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": WINDOW,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 16,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {**_YARN, "rope_theta": 1e6},
+            },
+            "pad_token_id": 0,
+        },
+    ),
+}
+# name -> the sliding window, which layers slide, the (global layers') RoPE scaling type
+EXPECTED = {
+    "llama-llama3": (None, [False, False], "llama3"),
+    "llama-linear": (None, [False, False], "linear"),
+    "llama-dynamic": (None, [False, False], "dynamic"),
+    "llama-yarn": (None, [False, False], "yarn"),
+    "qwen2-yarn": (None, [False, False], "yarn"),
+    "mistral-window": (WINDOW, [True, True], "default"),
+    "qwen2-window": (WINDOW, [False, True], "default"),
+    "gemma3-yarn": (WINDOW, [True, False], "yarn"),
 }
 
 
@@ -190,15 +216,42 @@ def test_decode_loop_equals_its_layers(named_folder):
 def test_model_reads_the_settings(named_folder):
     """What the parity test relies on, stated: the windows and scaling were read."""
     name, folder = named_folder
-    model = build_model(Checkpoint(folder), torch.device("cpu"), torch.float32)
+    ckpt = Checkpoint(folder)
+    model = build_model(ckpt, torch.device("cpu"), torch.float32)
     sliding = [layer.self_attn.sliding for layer in model.layers]
-    if name == "mistral-window":
-        assert model.sliding_window == WINDOW and all(sliding)
-    elif name == "qwen2-window":
-        assert model.sliding_window == WINDOW and sliding == [False, True]
-    else:
-        assert model.sliding_window is None and not any(sliding)
-        assert model.rotary.scaling.rope_type == name.split("-")[1]
+    assert (model.sliding_window, sliding, ckpt.config.rope_scaling.rope_type) == EXPECTED[name]
+    rotary = getattr(model, "rotary", None) or model.rotary_global
+    assert rotary.scaling == ckpt.config.rope_scaling
+    if name.startswith("gemma3"):
+        return  # older Gemma 3 configs are test_hf_folder's
+    # The same settings spelled as older configs spell them (``rope_scaling`` with "type",
+    # Qwen2 without ``layer_types``) read the same.
+    hf = json.loads((folder / "config.json").read_text())
+    params = hf.pop("rope_parameters")
+    hf["rope_theta"] = params.pop("rope_theta")
+    if params["rope_type"] != "default":
+        hf["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+    hf.pop("layer_types", None)
+    assert type(model).sliding_layers(hf, 2) == (model.sliding_window, sliding)
+    old, new = rope_from_hf(hf_rope_parameters(hf), hf), ckpt.config.rope_scaling
+    assert (old.rope_type, old.factor, old.original_max_positions) == (
+        new.rope_type,
+        new.factor,
+        new.original_max_positions,
+    )
+    assert torch.equal(old.frequencies(1e4, 16)[0], new.frequencies(1e4, 16)[0])
+
+
+def test_mistral_window_defaults_as_in_transformers():
+    """transformers' MistralConfig slides over 4096 tokens where config.json says nothing;
+    ``"sliding_window": null`` (Mistral 7B v0.2 on) slides over none."""
+    from heron.models.llama import LlamaForCausalLM
+
+    assert LlamaForCausalLM.sliding_layers({"model_type": "mistral"}, 2) == (4096, [True] * 2)
+    window, _ = LlamaForCausalLM.sliding_layers(
+        {"model_type": "mistral", "sliding_window": None}, 2
+    )
+    assert window is None
 
 
 # ---------------------------------------------------------------- RoPE tables
@@ -415,3 +468,44 @@ def test_harmless_settings_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
     model = build_model(Checkpoint(tmp_path), torch.device("cpu"), torch.float32)
     assert model.sliding_window is None and model.rotary.scaling == RopeScaling()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_bf16_checkpoint_is_read_in_bf16_without_a_float32_copy(tmp_path):
+    """Each tensor is converted to the model's dtype as it is read: a bf16 checkpoint run in
+    bf16 is never widened, and its tensors become the parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**_SHAPE)).to(torch.bfloat16).save_pretrained(tmp_path)
+    ckpt = Checkpoint(tmp_path, torch.bfloat16)
+    assert {w.dtype for w in ckpt.weights.values()} == {torch.bfloat16}
+    embed = ckpt.weights["model.embed_tokens.weight"]
+    model = build_model(ckpt, torch.device("cpu"), torch.bfloat16)
+    assert model.embed_tokens.weight.data_ptr() == embed.data_ptr()
+    widened = Checkpoint(tmp_path).weights["model.embed_tokens.weight"]
+    assert widened.dtype == torch.float32 and torch.equal(widened, embed.float())
+
+
+def test_sharded_checkpoint_follows_its_index(tmp_path):
+    """``model.safetensors.index.json`` names the shards; other safetensors in the folder
+    (Mistral's consolidated.safetensors) are not the model's; a missing shard is an error."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(**_SHAPE))
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 2
+    save_file(
+        {"tok_embeddings.weight": torch.zeros(2)}, tmp_path / "sharded/consolidated.safetensors"
+    )
+    whole = Checkpoint(tmp_path / "whole").weights
+    sharded = Checkpoint(tmp_path / "sharded").weights
+    assert whole.keys() == sharded.keys()
+    assert all(torch.equal(whole[name], sharded[name]) for name in whole)
+    shards[1].unlink()
+    with pytest.raises(ModelLoadError, match="shards"):
+        Checkpoint(tmp_path / "sharded")

@@ -63,14 +63,17 @@ def gguf_to_hf_name(name: str, block_names: dict[str, str] | None = None) -> str
 
 
 class Checkpoint:
-    """A model's config and weights (HF names, float32 CPU tensors) plus its tokenizer source."""
+    """A model's config and weights (HF names, CPU tensors) plus its tokenizer source."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, dtype: torch.dtype = torch.float32) -> None:
+        """``dtype``: the one the model will run in; each floating tensor is converted to it
+        as it is read, so a bf16 checkpoint run in bf16 is never copied to float32 and the
+        memory a load takes is about the model's."""
         self.path = path
         if path.is_dir():
-            self.config, self.weights = _read_hf_folder(path)
+            self.config, self.weights = _read_hf_folder(path, dtype)
         elif path.suffix == ".gguf" or _has_gguf_magic(path):
-            self.config, self.weights = _read_gguf(path)
+            self.config, self.weights = _read_gguf(path, dtype)
         else:
             raise ModelLoadError(
                 f"{path} is neither a .gguf file nor a Hugging Face folder with config.json"
@@ -96,7 +99,7 @@ def build_model(
 ) -> nn.Module:
     cls = get_model_class(ckpt.config.architecture)
     with torch.device("meta"):
-        model = cls(ckpt.config)
+        model = cls(ckpt.config).to(dtype)  # so tensors read in ``dtype`` are not converted
     model = model.to_empty(device="cpu")
     # Buffers (rotary tables) are computed, not loaded: rebuild them off the meta device.
     for module in model.modules():
@@ -130,7 +133,7 @@ def _open_gguf(path: Path) -> GGUFFile:
         ) from None
 
 
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     gguf = _open_gguf(path)
     meta = gguf.metadata
     arch = meta.get("general.architecture")
@@ -184,7 +187,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
                 continue
             raise ModelLoadError(f"{path}: GGUF tensor {t.name} is not supported for {arch}")
         tensor = _dequantize(path, gguf, t)
-        weights[hf_name] = cls.gguf_tensor_fixup(hf_name, tensor, cfg)
+        weights[hf_name] = cls.gguf_tensor_fixup(hf_name, tensor, cfg).to(dtype)
     return cfg, weights
 
 
@@ -207,9 +210,7 @@ def _gguf_vocab_size(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
 # ---------------------------------------------------------------- Hugging Face folder
 
 
-def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
+def _read_hf_folder(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model folder?")
@@ -224,15 +225,7 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     check_hf_config(arch, hf)
     rope = hf_rope_parameters(hf)
     rope_scaling = rope_from_hf(rope, hf)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path} has no *.safetensors weight files")
-    weights: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            weights.update({k: v.float() for k, v in load_file(str(f)).items()})
-        except Exception as e:
-            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from None
+    weights = _read_safetensors(path, dtype)
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
@@ -256,3 +249,43 @@ def _read_hf_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         extra={"hf_config": hf},
     )
     return cfg, weights
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files: those ``model.safetensors.index.json`` maps (a sharded checkpoint),
+    else ``model.safetensors``, else every ``*.safetensors`` of the folder. A folder may hold
+    other safetensors beside the model's (Mistral's ``consolidated.safetensors``)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors index: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{path} lacks the shards {missing} its index names")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weight files")
+    return files
+
+
+def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files, floating ones converted to ``dtype`` one at
+    a time as they are read."""
+    from safetensors import safe_open
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as shard:
+                for name in shard.keys():
+                    tensor = shard.get_tensor(name)
+                    weights[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except Exception as e:
+            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from None
+    return weights
