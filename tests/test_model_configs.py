@@ -65,7 +65,12 @@ CONFIGS = {
         {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
     ),
     "llama-yarn": ("LlamaForCausalLM", "LlamaConfig", {"rope_scaling": _YARN}),
-    "qwen2-yarn": ("Qwen2ForCausalLM", "Qwen2Config", {"rope_scaling": _YARN}),
+    # Qwen2.5's long-context recipe: max_position_embeddings stays the training length.
+    "qwen2-yarn": (
+        "Qwen2ForCausalLM",
+        "Qwen2Config",
+        {"rope_scaling": _YARN, "max_position_embeddings": TRAINED},
+    ),
     "mistral-window": ("MistralForCausalLM", "MistralConfig", {"sliding_window": WINDOW}),
     "qwen2-window": (
         "Qwen2ForCausalLM",
@@ -114,7 +119,7 @@ def write_random_folder(folder: Path, model_class: str, config_class: str, setti
         folder
     )
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**_SHAPE, **settings)
+    config = getattr(transformers, config_class)(**{**_SHAPE, **settings})
     model = getattr(transformers, model_class)(config)
     with torch.no_grad():  # norms start at constants; make them matter
         for name, p in model.named_parameters():
@@ -220,6 +225,8 @@ def test_model_reads_the_settings(named_folder):
     model = build_model(ckpt, torch.device("cpu"), torch.float32)
     sliding = [layer.self_attn.sliding for layer in model.layers]
     assert (model.sliding_window, sliding, ckpt.config.rope_scaling.rope_type) == EXPECTED[name]
+    # qwen2-yarn's config says TRAINED: YaRN stretches that by its factor.
+    assert ckpt.config.max_position_embeddings == MAX_POSITIONS
     rotary = getattr(model, "rotary", None) or model.rotary_global
     assert rotary.scaling == ckpt.config.rope_scaling
     if name.startswith("gemma3"):

@@ -23,7 +23,12 @@ from heron.models.config_checks import (
 from heron.models.gguf_dequant import dequantize
 from heron.models.gguf_file import GGUFFile, GGUFTensor
 from heron.models.registry import HF_ARCHITECTURES, get_model_class
-from heron.models.rope_config import hf_rope_parameters, rope_from_gguf, rope_from_hf
+from heron.models.rope_config import (
+    context_length,
+    hf_rope_parameters,
+    rope_from_gguf,
+    rope_from_hf,
+)
 
 # GGUF tensor names (per block, after "blk.N.") -> Hugging Face names (after "model.layers.N.").
 _GGUF_BLOCK_NAMES = {
@@ -156,6 +161,7 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, t
     freq_factors = None
     if rope_freqs is not None:
         freq_factors = _dequantize(path, gguf, rope_freqs).reshape(-1).tolist()
+    rope_scaling = rope_from_gguf(meta, arch, freq_factors)
     eos = meta.get("tokenizer.ggml.eos_token_id")
     eot = meta.get("tokenizer.ggml.eot_token_id")
     cfg = ModelConfig(
@@ -169,12 +175,12 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, t
         head_dim=head_dim,
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        max_position_embeddings=int(key("context_length")),
+        max_position_embeddings=context_length(rope_scaling, int(key("context_length"))),
         tie_word_embeddings="output.weight" not in shapes,
         attention_bias=any(n.endswith("attn_q.bias") for n in shapes),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=sorted({int(t) for t in (eos, eot) if t is not None}),
-        rope_scaling=rope_from_gguf(meta, arch, freq_factors),
+        rope_scaling=rope_scaling,
         extra={"gguf_metadata": meta},
     )
     weights: dict[str, torch.Tensor] = {}
@@ -241,7 +247,9 @@ def _read_hf_folder(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[s
         rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         rope_scaling=rope_scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        max_position_embeddings=context_length(
+            rope_scaling, hf.get("max_position_embeddings", 2048)
+        ),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=any(k.endswith("self_attn.q_proj.bias") for k in weights),
         bos_token_id=hf.get("bos_token_id"),

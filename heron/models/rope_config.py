@@ -109,6 +109,16 @@ def rope_from_gguf(
     raise ModelLoadError(f"GGUF metadata {prefix}type {rope_type!r} is not supported")
 
 
+def context_length(scaling: RopeScaling, max_positions: int) -> int:
+    """The longest sequence a checkpoint supports: YaRN's training length times its factor
+    where that is longer than ``max_position_embeddings`` (Qwen2.5's long-context recipe adds
+    YaRN and leaves that at the training length), else ``max_position_embeddings``. YaRN's
+    frequencies do not depend on the length, so any position within it is exact."""
+    if scaling.rope_type == "yarn":
+        return max(max_positions, int(scaling.original_max_positions * scaling.factor))
+    return max_positions
+
+
 def _check_exact(scaling: RopeScaling, max_positions: int, field: str) -> None:
     """LongRoPE switches factors for a whole prompt longer than its training length, which a
     cache that rotates each key once, for its position, cannot follow
