@@ -1,10 +1,12 @@
 """Model settings beyond the plain network, on Hugging Face folders written by transformers
-with random weights: RoPE scaling (Llama 3.x's ``llama3``, linear, dynamic NTK, YaRN) with
-prompts longer than the training length it stretches, and sliding windows (Mistral's, and
-Qwen2's on the layers from ``max_window_layers`` on) shorter than the prompts. heron must give
-transformers' prompt logprobs and greedy tokens in float32, alone, batched, from the prefix
-cache, in small prefill chunks and through the C++ decode loop; RoPE tables are compared bit
-for bit, and a setting heron does not implement is refused, naming the field."""
+with random weights: RoPE scaling (Llama 3.x's ``llama3``, linear, dynamic NTK, YaRN on Llama,
+Qwen2 and Gemma 3's global layers) with prompts longer than the training length it stretches,
+and sliding windows (Mistral's, and Qwen2's on the layers from ``max_window_layers`` on)
+shorter than the prompts. heron must give transformers' prompt logprobs and greedy tokens in
+float32, alone, batched, from the prefix cache, in small prefill chunks and through the C++
+decode loop. RoPE tables (longrope's too) are compared with transformers' bit for bit, GGUF
+scaling metadata is read, a setting heron does not implement is refused naming the field, and
+safetensors are read in the model's dtype, sharded ones through their index."""
 
 from __future__ import annotations
 
