@@ -15,7 +15,8 @@ from heron.errors import ModelLoadError
 from heron.models.config import ModelConfig
 from heron.models.llama import LlamaForCausalLM
 
-# transformers' Qwen2Config default.
+# transformers' Qwen2Config defaults.
+_SLIDING_WINDOW = 4096
 _MAX_WINDOW_LAYERS = 28
 
 
@@ -25,7 +26,9 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def sliding_layers(hf: dict[str, Any], num_layers: int) -> tuple[int | None, list[bool]]:
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+        """Layers slide only where ``use_sliding_window`` is set (Qwen2.5 configs name a window
+        and leave it off)."""
+        window = hf.get("sliding_window", _SLIDING_WINDOW) if hf.get("use_sliding_window") else None
         types = hf.get("layer_types")
         if types is None:
             first = hf.get("max_window_layers", _MAX_WINDOW_LAYERS)
