@@ -38,7 +38,7 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device, config.quantization != "none")
         path = resolve_model_path(config.model)
         self.model_path = path
-        ckpt = Checkpoint(path)
+        ckpt = Checkpoint(path, self.dtype)
         self.model_config = ckpt.config
         self.tokenizer = Tokenizer(path)
         model = build_model(ckpt, self.device, self.dtype, config.quantization)

@@ -72,7 +72,7 @@ class KVCompression(EnginePlugin):
             )
         if parts.runner.sliding_window is not None:
             raise InvalidRequestError(
-                f"kv_policy: {parts.model_config.architecture} models have sliding-window "
+                f"kv_policy: this {parts.model_config.architecture} model has sliding-window "
                 "layers, which KV compression does not support yet",
                 param="kv_policy",
             )

@@ -6,36 +6,44 @@ import torch
 from torch import nn
 
 from heron import kernels
+from heron.layers.rope_scaling import RopeScaling
 
 
 class RotaryEmbedding(nn.Module):
     def __init__(
-        self, head_dim: int, max_positions: int, theta: float, linear_scaling: float = 1.0
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: RopeScaling | None = None,
     ) -> None:
-        """``linear_scaling``: positions are divided by it (Hugging Face's "linear" rope type,
-        used by Gemma3's global layers in the 4B+ models)."""
+        """``scaling``: the checkpoint's RoPE scaling (heron.layers.rope_scaling); None:
+        plain RoPE."""
         super().__init__()
         self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
-        self.linear_scaling = linear_scaling
+        self.scaling = scaling or RopeScaling()
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self, device: torch.device | str = "cpu") -> None:
         """(Re)compute the cos/sin tables; models are built on the meta device, then this."""
-        d = self.head_dim
-        inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
-        )
-        if self.linear_scaling != 1.0:
-            inv_freq = inv_freq / self.linear_scaling
+        d, s = self.head_dim, self.scaling
+        inv_freq, attention_factor = s.frequencies(self.theta, d, device=device)
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
-        emb = torch.outer(t, inv_freq).repeat(1, 2)
+        freqs = torch.outer(t, inv_freq)
+        # Where the frequencies depend on the length, position p is rotated for a sequence
+        # that ends there (heron.layers.rope_scaling says why that is exact).
+        threshold = s.length_threshold
+        for p in range(threshold or self.max_positions, self.max_positions):
+            freqs[p] = t[p] * s.frequencies(self.theta, d, p + 1, device)[0]
+        emb = freqs.repeat(1, 2)
         # rotate_half(x) = roll(x, D/2) with its first half negated: the sign lives in the
         # table, so applying rotary is one roll and three arithmetic ops.
         sign = torch.ones(d, device=device)
         sign[: d // 2] = -1
-        self.cos, self.sin = emb.cos(), emb.sin() * sign
+        self.cos = emb.cos() * attention_factor
+        self.sin = emb.sin() * attention_factor * sign
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from heron.layers.rope_scaling import RopeScaling
+
 
 @dataclass
 class ModelConfig:
@@ -20,6 +22,9 @@ class ModelConfig:
     rms_norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    # RoPE scaling of the model's (global) layers, from rope_scaling / rope_parameters or the
+    # GGUF's rope.scaling.* and rope_freqs.
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     attention_bias: bool = False  # Q/K/V projections have biases (Qwen2); read off the weights
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)

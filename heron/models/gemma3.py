@@ -8,7 +8,7 @@ What differs from Llama, all of it here:
 - GELU-tanh gated MLP;
 - interleaved local and global layers: local layers attend within a sliding window and use
   RoPE base 10 000, global layers see everything and use ``rope_theta`` (optionally with
-  linear scaling);
+  RoPE scaling, heron.layers.rope_scaling);
 - final logit soft-capping when the config has one (none of the released Gemma 3 models do).
 The per-head attention-logit soft-capping field of the config is ignored, as transformers'
 Gemma3 ignores it."""
@@ -26,10 +26,12 @@ from heron.errors import ModelLoadError
 from heron.layers.attention import AttentionMetadata
 from heron.layers.mlp import GatedMLP, gelu_tanh
 from heron.layers.norm import RMSNorm
+from heron.layers.rope_scaling import RopeScaling
 from heron.layers.rotary import RotaryEmbedding
 from heron.layers.self_attention import SelfAttention
 from heron.models.config import ModelConfig
 from heron.models.decode_loop import DecodeLoop
+from heron.models.rope_config import LAYER_TYPES, rope_from_hf
 from heron.models.weights import empty_embedding, load_fused_weights
 
 # Every sixth layer is global, the others local (transformers' and llama.cpp's default).
@@ -69,8 +71,8 @@ class Gemma3Settings:
     sliding_window: int
     sliding_layers: tuple[bool, ...]
     local_rope_theta: float
+    local_rope_scaling: RopeScaling  # the global layers' is ModelConfig.rope_scaling
     global_rope_theta: float
-    global_rope_linear_scaling: float
     query_pre_attn_scalar: float
     final_logit_softcapping: float | None
 
@@ -85,12 +87,6 @@ class Gemma3Settings:
         window = meta.get("gemma3.attention.sliding_window")
         if window is None:
             raise ModelLoadError("GGUF metadata lacks gemma3.attention.sliding_window")
-        scaling = 1.0
-        rope_type = meta.get("gemma3.rope.scaling.type", "none")
-        if rope_type == "linear":
-            scaling = float(meta["gemma3.rope.scaling.factor"])
-        elif rope_type != "none":
-            raise ModelLoadError(f"gemma3: RoPE scaling type {rope_type!r} is not supported")
         # llama.cpp's rule: the 27B model (62 layers) scales by hidden / heads, others by
         # head_dim (its config's query_pre_attn_scalar, which GGUF does not store).
         scalar = cfg.hidden_size // cfg.num_heads if cfg.num_layers == 62 else cfg.head_dim
@@ -98,38 +94,34 @@ class Gemma3Settings:
             sliding_window=int(window),
             sliding_layers=_pattern(cfg.num_layers, _SLIDING_WINDOW_PATTERN),
             local_rope_theta=_LOCAL_ROPE_THETA,
+            local_rope_scaling=RopeScaling(),
             global_rope_theta=cfg.rope_theta,
-            global_rope_linear_scaling=scaling,
             query_pre_attn_scalar=float(scalar),
             final_logit_softcapping=meta.get("gemma3.final_logit_softcapping"),
         )
 
     @classmethod
     def _from_hf(cls, cfg: ModelConfig, hf: dict[str, Any]) -> Gemma3Settings:
-        if hf.get("use_bidirectional_attention"):
-            raise ModelLoadError("gemma3: bidirectional attention (embedding model) unsupported")
         types = hf.get("layer_types")
         if types is not None:
             sliding = tuple(t == "sliding_attention" for t in types)
         else:
             every = hf.get("sliding_window_pattern", _SLIDING_WINDOW_PATTERN)
             sliding = _pattern(cfg.num_layers, every)
-        # transformers >= 5 nests RoPE settings per layer type; older configs are flat.
+        # transformers >= 5 nests RoPE settings per layer type; in older configs rope_scaling
+        # is the global layers' and the local layers' is plain.
         params = hf.get("rope_parameters") or {}
-        local = params.get("sliding_attention") or {}
-        full = params.get("full_attention") or hf.get("rope_scaling") or {}
-        rope_type = full.get("rope_type", full.get("type", "default"))
-        if rope_type not in ("default", "linear"):
-            raise ModelLoadError(f"gemma3: RoPE scaling type {rope_type!r} is not supported")
-        scaling = float(full.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        nested = any(key in LAYER_TYPES for key in params)
+        local = (params.get("sliding_attention") or {}) if nested else {}
+        full = (params.get("full_attention") or {}) if nested else {}
         return cls(
             sliding_window=int(hf["sliding_window"]),
             sliding_layers=sliding,
             local_rope_theta=float(
                 local.get("rope_theta") or hf.get("rope_local_base_freq") or _LOCAL_ROPE_THETA
             ),
+            local_rope_scaling=rope_from_hf(local, hf),
             global_rope_theta=float(full.get("rope_theta") or hf.get("rope_theta") or 1e6),
-            global_rope_linear_scaling=scaling,
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
             final_logit_softcapping=hf.get("final_logit_softcapping"),
         )
@@ -193,13 +185,10 @@ class Gemma3ForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, offset=1.0)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary_global = RotaryEmbedding(
-            cfg.head_dim,
-            cfg.max_position_embeddings,
-            s.global_rope_theta,
-            s.global_rope_linear_scaling,
+            cfg.head_dim, cfg.max_position_embeddings, s.global_rope_theta, cfg.rope_scaling
         )
         self.rotary_local = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, s.local_rope_theta
+            cfg.head_dim, cfg.max_position_embeddings, s.local_rope_theta, s.local_rope_scaling
         )
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

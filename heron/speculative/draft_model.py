@@ -84,11 +84,11 @@ class DraftModelProposer(Proposer):
             f"{path.name} uses another tokenizer than the target model; a draft must share "
             "the target's vocabulary",
         )
-        ckpt = Checkpoint(path)
+        device, dtype = parts.runner.device, parts.runner.dtype
+        ckpt = Checkpoint(path, dtype)
         if self.num_layers is not None:
             ckpt.keep_first_layers(self.num_layers)
         cfg = ckpt.config
-        device, dtype = parts.runner.device, parts.runner.dtype
         model_module = build_model(ckpt, device, dtype)
         del ckpt
         num_blocks, block_size = parts.block_manager.num_blocks, parts.config.block_size
