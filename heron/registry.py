@@ -17,6 +17,7 @@ import dataclasses
 import importlib
 import json
 import pkgutil
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -64,16 +65,26 @@ class Registry(Generic[T]):
         self.given = frozenset(given)
         self._registered: dict[str, type[T]] = {}
         self._discovered = False
+        # Server threads may look up names at once: one imports the package's modules while
+        # the others wait. Re-entrant: a module being imported may look up a name itself.
+        self._discovery = threading.RLock()
+        self._discovering = False
 
     @property
     def _methods(self) -> dict[str, type[T]]:
         """The registered methods, once every module of the family's package is imported
         (each registers its methods as it loads)."""
         if not self._discovered:
-            self._discovered = True  # set first: a module importing the registry finds it
-            path = importlib.import_module(self.package).__path__
-            for module in pkgutil.iter_modules(path):
-                importlib.import_module(f"{self.package}.{module.name}")
+            with self._discovery:
+                if not self._discovered and not self._discovering:
+                    self._discovering = True
+                    try:
+                        path = importlib.import_module(self.package).__path__
+                        for module in pkgutil.iter_modules(path):
+                            importlib.import_module(f"{self.package}.{module.name}")
+                        self._discovered = True
+                    finally:
+                        self._discovering = False
         return self._registered
 
     def register(self, name: str) -> Callable[[C], C]:

@@ -7,6 +7,7 @@ tests/server/test_server_errors.py."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import sys
 from dataclasses import dataclass
@@ -69,6 +70,26 @@ def test_a_registered_method_is_reachable_by_name(tmp_path, monkeypatch):
         family.register("plain")(type("Plain", (), {}))
     # Fields the caller sets (a strategy's n) are not options.
     assert "n" not in [o.name for o in STRATEGIES.options("majority")]
+
+
+def test_threads_looking_up_at_once_all_find_the_methods(tmp_path, monkeypatch):
+    """The first lookup imports the family's modules; a server thread that looks up a name
+    meanwhile waits for them instead of finding none."""
+    package = tmp_path / "slow_family"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "base.py").write_text(
+        "from heron.registry import Registry\nSLOW = Registry('slow_method', 'slow_family')\n"
+    )
+    (package / "late.py").write_text(  # slow to import: the other threads arrive meanwhile
+        "import time\nfrom dataclasses import dataclass\nfrom slow_family.base import SLOW\n\n"
+        "time.sleep(0.5)\n\n\n@SLOW.register('late')\n@dataclass\nclass Late:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    family = importlib.import_module("slow_family.base").SLOW
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(lambda _: family.names(), range(4)))
+    assert seen == [["late"]] * 4
 
 
 @pytest.mark.parametrize("registry", [f[0] for f in FAMILIES], ids=IDS)
