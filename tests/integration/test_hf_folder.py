@@ -14,7 +14,11 @@ import pytest
 import torch
 
 from heron import LLM, SamplingParams
-from tests.support.parity import assert_decode_loop_matches_the_layers, assert_matches
+from tests.support.parity import (
+    assert_decode_loop_matches_the_layers,
+    assert_matches,
+    greedy_reference,
+)
 from tests.support.skips import needs_kernels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -93,27 +97,7 @@ def test_random_model_matches_transformers(random_model, device):
     ref = AutoModelForCausalLM.from_pretrained(random_model, dtype=torch.float32).to(device)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (3, 17, 40, 100)]
-    refs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids], device=device)
-            gen = ref.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=24,
-                min_new_tokens=24,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            top2 = [s[0].float().topk(2).values for s in gen.logits]
-            refs.append(
-                {
-                    "tokens": gen.sequences[0, len(ids) :].tolist(),
-                    "gaps": [(t[0] - t[1]).item() for t in top2],
-                    "logits": ref(x).logits[0].float().cpu(),
-                }
-            )
+    refs = greedy_reference(ref, prompts, 24)
     del ref
 
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=0)

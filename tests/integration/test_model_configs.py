@@ -23,7 +23,12 @@ from heron.layers.rope_scaling import RopeScaling
 from heron.layers.rotary import RotaryEmbedding
 from heron.models.loader import Checkpoint, build_model
 from heron.models.rope_config import hf_rope_parameters, rope_from_hf
-from tests.support.parity import LOGPROB_ATOL, assert_decode_loop_matches_the_layers, assert_matches
+from tests.support.parity import (
+    LOGPROB_ATOL,
+    assert_decode_loop_matches_the_layers,
+    assert_matches,
+    greedy_reference,
+)
 
 VOCAB = 256
 MAX_POSITIONS = 128
@@ -145,29 +150,7 @@ def _reference(folder: Path, prompts: list[list[int]]) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    refs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            lsm = torch.log_softmax(model(x).logits[0].float(), dim=-1)
-            gen = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=MAX_NEW,
-                min_new_tokens=MAX_NEW,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-            top2 = [s[0].float().topk(2).values for s in gen.logits]
-            refs.append(
-                {
-                    "tokens": gen.sequences[0, len(ids) :].tolist(),
-                    "gaps": [(t[0] - t[1]).item() for t in top2],
-                    "prompt_logprobs": lsm[:-1].gather(1, x[0, 1:, None])[:, 0],
-                }
-            )
-    return refs
+    return greedy_reference(model, prompts, MAX_NEW)
 
 
 def _assert_outputs(outs, prompts, refs, label: str) -> None:

@@ -30,33 +30,50 @@ def encode_prompts(tok, prompts) -> list[list[int]]:
 def transformers_reference(
     model_path, prompt_ids: list[list[int]], max_new: int, eos_token_ids: list[int]
 ) -> list[dict]:
-    """transformers' greedy tokens (stopping on heron's EOS set), per-step top-2 gaps, and
-    prompt logprobs, from the same GGUF dequantized to float32."""
+    """transformers' greedy reference (stopping on heron's EOS set) from the same GGUF
+    dequantized to float32."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
     ).eval()
+    refs = greedy_reference(model, prompt_ids, max_new, eos_token_ids=eos_token_ids)
+    del model
+    return refs
+
+
+def greedy_reference(
+    model, prompt_ids: list[list[int]], max_new: int, eos_token_ids: list[int] | None = None
+) -> list[dict]:
+    """A transformers model's greedy tokens, one prompt at a time: ``tokens``, the per-step
+    top-2 logit ``gaps``, the prompt's ``logits`` and ``prompt_logprobs`` (on the CPU).
+    Without ``eos_token_ids`` every prompt generates exactly ``max_new`` tokens."""
+    device = next(model.parameters()).device
+    stop = {"eos_token_id": eos_token_ids} if eos_token_ids else {"min_new_tokens": max_new}
     refs = []
     with torch.inference_mode():
         for ids in prompt_ids:
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             gen = model.generate(
                 x,
                 attention_mask=torch.ones_like(x),
                 max_new_tokens=max_new,
                 do_sample=False,
-                eos_token_id=eos_token_ids,
                 output_logits=True,
                 return_dict_in_generate=True,
+                **stop,
             )
-            tokens = gen.sequences[0, len(ids) :].tolist()
             top2 = [step[0].float().topk(2).values for step in gen.logits]
-            gaps = [(t[0] - t[1]).item() for t in top2]
-            lsm = torch.log_softmax(model(x).logits[0].float(), dim=-1)
-            prompt_lp = lsm[:-1].gather(1, x[0, 1:, None])[:, 0]
-            refs.append({"tokens": tokens, "gaps": gaps, "prompt_logprobs": prompt_lp})
-    del model
+            logits = model(x).logits[0].float().cpu()
+            lsm = torch.log_softmax(logits, dim=-1)
+            refs.append(
+                {
+                    "tokens": gen.sequences[0, len(ids) :].tolist(),
+                    "gaps": [(t[0] - t[1]).item() for t in top2],
+                    "logits": logits,
+                    "prompt_logprobs": lsm[:-1].gather(1, x[0, 1:, None].cpu())[:, 0],
+                }
+            )
     return refs
 
 
